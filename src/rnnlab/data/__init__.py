@@ -1,0 +1,4 @@
+"""Tokenizer, corpora, loaders."""
+from .tokenizer import ByteTokenizer
+
+__all__ = ["ByteTokenizer"]

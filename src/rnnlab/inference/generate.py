@@ -1,0 +1,112 @@
+"""Streaming generation: prefill once, then one O(1) step per token for recurrent models."""
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from ..models.lm import LM, ModelState
+
+__all__ = ["generate", "sample_next", "Stream"]
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pick the next token from logits (B, V): greedy when ``temperature == 0``, else sampling from
+    the temperature-scaled distribution restricted to the ``top_k`` tokens and/or the smallest set
+    whose probability reaches ``top_p``. Returns (B,) int64."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] or None, got {top_p}")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        drop = cum - torch.softmax(sorted_logits, dim=-1) >= top_p  # keep the first token reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class Stream:
+    """A stateful token stream over a model: feed tokens, sample continuations, save and resume.
+
+    The stream's ``state`` always covers every token fed or sampled so far, so it can be saved at
+    any point (:meth:`save`) and resumed later (:meth:`load`) in constant memory for recurrent
+    models.
+
+    >>> s = Stream(model)                       # doctest: +SKIP
+    >>> s.feed(tok("def main():"))              # prefill once
+    >>> text = tok.decode(torch.stack(list(s.sample(50)), 1)[0])
+    >>> s.save("conversation.safetensors")
+    """
+
+    def __init__(self, model: LM, state: ModelState | None = None):
+        self.model, self.state = model, state
+        self.logits: torch.Tensor | None = None  # (B, V) logits after the last token, None before any
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
+        """Feed tokens (B, T) (or (T,)), in pieces of ``chunk_size``; returns the last logits (B, V)."""
+        if tokens.dim() == 1:
+            tokens = tokens[None]
+        for t0 in range(0, tokens.shape[1], chunk_size):
+            out, self.state = self.model(tokens[:, t0:t0 + chunk_size], self.state)
+            self.logits = out[:, -1]
+        return self.logits
+
+    @torch.no_grad()
+    def sample(self, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+               top_p: float | None = None, eos_id: int | None = None,
+               generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+        """Yield up to ``max_new_tokens`` tokens (B,), each fed back into the stream (one O(1) step
+        for a recurrent model). Stops early once every sequence has produced ``eos_id``."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if self.logits is None:
+            raise RuntimeError("feed the stream at least one token before sampling")
+        done = None
+        for _ in range(max_new_tokens):
+            nxt = sample_next(self.logits, temperature, top_k, top_p, generator)  # (B,)
+            self.feed(nxt[:, None])
+            yield nxt
+            if eos_id is not None:
+                done = (nxt == eos_id) if done is None else done | (nxt == eos_id)
+                if bool(done.all()):
+                    return
+
+    def save(self, path: str) -> None:
+        """Save the stream's state (see :func:`rnnlab.save_state`); the last logits are recomputed
+        on resume by feeding the next tokens."""
+        from .state_io import save_state
+        if self.state is None:
+            raise RuntimeError("nothing to save: the stream has seen no token")
+        save_state(self.state, path, model=self.model)
+
+    @classmethod
+    def load(cls, model: LM, path: str) -> "Stream":
+        """A stream resumed from a state saved by :meth:`save` (feed a token before sampling)."""
+        from .state_io import load_state
+        return cls(model, load_state(path, model=model))
+
+
+def generate(model: LM, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, state: ModelState | None = None,
+             eos_id: int | None = None, generator: torch.Generator | None = None) -> Iterator[torch.Tensor]:
+    """Yield ``max_new_tokens`` sampled tokens, each (B,), after prefilling ``prompt`` (B, T) once.
+
+    ``state`` continues an earlier stream. For access to the state afterwards, use :class:`Stream`.
+    """
+    stream = Stream(model, state)
+    stream.feed(prompt)
+    yield from stream.sample(max_new_tokens, temperature, top_k, top_p, eos_id, generator)

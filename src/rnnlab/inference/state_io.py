@@ -1,0 +1,106 @@
+"""Saving and loading states: safetensors tensors + JSON metadata, written atomically.
+
+The metadata records the format version, what the state belongs to (a whole model, with its
+config, or a single mixer, with its name and config), the state class of each layer, integer
+fields (such as tokens seen) and the dtype. Loading checks all of it against the model given.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from ..layers.base import Mixer
+from ..layers.state import State, StateError
+from ..models.lm import LM, ModelState, atomic_write
+
+__all__ = ["save_state", "load_state", "STATE_FORMAT_VERSION"]
+
+STATE_FORMAT_VERSION = 1
+
+
+def _owner(model: LM | Mixer) -> dict:
+    if isinstance(model, LM):
+        return {"kind": "model", "config": model.config.to_dict()}
+    if isinstance(model, Mixer):
+        return {"kind": "mixer", "mixer": type(model).__name__, "config": asdict(model.config)}
+    raise TypeError(f"model must be an rnnlab LM or Mixer, got {type(model).__name__}")
+
+
+def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | Mixer) -> None:
+    """Write ``state`` (of ``model``, a whole LM or one mixer) to ``path`` (safetensors), atomically."""
+    owner = _owner(model)
+    if owner["kind"] == "model":
+        if not isinstance(state, ModelState):
+            raise StateError(f"a model's state must be a ModelState, got {type(state).__name__}")
+        model.check_state(state, _batch(state))
+        layers, seen = state.layers, state.seen
+    else:
+        model.check_state(state, state.batch_size)
+        layers, seen = (state,), state.scalars().get("seen")
+    tensors, classes, scalars = {}, [], []
+    for i, s in enumerate(layers):
+        classes.append(None if s is None else type(s).__name__)
+        scalars.append({} if s is None else s.scalars())
+        for name, t in ({} if s is None else s.tensors()).items():
+            tensors[f"layers.{i}.{name}"] = t.detach().contiguous().cpu()
+    dtypes = sorted({str(t.dtype) for t in tensors.values()})
+    meta = {"format_version": STATE_FORMAT_VERSION, **owner, "classes": classes, "scalars": scalars,
+            "tokens_seen": seen, "dtype": dtypes}
+    atomic_write(path, lambda p: save_file(tensors, p, metadata={"rnnlab_state": json.dumps(meta)}))
+
+
+def _batch(state: ModelState) -> int:
+    for s in state.layers:
+        if s is not None:
+            return s.batch_size
+    return 0
+
+
+def load_state(path: str | os.PathLike, model: LM | Mixer, device=None) -> ModelState | State:
+    """Read a state written by :func:`save_state` for ``model``; checks that it belongs to it.
+
+    Raises FileNotFoundError, or StateError for a corrupted file, another model's state or a shape
+    that does not fit.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no state file at {path!s}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("rnnlab_state")
+        tensors = load_file(str(path), device=str(device or "cpu"))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise StateError(f"{path!s} is not a readable state file (corrupted or not safetensors): {e}") from None
+    if raw is None:
+        raise StateError(f"{path!s} is a safetensors file but holds no rnnlab state metadata")
+    meta = json.loads(raw)
+    if meta.get("format_version", 0) > STATE_FORMAT_VERSION:
+        raise StateError(f"{path!s} has state format {meta['format_version']}; this rnnlab reads <= {STATE_FORMAT_VERSION}")
+    owner = _owner(model)
+    if meta["kind"] != owner["kind"] or meta.get("mixer") != owner.get("mixer"):
+        what = meta.get("mixer", "a whole model")
+        raise StateError(f"{path!s} holds the state of {what}, not of this {type(model).__name__}")
+    if meta["config"] != json.loads(json.dumps(owner["config"])):
+        diff = {k: (meta["config"].get(k), v) for k, v in json.loads(json.dumps(owner["config"])).items()
+                if meta["config"].get(k) != v}
+        raise StateError(f"{path!s} was saved from a model with another config (saved vs this model: {diff})")
+    ref = model.init_state(1, device="meta") if owner["kind"] == "model" else ModelState((model.init_state(1, device="meta"),), 0)
+    layers = []
+    for i, (cls_name, scal, r) in enumerate(zip(meta["classes"], meta["scalars"], ref.layers)):
+        if cls_name is None:
+            layers.append(None)
+            continue
+        if type(r).__name__ != cls_name:
+            raise StateError(f"{path!s}: layer {i} state is a {cls_name}, the model expects a {type(r).__name__}")
+        parts = {k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"layers.{i}.")}
+        layers.append(type(r).from_parts(parts, scal))
+    state = ModelState(tuple(layers), meta["tokens_seen"] or 0)
+    if owner["kind"] == "model":
+        model.check_state(state, _batch(state))
+        return state
+    model.check_state(layers[0], layers[0].batch_size)
+    return layers[0]

@@ -1,0 +1,121 @@
+"""The mixer contract: ``y, state = mixer(x, state=None)``.
+
+Every token mixer derives from :class:`Mixer`. The base class checks the input and the state once,
+in :meth:`Mixer.forward`, so a layer's :meth:`Mixer.mix` sees only well-formed arguments.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .state import State, StateError
+
+__all__ = ["MixerConfig", "Mixer", "check_tokens_input"]
+
+
+@dataclass
+class MixerConfig:
+    """Fields every mixer config has."""
+
+    d_model: int  # model width D
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.d_model, int) or self.d_model < 1:
+            raise ValueError(f"d_model must be a positive int, got {self.d_model!r}")
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype | None:
+    for p in module.parameters():
+        return p.dtype
+    return None
+
+
+class Mixer(nn.Module):
+    """Base class of token mixers.
+
+    Subclasses set ``config_cls`` and ``state_cls``, implement :meth:`init_state` (the state
+    before any token: zeros for recurrent mixers, an empty cache for attention) and :meth:`mix`.
+    ``recurrent`` is True when the state size does not depend on the number of tokens seen.
+    """
+
+    config_cls: ClassVar[type[MixerConfig]] = MixerConfig
+    state_cls: ClassVar[type[State]] = State
+    recurrent: ClassVar[bool] = True
+
+    def __init__(self, config: MixerConfig):
+        super().__init__()
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"{type(self).__name__} needs a {self.config_cls.__name__}, got {type(config).__name__}")
+        self.config = config
+
+    # -- to implement ---------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> State:
+        """The state before the first token, for ``batch_size`` sequences."""
+        raise NotImplementedError
+
+    def mix(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
+        """(B, T, D), state -> (B, T, D), new state. Arguments are already checked."""
+        raise NotImplementedError
+
+    # -- the contract ---------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+        """Mix ``x`` (B, T, D) given the ``state`` after the previous tokens (None = start).
+
+        Returns ``y`` (B, T, D) and the state after the last token of ``x``.
+        """
+        self.check_input(x)
+        if state is not None:
+            self.check_state(state, x.shape[0])
+        return self.mix(x, state)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Raise a ValueError/TypeError naming ``x`` unless it is a (B, T, d_model) float tensor."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor of shape (B, T, {self.config.d_model}), got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"x must have shape (B, T, D) = (B, T, {self.config.d_model}), got {tuple(x.shape)}")
+        if x.shape[-1] != self.config.d_model:
+            raise ValueError(f"x has width {x.shape[-1]}, but this {type(self).__name__} has d_model={self.config.d_model}")
+        if x.shape[1] < 1:
+            raise ValueError("x must hold at least one token (T >= 1)")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        pdt = _param_dtype(self)
+        if pdt is not None and x.dtype != pdt and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x has dtype {x.dtype} but the parameters are {pdt}; cast one of them "
+                            "(or run under torch.autocast)")
+
+    def check_state(self, state: State, batch_size: int) -> None:
+        """Raise :class:`StateError` unless ``state`` belongs to this mixer and batch size."""
+        if not isinstance(state, State):
+            raise StateError(f"state must be a {self.state_cls.__name__} or None, got {type(state).__name__}")
+        state.check_like(self.init_state(batch_size, device="meta"), where=f"{type(self).__name__} state")
+
+    def state_size(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of the initial state (for recurrent mixers: the state at any time)."""
+        return self.init_state(batch_size, device="meta", dtype=dtype).nbytes
+
+    def extra_repr(self) -> str:
+        return f"{type(self.config).__name__}"
+
+
+def check_tokens_input(tokens: torch.Tensor, vocab_size: int) -> None:
+    """Raise a clear error unless ``tokens`` is a (B, T) integer tensor of ids < vocab_size."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a (B, T) int64 tensor, got {type(tokens).__name__}")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"tokens must be integer ids (int64), got {tokens.dtype}")
+    if tokens.shape[1] < 1:
+        raise ValueError("tokens must hold at least one token (T >= 1)")
+    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range "
+                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+
+
+__all__ += ["State", "StateError"]

@@ -1,0 +1,68 @@
+"""Building blocks shared by the architecture files: norms, the short causal convolution, RoPE."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope"]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dimension: ``x / rms(x) * weight`` (computed in float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+class GatedRMSNorm(RMSNorm):
+    """``RMSNorm(x) * silu(z)`` (Mamba-2 / Gated DeltaNet output norm), over the last dimension."""
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x) * F.silu(z.float()).to(x.dtype)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise 1-D convolution of width W over time, with its last W-1 inputs as state.
+
+    ``y, conv_state = conv(x, conv_state)``: x (B, T, C) -> y (B, T, C); conv_state (B, W-1, C).
+    """
+
+    def __init__(self, channels: int, width: int = 4, bias: bool = False, activation: bool = True):
+        super().__init__()
+        if width < 1:
+            raise ValueError(f"conv width must be >= 1, got {width}")
+        self.width, self.activation = width, activation
+        self.conv = nn.Conv1d(channels, channels, width, groups=channels, bias=bias)
+
+    def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
+        return torch.zeros(batch_size, self.width - 1, self.conv.in_channels, device=device,
+                           dtype=dtype or torch.float32)
+
+    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T, C = x.shape
+        if conv_state is None:
+            conv_state = self.init_state(B, x.device, x.dtype)
+        xp = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, W-1+T, C)
+        y = self.conv(xp.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        if self.activation:
+            y = F.silu(y)
+        return y, xp[:, xp.shape[1] - (self.width - 1):]
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """Rotary position embedding (rotate-half convention) of x (B, H, T, K) at positions pos (T,)."""
+    K, acc = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
+    inv_freq = theta ** (-torch.arange(0, K, 2, device=x.device, dtype=acc) / K)  # (K/2,)
+    ang = pos.to(acc)[:, None] * inv_freq[None, :]  # (T, K/2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (T, K)
+    x1, x2 = x.to(acc).chunk(2, dim=-1)
+    rot = torch.cat([-x2, x1], dim=-1)
+    return (x.to(acc) * cos + rot * sin).to(x.dtype)

@@ -1,0 +1,82 @@
+"""Layout strings: which mixer each block of a model uses.
+
+A layout is a comma-separated pattern of items, cycled over the model's blocks:
+
+* ``name`` — a block with mixer ``name`` (and an MLP after it unless ``mixer_mlp=False``);
+* ``name(opt=value, ...)`` — the same with config options, e.g. ``swa(window=256,sinks=4)``;
+* ``item*n`` — the item repeated n times, e.g. ``gated_deltanet*3,attention``;
+* ``mlp`` — a block with an MLP only (for layouts such as Samba's ``mamba,mlp,swa,mlp``).
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from .registry import get_spec, make_config
+
+__all__ = ["BlockSpec", "parse_layout"]
+
+_ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*(?:\*\s*(\d+))?\s*$")
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of a model: a mixer name (or ``"mlp"``) with its config options."""
+
+    name: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+def _split_top(text: str) -> list[str]:
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    return parts
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a bare word, e.g. feature_map=elu
+
+
+def parse_layout(layout: str, n_layers: int, d_model: int) -> tuple[BlockSpec, ...]:
+    """Expand ``layout`` to ``n_layers`` blocks, checking names and options.
+
+    Raises ValueError (bad syntax, or n_layers < 1) or KeyError/TypeError (unknown mixer or option).
+    """
+    if not isinstance(layout, str) or not layout.strip():
+        raise ValueError(f"layout must be a non-empty string such as 'gated_deltanet*3,attention', got {layout!r}")
+    if n_layers < 1:
+        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    pattern: list[BlockSpec] = []
+    for item in _split_top(layout):
+        m = _ITEM.match(item)
+        if not m:
+            raise ValueError(f"cannot parse layout item {item.strip()!r} in {layout!r}; "
+                             "expected name, name(opt=value,...) or item*n")
+        name, opts_text, times = m.group(1), m.group(2), int(m.group(3) or 1)
+        options: dict[str, Any] = {}
+        for kv in _split_top(opts_text) if opts_text and opts_text.strip() else []:
+            if "=" not in kv:
+                raise ValueError(f"layout option {kv.strip()!r} of {name!r} must be written key=value")
+            key, val = kv.split("=", 1)
+            options[key.strip()] = _parse_value(val.strip())
+        if name == "mlp":
+            if options:
+                raise ValueError("an 'mlp' layout item takes no options (set mlp/d_ff on the model config)")
+        else:
+            make_config(name, d_model, **options)  # checks the name and the options now
+            get_spec(name)
+        pattern += [BlockSpec(name, tuple(sorted(options.items())))] * times
+    return tuple(pattern[i % len(pattern)] for i in range(n_layers))

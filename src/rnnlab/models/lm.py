@@ -1,0 +1,272 @@
+"""The language model: embedding -> blocks (norm -> mixer -> residual, norm -> MLP -> residual)
+-> norm -> tied output head.
+
+``logits, state = model(tokens, state=None)``: tokens (B, T) int64 -> logits (B, T, V) and a
+:class:`ModelState` (one state per block plus the count of tokens seen). The model obeys the
+chunking law of its mixers: feeding a sequence in pieces, passing the state, equals one call.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..layers.base import Mixer, check_tokens_input
+from ..layers.common import RMSNorm
+from ..layers.state import State, StateError
+from .layout import BlockSpec, parse_layout
+from .registry import build_mixer
+
+__all__ = ["LMConfig", "LM", "ModelState", "MLP", "build_model", "load_model", "atomic_write",
+           "FORMAT_VERSION"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class LMConfig:
+    """Configuration of :class:`LM`. ``blocks`` is derived from ``layout`` and ``n_layers``."""
+
+    vocab_size: int = 260  # token ids in [0, vocab_size); 260 = bytes + 4 specials
+    d_model: int = 256  # model width D
+    n_layers: int = 4  # number of blocks; the layout pattern is cycled over them
+    layout: str = "attention"  # mixer pattern, e.g. "gated_deltanet*3,attention" (see models/layout.py)
+    mlp: str = "swiglu"  # MLP kind: "swiglu" or "gelu"
+    d_ff: int | None = None  # MLP hidden width; None = 8/3·D (swiglu) or 4·D (gelu), rounded up to 64
+    mixer_mlp: bool = True  # every mixer block also has an MLP (False: Mamba-style stacks, explicit "mlp" items)
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    tie_embeddings: bool = True  # output head shares the embedding matrix
+    init_std: float = 0.02  # std of embeddings and linear weights; residual outputs get /sqrt(2·n_layers)
+    blocks: tuple[BlockSpec, ...] = field(init=False, repr=False)  # derived: one spec per block
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1 or self.d_model < 1:
+            raise ValueError(f"vocab_size and d_model must be positive, got {self.vocab_size}, {self.d_model}")
+        if self.mlp not in ("swiglu", "gelu"):
+            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        if self.d_ff is None:
+            raw = 8 * self.d_model / 3 if self.mlp == "swiglu" else 4 * self.d_model
+            self.d_ff = int(64 * math.ceil(raw / 64))
+        self.blocks = parse_layout(self.layout, self.n_layers, self.d_model)
+
+    def to_dict(self) -> dict:
+        """The JSON-able fields (without the derived ``blocks``)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """The state of a whole model: one state per block (None for MLP-only blocks) and a counter."""
+
+    layers: tuple[State | None, ...]
+    seen: int  # tokens seen so far
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all layer states."""
+        return sum(s.nbytes for s in self.layers if s is not None)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "ModelState":
+        """A copy moved to ``device`` / cast to ``dtype`` (floating tensors only)."""
+        return ModelState(tuple(None if s is None else s.to(device, dtype) for s in self.layers), self.seen)
+
+    def detach(self) -> "ModelState":
+        """A copy cut from the autograd graph."""
+        return ModelState(tuple(None if s is None else s.detach() for s in self.layers), self.seen)
+
+
+class MLP(nn.Module):
+    """SwiGLU (``down(silu(gate(x)) * up(x))``) or GELU MLP: (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu"):
+        super().__init__()
+        self.kind = kind
+        if kind == "swiglu":
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.kind == "swiglu" else F.gelu(self.up_proj(x))
+        return self.down_proj(h)
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + mlp(norm(x)); either part optional."""
+
+    def __init__(self, spec: BlockSpec, config: LMConfig):
+        super().__init__()
+        self.name = spec.name
+        has_mixer = spec.name != "mlp"
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps) if has_mixer else None
+        self.mixer: Mixer | None = build_mixer(spec.name, config.d_model, **dict(spec.options)) if has_mixer else None
+        has_mlp = not has_mixer or config.mixer_mlp
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if has_mlp else None
+        self.mlp = MLP(config.d_model, config.d_ff, config.mlp) if has_mlp else None
+
+    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
+        if self.mixer is not None:
+            y, state = self.mixer(self.mixer_norm(x), state)
+            x = x + y
+        if self.mlp is not None:
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, state
+
+
+class LM(nn.Module):
+    """A causal language model over any layout of mixers. See the module docstring."""
+
+    def __init__(self, config: LMConfig):
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(spec, config) for spec in config.blocks)
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.reset_parameters()
+
+    # -- parameters -----------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Init scheme: N(0, init_std) for embeddings, MLP and attention projections; output
+        projections (``o_proj``, ``out_proj``, ``down_proj``) scaled by 1/sqrt(2·n_layers).
+        Mixers keep the special initialisation of their own papers for modules they mark
+        ``_no_reinit = True`` and for parameters that are not Linear/Embedding weights."""
+        std = self.config.init_std
+        for name, mod in self.named_modules():
+            if getattr(mod, "_no_reinit", False):
+                continue
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.split(".")[-1] in ("o_proj", "out_proj", "down_proj") else 1.0
+                nn.init.normal_(mod.weight, 0.0, std * scale)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        """Parameter count (shared tensors counted once); optionally without the embedding."""
+        seen, n = set(), 0
+        for p in self.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+        if non_embedding:
+            n -= self.embed.weight.numel()
+        return n
+
+    # -- the contract ---------------------------------------------------------------------------
+    def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
+        """The state before the first token."""
+        return ModelState(tuple(None if b.mixer is None else b.mixer.init_state(batch_size, device, dtype)
+                                for b in self.blocks), 0)
+
+    def check_state(self, state: ModelState, batch_size: int) -> None:
+        """Raise StateError unless ``state`` fits this model and batch size."""
+        if not isinstance(state, ModelState):
+            raise StateError(f"state must be a ModelState or None, got {type(state).__name__}")
+        if len(state.layers) != len(self.blocks):
+            raise StateError(f"state has {len(state.layers)} layer states, this model has {len(self.blocks)} blocks")
+        for i, (b, s) in enumerate(zip(self.blocks, state.layers)):
+            if b.mixer is None:
+                if s is not None:
+                    raise StateError(f"layer {i} is an MLP block and takes no state, got a {type(s).__name__}")
+                continue
+            try:
+                b.mixer.check_state(s, batch_size)
+            except StateError as e:
+                raise StateError(f"layer {i} ({b.name}): {e}") from None
+
+    def forward(self, tokens: torch.Tensor, state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
+        """tokens (B, T) -> logits (B, T, vocab_size), state after the last token."""
+        check_tokens_input(tokens, self.config.vocab_size)
+        B, T = tokens.shape
+        if state is not None:
+            self.check_state(state, B)
+        x = self.embed(tokens.long())  # (B, T, D)
+        new = []
+        for i, block in enumerate(self.blocks):
+            x, s = block(x, None if state is None else state.layers[i])
+            new.append(s)
+        logits = self.lm_head(self.norm(x))  # (B, T, V)
+        return logits, ModelState(tuple(new), (0 if state is None else state.seen) + T)
+
+    # -- generation -----------------------------------------------------------------------------
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after ``prompt`` (B, T); returns (B, max_new_tokens).
+        Keyword arguments as in :func:`rnnlab.inference.generate`."""
+        from ..inference.generate import generate
+        out = list(generate(self, prompt, max_new_tokens, **sampling))
+        return torch.stack(out, dim=1) if out else prompt.new_zeros(prompt.shape[0], 0)
+
+    # -- save / load ----------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically, each)."""
+        os.makedirs(directory, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "model_type": "rnnlab.LM", "config": self.config.to_dict()}
+        tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()
+                   if not (self.config.tie_embeddings and k == "lm_head.weight")}
+        atomic_write(os.path.join(directory, "model.safetensors"),
+                      lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(os.path.join(directory, "config.json"),
+                      lambda p: Path(p).write_text(json.dumps(meta, indent=2) + "\n"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, device=None) -> "LM":
+        """Load a model written by :meth:`save_pretrained`."""
+        cfg_path = os.path.join(directory, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError(f"{directory!s} holds no config.json: not a saved rnnlab model")
+        with open(cfg_path) as f:
+            meta = json.load(f)
+        if meta.get("model_type") != "rnnlab.LM":
+            raise ValueError(f"{cfg_path} is not an rnnlab model config (model_type={meta.get('model_type')!r})")
+        if meta.get("format_version", 0) > FORMAT_VERSION:
+            raise ValueError(f"{cfg_path} has format version {meta['format_version']}; this rnnlab reads <= {FORMAT_VERSION}")
+        model = cls(LMConfig(**meta["config"]))
+        sd = load_file(os.path.join(directory, "model.safetensors"), device=str(device or "cpu"))
+        if model.config.tie_embeddings:
+            sd["lm_head.weight"] = sd["embed.weight"]
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"weights in {directory!s} do not fit the config: missing {missing}, unexpected {unexpected}")
+        return model.to(device) if device is not None else model
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call ``write(tmp_path)`` then rename onto ``path``, so a crash never leaves half a file."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def build_model(layout: str = "attention", n_layers: int = 4, d_model: int = 256, vocab_size: int = 260,
+                **config) -> LM:
+    """Build an :class:`LM`; keyword arguments set :class:`LMConfig` fields.
+
+    >>> model = build_model(layout="gated_deltanet*3,attention", n_layers=8, d_model=256)
+    """
+    names = {f.name for f in fields(LMConfig) if f.init}
+    unknown = set(config) - names
+    if unknown:
+        raise TypeError(f"build_model got unknown option(s) {sorted(unknown)}; LMConfig fields are {sorted(names)}")
+    return LM(LMConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, layout=layout, **config))
+
+
+def load_model(directory: str | os.PathLike, device=None) -> LM:
+    """Load a model saved with ``save_pretrained``."""
+    return LM.from_pretrained(directory, device=device)

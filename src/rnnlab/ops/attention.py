@@ -1,0 +1,80 @@
+"""Kernel family C: softmax attention with log-sum-exp outputs, windows and merging.
+
+Causal softmax attention ``o_t = sum_j softmax_j(q_t . k_j * scale) v_j`` over an allowed key set.
+Attention to two disjoint key sets (attention sinks and a sliding window) is computed separately and
+merged exactly with :func:`merge_attention`, using each part's log-sum-exp of scores.
+
+Layout here is head-first, as in ``scaled_dot_product_attention``: q (B, H, T, K), k (B, H, L, K),
+v (B, H, L, V). Key/query *indices* are absolute token positions (int64), used for masking only.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["softmax_attention", "merge_attention"]
+
+
+def _attend_block(q, k, v, mask, scale):
+    """Masked attention of one query block with its log-sum-exp. mask (Tq, L) True = allowed."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    if k.shape[2] == 0:  # no key in reach of this block
+        B, H, Tq, _ = q.shape
+        return q.new_zeros(B, H, Tq, v.shape[-1], dtype=acc), q.new_full((B, H, Tq), float("-inf"), dtype=acc)
+    s = torch.einsum("bhtk,bhlk->bhtl", q.to(acc), k.to(acc)) * scale  # (B, H, Tq, L)
+    s = s.masked_fill(~mask, float("-inf"))
+    m = s.amax(dim=-1, keepdim=True)  # (B, H, Tq, 1); -inf where no key is allowed
+    m = m.masked_fill(torch.isinf(m), 0.0).detach()
+    p = torch.exp(s - m)  # masked scores give exactly 0
+    den = p.sum(dim=-1)  # (B, H, Tq)
+    o = torch.einsum("bhtl,bhlv->bhtv", p, v.to(acc)) / den.clamp_min(1e-30).unsqueeze(-1)  # (B, H, Tq, V)
+    lse = torch.where(den > 0, torch.log(den.clamp_min(1e-30)) + m.squeeze(-1), float("-inf"))
+    return o, lse
+
+
+def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
+                      k_idx: torch.Tensor, window: int | None = None, min_key: int = 0,
+                      scale: float | None = None, block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal softmax attention with an optional sliding window, returning the log-sum-exp.
+
+    Query ``t`` (absolute index ``q_idx[t]``) attends to key ``j`` iff
+    ``k_idx[j] <= q_idx[t]``, ``q_idx[t] - k_idx[j] < window`` (if a window is given) and
+    ``k_idx[j] >= min_key``. Queries are processed in blocks of ``block_size`` and each block only
+    sees the keys its window can reach, so memory is O(T * (window + block_size)).
+
+    Args:
+        q: (B, H, T, K) queries; k: (B, H, L, K) keys; v: (B, H, L, V) values.
+        q_idx: (T,) increasing absolute positions of the queries; k_idx: (L,) increasing, of the keys.
+    Returns:
+        o (B, H, T, V) in float32 (float64 for float64 inputs) (zeros for a query with no allowed key) and lse (B, H, T)
+        (``-inf`` for such a query).
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, H, T, _ = q.shape
+    outs, lses = [], []
+    for t0 in range(0, T, block_size):
+        qi = q_idx[t0:t0 + block_size]  # (Tq,)
+        lo = max(int(qi[0]) - window + 1, min_key) if window is not None else min_key
+        j0 = int(torch.searchsorted(k_idx, torch.tensor(lo, device=k_idx.device)))
+        j1 = int(torch.searchsorted(k_idx, qi[-1:], right=True))
+        kj = k_idx[j0:j1]  # (Lb,)
+        mask = (kj[None, :] <= qi[:, None]) & (kj[None, :] >= min_key)  # (Tq, Lb)
+        if window is not None:
+            mask &= (qi[:, None] - kj[None, :]) < window
+        o, lse = _attend_block(q[:, :, t0:t0 + block_size], k[:, :, j0:j1], v[:, :, j0:j1], mask, scale)
+        outs.append(o)
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
+                    lse2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge attention over two disjoint key sets: o (B, H, T, V), lse (B, H, T) each.
+
+    ``o = (exp(lse1) o1 + exp(lse2) o2) / (exp(lse1) + exp(lse2))``, computed stably; a part with
+    ``lse = -inf`` (no keys) contributes nothing.
+    """
+    lse = torch.logaddexp(lse1, lse2)  # (B, H, T)
+    safe = lse.masked_fill(torch.isinf(lse), 0.0)
+    w1 = torch.exp(lse1 - safe).unsqueeze(-1)
+    w2 = torch.exp(lse2 - safe).unsqueeze(-1)
+    return o1 * w1 + o2 * w2, lse
