@@ -48,7 +48,7 @@ class Stream:
     >>> s = Stream(model)                       # doctest: +SKIP
     >>> s.feed(tok("def main():"))              # prefill once
     >>> text = tok.decode(torch.stack(list(s.sample(50)), 1)[0])
-    >>> s.save("conversation.safetensors")
+    >>> s.save("conversation.safetensors")   # later: Stream.load(model, path).sample(50)
     """
 
     def __init__(self, model: LM, state: ModelState | None = None):
@@ -86,18 +86,20 @@ class Stream:
                     return
 
     def save(self, path: str) -> None:
-        """Save the stream's state (see :func:`rnnlab.save_state`); the last logits are recomputed
-        on resume by feeding the next tokens."""
+        """Save the stream (its state and last logits, see :func:`rnnlab.save_state`) atomically."""
         from .state_io import save_state
         if self.state is None:
             raise RuntimeError("nothing to save: the stream has seen no token")
-        save_state(self.state, path, model=self.model)
+        save_state(self.state, path, model=self.model, extra={"logits": self.logits})
 
     @classmethod
     def load(cls, model: LM, path: str) -> "Stream":
-        """A stream resumed from a state saved by :meth:`save` (feed a token before sampling)."""
-        from .state_io import load_state
-        return cls(model, load_state(path, model=model))
+        """A stream resumed from :meth:`save`: sampling continues exactly where it stopped."""
+        from .state_io import load_extra, load_state
+        stream = cls(model, load_state(path, model=model))
+        logits = load_extra(path, "logits")
+        stream.logits = None if logits is None else logits.to(next(model.parameters()).device)
+        return stream
 
 
 def generate(model: LM, prompt: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,

@@ -18,7 +18,7 @@ from ..layers.base import Mixer
 from ..layers.state import State, StateError
 from ..models.lm import LM, ModelState, atomic_write
 
-__all__ = ["save_state", "load_state", "STATE_FORMAT_VERSION"]
+__all__ = ["save_state", "load_state", "load_extra", "STATE_FORMAT_VERSION"]
 
 STATE_FORMAT_VERSION = 1
 
@@ -31,8 +31,10 @@ def _owner(model: LM | Mixer) -> dict:
     raise TypeError(f"model must be an rnnlab LM or Mixer, got {type(model).__name__}")
 
 
-def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | Mixer) -> None:
-    """Write ``state`` (of ``model``, a whole LM or one mixer) to ``path`` (safetensors), atomically."""
+def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | Mixer,
+               extra: dict[str, torch.Tensor] | None = None) -> None:
+    """Write ``state`` (of ``model``, a whole LM or one mixer) to ``path`` (safetensors), atomically.
+    ``extra`` tensors are stored beside it under ``extra.<name>`` (e.g. a stream's last logits)."""
     owner = _owner(model)
     if owner["kind"] == "model":
         if not isinstance(state, ModelState):
@@ -48,6 +50,8 @@ def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | M
         scalars.append({} if s is None else s.scalars())
         for name, t in ({} if s is None else s.tensors()).items():
             tensors[f"layers.{i}.{name}"] = t.detach().contiguous().cpu()
+    for name, t in (extra or {}).items():
+        tensors[f"extra.{name}"] = t.detach().contiguous().cpu()
     dtypes = sorted({str(t.dtype) for t in tensors.values()})
     meta = {"format_version": STATE_FORMAT_VERSION, **owner, "classes": classes, "scalars": scalars,
             "tokens_seen": seen, "dtype": dtypes}
@@ -59,6 +63,13 @@ def _batch(state: ModelState) -> int:
         if s is not None:
             return s.batch_size
     return 0
+
+
+def load_extra(path: str | os.PathLike, name: str, device=None) -> torch.Tensor | None:
+    """The ``extra`` tensor ``name`` saved beside a state, or None."""
+    with safe_open(str(path), framework="pt", device=str(device or "cpu")) as f:
+        key = f"extra.{name}"
+        return f.get_tensor(key) if key in f.keys() else None
 
 
 def load_state(path: str | os.PathLike, model: LM | Mixer, device=None) -> ModelState | State:

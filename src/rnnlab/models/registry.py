@@ -78,3 +78,23 @@ def build_mixer(name: str, d_model: int, **options: Any) -> Mixer:
     >>> layer = build_mixer("attention", d_model=64, num_heads=4)
     """
     return get_spec(name).layer(make_config(name, d_model, **options))
+
+
+def markdown_table(d_model: int = 256) -> str:
+    """The README's mixer table: name, description, paper, state-size formula and bytes per layer
+    (float32, batch 1, after 1024 tokens for mixers whose state grows) at width ``d_model``."""
+    import torch
+
+    rows = ["| mixer | what it is | paper | state per layer | bytes at d_model=%d | status |" % d_model,
+            "|---|---|---|---|---|---|"]
+    for name in mixers():
+        spec = REGISTRY[name]
+        layer = build_mixer(name, d_model)
+        if layer.recurrent:
+            nbytes = f"{layer.state_size():,}"
+        else:
+            with torch.no_grad():
+                _, st = layer(torch.zeros(1, 1024, d_model))
+            nbytes = f"{st.nbytes:,} (T=1024)"
+        rows.append(f"| `{name}` | {spec.description} | {spec.paper} | {spec.state_size} | {nbytes} | {spec.status} |")
+    return "\n".join(rows)

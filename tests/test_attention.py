@@ -1,0 +1,100 @@
+"""Softmax attention against a direct transcription of its definition (StreamingLLM cache)."""
+import math
+
+import pytest
+import torch
+from einops import rearrange
+
+from rnnlab.layers.attention import Attention, AttentionConfig
+from rnnlab.ops.attention import merge_attention, softmax_attention
+
+
+def _rope(x, pos, theta=10000.0):
+    """x (K,) at integer position pos, rotate-half convention, written out element by element."""
+    K = x.shape[0]
+    out = x.clone()
+    for i in range(K // 2):
+        ang = pos * theta ** (-2 * i / K)
+        a, b = x[i], x[i + K // 2]
+        out[i] = a * math.cos(ang) - b * math.sin(ang)
+        out[i + K // 2] = b * math.cos(ang) + a * math.sin(ang)
+    return out
+
+
+def reference_attention(m: Attention, x: torch.Tensor) -> torch.Tensor:
+    """For each token t, build the StreamingLLM cache (sinks + window), give each entry its index in
+    the cache as position, and attend with a plain softmax."""
+    c = m.config
+    B, T, _ = x.shape
+    q = rearrange(m.q_proj(x), "b t (h k) -> b t h k", k=c.head_dim)
+    k = rearrange(m.k_proj(x), "b t (g k) -> b t g k", k=c.head_dim)
+    v = rearrange(m.v_proj(x), "b t (g k) -> b t g k", k=c.head_dim)
+    rep = c.num_heads // c.num_kv_heads
+    out = torch.zeros(B, T, c.num_heads, c.head_dim, dtype=x.dtype)
+    for t in range(T):
+        w = c.window or T
+        sinks = list(range(min(c.sinks, t + 1)))
+        window = [j for j in range(max(c.sinks, t - w + 1), t + 1)]
+        cache = sinks + window
+        for b in range(B):
+            for h in range(c.num_heads):
+                g = h // rep
+                qt = _rope(q[b, t, h], len(cache) - 1)
+                scores = torch.stack([_rope(k[b, j, g], p) @ qt for p, j in enumerate(cache)]) / math.sqrt(c.head_dim)
+                p = torch.softmax(scores, 0)
+                out[b, t, h] = sum(p[i] * v[b, j, g] for i, j in enumerate(cache))
+    return m.o_proj(rearrange(out, "b t h k -> b t (h k)"))
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(window=4), dict(window=4, sinks=2), dict(window=1, sinks=3),
+                                  dict(num_kv_heads=1, window=5, sinks=1), dict(num_kv_heads=1)])
+def test_attention_matches_definition(opts):
+    torch.manual_seed(0)
+    m = Attention(AttentionConfig(d_model=16, num_heads=2, **opts)).double()
+    x = torch.randn(2, 13, 16, dtype=torch.float64)
+    y, _ = m(x)
+    torch.testing.assert_close(y, reference_attention(m, x), atol=1e-10, rtol=1e-10)
+    # and streaming after a prefix gives the same outputs
+    y1, s = m(x[:, :6])
+    y2, _ = m(x[:, 6:], s)
+    torch.testing.assert_close(torch.cat([y1, y2], 1), y, atol=1e-10, rtol=1e-10)
+
+
+def test_windowed_state_is_bounded_and_positions_stay_small():
+    m = Attention(AttentionConfig(d_model=16, num_heads=2, window=8, sinks=2)).double()
+    s = None
+    with torch.no_grad():
+        for _ in range(5):
+            _, s = m(torch.randn(1, 50, 16, dtype=torch.float64), s)
+    assert s.k.shape[2] == 7 and s.sink_k.shape[2] == 2 and s.seen == 250
+
+
+def test_long_prefill_uses_blocks_and_matches_small_blocks():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 700, 8, dtype=torch.float64) for _ in range(3))
+    idx = torch.arange(700)
+    o1, l1 = softmax_attention(q, k, v, idx, idx, window=100)
+    o2, l2 = softmax_attention(q, k, v, idx, idx, window=100, block_size=7)
+    torch.testing.assert_close(o1, o2)
+    torch.testing.assert_close(l1, l2)
+
+
+def test_merge_attention_equals_attention_over_the_union():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 1, 5, 4), torch.randn(1, 1, 9, 4), torch.randn(1, 1, 9, 3)
+    qi, ki = torch.arange(20, 25), torch.arange(9) * 2 + 7
+    full, lse = softmax_attention(q, k, v, qi, ki)
+    a, la = softmax_attention(q, k[:, :, :4], v[:, :, :4], qi, ki[:4])
+    b, lb = softmax_attention(q, k[:, :, 4:], v[:, :, 4:], qi, ki[4:])
+    merged, lm = merge_attention(a, la, b, lb)
+    torch.testing.assert_close(merged, full)
+    torch.testing.assert_close(lm, lse)
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="sinks"):
+        AttentionConfig(d_model=16, num_heads=2, sinks=2)
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        AttentionConfig(d_model=16, num_heads=3, num_kv_heads=2, head_dim=4)
+    with pytest.raises(ValueError, match="window"):
+        AttentionConfig(d_model=16, num_heads=2, window=0)

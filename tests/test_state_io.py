@@ -1,0 +1,95 @@
+"""Saving and loading states: round trips, and clear errors for files that do not fit."""
+import pytest
+import torch
+
+import rnnlab
+from rnnlab.layers.state import StateError
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return rnnlab.build_model(layout="attention,swa(window=4,sinks=1)", n_layers=2, d_model=32, **kw)
+
+
+def test_model_state_round_trip(tmp_path):
+    model = _model()
+    tokens = torch.randint(0, 256, (2, 12))
+    _, state = model(tokens[:, :7])
+    rnnlab.save_state(state, tmp_path / "s.safetensors", model=model)
+    loaded = rnnlab.load_state(tmp_path / "s.safetensors", model=model)
+    assert loaded.seen == 7 and loaded.nbytes == state.nbytes
+    a, _ = model(tokens[:, 7:], state)
+    b, _ = model(tokens[:, 7:], loaded)
+    torch.testing.assert_close(a, b)
+
+
+def test_mixer_state_round_trip_and_dtype_move(tmp_path):
+    layer = rnnlab.build_mixer("swa", d_model=32, num_heads=2, window=4, sinks=1)
+    _, s = layer(torch.randn(1, 9, 32))
+    rnnlab.save_state(s, tmp_path / "m.safetensors", model=layer)
+    s2 = rnnlab.load_state(tmp_path / "m.safetensors", model=layer)
+    assert type(s2) is type(s) and s2.seen == 9
+    torch.testing.assert_close(s2.k, s.k)
+    half = s.to(dtype=torch.bfloat16)
+    assert half.k.dtype == torch.bfloat16 and half.seen == 9 and half.nbytes == s.nbytes // 2
+
+
+def test_state_from_another_model_is_refused(tmp_path):
+    model = _model()
+    _, state = model(torch.randint(0, 256, (1, 5)))
+    rnnlab.save_state(state, tmp_path / "s.safetensors", model=model)
+    other = _model(d_ff=192)
+    with pytest.raises(StateError, match="another config"):
+        rnnlab.load_state(tmp_path / "s.safetensors", model=other)
+    layer = rnnlab.build_mixer("attention", d_model=32)
+    with pytest.raises(StateError, match="whole model"):
+        rnnlab.load_state(tmp_path / "s.safetensors", model=layer)
+
+
+def test_corrupted_and_missing_files(tmp_path):
+    model = _model()
+    with pytest.raises(FileNotFoundError):
+        rnnlab.load_state(tmp_path / "nope.safetensors", model=model)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
+    with pytest.raises(StateError, match="not a readable state file"):
+        rnnlab.load_state(bad, model=model)
+    _, state = model(torch.randint(0, 256, (1, 5)))
+    good = tmp_path / "good.safetensors"
+    rnnlab.save_state(state, good, model=model)
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(StateError, match="not a readable state file"):
+        rnnlab.load_state(good, model=model)
+
+
+def test_wrong_shape_in_file_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    model = _model()
+    _, state = model(torch.randint(0, 256, (1, 5)))
+    p = tmp_path / "s.safetensors"
+    rnnlab.save_state(state, p, model=model)
+    with safe_open(str(p), framework="pt") as f:
+        meta = f.metadata()
+    t = load_file(str(p))
+    t["layers.0.k"] = torch.zeros(1, 2, 5, 3)  # wrong head dim
+    save_file(t, str(p), metadata=meta)
+    with pytest.raises(StateError, match="layer 0"):
+        rnnlab.load_state(p, model=model)
+
+
+def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
+    model = _model()
+    _, state = model(torch.randint(0, 256, (1, 5)))
+    p = tmp_path / "s.safetensors"
+    rnnlab.save_state(state, p, model=model)
+    before = p.read_bytes()
+    import rnnlab.inference.state_io as io
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(io, "save_file", boom)
+    with pytest.raises(OSError):
+        rnnlab.save_state(state, p, model=model)
+    assert p.read_bytes() == before and not list(tmp_path.glob(".tmp-*"))
