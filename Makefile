@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.rnnlab-installed
 
-.PHONY: demo test test-fast bench install clean
+.PHONY: demo test test-fast bench readme install clean
 
 install: $(STAMP)
 
@@ -29,6 +29,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/rnnlab bench ops --quick
+
+readme: $(STAMP)
+	$(BIN)/python -c "from rnnlab.models.registry import update_readme; update_readme()"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis runs

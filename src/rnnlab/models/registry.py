@@ -49,6 +49,16 @@ _register(MixerSpec(
     "Beltagy et al. 2020; Xiao et al. 2023", "2·G·K·(w-1+s) floats (bounded)",
     tiny=dict(num_heads=2, window=8, sinks=2)))
 
+# -- linear attention family: linear_attention, retnet, gla, hgrn2 -----------------------------------
+
+# -- delta-rule family: deltanet, gated_deltanet, longhorn ------------------------------------------
+
+# -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
+
+# -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
+
+# -- nonlinear and minimal RNNs: mingru, minlstm, lstm, gru, slstm, aaren ---------------------------
+
 
 def mixers() -> list[str]:
     """The registered mixer names, sorted."""
@@ -98,3 +108,15 @@ def markdown_table(d_model: int = 256) -> str:
             nbytes = f"{st.nbytes:,} (T=1024)"
         rows.append(f"| `{name}` | {spec.description} | {spec.paper} | {spec.state_size} | {nbytes} | {spec.status} |")
     return "\n".join(rows)
+
+
+def update_readme(path: str = "README.md") -> None:
+    """Rewrite the mixer table between the ``<!-- mixers:begin/end -->`` markers of ``path``."""
+    import re
+    from pathlib import Path
+
+    p = Path(path)
+    text = re.sub(r"<!-- mixers:begin -->\n.*?<!-- mixers:end -->",
+                  lambda _: "<!-- mixers:begin -->\n" + markdown_table() + "\n<!-- mixers:end -->",
+                  p.read_text(), flags=re.S)
+    p.write_text(text)
