@@ -1,0 +1,197 @@
+"""Interoperability with Hugging Face ``transformers`` checkpoints (local directories only).
+
+``from_hf(dir)`` reads ``config.json`` + safetensors written by ``transformers`` and returns an
+rnnlab :class:`LM` with the same logits; ``to_hf(model, dir)`` writes the reverse. Each supported
+architecture is a pair of functions between configs plus a table of parameter-name templates that
+maps weights one-to-one in both directions (``{i}`` is the block index). Needs no download; the
+``transformers`` package itself is needed only to run the exported model.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .lm import LM, LMConfig, atomic_write
+
+__all__ = ["from_hf", "to_hf", "load_tokenizer", "HF_ARCHITECTURES"]
+
+
+@dataclass(frozen=True)
+class _Arch:
+    """How one ``transformers`` architecture maps onto rnnlab."""
+
+    hf_class: str  # e.g. "LlamaForCausalLM"
+    model_type: str  # config.json's model_type
+    to_config: Callable[[dict], LMConfig]  # HF config dict -> LMConfig
+    from_config: Callable[[LM], dict]  # rnnlab model -> HF config dict
+    names: tuple[tuple[str, str], ...]  # (HF name template, rnnlab name template)
+
+
+# -- Llama ---------------------------------------------------------------------------------------
+def _rope_theta(cfg: dict) -> float:
+    params = cfg.get("rope_parameters") or {}
+    if (cfg.get("rope_scaling") or {}).get("rope_type", "default") not in ("default", None) or \
+            params.get("rope_type", "default") != "default":
+        raise ValueError("rope scaling is not supported (only the default RoPE)")
+    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+
+
+def _llama_config(cfg: dict) -> LMConfig:
+    if cfg.get("hidden_act", "silu") != "silu" or cfg.get("mlp_bias", False):
+        raise ValueError("only SiLU MLPs without bias are supported")
+    H = cfg["num_attention_heads"]
+    K = cfg.get("head_dim") or cfg["hidden_size"] // H
+    att = (f"attention(num_heads={H},num_kv_heads={cfg.get('num_key_value_heads') or H},head_dim={K},"
+           f"rope_theta={_rope_theta(cfg)!r},bias={bool(cfg.get('attention_bias', False))})")
+    return LMConfig(vocab_size=cfg["vocab_size"], d_model=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"],
+                    layout=att, mlp="swiglu", d_ff=cfg["intermediate_size"], norm_eps=cfg["rms_norm_eps"],
+                    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _llama_export(model: LM) -> dict:
+    c = model.config
+    kinds = {b.name for b in c.blocks}
+    if kinds != {"attention"} or not c.mixer_mlp or c.mlp != "swiglu":
+        raise ValueError(f"only all-attention models with SwiGLU MLPs export to Llama; this one has {sorted(kinds)}")
+    a = model.blocks[0].mixer.config
+    if a.window is not None or any(b.mixer.config != a for b in model.blocks):
+        raise ValueError("Llama export needs full attention with the same config in every block")
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "intermediate_size": c.d_ff, "num_hidden_layers": c.n_layers,
+            "num_attention_heads": a.num_heads, "num_key_value_heads": a.num_kv_heads, "head_dim": a.head_dim,
+            "hidden_act": "silu", "rms_norm_eps": c.norm_eps, "tie_word_embeddings": c.tie_embeddings,
+            "rope_theta": a.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta},
+            "attention_bias": a.bias, "mlp_bias": False, "max_position_embeddings": 1 << 20}
+
+
+_LLAMA = _Arch("LlamaForCausalLM", "llama", _llama_config, _llama_export, (
+    ("model.embed_tokens.weight", "embed.weight"),
+    ("model.layers.{i}.input_layernorm.weight", "blocks.{i}.mixer_norm.weight"),
+    ("model.layers.{i}.self_attn.{p}_proj.{w}", "blocks.{i}.mixer.{p}_proj.{w}"),
+    ("model.layers.{i}.post_attention_layernorm.weight", "blocks.{i}.mlp_norm.weight"),
+    ("model.layers.{i}.mlp.{p}_proj.weight", "blocks.{i}.mlp.{p}_proj.weight"),
+    ("model.norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+))
+
+HF_ARCHITECTURES: dict[str, _Arch] = {a.hf_class: a for a in (_LLAMA,)}
+
+
+# -- the generic machinery -----------------------------------------------------------------------
+def _template_regex(template: str) -> re.Pattern:
+    out = re.escape(template)
+    for key in ("i", "p", "w"):
+        out = out.replace(re.escape("{" + key + "}"), f"(?P<{key}>[A-Za-z0-9_]+)")
+    return re.compile(f"^{out}$")
+
+
+def _rename(name: str, table: tuple[tuple[str, str], ...], src: int) -> str | None:
+    for pair in table:
+        m = _template_regex(pair[src]).match(name)
+        if m:
+            return pair[1 - src].format(**m.groupdict())
+    return None
+
+
+def _arch_of(cfg: dict, path) -> _Arch:
+    archs = cfg.get("architectures") or []
+    for name in archs:
+        if name in HF_ARCHITECTURES:
+            return HF_ARCHITECTURES[name]
+    for a in HF_ARCHITECTURES.values():
+        if cfg.get("model_type") == a.model_type:
+            return a
+    raise ValueError(f"{path}: unsupported architecture {archs or cfg.get('model_type')!r}; "
+                     f"supported: {', '.join(HF_ARCHITECTURES)}")
+
+
+def from_hf(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LM:
+    """Load a ``transformers`` checkpoint directory (config.json + *.safetensors) as an rnnlab LM."""
+    cfg_path = Path(path) / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a directory saved by transformers)")
+    cfg = json.loads(cfg_path.read_text())
+    arch = _arch_of(cfg, path)
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"{path}: no *.safetensors weights (pytorch_model.bin is not read)")
+    hf = {}
+    for f in files:
+        hf.update(load_file(f))
+    model = LM(arch.to_config(cfg))
+    sd = {}
+    for name, t in hf.items():
+        new = _rename(name, arch.names, 0)
+        if new is None:
+            raise ValueError(f"{path}: weight {name!r} does not map onto rnnlab's {arch.hf_class} layout")
+        sd[new] = t
+    if model.config.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+        sd["lm_head.weight"] = sd["embed.weight"]
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: weights do not fit: missing {missing}, unexpected {unexpected}")
+    return model.to(dtype)
+
+
+def to_hf(model: LM, path: str | os.PathLike) -> None:
+    """Write ``model`` as a ``transformers`` checkpoint directory (config.json + model.safetensors)."""
+    arch = next((a for a in HF_ARCHITECTURES.values() if _exportable(a, model)), None)
+    if arch is None:
+        raise ValueError(f"no Hugging Face architecture fits layout {model.config.layout!r}; "
+                         f"supported: {', '.join(HF_ARCHITECTURES)}")
+    os.makedirs(path, exist_ok=True)
+    cfg = arch.from_config(model)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if model.config.tie_embeddings and name == "lm_head.weight":
+            continue
+        new = _rename(name, arch.names, 1)
+        if new is None:
+            raise ValueError(f"parameter {name!r} has no {arch.hf_class} counterpart")
+        tensors[new] = t.detach().contiguous()
+    atomic_write(Path(path) / "model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    atomic_write(Path(path) / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2) + "\n"))
+
+
+def _exportable(arch: _Arch, model: LM) -> bool:
+    try:
+        arch.from_config(model)
+        return True
+    except ValueError:
+        return False
+
+
+class _HFTokenizer:
+    """A ``tokenizers`` tokenizer with the ByteTokenizer's interface (encode, decode, __call__)."""
+
+    def __init__(self, file: str):
+        from tokenizers import Tokenizer
+        self._tok = Tokenizer.from_file(file)
+        self.vocab_size = self._tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids])
+
+    def __call__(self, text: str) -> torch.Tensor:
+        return torch.tensor([self.encode(text)], dtype=torch.long)
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The directory's ``tokenizer.json`` (via the ``tokenizers`` package), else the byte tokenizer."""
+    file = Path(path) / "tokenizer.json"
+    if file.is_file():
+        return _HFTokenizer(str(file))
+    from ..data.tokenizer import ByteTokenizer
+    return ByteTokenizer()
