@@ -1,0 +1,99 @@
+"""rnnlab vs Hugging Face ``transformers`` on the same weights: prefill and decode speed on CPU.
+
+For each architecture a randomly initialised ``transformers`` model is saved, loaded into rnnlab
+with :func:`rnnlab.from_hf`, checked for equal logits, and both are timed:
+
+* prefill: one forward pass over T tokens (tokens/s), for each T;
+* decode: greedy generation of N tokens after a short prompt (tokens/s), transformers with its
+  cache, rnnlab with its recurrent state.
+
+``python -m rnnlab.bench.hf [--archs mamba mamba2 llama] [--T 1024 4096] [--quick]``
+Prints a table and a final JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+
+from ..models.hf import from_hf
+
+_SIZES = {  # a small but not toy model: d_model 256, 4 layers
+    "mamba": lambda t, d, n: t.MambaConfig(vocab_size=260, hidden_size=d, state_size=16, num_hidden_layers=n),
+    "mamba2": lambda t, d, n: t.Mamba2Config(vocab_size=260, hidden_size=d, state_size=64, num_hidden_layers=n,
+                                             head_dim=64, num_heads=2 * d // 64, n_groups=1, chunk_size=256),
+    "llama": lambda t, d, n: t.LlamaConfig(vocab_size=260, hidden_size=d, intermediate_size=4 * d,
+                                           num_hidden_layers=n, num_attention_heads=d // 64),
+}
+_CLASSES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+def _time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def run(arch: str, Ts: list[int], decode_tokens: int, d_model: int, n_layers: int, repeats: int) -> list[dict]:
+    import transformers
+
+    torch.manual_seed(0)
+    hf = getattr(transformers, _CLASSES[arch])(_SIZES[arch](transformers, d_model, n_layers)).eval()
+    with tempfile.TemporaryDirectory() as d:
+        hf.save_pretrained(d)
+        ours = from_hf(d).eval()
+    x = torch.randint(0, 260, (1, max(Ts)))
+    diff = (hf(x[:, :256]).logits - ours(x[:, :256])[0]).abs().max().item()
+    rows = []
+    for T in Ts:
+        t_hf = _time(lambda: hf(x[:, :T], use_cache=False), repeats)
+        t_us = _time(lambda: ours(x[:, :T]), repeats)
+        rows.append(dict(arch=arch, what=f"prefill T={T}", transformers_tok_s=T / t_hf, rnnlab_tok_s=T / t_us,
+                         ratio=t_hf / t_us, max_logit_diff=diff))
+    prompt = x[:, :16]
+    t_hf = _time(lambda: hf.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
+                                     do_sample=False), repeats)
+    t_us = _time(lambda: ours.generate(prompt, decode_tokens, temperature=0), repeats)
+    rows.append(dict(arch=arch, what=f"decode {decode_tokens} tok", transformers_tok_s=decode_tokens / t_hf,
+                     rnnlab_tok_s=decode_tokens / t_us, ratio=t_hf / t_us, max_logit_diff=diff))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(prog="rnnlab bench hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", nargs="+", default=["mamba", "mamba2"], choices=sorted(_SIZES))
+    p.add_argument("--T", nargs="+", type=int, default=[1024, 4096], help="prefill lengths")
+    p.add_argument("--decode-tokens", type=int, default=128)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="T=256, 16 decode tokens, 1 repeat")
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args(argv)
+    if a.quick:
+        a.T, a.decode_tokens, a.repeats = [256], 16, 1
+    rows = []
+    for arch in a.archs:
+        rows += run(arch, a.T, a.decode_tokens, a.d_model, a.n_layers, a.repeats)
+    print(f"{'arch':8} {'what':18} {'transformers tok/s':>19} {'rnnlab tok/s':>13} {'rnnlab speed-up':>16} {'max |dlogit|':>13}")
+    for r in rows:
+        print(f"{r['arch']:8} {r['what']:18} {r['transformers_tok_s']:19.1f} {r['rnnlab_tok_s']:13.1f} "
+              f"{r['ratio']:15.2f}x {r['max_logit_diff']:13.2e}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=2)
+    print(json.dumps({"bench": "hf", "device": "cpu", "threads": torch.get_num_threads(), "results": rows}))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
