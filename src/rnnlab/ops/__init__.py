@@ -1,2 +1,4 @@
 """Pure tensor functions: the math of each recurrence family (reference loops and fast forms)."""
 from .attention import merge_attention, softmax_attention
+from .delta import (gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent,
+                    gated_delta_rule_step)

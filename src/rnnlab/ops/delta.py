@@ -1,0 +1,172 @@
+"""Kernel family B: the gated delta rule and its special cases (gated linear attention).
+
+Per head, with a matrix state S (K x V):
+
+    S_t = (I - b_t k_t k_t^T) Diag(g_t) S_{t-1} + b_t k_t v_t^T,      o_t = scale * S_t^T q_t
+
+``log_g`` is log(g): None (g = 1), (B, T, H) a scalar per head, or (B, T, H, K) a vector over K.
+``beta`` is b: None (no delta term: ``S_t = Diag(g_t) S_{t-1} + k_t v_t^T``) or (B, T, H); b in
+(0, 2) gives the transition ``I - b k k^T`` a negative eigenvalue for unit-norm k.
+
+Layout: q, k (B, T, H, K); v (B, T, H, V); state (B, H, K, V). All forms accumulate in float32
+(float64 stays float64) and return o in q's dtype and the final state in the accumulation dtype.
+
+Forms: :func:`gated_delta_rule_recurrent` (the definition), :func:`gated_delta_rule_chunked`
+(chunkwise parallel, UT transform), :func:`gated_delta_rule_step` (one token) and the dispatch
+:func:`gated_delta_rule` that layers call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+__all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_chunked",
+           "gated_delta_rule_step", "check_delta_args"]
+
+
+def check_delta_args(q, k, v, log_g, beta, initial_state) -> None:
+    """Raise ValueError naming the argument whose shape does not fit q (B, T, H, K)."""
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, T, H, K); got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, V) = ({B}, {T}, {H}, V), got {tuple(v.shape)}")
+    if log_g is not None and log_g.shape not in ((B, T, H), (B, T, H, K)):
+        raise ValueError(f"log_g must be None, (B, T, H) or (B, T, H, K) = ({B}, {T}, {H}, {K}); got {tuple(log_g.shape)}")
+    if beta is not None and beta.shape != (B, T, H):
+        raise ValueError(f"beta must be None or (B, T, H) = ({B}, {T}, {H}), got {tuple(beta.shape)}")
+    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
+        raise ValueError(f"initial_state must be (B, H, K, V) = ({B}, {H}, {K}, {v.shape[-1]}), "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _acc(q: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(q.dtype, torch.float32)
+
+
+def gated_delta_rule_recurrent(q, k, v, log_g=None, beta=None, scale=None, initial_state=None):
+    """The definition: a loop over time. Returns (o (B, T, H, V), final_state (B, H, K, V))."""
+    check_delta_args(q, k, v, log_g, beta, initial_state)
+    B, T, H, K = q.shape
+    acc = _acc(q)
+    scale = K ** -0.5 if scale is None else scale
+    S = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
+    outs = []
+    for t in range(T):
+        S, o = _step(q[:, t].to(acc), k[:, t].to(acc), v[:, t].to(acc),
+                     None if log_g is None else log_g[:, t].to(acc),
+                     None if beta is None else beta[:, t].to(acc), scale, S)
+        outs.append(o)
+    return torch.stack(outs, dim=1).to(q.dtype), S  # (B, T, H, V)
+
+
+def _step(q, k, v, log_g, beta, scale, S):
+    """One token: q, k (B, H, K), v (B, H, V), log_g (B, H) | (B, H, K), beta (B, H), S (B, H, K, V)."""
+    if log_g is not None:  # 1. decay
+        S = S * (log_g.exp()[..., None, None] if log_g.dim() == 2 else log_g.exp()[..., None])
+    if beta is None:  # 2. write
+        S = S + k[..., :, None] * v[..., None, :]
+    else:  # delta rule: replace the value stored under k by v, with strength beta
+        err = v - torch.einsum("bhk,bhkv->bhv", k, S)  # (B, H, V)
+        S = S + beta[..., None, None] * k[..., :, None] * err[..., None, :]
+    return S, scale * torch.einsum("bhk,bhkv->bhv", q, S)  # 3. read
+
+
+def gated_delta_rule_step(q, k, v, log_g=None, beta=None, scale=None, state=None):
+    """One token for decoding: q, k (B, H, K), v (B, H, V), log_g (B, H) | (B, H, K), beta (B, H),
+    state (B, H, K, V) or None. Returns (o (B, H, V), new_state)."""
+    acc = _acc(q)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    S = q.new_zeros(*q.shape, v.shape[-1], dtype=acc) if state is None else state.to(acc)
+    S, o = _step(q.to(acc), k.to(acc), v.to(acc), None if log_g is None else log_g.to(acc),
+                 None if beta is None else beta.to(acc), scale, S)
+    return o.to(q.dtype), S
+
+
+def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=64):
+    """Chunkwise-parallel form (same arguments and results as the reference).
+
+    Within a chunk of C tokens, with cumulative log-decays ``c_t`` from the chunk start and the
+    state ``S_0`` before it, the state in decay-normalised coordinates grows by rank-one terms
+    ``k_s^- u_s^T`` where the pseudo-values U solve the unit lower-triangular system
+    ``(I + diag(b) A_kk) U = diag(b) (V - K^+ S_0)`` (the UT transform; ``U = V`` without the delta
+    term). It is linear in ``S_0``, so ``U = U_v - W S_0`` is precomputed for all chunks in parallel
+    and only four small products per chunk remain sequential. Every decay factor is an
+    ``exp`` of a non-positive difference of cumulative log-decays, masked before ``exp``.
+    """
+    check_delta_args(q, k, v, log_g, beta, initial_state)
+    B, T, H, K = q.shape
+    V, acc = v.shape[-1], _acc(q)
+    scale = K ** -0.5 if scale is None else scale
+    vector = log_g is not None and log_g.dim() == 4
+    C = chunk_size
+    N = -(-T // C)
+    pad = N * C - T
+
+    def chunks(x, fill=0.0):  # (B, T, H, ...) -> (B, H, N, C, ...)
+        x = x.to(acc)
+        if pad:
+            x = F.pad(x, [0, 0] * (x.dim() - 3) + [0, 0, 0, pad], value=fill)
+        return rearrange(x, "b (n c) h ... -> b h n c ...", c=C)
+
+    qc, kc, vc = chunks(q), chunks(k), chunks(v)  # (B, H, N, C, K|V)
+    # 1. cumulative log-decays within each chunk (zero for padding: g = 1)
+    if log_g is None:
+        cum = qc.new_zeros(B, H, N, C, 1)
+    else:
+        cum = chunks(log_g if vector else log_g[..., None]).cumsum(dim=3)  # (B, H, N, C, K|1)
+    tri_incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
+    tri_strict = tri_incl.tril(-1)  # s < t
+    # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
+    if vector:
+        diff = cum[..., :, None, :] - cum[..., None, :, :]  # (B, H, N, C, C, K)
+        decay = torch.exp(diff.masked_fill(~tri_incl[..., None], float("-inf")))
+        A_qk = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", qc, kc, decay)
+        A_kk = torch.einsum("bhntk,bhnsk,bhntsk->bhnts", kc, kc, decay)
+    else:
+        diff = cum[..., :, None, 0] - cum[..., None, :, 0]  # (B, H, N, C, C)
+        decay = torch.exp(diff.masked_fill(~tri_incl, float("-inf")))
+        A_qk = (qc @ kc.transpose(-1, -2)) * decay
+        A_kk = (kc @ kc.transpose(-1, -2)) * decay
+    A_qk = A_qk * tri_incl
+    q_plus = qc * cum.exp()  # (B, H, N, C, K): q_t decayed from the chunk start
+    k_plus = kc * cum.exp()
+    k_end = kc * (cum[..., -1:, :] - cum).exp()  # k_s decayed to the chunk end
+    g_end = cum[..., -1, :].exp()  # (B, H, N, K|1): decay over the whole chunk
+    # 3. UT transform: U = U_v - W S_0
+    if beta is None:
+        U_v, W = vc, None
+    else:
+        b = chunks(beta)[..., None]  # (B, H, N, C, 1)
+        L = torch.eye(C, dtype=acc, device=q.device) + b * (A_kk * tri_strict)  # (B, H, N, C, C)
+        UW = torch.linalg.solve_triangular(L, b * torch.cat([vc, k_plus], dim=-1), upper=False,
+                                           unitriangular=True)  # (B, H, N, C, V+K): one solve for both
+        U_v, W = UW[..., :V], UW[..., V:]
+    # 4. pass the state across chunks
+    S = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc)
+    outs = []
+    per_chunk = zip(U_v.unbind(2), (W.unbind(2) if W is not None else [None] * N), q_plus.unbind(2),
+                    A_qk.unbind(2), g_end.unbind(2), k_end.transpose(-1, -2).unbind(2))  # unbind: cheap backward
+    for U, W_n, qp, A, g, ke in per_chunk:
+        if W_n is not None:
+            U = U - W_n @ S  # (B, H, C, V)
+        outs.append(qp @ S + A @ U)  # (B, H, C, V)
+        S = g[..., None] * S + ke @ U  # (B, H, K, V)
+    o = scale * rearrange(torch.stack(outs, dim=2), "b h n c v -> b (n c) h v")[:, :T]  # (B, T, H, V)
+    return o.to(q.dtype), S
+
+
+def gated_delta_rule(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=64):
+    """The gated delta rule; picks the fastest exact form (layers call this). See module docstring.
+
+    Returns (o (B, T, H, V) in q's dtype, final_state (B, H, K, V) in float32/float64).
+    """
+    check_delta_args(q, k, v, log_g, beta, initial_state)
+    if q.shape[1] == 1:
+        o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
+                                     None if beta is None else beta[:, 0], scale, initial_state)
+        return o[:, None], S
+    if log_g is not None and log_g.dim() == 4:
+        chunk_size = min(chunk_size, 16)  # the vector-decay tensor is (C, C, K) per chunk
+    return gated_delta_rule_chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size)

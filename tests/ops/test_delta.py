@@ -1,0 +1,125 @@
+"""Family B: the chunked gated delta rule equals its reference loop (float64, random states)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rnnlab.ops import (gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent,
+                        gated_delta_rule_step)
+
+
+def make(B=2, T=37, H=3, K=5, V=4, gate=None, beta=None, dtype=torch.float64, seed=0, k_norm=1.0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
+    q, v = r(B, T, H, K), r(B, T, H, V)
+    k = F.normalize(r(B, T, H, K), dim=-1) * k_norm
+    log_g = {None: None, "scalar": F.logsigmoid(r(B, T, H) + 2), "vector": F.logsigmoid(r(B, T, H, K) + 2)}[gate]
+    b = None if beta is None else beta * torch.rand(B, T, H, generator=g, dtype=dtype)
+    S0 = r(B, H, K, V)
+    return q, k, v, log_g, b, S0
+
+
+def _grads(fn, args, cot_o, cot_s):
+    args = [None if a is None else a.detach().requires_grad_() for a in args]
+    o, S = fn(*args)
+    torch.autograd.backward([o, S], [cot_o, cot_s])
+    return o, S, [None if a is None else a.grad for a in args]
+
+
+GATES = [None, "scalar", "vector"]
+BETAS = [None, 1.0, 2.0]
+
+
+@pytest.mark.parametrize("gate", GATES)
+@pytest.mark.parametrize("beta", BETAS)
+@pytest.mark.parametrize("T", [1, 16, 37])
+def test_chunked_equals_reference_with_gradients(gate, beta, T):
+    q, k, v, log_g, b, S0 = make(T=T, gate=gate, beta=beta)
+    cot_o, cot_s = torch.randn(2, T, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    args = [q, k, v, log_g, b]
+    ref = lambda q, k, v, g, b, s: gated_delta_rule_recurrent(q, k, v, g, b, None, s)  # noqa: E731
+    fast = lambda q, k, v, g, b, s: gated_delta_rule_chunked(q, k, v, g, b, None, s, chunk_size=8)  # noqa: E731
+    o1, S1, g1 = _grads(ref, args + [S0], cot_o, cot_s)
+    o2, S2, g2 = _grads(fast, args + [S0], cot_o, cot_s)
+    torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(S2, S1, atol=1e-10, rtol=1e-10)
+    for name, a, b_ in zip(["q", "k", "v", "log_g", "beta", "initial_state"], g1, g2):
+        if a is not None:
+            torch.testing.assert_close(b_, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_gradcheck_tiny(gate):
+    q, k, v, log_g, b, S0 = make(B=1, T=5, H=1, K=3, V=2, gate=gate, beta=1.5)
+    args = [t.requires_grad_() for t in (q, k, v, b, S0)] + ([] if log_g is None else [log_g.requires_grad_()])
+    def f(q, k, v, b, S0, *lg):
+        return gated_delta_rule_chunked(q, k, v, lg[0] if lg else None, b, None, S0, chunk_size=2)
+    assert torch.autograd.gradcheck(f, args)
+
+
+@pytest.mark.parametrize("gate", GATES)
+def test_chunk_size_and_splitting_do_not_change_the_result(gate):
+    q, k, v, log_g, b, S0 = make(T=50, gate=gate, beta=1.0)
+    o, S = gated_delta_rule(q, k, v, log_g, b, None, S0)
+    for C in (1, 3, 16, 64, 128):
+        o2, S2 = gated_delta_rule_chunked(q, k, v, log_g, b, None, S0, chunk_size=C)
+        torch.testing.assert_close(o2, o)
+        torch.testing.assert_close(S2, S)
+    cut = 19
+    sl = lambda x, a, z: None if x is None else x[:, a:z]  # noqa: E731
+    oa, Sa = gated_delta_rule(q[:, :cut], k[:, :cut], v[:, :cut], sl(log_g, 0, cut), sl(b, 0, cut), None, S0)
+    ob, Sb = gated_delta_rule(q[:, cut:], k[:, cut:], v[:, cut:], sl(log_g, cut, None), sl(b, cut, None), None, Sa)
+    torch.testing.assert_close(torch.cat([oa, ob], 1), o)
+    torch.testing.assert_close(Sb, S)
+
+
+def test_step_equals_one_token_of_the_reference():
+    q, k, v, log_g, b, S0 = make(T=1, gate="vector", beta=2.0)
+    o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], log_g[:, 0], b[:, 0], None, S0)
+    o_ref, S_ref = gated_delta_rule_recurrent(q, k, v, log_g, b, None, S0)
+    torch.testing.assert_close(o, o_ref[:, 0])
+    torch.testing.assert_close(S, S_ref)
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+@pytest.mark.parametrize("extreme", ["decay_zero", "decay_one", "beta_zero", "beta_two", "large_k"])
+def test_extremes_are_finite_and_exact(gate, extreme):
+    q, k, v, log_g, b, S0 = make(T=70, gate=gate, beta=1.0, seed=3)
+    if extreme == "decay_zero":
+        log_g = torch.full_like(log_g, -30.0)
+    elif extreme == "decay_one":
+        log_g = torch.full_like(log_g, -1e-6)
+    elif extreme == "beta_zero":
+        b = torch.full_like(b, 1e-6)
+    elif extreme == "beta_two":
+        b = torch.full_like(b, 2.0 - 1e-6)
+    else:  # large |k| without the delta term (with it, |k|^2 beta must stay < 2 for stability)
+        q, k, v, log_g, _, S0 = make(T=70, gate=gate, beta=None, seed=3, k_norm=10.0)
+        b = None
+    o, S = gated_delta_rule(q, k, v, log_g, b, None, S0)
+    o_ref, S_ref = gated_delta_rule_recurrent(q, k, v, log_g, b, None, S0)
+    assert torch.isfinite(o).all() and torch.isfinite(S).all()
+    torch.testing.assert_close(o, o_ref, atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(S, S_ref, atol=1e-8, rtol=1e-8)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_low_precision_inputs_stay_close(dtype, tol):
+    q, k, v, log_g, b, S0 = make(T=100, gate="scalar", beta=1.0)
+    o_ref, S_ref = gated_delta_rule_recurrent(q, k, v, log_g, b, None, S0)
+    cast = [x.to(dtype) for x in (q, k, v, log_g, b)]
+    o, S = gated_delta_rule(*cast, None, S0.float())
+    assert o.dtype == dtype and S.dtype == torch.float32
+    rel = (o.double() - o_ref).norm() / o_ref.norm()
+    assert rel < tol, f"{dtype}: relative error {rel:.2e}"
+
+
+def test_bad_shapes_name_the_argument():
+    q, k, v, log_g, b, S0 = make(gate="scalar", beta=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        gated_delta_rule(q, k, v, log_g, b[..., :1], None, S0)
+    with pytest.raises(ValueError, match="log_g"):
+        gated_delta_rule(q, k, v, log_g[:, :, :1], b, None, S0)
+    with pytest.raises(ValueError, match="initial_state"):
+        gated_delta_rule(q, k, v, log_g, b, None, S0[:1])
+    with pytest.raises(ValueError, match="v must"):
+        gated_delta_rule(q, k, v[:, :3], log_g, b, None, S0)
