@@ -17,16 +17,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * self.weight.to(acc)).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):
     """``RMSNorm(x) * silu(z)`` (Mamba-2 / Gated DeltaNet output norm), over the last dimension."""
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x) * F.silu(z.float()).to(x.dtype)
+        return super().forward(x) * F.silu(z.to(torch.promote_types(z.dtype, torch.float32))).to(x.dtype)
 
 
 class ShortConv(nn.Module):

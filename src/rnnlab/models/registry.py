@@ -11,6 +11,7 @@ from typing import Any
 
 from ..layers.attention import Attention, AttentionConfig, SWAConfig
 from ..layers.base import Mixer, MixerConfig
+from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 
 __all__ = ["MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config"]
 
@@ -52,6 +53,16 @@ _register(MixerSpec(
 # -- linear attention family: linear_attention, retnet, gla, hgrn2 -----------------------------------
 
 # -- delta-rule family: deltanet, gated_deltanet, longhorn ------------------------------------------
+_register(MixerSpec(
+    "deltanet", DeltaNet, DeltaNetConfig,
+    "linear attention edited by the delta rule; L2-normed q/k, short convs; option negative eigenvalues",
+    "Schlag et al. 2021; Yang et al. 2024", "H·K·V + (W-1)·H·(2K+V) floats",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "gated_deltanet", GatedDeltaNet, GatedDeltaNetConfig,
+    "delta rule with a Mamba-2 style scalar decay per head, gated RMSNorm output",
+    "Yang et al. 2024 (Gated DeltaNet)", "H·K·V + (W-1)·H·(2K+V) floats",
+    tiny=dict(num_heads=2)))
 
 # -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
 
