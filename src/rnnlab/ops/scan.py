@@ -1,0 +1,123 @@
+"""Kernel family A: the elementwise linear recurrence ``h_t = a_t * h_{t-1} + b_t`` along dim 1.
+
+a, b (B, T, ...) of the same shape, real or complex (a may be real with b complex); the state h
+(B, ...). Forms: :func:`linear_scan_recurrent` (the definition), :func:`linear_scan_chunked`
+(parallel: a Hillis–Steele scan inside chunks — only products and sums, so zero, negative and
+complex ``a`` need no logarithms — and a short carry pass across chunks), :func:`linear_scan_step`
+(one token) and the dispatch :func:`linear_scan`. The chunked form has its own backward: the
+gradient of a linear scan is the same scan run in reverse, so no intermediate is stored but h.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_step"]
+
+
+def _check(a, b, initial_state):
+    if a.shape != b.shape:
+        raise ValueError(f"a and b must have the same shape (B, T, ...), got a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if a.dim() < 2:
+        raise ValueError(f"a and b must be at least (B, T), got {tuple(a.shape)}")
+    if initial_state is not None and initial_state.shape != a.shape[:1] + a.shape[2:]:
+        raise ValueError(f"initial_state must be (B, ...) = {tuple(a.shape[:1] + a.shape[2:])}, "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _acc(*xs) -> torch.dtype:
+    dt = torch.float32
+    for x in xs:
+        if x is not None:
+            dt = torch.promote_types(dt, x.dtype)
+    return dt
+
+
+def linear_scan_recurrent(a, b, initial_state=None):
+    """The definition: a loop over time. Returns (h (B, T, ...), h_last (B, ...))."""
+    _check(a, b, initial_state)
+    acc = _acc(a, b, initial_state)
+    h = torch.zeros_like(b[:, 0], dtype=acc) if initial_state is None else initial_state.to(acc)
+    hs = []
+    for t in range(a.shape[1]):
+        h = a[:, t].to(acc) * h + b[:, t].to(acc)
+        hs.append(h)
+    return torch.stack(hs, dim=1), h
+
+
+def linear_scan_step(a, b, state=None):
+    """One token: a, b, state (B, ...) -> h (B, ...)."""
+    return b if state is None else a * state + b
+
+
+def _scan_core(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """h for all t (no autograd): Hillis–Steele within chunks, then carry across chunks."""
+    B, T = a.shape[:2]
+    rest = a.shape[2:]
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:  # padding with a = 1, b = 0 leaves the carry unchanged
+        a = torch.cat([a, torch.ones(B, pad, *rest, dtype=a.dtype, device=a.device)], dim=1)
+        b = torch.cat([b, torch.zeros(B, pad, *rest, dtype=b.dtype, device=b.device)], dim=1)
+    A = a.reshape(B, N, C, *rest).clone()  # (B, N, C, ...) running products
+    H = b.reshape(B, N, C, *rest).clone()  # (B, N, C, ...) running sums (h with h_0 = 0)
+    # 1. inclusive scan within each chunk: log2(C) steps of (A, H) <- (A_s A_{s-d}, A_s H_{s-d} + H_s)
+    d = 1
+    while d < C:
+        H[:, :, d:] = A[:, :, d:] * H[:, :, :-d] + H[:, :, d:]
+        A[:, :, d:] = A[:, :, d:] * A[:, :, :-d]
+        d *= 2
+    # 2. carry the state across chunks (N sequential steps on (B, ...) tensors)
+    carry = [h0]
+    for n in range(N - 1):
+        carry.append(A[:, n, -1] * carry[-1] + H[:, n, -1])
+    carry = torch.stack(carry, dim=1)  # (B, N, ...) state entering each chunk
+    h = A * carry.unsqueeze(2) + H  # (B, N, C, ...)
+    return h.reshape(B, N * C, *rest)[:, :T]
+
+
+class _LinearScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, h0, chunk_size):
+        h = _scan_core(a, b, h0, chunk_size)
+        ctx.save_for_backward(a, h, h0)
+        ctx.chunk_size = chunk_size
+        return h
+
+    @staticmethod
+    def backward(ctx, gh):
+        a, h, h0 = ctx.saved_tensors
+        # dL/db_t = gh_t + conj(a_{t+1}) dL/db_{t+1}: the same scan, reversed in time
+        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj()
+        gb = _scan_core(a_next.flip(1), gh.flip(1).to(h.dtype), torch.zeros_like(h0), ctx.chunk_size).flip(1)
+        h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
+        ga = gb * h_prev.conj()
+        if not a.is_complex() and ga.is_complex():
+            ga = ga.real
+        gh0 = gb[:, 0] * a[:, 0].conj()
+        return ga, gb, gh0, None
+
+
+def linear_scan_chunked(a, b, initial_state=None, chunk_size=64):
+    """Parallel form (same results as the reference). Returns (h (B, T, ...), h_last (B, ...))."""
+    _check(a, b, initial_state)
+    acc = _acc(a, b, initial_state)
+    h0 = torch.zeros_like(b[:, 0], dtype=acc) if initial_state is None else initial_state.to(acc)
+    a_acc = a.to(torch.promote_types(a.dtype, torch.float32))
+    h = _LinearScan.apply(a_acc, b.to(acc), h0, chunk_size)
+    return h, h[:, -1]
+
+
+def linear_scan(a, b, initial_state=None):
+    """``h_t = a_t * h_{t-1} + b_t`` along dim 1 — the form layers call.
+
+    a, b: (B, T, ...) real or complex; initial_state: (B, ...) or None (zeros).
+    Returns (h (B, T, ...) in float32/float64/complex, h_last (B, ...)).
+    """
+    _check(a, b, initial_state)
+    if a.shape[1] == 1:
+        acc = _acc(a, b, initial_state)
+        h = linear_scan_step(a[:, 0].to(acc), b[:, 0].to(acc), None if initial_state is None else initial_state.to(acc))
+        return h.unsqueeze(1), h
+    return linear_scan_chunked(a, b, initial_state)
