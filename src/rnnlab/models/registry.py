@@ -11,6 +11,8 @@ from typing import Any
 
 from ..layers.attention import Attention, AttentionConfig, SWAConfig
 from ..layers.base import Mixer, MixerConfig
+from ..layers.aaren import Aaren, AarenConfig
+from ..layers.minrnn import MinGRU, MinGRUConfig, MinLSTM, MinLSTMConfig
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 
 __all__ = ["MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config"]
@@ -69,6 +71,21 @@ _register(MixerSpec(
 # -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
 
 # -- nonlinear and minimal RNNs: mingru, minlstm, lstm, gru, slstm, aaren ---------------------------
+_register(MixerSpec(
+    "mingru", MinGRU, MinGRUConfig,
+    "minGRU: GRU with input-only gates, h = (1-z)h + z g(W x); coefficients from their logs, linear scan",
+    "Feng et al. 2024 (Were RNNs all we needed?)", "E floats (E = expand·D)",
+    tiny=dict()))
+_register(MixerSpec(
+    "minlstm", MinLSTM, MinLSTMConfig,
+    "minLSTM: input-only normalised forget/input gates, h = f'h + i' g(W x); coefficients from their logs, linear scan",
+    "Feng et al. 2024 (Were RNNs all we needed?)", "E floats (E = expand·D)",
+    tiny=dict()))
+_register(MixerSpec(
+    "aaren", Aaren, AarenConfig,
+    "Aaren: attention of a learned query per head over the prefix, as a scan with a running max",
+    "Feng et al. 2024 (Attention as an RNN)", "H·(K+2) floats (max, denominator, numerator)",
+    tiny=dict(num_heads=2)))
 
 
 def mixers() -> list[str]:
