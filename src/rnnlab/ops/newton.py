@@ -1,0 +1,153 @@
+"""Kernel family D: nonlinear recurrences ``h_t = f(h_{t-1}, x_t)``, sequential and Newton-parallel.
+
+Cell convention: ``cell(h, x) -> h_new`` works for any leading dimensions, with the state
+``h (..., S)`` and the input ``x (..., *)``; every index before the last of h is an independent
+block (for instance heads), so the Jacobian ``df/dh`` is block-diagonal with dense S x S blocks
+(S = 1: a diagonal recurrence as in ParaRNN's diagonal variants). Parameters live in the cell's
+closure (e.g. a module's weights); gradients reach them through autograd.
+
+* :func:`rnn_sequential` — the definition, a loop over time.
+* :func:`rnn_newton` — DEER / ParaRNN (Lim et al. 2024; Danieli et al. 2025): Newton's method on
+  the whole trajectory. Each iteration linearises f around the current guess and solves the linear
+  recurrence ``h_t = J_t h_{t-1} + (f_t - J_t h^k_{t-1})`` with a parallel scan (family A for
+  S = 1, a small-matrix scan otherwise). The backward pass solves the adjoint recurrence
+  ``l_t = g_t + J_{t+1}^T l_{t+1}`` in reverse with the same scan and sends ``l`` through one
+  vector-Jacobian product of the cell — it never differentiates through the iterations.
+* :func:`newton_solve` — the iterations alone (no autograd), with a :class:`NewtonInfo` report.
+
+Shapes: x (B, T, ...), initial_state (B, ..., S); h (B, T, ..., S).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from .scan import linear_scan
+
+__all__ = ["rnn_sequential", "rnn_newton", "newton_solve", "NewtonInfo", "matrix_scan"]
+
+Cell = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class NewtonInfo:
+    """How a Newton solve ended."""
+
+    iterations: int  # Newton iterations run
+    residual: float  # max |h_t - f(h_{t-1}, x_t)| over the trajectory at the end
+    converged: bool  # residual <= tol
+
+
+def rnn_sequential(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition: ``h_t = cell(h_{t-1}, x_t)`` in a loop. Returns (h (B, T, ..., S), h_last)."""
+    h, hs = initial_state, []
+    for t in range(x.shape[1]):
+        h = cell(h, x[:, t])
+        hs.append(h)
+    return torch.stack(hs, dim=1), h
+
+
+def _jacobians(cell: Cell, h_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Blocks ``J[..., i, j] = d f_i / d h_j`` at every step: (B, T, ..., S, S), by S forward-mode
+    products (one per column, all blocks at once)."""
+    S = h_prev.shape[-1]
+    eye = torch.eye(S, dtype=h_prev.dtype, device=h_prev.device)
+    f = lambda h: cell(h, x)  # noqa: E731
+    column = lambda e: torch.func.jvp(f, (h_prev,), (e.expand_as(h_prev),))[1]  # noqa: E731
+    return torch.func.vmap(column)(eye).movedim(0, -1)  # (B, T, ..., S, S)
+
+
+def matrix_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
+    """``h_t = J_t h_{t-1} + r_t``: J (B, T, ..., S, S), r (B, T, ..., S), h0 (B, ..., S) -> h (B, T, ..., S).
+
+    A Hillis–Steele scan of (matrix, vector) pairs inside chunks, then a carry pass across chunks;
+    S = 1 goes to the elementwise scan of family A.
+    """
+    if J.shape[-1] == 1:
+        return linear_scan(J[..., 0], r, h0)[0]
+    B, T = r.shape[:2]
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    if pad:  # identity steps leave the carry unchanged
+        eye = torch.eye(J.shape[-1], dtype=J.dtype, device=J.device).expand(B, pad, *J.shape[2:])
+        J = torch.cat([J, eye], dim=1)
+        r = torch.cat([r, r.new_zeros(B, pad, *r.shape[2:])], dim=1)
+    A = J.reshape(B, N, C, *J.shape[2:]).clone()  # (B, N, C, ..., S, S) running products
+    H = r.reshape(B, N, C, *r.shape[2:]).clone()  # (B, N, C, ..., S) running sums
+    d = 1
+    while d < C:  # 1. within chunks: (A, H)_t <- (A_t A_{t-d}, A_t H_{t-d} + H_t)
+        H[:, :, d:] = (A[:, :, d:] @ H[:, :, :-d].unsqueeze(-1)).squeeze(-1) + H[:, :, d:]
+        A[:, :, d:] = A[:, :, d:] @ A[:, :, :-d]
+        d *= 2
+    carry = [h0]  # 2. across chunks
+    for n in range(N - 1):
+        carry.append((A[:, n, -1] @ carry[-1].unsqueeze(-1)).squeeze(-1) + H[:, n, -1])
+    carry = torch.stack(carry, dim=1).unsqueeze(2)  # (B, N, 1, ..., S)
+    h = (A @ carry.unsqueeze(-1)).squeeze(-1) + H  # (B, N, C, ..., S)
+    return h.reshape(B, N * C, *h.shape[3:])[:, :T]
+
+
+def _shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)  # h_{t-1} for every t
+
+
+@torch.no_grad()
+def newton_solve(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: float | None = None,
+                 max_iters: int = 100) -> tuple[torch.Tensor, NewtonInfo]:
+    """Newton iterations from the guess ``h = h0`` at every step until ``max |h - f(h_prev)| <=
+    tol`` (default: 1e-12 in float64, 1e-5 in float32 and below). Exact after at most T iterations."""
+    h0 = initial_state
+    tol = (1e-12 if h0.dtype == torch.float64 else 1e-5) if tol is None else tol
+    h = h0.unsqueeze(1).expand(-1, x.shape[1], *h0.shape[1:]).clone()  # (B, T, ..., S)
+    res = float("inf")
+    for it in range(max_iters + 1):
+        h_prev = _shift(h, h0)
+        f = cell(h_prev, x)
+        res = (f - h).abs().max().item()
+        if res <= tol or it == max_iters:
+            break
+        J = _jacobians(cell, h_prev, x)
+        r = f - (J @ h_prev.unsqueeze(-1)).squeeze(-1)
+        h = matrix_scan(J, r, h0)
+        if not torch.isfinite(h).all():
+            raise FloatingPointError(f"Newton iteration {it + 1} diverged (non-finite states)")
+    return h, NewtonInfo(iterations=it, residual=res, converged=res <= tol)
+
+
+class _Adjoint(torch.autograd.Function):
+    """Identity forward; backward replaces the output gradient g by the adjoint l, with
+    ``l_t = g_t + J_{t+1}^T l_{t+1}`` solved in reverse by the same scan."""
+
+    @staticmethod
+    def forward(ctx, out, J):
+        ctx.save_for_backward(J)
+        return out.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        (J,) = ctx.saved_tensors
+        Jt_next = torch.cat([J[:, 1:], torch.zeros_like(J[:, :1])], dim=1).transpose(-1, -2)  # J_{t+1}^T
+        lam = matrix_scan(Jt_next.flip(1), g.flip(1), torch.zeros_like(g[:, 0])).flip(1)
+        return lam, None
+
+
+def rnn_newton(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: float | None = None,
+               max_iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Newton-parallel form of :func:`rnn_sequential` (same results to the tolerance).
+
+    The converged trajectory is re-evaluated once with autograd on (``f(h*_{t-1}, x_t)``, with
+    ``h_0`` attached), and the adjoint recurrence is used as its output gradient, so gradients
+    reach x, the initial state and the cell's parameters at the cost of one reverse scan.
+    Returns (h (B, T, ..., S), h_last (B, ..., S)).
+    """
+    h, _ = newton_solve(cell, x.detach(), initial_state.detach(), tol, max_iters)
+    h_prev = torch.cat([initial_state.unsqueeze(1), h[:, :-1]], dim=1)  # h0 keeps its graph
+    out = cell(h_prev, x)
+    if torch.is_grad_enabled() and out.requires_grad:
+        with torch.no_grad():
+            J = _jacobians(cell, h_prev.detach(), x.detach())
+        out = _Adjoint.apply(out, J)
+    return out, out[:, -1]
