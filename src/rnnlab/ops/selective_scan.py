@@ -1,0 +1,114 @@
+"""Mamba-1's selective scan (S6), on family A, one time-chunk at a time.
+
+Per channel d and state index n:
+    h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] u_t[d],
+    y_t[d]    = sum_n C_t[n] h_t[d, n] + D[d] u_t[d],   then y_t *= silu(z_t) if z is given.
+With ``neg_eigval=True`` the decay is ``2 exp(dt A) - 1`` in (-1, 1) (Grazzi et al. 2024).
+
+Shapes: u, dt, z (B, T, D); A (D, N); B, C (B, T, N) or (B, T, G, N) with G groups dividing D;
+D (D,); state h (B, D, N). The (B, T, D, N) tensors exist for one time-chunk at a time (and are
+recomputed in the backward pass), never for the whole sequence.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .scan import linear_scan
+
+__all__ = ["selective_scan", "selective_scan_recurrent", "selective_scan_step"]
+
+
+def _check(u, dt, A, B, C, D, z, initial_state):
+    Bsz, T, Dm = u.shape
+    if dt.shape != u.shape:
+        raise ValueError(f"dt must have u's shape (B, T, D) = {tuple(u.shape)}, got {tuple(dt.shape)}")
+    if A.dim() != 2 or A.shape[0] != Dm:
+        raise ValueError(f"A must be (D, N) with D = {Dm}, got {tuple(A.shape)}")
+    N = A.shape[1]
+    for name, X in (("B", B), ("C", C)):
+        ok = X.shape == (Bsz, T, N) or (X.dim() == 4 and X.shape[:2] == (Bsz, T) and X.shape[3] == N
+                                         and Dm % X.shape[2] == 0)
+        if not ok:
+            raise ValueError(f"{name} must be (B, T, N) or (B, T, G, N) with G dividing D; got {tuple(X.shape)}")
+    if D is not None and D.shape != (Dm,):
+        raise ValueError(f"D must be ({Dm},), got {tuple(D.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    if initial_state is not None and initial_state.shape != (Bsz, Dm, N):
+        raise ValueError(f"initial_state must be (B, D, N) = ({Bsz}, {Dm}, {N}), got {tuple(initial_state.shape)}")
+
+
+def _per_channel(X: torch.Tensor, Dm: int) -> torch.Tensor:
+    """B or C as (B, T, D, N): shared by all channels, or by the channels of each group."""
+    if X.dim() == 3:
+        return X.unsqueeze(2)  # (B, T, 1, N) broadcasts over D
+    return X.repeat_interleave(Dm // X.shape[2], dim=2)  # (B, T, D, N)
+
+
+def _decay(dt, A, neg_eigval):
+    a = torch.exp(dt.unsqueeze(-1) * A)  # (B, T, D, N)
+    return 2 * a - 1 if neg_eigval else a
+
+
+def _finish(y, u, D, z):
+    if D is not None:
+        y = y + D * u
+    if z is not None:
+        y = y * F.silu(z)
+    return y
+
+
+def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False):
+    """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N))."""
+    _check(u, dt, A, B, C, D, z, initial_state)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    u, dt, A, B, C = (t.to(acc) for t in (u, dt, A, B, C))
+    Bc, Cc = _per_channel(B, u.shape[2]), _per_channel(C, u.shape[2])
+    h = u.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
+    ys = []
+    for t in range(u.shape[1]):
+        h = _decay(dt[:, t], A, neg_eigval) * h + (dt[:, t] * u[:, t]).unsqueeze(-1) * Bc[:, t]  # (B, D, N)
+        ys.append((h * Cc[:, t]).sum(-1))  # (B, D)
+    y = _finish(torch.stack(ys, dim=1), u, None if D is None else D.to(acc), None if z is None else z.to(acc))
+    return y, h
+
+
+def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=False):
+    """One token: u, dt, z (B, D); B, C (B, N) or (B, G, N); state (B, D, N). Returns (y (B, D), state)."""
+    y, h = selective_scan_recurrent(u[:, None], dt[:, None], A, B[:, None], C[:, None], D,
+                                    None if z is None else z[:, None], state, neg_eigval)
+    return y[:, 0], h
+
+
+def _chunk(u, dt, A, B, C, h, neg_eigval):
+    """One time-chunk on family A: (B, Tc, D), ... , h (B, D, N) -> y without D/z (B, Tc, D), h."""
+    a = _decay(dt, A, neg_eigval)  # (B, Tc, D, N)
+    b = (dt * u).unsqueeze(-1) * _per_channel(B, u.shape[2])  # (B, Tc, D, N)
+    hs, h_last = linear_scan(a, b, h)
+    return (hs * _per_channel(C, u.shape[2])).sum(-1), h_last  # (B, Tc, D)
+
+
+def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=256):
+    """The selective scan; same arguments and results as :func:`selective_scan_recurrent`.
+
+    Time is cut into chunks of ``chunk_size``; each chunk is a parallel linear scan, the state is
+    passed from chunk to chunk, and with autograd on each chunk is recomputed in the backward pass
+    (activation checkpointing), so memory is O(B·chunk·D·N) rather than O(B·T·D·N).
+    """
+    _check(u, dt, A, B, C, D, z, initial_state)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    u_, dt_, A_, B_, C_ = (t.to(acc) for t in (u, dt, A, B, C))
+    h = u_.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
+    ys = []
+    for t0 in range(0, u.shape[1], chunk_size):
+        args = (u_[:, t0:t0 + chunk_size], dt_[:, t0:t0 + chunk_size], A_, B_[:, t0:t0 + chunk_size],
+                C_[:, t0:t0 + chunk_size], h)
+        if torch.is_grad_enabled() and u.shape[1] > chunk_size:
+            y, h = checkpoint(_chunk, *args, neg_eigval, use_reentrant=False)
+        else:
+            y, h = _chunk(*args, neg_eigval)
+        ys.append(y)
+    y = _finish(torch.cat(ys, dim=1), u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
+    return y, h
