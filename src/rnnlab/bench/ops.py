@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops
 
-FAMILIES = ("delta", "gla", "scan", "selective_scan")
+FAMILIES = ("delta", "gla", "mlstm", "scan", "selective_scan")
 
 
 def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
@@ -31,6 +31,9 @@ def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
     if family == "gla":  # GLA's case: vector decay over K, no delta term
         return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K),
                     log_g=F.logsigmoid(r(B, T, H, K) + 4) / 16)
+    if family == "mlstm":  # xLSTM's mLSTM: exponential input gate, sigmoid forget gate
+        return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K), log_f=F.logsigmoid(r(B, T, H) + 3),
+                    log_i=r(B, T, H))
     if family == "scan":  # an LRU / minGRU-sized elementwise scan: (B, T, H·K) channels
         return dict(a=torch.rand(B, T, H * K, generator=g), b=r(B, T, H * K))
     if family == "selective_scan":  # Mamba-1 with D = H·K channels and N = 16
@@ -43,6 +46,7 @@ def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
 _FORMS = {
     "delta": (ops.gated_delta_rule_recurrent, ops.gated_delta_rule),
     "gla": (ops.gated_delta_rule_recurrent, ops.gated_delta_rule),
+    "mlstm": (ops.mlstm_recurrent, ops.mlstm),
     "scan": (ops.linear_scan_recurrent, ops.linear_scan),
     "selective_scan": (ops.selective_scan_recurrent, ops.selective_scan),
 }

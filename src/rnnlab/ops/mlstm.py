@@ -1,0 +1,138 @@
+"""xLSTM's mLSTM (Beck et al. 2024): a matrix memory with exponential input gates, stabilised.
+
+Per head, with log-gates ``log_f`` (the log of the forget gate, e.g. logsigmoid of its
+pre-activation) and ``log_i`` (the input gate's pre-activation: ``i = exp(log_i)``), the state is
+kept divided by ``exp(m)`` with the running stabiliser m:
+
+    m_t = max(log_f_t + m_{t-1}, log_i_t)
+    C_t = exp(log_f_t + m_{t-1} - m_t) C_{t-1} + exp(log_i_t - m_t) k_t v_t^T      (K x V)
+    n_t = exp(log_f_t + m_{t-1} - m_t) n_{t-1} + exp(log_i_t - m_t) k_t             (K)
+    h_t = C_t^T (s q_t) / max(|n_t . (s q_t)|, exp(-m_t))                            (V)
+
+(s = ``scale``, default K^-1/2, the paper's 1/sqrt(d) on the keys moved to the queries.) This is
+the paper's stabilised form: h equals the unstabilised ``C^T q / max(|n^T q|, 1)``. ``state=None``
+means C = 0, n = 0, m = 0.
+
+Because ``m_t = F_t + max(m_0, max_{s<=t}(log_i_s - F_s))`` with ``F`` the cumulative log_f, every
+weight ``exp(F_t - F_s + log_i_s - m_t)`` is at most 1, and a block of tokens can be done at once
+by masked matrix products (:func:`mlstm_parallel`, quadratic in T); :func:`mlstm_chunked` does that
+per chunk and passes (C, n, m) between chunks.
+
+Shapes: q, k (B, T, H, K); v (B, T, H, V); log_f, log_i (B, T, H); state (C (B, H, K, V),
+n (B, H, K), m (B, H)). Returns h (B, T, H, V) in q's dtype and the state in float32/float64.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["mlstm", "mlstm_recurrent", "mlstm_parallel", "mlstm_chunked", "mlstm_step"]
+
+
+def _check(q, k, v, log_f, log_i, initial_state):
+    if q.dim() != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, T, H, K); got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, V) = ({B}, {T}, {H}, V), got {tuple(v.shape)}")
+    for name, g in (("log_f", log_f), ("log_i", log_i)):
+        if g.shape != (B, T, H):
+            raise ValueError(f"{name} must be (B, T, H) = ({B}, {T}, {H}), got {tuple(g.shape)}")
+    if initial_state is not None:
+        C, n, m = initial_state
+        if C.shape != (B, H, K, v.shape[-1]) or n.shape != (B, H, K) or m.shape != (B, H):
+            raise ValueError(f"initial_state must be (C (B,H,K,V), n (B,H,K), m (B,H)) for B={B}, H={H}, K={K}, "
+                             f"V={v.shape[-1]}; got {tuple(C.shape)}, {tuple(n.shape)}, {tuple(m.shape)}")
+
+
+def _init(q, v, initial_state, acc):
+    B, _, H, K = q.shape
+    if initial_state is None:
+        z = q.new_zeros
+        return z(B, H, K, v.shape[-1], dtype=acc), z(B, H, K, dtype=acc), z(B, H, dtype=acc)
+    return tuple(s.to(acc) for s in initial_state)
+
+
+def mlstm_recurrent(q, k, v, log_f, log_i, scale=None, initial_state=None):
+    """The definition: a loop over time. Returns (h (B, T, H, V), (C, n, m))."""
+    _check(q, k, v, log_f, log_i, initial_state)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    state = _init(q, v, initial_state, acc)
+    hs = []
+    for t in range(q.shape[1]):
+        h, state = _step(q[:, t].to(acc) * scale, k[:, t].to(acc), v[:, t].to(acc), log_f[:, t].to(acc),
+                         log_i[:, t].to(acc), state)
+        hs.append(h)
+    return torch.stack(hs, dim=1).to(q.dtype), state
+
+
+def _step(q, k, v, log_f, log_i, state):
+    C, n, m = state
+    m_new = torch.maximum(log_f + m, log_i)  # (B, H)
+    f = torch.exp(log_f + m - m_new)
+    i = torch.exp(log_i - m_new)
+    C = f[..., None, None] * C + i[..., None, None] * k[..., :, None] * v[..., None, :]  # (B, H, K, V)
+    n = f[..., None] * n + i[..., None] * k  # (B, H, K)
+    num = torch.einsum("bhkv,bhk->bhv", C, q)
+    den = torch.maximum((n * q).sum(-1).abs(), torch.exp(-m_new))  # (B, H)
+    return num / den[..., None], (C, n, m_new)
+
+
+def mlstm_step(q, k, v, log_f, log_i, scale=None, state=None):
+    """One token: q, k (B, H, K), v (B, H, V), log_f, log_i (B, H). Returns (h (B, H, V), state)."""
+    h, st = mlstm_recurrent(q[:, None], k[:, None], v[:, None], log_f[:, None], log_i[:, None], scale, state)
+    return h[:, 0], st
+
+
+def _block(q, k, v, log_f, log_i, state):
+    """A block of L tokens at once (head-first inputs (B, H, L, ·), q already scaled)."""
+    C0, n0, m0 = state
+    L = q.shape[2]
+    Fc = log_f.cumsum(dim=-1)  # (B, H, L) cumulative log forget gates
+    m = Fc + torch.maximum(m0[..., None], torch.cummax(log_i - Fc, dim=-1).values)  # (B, H, L)
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    logw = Fc[..., :, None] - Fc[..., None, :] + log_i[..., None, :] - m[..., :, None]  # (B, H, L, L)
+    W = torch.exp(logw.masked_fill(~causal, float("-inf")))  # <= 1 on and below the diagonal
+    S = W * (q @ k.transpose(-1, -2))  # (B, H, L, L)
+    carry = torch.exp(Fc + m0[..., None] - m)  # (B, H, L) weight of the incoming state
+    num = S @ v + carry[..., None] * (q @ C0)  # (B, H, L, V)
+    den = S.sum(-1) + carry * (q @ n0[..., None])[..., 0]  # (B, H, L)
+    h = num / torch.maximum(den.abs(), torch.exp(-m))[..., None]
+    w_end = W[..., -1, :]  # (B, H, L) weights of each token in the last state
+    C = carry[..., -1, None, None] * C0 + (k * w_end[..., None]).transpose(-1, -2) @ v  # (B, H, K, V)
+    n = carry[..., -1, None] * n0 + (k * w_end[..., None]).sum(-2)  # (B, H, K)
+    return h, (C, n, m[..., -1])
+
+
+def _head_first(x, acc):
+    return x.to(acc).transpose(1, 2)  # (B, T, H, ...) -> (B, H, T, ...)
+
+
+def mlstm_chunked(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=64):
+    """Chunkwise form: :func:`mlstm_parallel` on chunks of ``chunk_size``, the state passed along."""
+    _check(q, k, v, log_f, log_i, initial_state)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    qh, kh, vh, fh, ih = (_head_first(x, acc) for x in (q * scale, k, v, log_f, log_i))
+    state = _init(q, v, initial_state, acc)
+    outs = []
+    for t0 in range(0, q.shape[1], chunk_size):
+        sl = slice(t0, t0 + chunk_size)
+        h, state = _block(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], fh[:, :, sl], ih[:, :, sl], state)
+        outs.append(h)
+    return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype), state
+
+
+def mlstm_parallel(q, k, v, log_f, log_i, scale=None, initial_state=None):
+    """Quadratic form: all T tokens at once by masked (T x T) products; for short sequences."""
+    return mlstm_chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size=max(1, q.shape[1]))
+
+
+def mlstm(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=64):
+    """The mLSTM (see module docstring); picks the form — layers call this."""
+    _check(q, k, v, log_f, log_i, initial_state)
+    if q.shape[1] == 1:
+        h, st = mlstm_step(q[:, 0], k[:, 0], v[:, 0], log_f[:, 0], log_i[:, 0], scale, initial_state)
+        return h[:, None], st
+    return mlstm_chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size)
