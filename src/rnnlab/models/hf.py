@@ -82,7 +82,93 @@ _LLAMA = _Arch("LlamaForCausalLM", "llama", _llama_config, _llama_export, (
     ("lm_head.weight", "lm_head.weight"),
 ))
 
-HF_ARCHITECTURES: dict[str, _Arch] = {a.hf_class: a for a in (_LLAMA,)}
+
+# -- Mamba and Mamba-2 ---------------------------------------------------------------------------
+def _check_silu(cfg: dict) -> None:
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={cfg.get('hidden_act')!r} is not supported (only silu)")
+
+
+def _mamba_config(cfg: dict) -> LMConfig:
+    _check_silu(cfg)
+    D = cfg["hidden_size"]
+    if cfg.get("intermediate_size", cfg["expand"] * D) != cfg["expand"] * D:
+        raise ValueError("intermediate_size must equal expand * hidden_size")
+    mixer = (f"mamba(d_state={cfg['state_size']},expand={cfg['expand']},conv_size={cfg['conv_kernel']},"
+             f"dt_rank={cfg['time_step_rank']},conv_bias={bool(cfg['use_conv_bias'])},bias={bool(cfg['use_bias'])})")
+    return LMConfig(vocab_size=cfg["vocab_size"], d_model=D, n_layers=cfg["num_hidden_layers"], layout=mixer,
+                    mixer_mlp=False, norm_eps=cfg["layer_norm_epsilon"],
+                    tie_embeddings=bool(cfg.get("tie_word_embeddings", True)))
+
+
+def _mamba2_config(cfg: dict) -> LMConfig:
+    _check_silu(cfg)
+    limit = [float(v["__float__"]) if isinstance(v, dict) else float(v)  # JSON spells inf as a dict
+             for v in cfg.get("time_step_limit", (0.0, float("inf")))]
+    if limit != [0.0, float("inf")]:
+        raise ValueError("a time_step_limit other than (0, inf) is not supported")
+    if not cfg.get("rms_norm", True):
+        raise ValueError("rms_norm=False is not supported")
+    D, P = cfg["hidden_size"], cfg["head_dim"]
+    if cfg["num_heads"] * P != cfg["expand"] * D:
+        raise ValueError("num_heads * head_dim must equal expand * hidden_size")
+    mixer = (f"mamba2(d_state={cfg['state_size']},expand={cfg['expand']},head_dim={P},n_groups={cfg['n_groups']},"
+             f"conv_size={cfg['conv_kernel']},conv_bias={bool(cfg['use_conv_bias'])},bias={bool(cfg['use_bias'])},"
+             f"norm_eps={cfg['layer_norm_epsilon']!r})")
+    return LMConfig(vocab_size=cfg["vocab_size"], d_model=D, n_layers=cfg["num_hidden_layers"], layout=mixer,
+                    mixer_mlp=False, norm_eps=cfg["layer_norm_epsilon"],
+                    tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+
+
+def _uniform_mixer(model: LM, name: str):
+    c = model.config
+    if {b.name for b in c.blocks} != {name} or c.mixer_mlp:
+        raise ValueError(f"only pure {name} stacks without MLPs export to this architecture")
+    m = model.blocks[0].mixer.config
+    if any(b.mixer.config != m for b in model.blocks):
+        raise ValueError(f"every {name} block must have the same config to export")
+    return m
+
+
+def _mamba_export(model: LM) -> dict:
+    m, c = _uniform_mixer(model, "mamba"), model.config
+    if m.allow_neg_eigval:
+        raise ValueError("allow_neg_eigval has no transformers counterpart")
+    return {"architectures": ["MambaForCausalLM"], "model_type": "mamba", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "state_size": m.d_state,
+            "expand": m.expand, "intermediate_size": m.d_inner, "conv_kernel": m.conv_size,
+            "time_step_rank": m.dt_rank, "use_conv_bias": m.conv_bias, "use_bias": m.bias,
+            "layer_norm_epsilon": c.norm_eps, "hidden_act": "silu", "tie_word_embeddings": c.tie_embeddings,
+            "residual_in_fp32": True}
+
+
+def _mamba2_export(model: LM) -> dict:
+    m, c = _uniform_mixer(model, "mamba2"), model.config
+    if m.norm_eps != c.norm_eps:
+        raise ValueError("transformers' Mamba-2 uses one epsilon for both norms; set them equal")
+    return {"architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "num_hidden_layers": c.n_layers, "state_size": m.d_state,
+            "expand": m.expand, "head_dim": m.head_dim, "num_heads": m.num_heads, "n_groups": m.n_groups,
+            "conv_kernel": m.conv_size, "use_conv_bias": m.conv_bias, "use_bias": m.bias,
+            "layer_norm_epsilon": c.norm_eps, "hidden_act": "silu", "rms_norm": True,
+            "tie_word_embeddings": c.tie_embeddings, "time_step_limit": [0.0, float("inf")],
+            "residual_in_fp32": True}
+
+
+_MAMBA_NAMES = (
+    ("backbone.embeddings.weight", "embed.weight"),
+    ("backbone.layers.{i}.norm.weight", "blocks.{i}.mixer_norm.weight"),
+    ("backbone.layers.{i}.mixer.conv1d.{w}", "blocks.{i}.mixer.conv1d.conv.{w}"),
+    ("backbone.layers.{i}.mixer.{p}_proj.{w}", "blocks.{i}.mixer.{p}_proj.{w}"),
+    ("backbone.layers.{i}.mixer.norm.weight", "blocks.{i}.mixer.norm.weight"),
+    ("backbone.layers.{i}.mixer.{w}", "blocks.{i}.mixer.{w}"),
+    ("backbone.norm_f.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+)
+_MAMBA = _Arch("MambaForCausalLM", "mamba", _mamba_config, _mamba_export, _MAMBA_NAMES)
+_MAMBA2 = _Arch("Mamba2ForCausalLM", "mamba2", _mamba2_config, _mamba2_export, _MAMBA_NAMES)
+
+HF_ARCHITECTURES: dict[str, _Arch] = {a.hf_class: a for a in (_LLAMA, _MAMBA, _MAMBA2)}
 
 
 # -- the generic machinery -----------------------------------------------------------------------

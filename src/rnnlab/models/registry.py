@@ -13,6 +13,8 @@ from ..layers.attention import Attention, AttentionConfig, SWAConfig
 from ..layers.base import Mixer, MixerConfig
 from ..layers.aaren import Aaren, AarenConfig
 from ..layers.minrnn import MinGRU, MinGRUConfig, MinLSTM, MinLSTMConfig
+from ..layers.mamba import Mamba, MambaConfig
+from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 
 __all__ = ["MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config"]
@@ -69,6 +71,16 @@ _register(MixerSpec(
 # -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
 
 # -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
+_register(MixerSpec(
+    "mamba", Mamba, MambaConfig,
+    "selective SSM (S6): data-dependent dt, B, C; conv + SiLU gate; option negative eigenvalues",
+    "Gu & Dao 2023 (Mamba)", "E·N + (W-1)·E floats",
+    tiny=dict(d_state=4)))
+_register(MixerSpec(
+    "mamba2", Mamba2, Mamba2Config,
+    "SSD: scalar decay per head, B/C groups, gated RMSNorm; computed as gated linear attention",
+    "Dao & Gu 2024 (Mamba-2)", "H·N·P + (W-1)·(E+2GN) floats",
+    tiny=dict(d_state=8, head_dim=16)))
 
 # -- nonlinear and minimal RNNs: mingru, minlstm, lstm, gru, slstm, aaren ---------------------------
 _register(MixerSpec(

@@ -1,0 +1,107 @@
+"""Mamba: selective state-space model (Gu & Dao 2023, "Mamba: Linear-Time Sequence Modeling with
+Selective State Spaces").
+
+Per channel d of the expanded stream and state index n:
+    h_t = exp(dt_t A) h_{t-1} + dt_t B_t x_t,   y_t = C_t h_t + D x_t,   out = (y * silu(z)) W_out
+with x = silu(conv(W_x u)), z = W_z u, and dt, B, C computed from x (dt through a low-rank
+projection and softplus). A = -exp(A_log) with the S4D-real init A_n = -(n+1).
+``allow_neg_eigval=True`` uses the decay 2 exp(dt A) - 1 in (-1, 1) instead (Grazzi et al. 2024).
+
+Parameter names and maths follow the reference (and Hugging Face ``transformers``' MambaMixer:
+in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so checkpoints map one to one. rnnlab
+differs in: the scan is ``rnnlab.ops.selective_scan`` (chunked, no CUDA kernel) and the conv state
+is part of the layer state.
+
+Dimension letters: B batch, T tokens, D model width, E = expand·D inner channels, N state size,
+R dt rank, W conv width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.selective_scan import selective_scan
+from .base import Mixer, MixerConfig
+from .common import ShortConv
+from .state import State
+
+__all__ = ["MambaConfig", "MambaState", "Mamba"]
+
+
+@dataclass
+class MambaConfig(MixerConfig):
+    d_state: int = 16  # N
+    expand: int = 2  # E = expand · d_model
+    conv_size: int = 4  # W, causal depthwise conv width
+    dt_rank: int | None = None  # R; None = ceil(d_model / 16)
+    conv_bias: bool = True  # bias of the conv
+    bias: bool = False  # biases of in_proj and out_proj
+    dt_min: float = 0.001  # softplus(dt_proj.bias) starts log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4  # lower clamp of that initial dt
+    allow_neg_eigval: bool = False  # decay 2 exp(dt A) - 1: negative eigenvalues
+    d_inner: int = 0  # derived: E
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dt_rank is None:
+            self.dt_rank = math.ceil(self.d_model / 16)
+        self.d_inner = self.expand * self.d_model
+        if self.d_state < 1 or self.conv_size < 1 or self.dt_rank < 1:
+            raise ValueError(f"d_state, conv_size and dt_rank must be >= 1, got {self.d_state}, "
+                             f"{self.conv_size}, {self.dt_rank}")
+
+
+@dataclass(frozen=True)
+class MambaState(State):
+    h: torch.Tensor  # (B, E, N) SSM state
+    conv: torch.Tensor  # (B, W-1, E) last inputs of the conv
+
+
+class Mamba(Mixer):
+    """Mamba (S6) mixer (see module docstring)."""
+
+    config_cls = MambaConfig
+    state_cls = MambaState
+
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        c = config
+        E, N, R = c.d_inner, c.d_state, c.dt_rank
+        self.in_proj = nn.Linear(c.d_model, 2 * E, bias=c.bias)
+        self.conv1d = ShortConv(E, c.conv_size, bias=c.conv_bias)
+        self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
+        self.dt_proj = nn.Linear(R, E, bias=True)
+        self.dt_proj._no_reinit = True  # the reference's dt init below
+        nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+        dt = torch.exp(torch.rand(E) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, c.d_model, bias=c.bias)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> MambaState:
+        c, dt = self.config, dtype or torch.float32
+        return MambaState(h=torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=dt),
+                          conv=self.conv1d.init_state(batch_size, device, dt))
+
+    def mix(self, x, state):
+        c = self.config
+        acc = torch.promote_types(x.dtype, torch.float32)
+        st = state or self.init_state(x.shape[0], x.device, acc)
+        # 1. expand to x and z; causal conv + SiLU on x
+        xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
+        xs, conv = self.conv1d(xs, st.conv)
+        # 2. data-dependent dt, B, C
+        dt, Bm, Cm = self.x_proj(xs).split([c.dt_rank, c.d_state, c.d_state], dim=-1)
+        dt = F.softplus(self.dt_proj(dt).to(acc))  # (B, T, E)
+        # 3. selective scan with A = -exp(A_log), D skip and the SiLU(z) gate
+        y, h = selective_scan(xs.to(acc), dt, -torch.exp(self.A_log.to(acc)), Bm.to(acc), Cm.to(acc),
+                              self.D.to(acc), z.to(acc), st.h, neg_eigval=c.allow_neg_eigval)
+        return self.out_proj(y.to(x.dtype)), MambaState(h=h, conv=conv)  # (B, T, D)

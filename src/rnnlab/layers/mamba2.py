@@ -1,0 +1,121 @@
+"""Mamba-2: state-space duality (Dao & Gu 2024, "Transformers are SSMs").
+
+Per head (scalar A per head), with P channels per head and N state size:
+    S_t = exp(dt_t A) S_{t-1} + dt_t B_t x_t^T     (N x P),    y_t = S_t^T C_t + D x_t
+computed by ``rnnlab.ops.gated_delta_rule`` as gated linear attention with q = C, k = B,
+v = dt·x, log decay dt·A and scale 1. One in_proj gives z, x, B, C and dt; a causal conv (SiLU)
+runs over x, B, C; B and C are shared by the heads of each of G groups; the output is
+``RMSNorm(y · silu(z))`` normalised within each group, then out_proj.
+
+Parameter names and maths follow the reference and Hugging Face ``transformers``' Mamba2Mixer
+(in_proj, conv1d, dt_bias, A_log, D, norm, out_proj), so checkpoints map one to one. rnnlab
+differs in: no fused kernels, and no ``time_step_limit`` clamp (the default limit is (0, inf)).
+
+Dimension letters: B batch, T tokens, D model width, E = expand·D, H = E / P heads, P head dim,
+G groups, N state size, W conv width.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..ops.delta import gated_delta_rule
+from .base import Mixer, MixerConfig
+from .common import ShortConv
+from .state import State
+
+__all__ = ["Mamba2Config", "Mamba2State", "Mamba2"]
+
+
+@dataclass
+class Mamba2Config(MixerConfig):
+    d_state: int = 64  # N
+    expand: int = 2  # E = expand · d_model
+    head_dim: int = 64  # P
+    n_groups: int = 1  # G groups sharing B and C
+    conv_size: int = 4  # W
+    conv_bias: bool = True  # bias of the conv
+    bias: bool = False  # biases of in_proj and out_proj
+    A_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range), A_log = log A
+    dt_min: float = 0.001  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
+    dt_max: float = 0.1
+    dt_init_floor: float = 1e-4
+    norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
+    d_inner: int = 0  # derived: E
+    num_heads: int = 0  # derived: H
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.d_inner = self.expand * self.d_model
+        if self.d_inner % self.head_dim:
+            raise ValueError(f"expand·d_model = {self.d_inner} is not divisible by head_dim={self.head_dim}")
+        self.num_heads = self.d_inner // self.head_dim
+        if self.num_heads % self.n_groups:
+            raise ValueError(f"num_heads={self.num_heads} is not divisible by n_groups={self.n_groups}")
+
+
+@dataclass(frozen=True)
+class Mamba2State(State):
+    S: torch.Tensor  # (B, H, N, P) SSM state
+    conv: torch.Tensor  # (B, W-1, E + 2·G·N) last inputs of the conv
+
+
+class Mamba2(Mixer):
+    """Mamba-2 (SSD) mixer (see module docstring)."""
+
+    config_cls = Mamba2Config
+    state_cls = Mamba2State
+
+    def __init__(self, config: Mamba2Config):
+        super().__init__(config)
+        c = config
+        E, H, GN = c.d_inner, c.num_heads, c.n_groups * c.d_state
+        self.in_proj = nn.Linear(c.d_model, 2 * E + 2 * GN + H, bias=c.bias)
+        self.conv1d = ShortConv(E + 2 * GN, c.conv_size, bias=c.conv_bias)
+        dt = torch.exp(torch.rand(H) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(*c.A_init_range)))
+        self.D = nn.Parameter(torch.ones(H))
+        self.norm = nn.Module()
+        self.norm.weight = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, c.d_model, bias=c.bias)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> Mamba2State:
+        c, dt = self.config, dtype or torch.float32
+        return Mamba2State(S=torch.zeros(batch_size, c.num_heads, c.d_state, c.head_dim, device=device, dtype=dt),
+                           conv=self.conv1d.init_state(batch_size, device, dt))
+
+    def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """RMSNorm(y · silu(z)) within each of the G groups of channels: (B, T, E)."""
+        y = y * F.silu(z)
+        yg = rearrange(y, "b t (g e) -> b t g e", g=self.config.n_groups)
+        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
+        return rearrange(yg, "b t g e -> b t (g e)") * self.norm.weight.to(y.dtype)
+
+    def mix(self, x, state):
+        c = self.config
+        acc = torch.promote_types(x.dtype, torch.float32)
+        st = state or self.init_state(x.shape[0], x.device, acc)
+        E, H, GN = c.d_inner, c.num_heads, c.n_groups * c.d_state
+        # 1. one projection for z, (x, B, C) and dt; conv + SiLU over x, B, C
+        z, xBC, dt = self.in_proj(x).split([E, E + 2 * GN, H], dim=-1)
+        xBC, conv = self.conv1d(xBC, st.conv)
+        xs, Bm, Cm = xBC.to(acc).split([E, GN, GN], dim=-1)
+        xs = rearrange(xs, "b t (h p) -> b t h p", h=H)  # (B, T, H, P)
+        Bm = rearrange(Bm, "b t (g n) -> b t g n", g=c.n_groups).repeat_interleave(H // c.n_groups, dim=2)
+        Cm = rearrange(Cm, "b t (g n) -> b t g n", g=c.n_groups).repeat_interleave(H // c.n_groups, dim=2)
+        # 2. dt and the per-head decay
+        dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
+        log_g = dt * -torch.exp(self.A_log.to(acc))  # (B, T, H)
+        # 3. SSD as gated linear attention: q = C, k = B, v = dt·x
+        y, S = gated_delta_rule(Cm, Bm, xs * dt[..., None], log_g=log_g, scale=1.0, initial_state=st.S)
+        y = y + self.D.to(acc)[:, None] * xs  # (B, T, H, P)
+        # 4. gated RMSNorm and the output projection
+        y = self._gated_norm(rearrange(y, "b t h p -> b t (h p)"), z.to(acc))
+        return self.out_proj(y.to(x.dtype)), Mamba2State(S=S, conv=conv)
