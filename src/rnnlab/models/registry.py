@@ -13,6 +13,10 @@ from ..layers.attention import Attention, AttentionConfig, SWAConfig
 from ..layers.base import Mixer, MixerConfig
 from ..layers.aaren import Aaren, AarenConfig
 from ..layers.minrnn import MinGRU, MinGRUConfig, MinLSTM, MinLSTMConfig
+from ..layers.rnn import GRU, LSTM, GRUConfig, LSTMConfig
+from ..layers.slstm import SLSTM, SLSTMConfig
+from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
+from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
@@ -55,6 +59,26 @@ _register(MixerSpec(
     tiny=dict(num_heads=2, window=8, sinks=2)))
 
 # -- linear attention family: linear_attention, retnet, gla, hgrn2 -----------------------------------
+_register(MixerSpec(
+    "linear_attention", LinearAttention, LinearAttentionConfig,
+    "kernelised attention as an RNN: feature map (elu+1, relu, identity), optional normaliser",
+    "Katharopoulos et al. 2020", "H·K·(V+1) floats (V without the normaliser)",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "retnet", RetNet, RetNetConfig,
+    "multi-scale retention: fixed decay 1-2^(-5-h) per head, group norm, swish gate",
+    "Sun et al. 2023 (RetNet)", "H·K·V floats (V = 2K)",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "gla", GLA, GLAConfig,
+    "gated linear attention: low-rank data-dependent vector decay (τ=16), output gate, per-head norm",
+    "Yang et al. 2023 (GLA)", "H·K·V floats",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "hgrn2", HGRN2, HGRN2Config,
+    "HGRN2: forget gate with a lower bound, key = 1 - forget, state expansion",
+    "Qin et al. 2024 (HGRN2)", "H·K·(D/H) floats (K = expand_ratio)",
+    tiny=dict(num_heads=2, expand_ratio=8)))
 
 # -- delta-rule family: deltanet, gated_deltanet, longhorn ------------------------------------------
 _register(MixerSpec(
@@ -98,6 +122,21 @@ _register(MixerSpec(
     "Aaren: attention of a learned query per head over the prefix, as a scan with a running max",
     "Feng et al. 2024 (Attention as an RNN)", "H·(K+2) floats (max, denominator, numerator)",
     tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "lstm", LSTM, LSTMConfig,
+    "LSTM with block-diagonal (multi-head) recurrence; sequential or Newton-parallel (parallel=True)",
+    "Hochreiter & Schmidhuber 1997; DEER / ParaRNN", "2·E floats (h and c)",
+    tiny=dict(num_heads=2, parallel=True)))
+_register(MixerSpec(
+    "gru", GRU, GRUConfig,
+    "GRU (Cho et al. form) with block-diagonal recurrence; sequential or Newton-parallel (parallel=True)",
+    "Cho et al. 2014; DEER / ParaRNN", "E floats (h)",
+    tiny=dict(num_heads=2, parallel=True)))
+_register(MixerSpec(
+    "slstm", SLSTM, SLSTMConfig,
+    "xLSTM sLSTM: exponential gating with stabiliser, block-diagonal recurrence, conv on i/f; sequential or Newton",
+    "Beck et al. 2024 (xLSTM)", "4·D + (W-1)·D floats (h, c, n, m; conv)",
+    tiny=dict(num_heads=2, parallel=True)))
 
 
 def mixers() -> list[str]:

@@ -1,0 +1,148 @@
+"""Linear attention and RetNet: matrix-state recurrences without a delta term.
+
+* Linear attention — Katharopoulos et al. 2020, "Transformers are RNNs":
+  ``S_t = S_{t-1} + φ(k_t) v_t^T``, ``z_t = z_{t-1} + φ(k_t)``,
+  ``o_t = S_t^T φ(q_t) / (z_t^T φ(q_t) + eps)`` (or without the normaliser: ``S_t^T φ(q_t) / sqrt(K)``).
+  φ is elu+1 (the paper's), relu or identity. The normaliser z rides along as an extra column of
+  ones appended to v, so the state is K x (V+1).
+* RetNet — Sun et al. 2023, "Retentive Network": ``S_t = γ_h S_{t-1} + k_t v_t^T`` with fixed decays
+  ``γ_h = 1 - 2^(-5-h)`` over heads h, ``o_t = S_t^T q_t``, per-head group norm, swish output gate,
+  value dim 2x the key dim (value_factor 2).
+
+Both run on ``rnnlab.ops.gated_delta_rule`` (beta=None). rnnlab differs from the papers in: RetNet
+uses no xPos rotation (positions would have to live in the state; the decay already encodes
+recency), and its group norm is an RMSNorm per head.
+
+Dimension letters: B batch, T tokens, D model width, H heads, K key head dim, V value head dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..ops.delta import gated_delta_rule
+from .base import Mixer, MixerConfig
+from .common import RMSNorm
+from .state import State
+
+__all__ = ["LinearAttentionConfig", "RetNetConfig", "MatrixState", "LinearAttention", "RetNet"]
+
+_FEATURE_MAPS = {"elu": lambda x: F.elu(x) + 1, "relu": F.relu, "identity": lambda x: x}
+
+
+@dataclass
+class LinearAttentionConfig(MixerConfig):
+    num_heads: int = 4  # H
+    head_dim: int | None = None  # K = V; None = d_model // num_heads
+    feature_map: str = "elu"  # φ: "elu" (elu + 1), "relu" or "identity"
+    normalize: bool = True  # divide by φ(q)·z (the paper's normaliser)
+    eps: float = 1e-6  # added to the normaliser
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+            self.head_dim = self.d_model // self.num_heads
+        if self.feature_map not in _FEATURE_MAPS:
+            raise ValueError(f"feature_map must be one of {sorted(_FEATURE_MAPS)}, got {self.feature_map!r}")
+
+
+@dataclass
+class RetNetConfig(MixerConfig):
+    num_heads: int = 4  # H
+    head_dim: int | None = None  # K; None = d_model // num_heads
+    value_factor: int = 2  # V = value_factor · K
+    norm_eps: float = 1e-6  # epsilon of the per-head norm
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.head_dim is None:
+            if self.d_model % self.num_heads:
+                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+            self.head_dim = self.d_model // self.num_heads
+
+
+@dataclass(frozen=True)
+class MatrixState(State):
+    S: torch.Tensor  # (B, H, K, V) (V+1 columns with linear attention's normaliser)
+
+
+class LinearAttention(Mixer):
+    """Linear attention (see module docstring)."""
+
+    config_cls = LinearAttentionConfig
+    state_cls = MatrixState
+
+    def __init__(self, config: LinearAttentionConfig):
+        super().__init__(config)
+        c = config
+        HK = c.num_heads * c.head_dim
+        self.q_proj = nn.Linear(c.d_model, HK, bias=False)
+        self.k_proj = nn.Linear(c.d_model, HK, bias=False)
+        self.v_proj = nn.Linear(c.d_model, HK, bias=False)
+        self.o_proj = nn.Linear(HK, c.d_model, bias=False)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
+        c = self.config
+        V = c.head_dim + (1 if c.normalize else 0)
+        return MatrixState(S=torch.zeros(batch_size, c.num_heads, c.head_dim, V, device=device,
+                                         dtype=dtype or torch.float32))
+
+    def mix(self, x, state):
+        c = self.config
+        acc = torch.promote_types(x.dtype, torch.float32)
+        st = state or self.init_state(x.shape[0], x.device, acc)
+        phi = _FEATURE_MAPS[c.feature_map]
+        q = phi(rearrange(self.q_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc))  # (B, T, H, K)
+        k = phi(rearrange(self.k_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc))
+        v = rearrange(self.v_proj(x), "b t (h v) -> b t h v", h=c.num_heads).to(acc)  # (B, T, H, V)
+        if c.normalize:  # 1. a column of ones accumulates z = sum φ(k)
+            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, T, H, V+1)
+            o, S = gated_delta_rule(q, k, v, scale=1.0, initial_state=st.S)
+            o = o[..., :-1] / (o[..., -1:] + c.eps)  # 2. divide by φ(q)·z
+        else:
+            o, S = gated_delta_rule(q, k, v, initial_state=st.S)
+        return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)
+
+
+class RetNet(Mixer):
+    """Multi-scale retention (see module docstring)."""
+
+    config_cls = RetNetConfig
+    state_cls = MatrixState
+
+    def __init__(self, config: RetNetConfig):
+        super().__init__(config)
+        c = config
+        HK, HV = c.num_heads * c.head_dim, c.num_heads * c.head_dim * c.value_factor
+        self.q_proj = nn.Linear(c.d_model, HK, bias=False)
+        self.k_proj = nn.Linear(c.d_model, HK, bias=False)
+        self.v_proj = nn.Linear(c.d_model, HV, bias=False)
+        self.g_proj = nn.Linear(c.d_model, HV, bias=False)
+        self.g_norm = RMSNorm(c.head_dim * c.value_factor, c.norm_eps)
+        self.o_proj = nn.Linear(HV, c.d_model, bias=False)
+        gamma = 1 - 2.0 ** (-5 - torch.arange(c.num_heads, dtype=torch.float64))  # (H,) fixed decays
+        self.register_buffer("log_gamma", torch.log(gamma).float(), persistent=False)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
+        c = self.config
+        return MatrixState(S=torch.zeros(batch_size, c.num_heads, c.head_dim, c.head_dim * c.value_factor,
+                                         device=device, dtype=dtype or torch.float32))
+
+    def mix(self, x, state):
+        c = self.config
+        acc = torch.promote_types(x.dtype, torch.float32)
+        st = state or self.init_state(x.shape[0], x.device, acc)
+        q = rearrange(self.q_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc)  # (B, T, H, K)
+        k = rearrange(self.k_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc)
+        v = rearrange(self.v_proj(x), "b t (h v) -> b t h v", h=c.num_heads).to(acc)  # (B, T, H, V)
+        log_g = self.log_gamma.to(acc).expand(*x.shape[:2], c.num_heads)  # (B, T, H)
+        o, S = gated_delta_rule(q, k, v, log_g=log_g, initial_state=st.S)  # k scaled by K^-1/2 via scale
+        g = rearrange(self.g_proj(x), "b t (h v) -> b t h v", h=c.num_heads)
+        o = self.g_norm(o) * F.silu(g.to(acc))  # group norm per head, swish gate
+        return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)
