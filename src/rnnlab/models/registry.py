@@ -17,6 +17,7 @@ from ..layers.rnn import GRU, LSTM, GRUConfig, LSTMConfig
 from ..layers.slstm import SLSTM, SLSTMConfig
 from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
+from ..layers.lru import LRU, LRUConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
@@ -105,6 +106,11 @@ _register(MixerSpec(
     "SSD: scalar decay per head, B/C groups, gated RMSNorm; computed as gated linear attention",
     "Dao & Gu 2024 (Mamba-2)", "H·N·P + (W-1)·(E+2GN) floats",
     tiny=dict(d_state=8, head_dim=16)))
+_register(MixerSpec(
+    "lru", LRU, LRUConfig,
+    "Linear Recurrent Unit: complex diagonal, exponential parametrisation, ring init, γ normalisation",
+    "Orvieto et al. 2023 (LRU)", "N complex = 2N floats",
+    tiny=dict(d_state=16)))
 
 # -- nonlinear and minimal RNNs: mingru, minlstm, lstm, gru, slstm, aaren ---------------------------
 _register(MixerSpec(
