@@ -18,6 +18,7 @@ from ..layers.slstm import SLSTM, SLSTMConfig
 from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
+from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
@@ -94,6 +95,11 @@ _register(MixerSpec(
     tiny=dict(num_heads=2)))
 
 # -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
+_register(MixerSpec(
+    "mlstm", MLSTM, MLSTMConfig,
+    "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
+    "Beck et al. 2024 (xLSTM)", "H·(K·K + K + 1) + (W-1)·E floats (K = E/H)",
+    tiny=dict(num_heads=2)))
 
 # -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
 _register(MixerSpec(
@@ -132,17 +138,17 @@ _register(MixerSpec(
     "lstm", LSTM, LSTMConfig,
     "LSTM with block-diagonal (multi-head) recurrence; sequential or Newton-parallel (parallel=True)",
     "Hochreiter & Schmidhuber 1997; DEER / ParaRNN", "2·E floats (h and c)",
-    tiny=dict(num_heads=2, parallel=True)))
+    tiny=dict(num_heads=4, parallel=True)))
 _register(MixerSpec(
     "gru", GRU, GRUConfig,
     "GRU (Cho et al. form) with block-diagonal recurrence; sequential or Newton-parallel (parallel=True)",
     "Cho et al. 2014; DEER / ParaRNN", "E floats (h)",
-    tiny=dict(num_heads=2, parallel=True)))
+    tiny=dict(num_heads=32, parallel=True)))
 _register(MixerSpec(
     "slstm", SLSTM, SLSTMConfig,
     "xLSTM sLSTM: exponential gating with stabiliser, block-diagonal recurrence, conv on i/f; sequential or Newton",
     "Beck et al. 2024 (xLSTM)", "4·D + (W-1)·D floats (h, c, n, m; conv)",
-    tiny=dict(num_heads=2, parallel=True)))
+    tiny=dict(num_heads=4, parallel=True)))
 
 
 def mixers() -> list[str]:

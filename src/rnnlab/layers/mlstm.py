@@ -1,0 +1,108 @@
+"""mLSTM: xLSTM's matrix-memory LSTM layer (Beck et al. 2024, "xLSTM: Extended Long Short-Term Memory").
+
+Per head, with exponential input gate and sigmoid forget gate (stabilised, see ``rnnlab.ops.mlstm``):
+    C_t = f_t C_{t-1} + i_t k_t v_t^T,  n_t = f_t n_{t-1} + i_t k_t,  h_t = C_t^T q_t / max(|n_t^T q_t|, 1)
+The block follows the paper's mLSTM block (NX-AI's ``mLSTMLayer``): up-projection to x and z
+(factor 2), causal conv (width 4) + swish on x giving x_c; q, k from x_c and v from x; input and
+forget gates from [q, k, v] (forget-gate bias initialised to linspace(3, 6), input-gate bias
+N(0, 0.1), weights zero); per-head layer norm of h; a learnable skip ``+ s ⊙ x_c``; output gate
+``swish(z)``; down-projection.
+
+rnnlab differs from the reference in: q, k, v are full linear maps instead of block-diagonal
+"headwise" projections, and the kernel is ``rnnlab.ops.mlstm`` (chunked, no fused CUDA kernel).
+
+Dimension letters: B batch, T tokens, D model width, E = 2·D inner width, H heads, K = E / H.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..ops.mlstm import mlstm
+from .base import Mixer, MixerConfig
+from .common import ShortConv
+from .state import State
+
+__all__ = ["MLSTMConfig", "MLSTMState", "MLSTM"]
+
+
+@dataclass
+class MLSTMConfig(MixerConfig):
+    num_heads: int = 4  # H
+    proj_factor: float = 2.0  # E = proj_factor · d_model
+    conv_size: int = 4  # causal conv width on the q/k path
+    norm_eps: float = 1e-6  # epsilon of the per-head layer norm
+    d_inner: int = 0  # derived: E
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.d_inner = int(self.proj_factor * self.d_model)
+        if self.d_inner % self.num_heads:
+            raise ValueError(f"proj_factor·d_model = {self.d_inner} is not divisible by num_heads={self.num_heads}")
+
+
+@dataclass(frozen=True)
+class MLSTMState(State):
+    C: torch.Tensor  # (B, H, K, K) matrix memory (divided by exp(m))
+    n: torch.Tensor  # (B, H, K) normaliser
+    m: torch.Tensor  # (B, H) stabiliser
+    conv: torch.Tensor  # (B, W-1, E) last inputs of the conv
+
+
+class MLSTM(Mixer):
+    """xLSTM's mLSTM layer (see module docstring)."""
+
+    config_cls = MLSTMConfig
+    state_cls = MLSTMState
+
+    def __init__(self, config: MLSTMConfig):
+        super().__init__(config)
+        c = config
+        E, H = c.d_inner, c.num_heads
+        self.up_proj = nn.Linear(c.d_model, 2 * E, bias=False)
+        self.conv = ShortConv(E, c.conv_size, bias=True)
+        self.q_proj = nn.Linear(E, E, bias=False)
+        self.k_proj = nn.Linear(E, E, bias=False)
+        self.v_proj = nn.Linear(E, E, bias=False)
+        self.igate = nn.Linear(3 * E, H)
+        self.fgate = nn.Linear(3 * E, H)
+        for gate in (self.igate, self.fgate):
+            gate._no_reinit = True
+            nn.init.zeros_(gate.weight)
+        nn.init.normal_(self.igate.bias, 0.0, 0.1)
+        with torch.no_grad():
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, H))
+        self.norm_weight = nn.Parameter(torch.ones(E))
+        self.skip = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, c.d_model, bias=False)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> MLSTMState:
+        c, dt = self.config, dtype or torch.float32
+        K = c.d_inner // c.num_heads
+        z = lambda *s: torch.zeros(batch_size, *s, device=device, dtype=dt)  # noqa: E731
+        return MLSTMState(C=z(c.num_heads, K, K), n=z(c.num_heads, K), m=z(c.num_heads),
+                          conv=self.conv.init_state(batch_size, device, dt))
+
+    def mix(self, x, state):
+        c = self.config
+        acc = torch.promote_types(x.dtype, torch.float32)
+        st = state or self.init_state(x.shape[0], x.device, acc)
+        # 1. up-projection; conv + swish on the q/k path
+        xm, z = self.up_proj(x).chunk(2, dim=-1)  # (B, T, E) each
+        xc, conv = self.conv(xm, st.conv)
+        q, k, v = self.q_proj(xc), self.k_proj(xc), self.v_proj(xm)
+        # 2. gates from [q, k, v]: exponential input gate, sigmoid forget gate (log space)
+        qkv = torch.cat([q, k, v], dim=-1)
+        log_i = self.igate(qkv).to(acc)  # (B, T, H)
+        log_f = F.logsigmoid(self.fgate(qkv).to(acc))
+        heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads).to(acc)  # noqa: E731
+        h, (C, n, m) = mlstm(heads(q), heads(k), heads(v), log_f, log_i, initial_state=(st.C, st.n, st.m))
+        # 3. per-head layer norm, learnable skip, output gate, down-projection
+        h = F.layer_norm(h, h.shape[-1:], eps=c.norm_eps)  # (B, T, H, K)
+        h = rearrange(h, "b t h d -> b t (h d)") * self.norm_weight.to(acc) + self.skip.to(acc) * xc.to(acc)
+        y = self.out_proj((h * F.silu(z.to(acc))).to(x.dtype))  # (B, T, D)
+        return y, MLSTMState(C=C, n=n, m=m, conv=conv)
