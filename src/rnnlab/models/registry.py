@@ -18,6 +18,7 @@ from ..layers.slstm import SLSTM, SLSTMConfig
 from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
+from ..layers.based import Based, BasedConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
@@ -100,6 +101,11 @@ _register(MixerSpec(
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
     "Beck et al. 2024 (xLSTM)", "H·(K·K + K + 1) + (W-1)·E floats (K = E/H)",
     tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "based", Based, BasedConfig,
+    "linear attention with a 2nd-order Taylor feature map on small q/k; pair with swa in the layout",
+    "Arora et al. 2024 (Based)", "H·(1+F+F²)·(V+1) floats",
+    tiny=dict(num_heads=2, feature_dim=4)))
 
 # -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
 _register(MixerSpec(
