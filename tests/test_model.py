@@ -135,3 +135,19 @@ def test_copy_task_is_learned():
         if loss.item() < 0.1:
             break
     assert loss.item() < 0.1, f"copy task loss {loss.item():.3f} after {step + 1} steps"
+
+
+def test_hybrid_model_obeys_the_chunking_law():
+    """Samba-like and mixed layouts: pieces with the state passed equal one call (float64)."""
+    torch.manual_seed(0)
+    layout = ("gated_deltanet(num_heads=2),mamba(d_state=4),swa(window=8,sinks=2),mlp,"
+              "mlstm(num_heads=2),lru(d_state=8),mamba2(d_state=8,head_dim=16)")
+    model = rnnlab.build_model(layout=layout, n_layers=7, d_model=32).double()
+    tokens = torch.randint(0, 260, (2, 90))
+    logits, state = model(tokens)
+    outs, st = [], None
+    for a, b in [(0, 1), (1, 30), (30, 31), (31, 90)]:
+        out, st = model(tokens[:, a:b], st)
+        outs.append(out)
+    torch.testing.assert_close(torch.cat(outs, 1), logits, atol=1e-9, rtol=1e-9)
+    assert st.seen == 90 and st.nbytes == state.nbytes
