@@ -20,6 +20,7 @@ from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, Re
 from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
+from ..layers.s4d import S4D, S4DConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
@@ -123,6 +124,11 @@ _register(MixerSpec(
     "Linear Recurrent Unit: complex diagonal, exponential parametrisation, ring init, γ normalisation",
     "Orvieto et al. 2023 (LRU)", "N complex = 2N floats",
     tiny=dict(d_state=16)))
+_register(MixerSpec(
+    "s4d", S4D, S4DConfig,
+    "diagonal SSM with HiPPO-derived init (S4D-Lin or S4D-Real), learned step, zero-order hold",
+    "Gu et al. 2022 (S4D)", "D·N/2 complex = D·N floats",
+    tiny=dict(d_state=8)))
 
 # -- nonlinear and minimal RNNs: mingru, minlstm, lstm, gru, slstm, aaren ---------------------------
 _register(MixerSpec(

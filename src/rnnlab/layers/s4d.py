@@ -1,0 +1,96 @@
+"""S4D: diagonal state-space layers (Gu et al. 2022, "On the Parameterization and Initialization of
+Diagonal State Space Models").
+
+Per channel d (of D), with N/2 complex states and a learned step dt_d, zero-order hold:
+    h_t = exp(dt A) ⊙ h_{t-1} + (exp(dt A) - 1) / A ⊙ x_t,      y_t = 2 Re(C · h_t) + D_skip x_t
+then GELU and an output GLU (``Linear(D, 2D)`` then GLU), as in the reference S4D block. A is the
+HiPPO-derived diagonal: S4D-Lin ``A_n = -1/2 + iπn`` (default) or S4D-Real ``A_n = -(n+1)``;
+``log dt`` starts uniform in [log 1e-3, log 1e-1]; B is folded into C (the reference's minimal S4D).
+Runs on ``rnnlab.ops.linear_scan`` with complex values.
+
+rnnlab differs from the reference in: the recurrence is run as a scan (constant state per stream)
+instead of the convolution kernel, so it streams; no dropout. (``lssl``, the dense HiPPO-LegS
+recurrence of Gu et al. 2021, is not implemented yet.)
+
+Dimension letters: B batch, T tokens, D model width = channels, N state size (N/2 complex).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.scan import linear_scan
+from .base import Mixer, MixerConfig
+from .state import State
+
+__all__ = ["S4DConfig", "S4DState", "S4D"]
+
+
+@dataclass
+class S4DConfig(MixerConfig):
+    d_state: int = 64  # N (N/2 complex conjugate pairs kept)
+    init: str = "lin"  # "lin" (S4D-Lin: -1/2 + iπn) or "real" (S4D-Real: -(n+1))
+    dt_min: float = 0.001  # log dt starts uniform in [log dt_min, log dt_max]
+    dt_max: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.d_state < 2 or self.d_state % 2:
+            raise ValueError(f"d_state must be an even number >= 2, got {self.d_state}")
+        if self.init not in ("lin", "real"):
+            raise ValueError(f"init must be 'lin' or 'real', got {self.init!r}")
+
+
+@dataclass(frozen=True)
+class S4DState(State):
+    h: torch.Tensor  # (B, D, N/2) complex
+
+
+class S4D(Mixer):
+    """Diagonal SSM layer (see module docstring)."""
+
+    config_cls = S4DConfig
+    state_cls = S4DState
+
+    def __init__(self, config: S4DConfig):
+        super().__init__(config)
+        c = config
+        D, N2 = c.d_model, c.d_state // 2
+        self.log_dt = nn.Parameter(torch.rand(D) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        n = torch.arange(N2, dtype=torch.float32)
+        if c.init == "lin":
+            re, im = torch.full((D, N2), 0.5), math.pi * n.repeat(D, 1)
+        else:
+            re, im = (n + 1).repeat(D, 1), torch.zeros(D, N2)
+        self.log_A_real = nn.Parameter(torch.log(re))  # A = -exp(log_A_real) + i A_imag
+        self.A_imag = nn.Parameter(im, requires_grad=c.init == "lin")
+        self.C_re = nn.Parameter(torch.randn(D, N2) * 0.5 ** 0.5)
+        self.C_im = nn.Parameter(torch.randn(D, N2) * 0.5 ** 0.5)
+        self.D = nn.Parameter(torch.randn(D))
+        self.out_proj = nn.Linear(D, 2 * D)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> S4DState:
+        cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
+        return S4DState(h=torch.zeros(batch_size, self.config.d_model, self.config.d_state // 2,
+                                      device=device, dtype=cdt))
+
+    def mix(self, x, state):
+        acc = torch.promote_types(x.dtype, torch.float32)
+        cdt = torch.complex128 if acc == torch.float64 else torch.complex64
+        st = state or self.init_state(x.shape[0], x.device, acc)
+        xf = x.to(acc)
+        # 1. zero-order hold: dA = exp(dt A), dB = (dA - 1) / A
+        A = torch.complex(-torch.exp(self.log_A_real.to(acc)), self.A_imag.to(acc))  # (D, N/2)
+        dtA = torch.exp(self.log_dt.to(acc))[:, None] * A
+        dA, dB = torch.exp(dtA), (torch.exp(dtA) - 1) / A
+        # 2. the complex diagonal scan
+        b = dB * xf.to(cdt)[..., None]  # (B, T, D, N/2)
+        h, h_last = linear_scan(dA.expand_as(b), b, st.h.to(cdt))
+        # 3. y = 2 Re(C h) + D x, GELU, output GLU
+        y = 2 * (h * torch.complex(self.C_re.to(acc), self.C_im.to(acc))).sum(-1).real + self.D.to(acc) * xf
+        y = F.glu(self.out_proj(F.gelu(y).to(x.dtype)), dim=-1)  # (B, T, D)
+        return y, S4DState(h=h_last)
