@@ -14,7 +14,7 @@ default is the diagonal recurrence of ParaRNN (``num_heads = d_hidden``: 2x2 Jac
 the LSTM, 1x1 for the GRU); ``--heads`` picks block-diagonal recurrences instead.
 
 ``python -m rnnlab.bench.rnn [--T 512 1024 ...] [--mixers lstm gru] [--d-model 128] [--heads H]
-[--quick] [--json out.json]``. Prints a table and a final JSON line.
+[--threads N] [--quick] [--json out.json]``. Prints a table and a final JSON line.
 """
 from __future__ import annotations
 
@@ -83,11 +83,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--d-model", type=int, default=128, help="model width = hidden width")
     p.add_argument("--heads", type=int, default=None, help="recurrence blocks (default: d_model, diagonal)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds per form (after one warm-up)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="T = 512 1024, d_model 32, one timed round")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
     if a.quick:
         a.T, a.d_model, a.repeats = [512, 1024], 32, 1
+    if a.threads:
+        torch.set_num_threads(a.threads)
     rows = []
     for name in a.mixers:
         for T in a.T:

@@ -16,7 +16,9 @@ forms give the same outputs and states and obey the chunking law.
 
 The layer is ``in_proj`` (all gates' input terms, with bias) -> recurrence -> ``out_proj``.
 rnnlab differs from the papers in: the output projection back to the model width (the LM block
-adds the residual, norm and MLP), and the block-diagonal option.
+adds the residual, norm and MLP); the block-diagonal option; one bias per gate (nn.LSTM has two);
+U drawn from U(-1/sqrt(K), 1/sqrt(K)) per block (nn.LSTM's rule with K for the hidden width); the
+recurrence runs in float32 even under bf16 autocast (only the projections use bf16).
 
 Dimension letters: B batch, T tokens, D model width, E hidden width, H heads, K = E / H,
 G gates (4 for the LSTM, 3 for the GRU), S state size per head (2K for the LSTM: h and c; K for the GRU).

@@ -24,7 +24,8 @@ closed form; both forms give the same outputs and states.
 rnnlab differs from the reference in: the forget-bias profile is the one of the first block (the
 layer does not know its depth); the reference's sLSTM block (pre-norm, gated MLP of factor 4/3)
 is the LM block here; no fused CUDA kernel; the first-step rule applies per element (the
-reference checks ``all(n == 0)`` over the whole batch).
+reference checks ``all(n == 0)`` over the whole batch); the recurrence runs in float32 even under
+bf16 autocast.
 
 Dimension letters: B batch, T tokens, D model width, H heads, K = D / H head dim, W conv width.
 """
@@ -157,10 +158,8 @@ class SLSTM(Mixer):
             xc, conv = x, state.conv
         xh = rearrange(x, "b t (h k) -> b t h k", h=c.num_heads).to(acc)  # (B, T, H, K)
         xch = rearrange(xc, "b t (h k) -> b t h k", h=c.num_heads).to(acc)
-        W = self.W.to(acc)
-        u = torch.stack([torch.einsum("bthk,hkj->bthj", xch, W[0]), torch.einsum("bthk,hkj->bthj", xch, W[1]),
-                         torch.einsum("bthk,hkj->bthj", xh, W[2]), torch.einsum("bthk,hkj->bthj", xh, W[3])],
-                        dim=-2) + self.bias.to(acc)  # (B, T, H, 4, K)
+        inputs = torch.stack([xch, xch, xh, xh], dim=-2)  # (B, T, H, 4, K): what each gate sees
+        u = torch.einsum("bthgk,ghkj->bthgj", inputs, self.W.to(acc)) + self.bias.to(acc)  # (B, T, H, 4, K)
         # 2. the recurrence per head: sequential on [h, c, n, m], or Newton on [h, c/n, log n]
         h0, c0, n0, m0 = (t.to(acc) for t in (state.h, state.c, state.n, state.m))
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 (or float64)
