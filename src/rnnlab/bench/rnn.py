@@ -56,16 +56,17 @@ def run(name: str, T: int, d_model: int, heads: int | None, repeats: int, seed: 
     with torch.no_grad():
         u, s0 = layer.recurrence_inputs(x)
         _, info = newton_solve(layer.cell, u, s0)
+    for form in ("seq", "newton"):  # warm-up on a short sequence (first calls of torch.func are slow)
+        layer.config.parallel = form == "newton"
+        _fwd_bwd(layer, x[:, :64], w[:, :64])
     times = {("seq", "fwd"): [], ("newton", "fwd"): [], ("seq", "fwd+bwd"): [], ("newton", "fwd+bwd"): []}
     outs = {}
-    for rep in range(repeats + 1):  # the first round warms up and is not counted
+    for rep in range(repeats):  # the forms alternate, and so does their order
         for form in ("seq", "newton") if rep % 2 == 0 else ("newton", "seq"):
             layer.config.parallel = form == "newton"
             t_f, outs[form] = _fwd(layer, x)
-            t_fb = _fwd_bwd(layer, x, w)
-            if rep:
-                times[(form, "fwd")].append(t_f)
-                times[(form, "fwd+bwd")].append(t_fb)
+            times[(form, "fwd")].append(t_f)
+            times[(form, "fwd+bwd")].append(_fwd_bwd(layer, x, w))
     med = {k: statistics.median(v) for k, v in times.items()}
     return dict(mixer=name, T=T, d_model=d_model, num_heads=heads or d_model,
                 seq_fwd_s=med[("seq", "fwd")], newton_fwd_s=med[("newton", "fwd")],
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--mixers", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
     p.add_argument("--d-model", type=int, default=128, help="model width = hidden width")
     p.add_argument("--heads", type=int, default=None, help="recurrence blocks (default: d_model, diagonal)")
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds per form (after one warm-up)")
+    p.add_argument("--repeats", type=int, default=2, help="timed rounds per form")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="T = 512 1024, d_model 32, one timed round")
     p.add_argument("--json", help="also write the results to this file")
