@@ -134,3 +134,5 @@ def test_config_errors_name_the_field():
         SLSTMConfig(d_model=12, num_heads=5)
     with pytest.raises(ValueError, match="conv_size"):
         SLSTMConfig(d_model=12, conv_size=-1)
+    with pytest.raises(ValueError, match="head_dim=1"):
+        SLSTMConfig(d_model=12, num_heads=12)

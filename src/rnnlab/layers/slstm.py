@@ -97,6 +97,9 @@ class SLSTMConfig(MixerConfig):
         if not isinstance(self.conv_size, int) or self.conv_size < 0:
             raise ValueError(f"conv_size must be an int >= 0 (0 = no convolution), got {self.conv_size!r}")
         self.head_dim = self.d_model // self.num_heads
+        if self.head_dim < 2:
+            raise ValueError(f"num_heads={self.num_heads} leaves head_dim=1: the per-head LayerNorm of a single "
+                             "unit is always 0; use num_heads <= d_model // 2")
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ Shapes: x (B, T, ...), initial_state (B, ..., S); h (B, T, ..., S).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -43,8 +44,8 @@ class NewtonInfo:
 def rnn_sequential(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The definition: ``h_t = cell(h_{t-1}, x_t)`` in a loop. Returns (h (B, T, ..., S), h_last)."""
     h, hs = initial_state, []
-    for t in range(x.shape[1]):
-        h = cell(h, x[:, t])
+    for x_t in x.unbind(1):  # unbind: each step's backward stays O(1) (indexing would be O(T))
+        h = cell(h, x_t)
         hs.append(h)
     return torch.stack(hs, dim=1), h
 
@@ -146,7 +147,13 @@ def rnn_newton(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: fl
     reach x, the initial state and the cell's parameters at the cost of one reverse scan.
     Returns (h (B, T, ..., S), h_last (B, ..., S)).
     """
-    h, _ = newton_solve(cell, x.detach(), initial_state.detach(), tol, max_iters)
+    if x.shape[1] == 1:  # one token (decoding): a single cell call is exact
+        h = cell(initial_state, x[:, 0]).unsqueeze(1)
+        return h, h[:, -1]
+    h, info = newton_solve(cell, x.detach(), initial_state.detach(), tol, max_iters)
+    if not info.converged:
+        warnings.warn(f"rnn_newton did not converge in {info.iterations} iterations (residual "
+                      f"{info.residual:.2e}); use the sequential form or raise max_iters", RuntimeWarning)
     h_prev = torch.cat([initial_state.unsqueeze(1), h[:, :-1]], dim=1)  # h0 keeps its graph
     out = cell(h_prev, x)
     if torch.is_grad_enabled() and out.requires_grad:
