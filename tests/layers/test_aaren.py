@@ -7,15 +7,6 @@ import torch
 from rnnlab.layers.aaren import Aaren, AarenConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Token-by-token reference loops are far faster on one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def reference_aaren(m: Aaren, x):
     """o_t = softmax over i <= t of (q . k_i / sqrt(K)) applied to v_i, per head, one token at a time
     (the many-to-many RNN of the paper, Sec. 3.2, written as the plain prefix softmax)."""

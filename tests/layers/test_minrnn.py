@@ -5,15 +5,6 @@ import torch
 from rnnlab.layers.minrnn import MinGRU, MinGRUConfig, MinLSTM, MinLSTMConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Token-by-token reference loops are far faster on one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _g(x):
     return torch.where(x >= 0, x + 0.5, torch.sigmoid(x))
 

@@ -7,15 +7,6 @@ import torch
 from rnnlab.layers.rnn import GRU, LSTM, GRUConfig, LSTMConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Loops of tiny ops (the sequential form and its backward) are far faster on one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _blockdiag(R):
     """(H, K, G, K) per-head recurrent weights -> G dense (E, E) block-diagonal matrices."""
     H, K, G, _ = R.shape

@@ -8,15 +8,6 @@ import torch.nn.functional as F
 from rnnlab.layers.slstm import SLSTM, SLSTMConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Loops of tiny ops (the sequential form and its backward) are far faster on one thread here."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _conv_silu(m: SLSTM, x):
     """Causal depthwise conv of width W with bias, then SiLU, written as a sum over taps."""
     w, b = m.conv.conv.weight[:, 0], m.conv.conv.bias  # (D, W), (D,)
