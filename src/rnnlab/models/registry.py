@@ -22,6 +22,7 @@ from ..layers.based import Based, BasedConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.mamba import Mamba, MambaConfig
+from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 
@@ -95,6 +96,11 @@ _register(MixerSpec(
     "delta rule with a Mamba-2 style scalar decay per head, gated RMSNorm output",
     "Yang et al. 2024 (Gated DeltaNet)", "H·K·V + (W-1)·H·(2K+V) floats",
     tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "longhorn", Longhorn, LonghornConfig,
+    "online regression k -> x per channel, closed-form diagonal update; no forget gate; Mamba block",
+    "Liu et al. 2024 (Longhorn)", "E·N + (W-1)·E floats",
+    tiny=dict(d_state=4)))
 
 # -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
 _register(MixerSpec(

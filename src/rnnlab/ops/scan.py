@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_step"]
+__all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_step", "over_time_chunks"]
 
 
 def _check(a, b, initial_state):
@@ -121,3 +122,23 @@ def linear_scan(a, b, initial_state=None):
         h = linear_scan_step(a[:, 0].to(acc), b[:, 0].to(acc), None if initial_state is None else initial_state.to(acc))
         return h.unsqueeze(1), h
     return linear_scan_chunked(a, b, initial_state)
+
+
+def over_time_chunks(step, seqs, state, chunk_size=256):
+    """Run ``y, state = step(*seq_chunks, state)`` over consecutive time-chunks of ``seqs``.
+
+    For ops whose per-token state is large (e.g. (B, T, D, N) decays): each chunk is a parallel
+    scan and, under autograd with more than one chunk, is recomputed in the backward pass
+    (activation checkpointing), so memory is O(chunk) rather than O(T). ``seqs`` are (B, T, ...)
+    tensors; returns (the chunks' outputs concatenated along dim 1, the final state).
+    """
+    T = seqs[0].shape[1]
+    ys = []
+    for t0 in range(0, T, chunk_size):
+        args = [s[:, t0:t0 + chunk_size] for s in seqs]
+        if torch.is_grad_enabled() and T > chunk_size:
+            y, state = checkpoint(step, *args, state, use_reentrant=False)
+        else:
+            y, state = step(*args, state)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state

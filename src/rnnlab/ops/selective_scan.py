@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
-
-from .scan import linear_scan
+from .scan import linear_scan, over_time_chunks
 
 __all__ = ["selective_scan", "selective_scan_recurrent", "selective_scan_step"]
 
@@ -82,7 +80,7 @@ def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=F
     return y[:, 0], h
 
 
-def _chunk(u, dt, A, B, C, h, neg_eigval):
+def _chunk(u, dt, B, C, h, A, neg_eigval):
     """One time-chunk on family A: (B, Tc, D), ... , h (B, D, N) -> y without D/z (B, Tc, D), h."""
     a = _decay(dt, A, neg_eigval)  # (B, Tc, D, N)
     b = (dt * u).unsqueeze(-1) * _per_channel(B, u.shape[2])  # (B, Tc, D, N)
@@ -101,14 +99,7 @@ def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigva
     acc = torch.promote_types(u.dtype, torch.float32)
     u_, dt_, A_, B_, C_ = (t.to(acc) for t in (u, dt, A, B, C))
     h = u_.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
-    ys = []
-    for t0 in range(0, u.shape[1], chunk_size):
-        args = (u_[:, t0:t0 + chunk_size], dt_[:, t0:t0 + chunk_size], A_, B_[:, t0:t0 + chunk_size],
-                C_[:, t0:t0 + chunk_size], h)
-        if torch.is_grad_enabled() and u.shape[1] > chunk_size:
-            y, h = checkpoint(_chunk, *args, neg_eigval, use_reentrant=False)
-        else:
-            y, h = _chunk(*args, neg_eigval)
-        ys.append(y)
-    y = _finish(torch.cat(ys, dim=1), u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
+    y, h = over_time_chunks(lambda u, dt, B, C, h: _chunk(u, dt, B, C, h, A_, neg_eigval),
+                            (u_, dt_, B_, C_), h, chunk_size)
+    y = _finish(y, u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
     return y, h

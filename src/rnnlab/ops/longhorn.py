@@ -1,0 +1,71 @@
+"""Longhorn's closed-form online-learning update (Liu et al. 2024), on family A.
+
+Each channel d keeps a row S[d] (N) that learns online to map the key k_t to the value v_t[d]. The
+step solves min_s ||s - S_{t-1}[d]||² + beta_t[d] (s·k_t - v_t[d])² with the key's outer product
+kept diagonal, which gives, per channel d and state index n:
+
+    eps_t[d]  = beta_t[d] / (1 + beta_t[d] ||k_t||²)
+    S_t[d, n] = (1 - eps_t[d] k_t[n]²) S_{t-1}[d, n] + eps_t[d] v_t[d] k_t[n],      o_t[d] = S_t[d] · q_t
+
+The decay 1 - eps k² lies in (0, 1] for beta >= 0, so no forget gate or A matrix is needed.
+Shapes: v, beta (B, T, D); q, k (B, T, N); state S (B, D, N). The fast form cuts time into chunks
+and runs each as a parallel linear scan (the (B, T, D, N) decays exist for one chunk at a time).
+"""
+from __future__ import annotations
+
+import torch
+
+from .scan import linear_scan, over_time_chunks
+
+__all__ = ["longhorn", "longhorn_recurrent"]
+
+
+def _check(q, k, v, beta, initial_state):
+    Bsz, T, D = v.shape
+    if beta.shape != v.shape:
+        raise ValueError(f"beta must have v's shape (B, T, D) = {tuple(v.shape)}, got {tuple(beta.shape)}")
+    if k.dim() != 3 or k.shape[:2] != (Bsz, T):
+        raise ValueError(f"k must be (B, T, N) with (B, T) = ({Bsz}, {T}), got {tuple(k.shape)}")
+    if q.shape != k.shape:
+        raise ValueError(f"q must have k's shape {tuple(k.shape)}, got {tuple(q.shape)}")
+    if initial_state is not None and initial_state.shape != (Bsz, D, k.shape[2]):
+        raise ValueError(f"initial_state must be (B, D, N) = ({Bsz}, {D}, {k.shape[2]}), "
+                         f"got {tuple(initial_state.shape)}")
+
+
+def _coefficients(k, v, beta):
+    """The decay a (B, T, D, N) and input b (B, T, D, N) of the update."""
+    eps = beta / (1 + beta * k.square().sum(-1, keepdim=True))  # (B, T, D)
+    a = 1 - eps.unsqueeze(-1) * k.square().unsqueeze(-2)  # (B, T, D, N)
+    b = (eps * v).unsqueeze(-1) * k.unsqueeze(-2)  # (B, T, D, N)
+    return a, b
+
+
+def longhorn_recurrent(q, k, v, beta, initial_state=None):
+    """The definition: a loop over time. Returns (o (B, T, D), final_state (B, D, N))."""
+    _check(q, k, v, beta, initial_state)
+    acc = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
+    S = v.new_zeros(v.shape[0], v.shape[2], k.shape[2]) if initial_state is None else initial_state.to(acc)
+    os = []
+    for t in range(v.shape[1]):
+        eps = beta[:, t] / (1 + beta[:, t] * (k[:, t] ** 2).sum(-1, keepdim=True))  # (B, D)
+        S = (1 - eps[:, :, None] * k[:, t, None] ** 2) * S + (eps * v[:, t])[:, :, None] * k[:, t, None]
+        os.append((S * q[:, t, None]).sum(-1))  # (B, D)
+    return torch.stack(os, dim=1), S
+
+
+def _chunk(q, k, v, beta, S):
+    a, b = _coefficients(k, v, beta)
+    Ss, S_last = linear_scan(a, b, S)  # (B, Tc, D, N)
+    return (Ss * q.unsqueeze(-2)).sum(-1), S_last  # (B, Tc, D)
+
+
+def longhorn(q, k, v, beta, initial_state=None, chunk_size=256):
+    """The update as parallel scans over time-chunks; same arguments and results as
+    :func:`longhorn_recurrent`."""
+    _check(q, k, v, beta, initial_state)
+    acc = torch.promote_types(v.dtype, torch.float32)
+    q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
+    S = v.new_zeros(v.shape[0], v.shape[2], k.shape[2]) if initial_state is None else initial_state.to(acc)
+    return over_time_chunks(_chunk, (q, k, v, beta), S, chunk_size)
