@@ -19,6 +19,7 @@ from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
+from ..layers.gsa import GSA, GSAConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.mamba import Mamba, MambaConfig
@@ -113,6 +114,11 @@ _register(MixerSpec(
     "linear attention with a 2nd-order Taylor feature map on small q/k; pair with swa in the layout",
     "Arora et al. 2024 (Based)", "H·(1+F+F²)·(V+1) floats",
     tiny=dict(num_heads=2, feature_dim=4)))
+_register(MixerSpec(
+    "gsa", GSA, GSAConfig,
+    "gated slot attention: M bounded slots written with a forget gate, read by softmax (two GLA passes)",
+    "Zhang et al. 2024 (GSA)", "2·H·M·K floats (K = D/H)",
+    tiny=dict(num_heads=2, num_slots=8)))
 
 # -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
 _register(MixerSpec(
