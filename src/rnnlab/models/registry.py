@@ -20,6 +20,7 @@ from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, Re
 from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
 from ..layers.gsa import GSA, GSAConfig
+from ..layers.titans import Titans, TitansConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.mamba import Mamba, MambaConfig
@@ -119,6 +120,11 @@ _register(MixerSpec(
     "gated slot attention: M bounded slots written with a forget gate, read by softmax (two GLA passes)",
     "Zhang et al. 2024 (GSA)", "2·H·M·K floats (K = D/H)",
     tiny=dict(num_heads=2, num_slots=8)))
+_register(MixerSpec(
+    "titans", Titans, TitansConfig,
+    "neural memory (MLP or linear) trained while reading: gradient step on ||M(k)-v||² with momentum and forgetting",
+    "Behrouz et al. 2024 (Titans)", "3·H·2·F·K (MLP) or 3·H·K² (linear) + 3·(W-1)·D floats",
+    tiny=dict(num_heads=2, chunk_size=4)))
 
 # -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
 _register(MixerSpec(

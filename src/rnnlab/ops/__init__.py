@@ -5,6 +5,7 @@ from .delta import (gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule
 from .scan import linear_scan, linear_scan_chunked, linear_scan_recurrent, linear_scan_step, over_time_chunks
 from .longhorn import longhorn, longhorn_recurrent
 from .gsa import gsa, gsa_chunked, gsa_recurrent
+from .memory import MemoryState, neural_memory, neural_memory_recurrent
 from .newton import NewtonInfo, matrix_scan, newton_solve, rnn_newton, rnn_sequential
 from .selective_scan import selective_scan, selective_scan_recurrent, selective_scan_step
 from .mlstm import mlstm, mlstm_chunked, mlstm_parallel, mlstm_recurrent, mlstm_step

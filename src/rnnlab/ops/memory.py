@@ -1,0 +1,184 @@
+"""Titans' neural memory (Behrouz et al. 2024): a memory whose weights are the state, learned at test
+time by gradient descent with momentum and forgetting on the loss ||M(k) - v||².
+
+Per head, with the memory M (a linear map W, or a 2-layer MLP W2 silu(W1 ·)), the momentum S (same
+shapes), the decay g_t = 1 - α_t (forgetting), the momentum decay η_t and the step size θ_t:
+
+    S_t = η_t S_{t-1} - θ_t ∇ℓ(M_{t'}; k_t, v_t),      M_t = g_t M_{t-1} + S_t,      o_t = M_t(q_t)
+
+where t' is the start of t's mini-batch of ``chunk_size`` tokens: every gradient of a mini-batch
+is taken at the weights its mini-batch started from (the paper's eq. 16), which is what lets a whole
+mini-batch be computed with matmuls. That anchor is part of the state, together with the position
+inside the mini-batch, so feeding a sequence in pieces gives exactly the result of one call.
+
+Chunked form (one mini-batch segment of L tokens at a time): every gradient is a sum of outer
+products u_s = a_s b_s^T (linear: (2e_s) k_s^T; MLP: δ_s k_s^T for W1 and (2e_s) h_s^T for W2),
+and unrolling the two recurrences gives M_t = G_t M_0 + c_t S_0 + Σ_s W[t, s] u_s with an L×L
+matrix W = R (E ∘ -θ) of decay products, so reading M_t(q_t) is masked attention-like matmuls and
+the per-token weights are never formed.
+
+Shapes: q, k (B, T, H, K); v (B, T, H, V); log_g, log_eta, theta (B, T, H). Memory weights are
+(B, H, out, in): linear W (V, K); MLP W1 (F, K), W2 (V, F).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+__all__ = ["MemoryState", "neural_memory", "neural_memory_recurrent"]
+
+
+class MemoryState(NamedTuple):
+    memory: tuple[torch.Tensor, ...]  # the memory's weights: (W,) or (W1, W2), each (B, H, out, in)
+    momentum: tuple[torch.Tensor, ...]  # S, the same shapes
+    anchor: tuple[torch.Tensor, ...]  # the weights at the start of the current mini-batch (= memory when pos = 0)
+    pos: int  # tokens of the current mini-batch already seen, 0 <= pos < chunk_size
+
+
+def _dsilu(h):
+    s = torch.sigmoid(h)
+    return s * (1 + h * (1 - s))
+
+
+def _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size):
+    Bsz, T, H, K = q.shape
+    if k.shape != q.shape:
+        raise ValueError(f"k must have q's shape (B, T, H, K) = {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.dim() != 4 or v.shape[:3] != (Bsz, T, H):
+        raise ValueError(f"v must be (B, T, H, V) with (B, T, H) = ({Bsz}, {T}, {H}), got {tuple(v.shape)}")
+    for name, g in (("log_g", log_g), ("log_eta", log_eta), ("theta", theta)):
+        if g.shape != (Bsz, T, H):
+            raise ValueError(f"{name} must be (B, T, H) = ({Bsz}, {T}, {H}), got {tuple(g.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if initial_state is None:
+        return
+    if not isinstance(initial_state, MemoryState):
+        raise ValueError(f"initial_state must be a MemoryState or None, got {type(initial_state).__name__}")
+    mem = initial_state.memory
+    if len(mem) not in (1, 2) or len(initial_state.momentum) != len(mem) or len(initial_state.anchor) != len(mem):
+        raise ValueError("initial_state must hold 1 (linear) or 2 (MLP) weights in memory, momentum and anchor alike")
+    ins = [K] + [w.shape[-2] for w in mem[:-1]]
+    outs = [w.shape[-2] for w in mem[:-1]] + [v.shape[3]]
+    for part in ("memory", "momentum", "anchor"):
+        for i, w in enumerate(getattr(initial_state, part)):
+            if w.shape != (Bsz, H, outs[i], ins[i]):
+                raise ValueError(f"initial_state.{part}[{i}] must be (B, H, out, in) = "
+                                 f"({Bsz}, {H}, {outs[i]}, {ins[i]}), got {tuple(w.shape)}")
+    if not 0 <= initial_state.pos < chunk_size:
+        raise ValueError(f"initial_state.pos must lie in [0, chunk_size={chunk_size}), got {initial_state.pos}")
+
+
+def _zero_state(q, v, acc):
+    W = q.new_zeros(q.shape[0], q.shape[2], v.shape[3], q.shape[3], dtype=acc)  # (B, H, V, K)
+    return MemoryState((W,), (W,), (W,), 0)
+
+
+# -- the definition ---------------------------------------------------------------------------------
+def _read(params, x):
+    """M(x) for x (B, H, K)."""
+    h = (params[0] @ x[..., None]).squeeze(-1)
+    for W in params[1:]:
+        h = (W @ F.silu(h)[..., None]).squeeze(-1)
+    return h
+
+
+def _loss_grad(params, k, v):
+    """∇_M ||M(k) - v||², one tensor per weight, for k (B, H, K), v (B, H, V)."""
+    if len(params) == 1:
+        e = 2 * (_read(params, k) - v)  # (B, H, V)
+        return (e[..., :, None] * k[..., None, :],)
+    W1, W2 = params
+    h = (W1 @ k[..., None]).squeeze(-1)  # (B, H, F)
+    a = F.silu(h)
+    e = 2 * ((W2 @ a[..., None]).squeeze(-1) - v)  # (B, H, V)
+    delta = (W2.transpose(-1, -2) @ e[..., None]).squeeze(-1) * _dsilu(h)  # (B, H, F)
+    return delta[..., :, None] * k[..., None, :], e[..., :, None] * a[..., None, :]
+
+
+def neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16):
+    """The definition: a loop over tokens. Returns (o (B, T, H, V), MemoryState)."""
+    _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q, k, v, log_g, log_eta, theta = (t.to(acc) for t in (q, k, v, log_g, log_eta, theta))
+    st = initial_state or _zero_state(q, v, acc)
+    memory, momentum, anchor, pos = st
+    os = []
+    for t in range(q.shape[1]):
+        if pos == 0:
+            anchor = memory
+        u = _loss_grad(anchor, k[:, t], v[:, t])
+        eta, g = log_eta[:, t, :, None, None].exp(), log_g[:, t, :, None, None].exp()
+        th = theta[:, t, :, None, None]
+        momentum = tuple(eta * S - th * du for S, du in zip(momentum, u))
+        memory = tuple(g * M + S for M, S in zip(memory, momentum))
+        os.append(_read(memory, q[:, t]))
+        pos = (pos + 1) % chunk_size
+    return torch.stack(os, dim=1), MemoryState(memory, momentum, memory if pos == 0 else anchor, pos)
+
+
+# -- the chunked form -------------------------------------------------------------------------------
+def _factors(anchor, k, v):
+    """Each weight's gradient at every token as outer products a_s b_s^T: [(a (B,H,L,out), b (B,H,L,in))]."""
+    if len(anchor) == 1:
+        e = 2 * (k @ anchor[0].transpose(-1, -2) - v)  # (B, H, L, V)
+        return [(e, k)]
+    W1, W2 = anchor
+    h = k @ W1.transpose(-1, -2)  # (B, H, L, F)
+    a = F.silu(h)
+    e = 2 * (a @ W2.transpose(-1, -2) - v)  # (B, H, L, V)
+    delta = (e @ W2) * _dsilu(h)  # (B, H, L, F)
+    return [(delta, k), (e, a)]
+
+
+def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor):
+    """L tokens of one mini-batch: (B, H, L, ·) inputs -> o (B, H, L, V), memory, momentum."""
+    L = q.shape[2]
+    causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    lg, le = log_g.cumsum(-1), log_eta.cumsum(-1)  # (B, H, L)
+    R = (lg[..., :, None] - lg[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # (B, H, L, L): Π g over (r, t]
+    E = (le[..., :, None] - le[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # Π η over (s, r]
+    Em = E * -theta[..., None, :]  # S_r = e^{le_r} S_0 + Σ_s Em[r, s] u_s
+    Wm = R @ Em  # (B, H, L, L): M_t = e^{lg_t} M_0 + c_t S_0 + Σ_s Wm[t, s] u_s
+    c = (R @ le.exp()[..., None]).squeeze(-1)  # (B, H, L)
+    G = lg.exp()
+    x = q
+    out = []
+    new_memory, new_momentum = [], []
+    for i, (a, b) in enumerate(_factors(anchor, k, v)):
+        M0, S0 = memory[i], momentum[i]
+        # 1. read layer i at every t with M_t, never forming M_t
+        y = (G[..., None] * (x @ M0.transpose(-1, -2)) + c[..., None] * (x @ S0.transpose(-1, -2))
+             + (Wm * (x @ b.transpose(-1, -2))) @ a)  # (B, H, L, out)
+        x = F.silu(y) if i + 1 < len(memory) else y
+        # 2. weights and momentum after the segment's last token
+        new_memory.append(G[..., -1, None, None] * M0 + c[..., -1, None, None] * S0
+                          + (a * Wm[..., -1, :, None]).transpose(-1, -2) @ b)
+        new_momentum.append(le[..., -1, None, None].exp() * S0 + (a * Em[..., -1, :, None]).transpose(-1, -2) @ b)
+    return x, tuple(new_memory), tuple(new_momentum)
+
+
+def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16):
+    """Mini-batch by mini-batch with matmuls; same arguments and results as
+    :func:`neural_memory_recurrent` (initial_state None: a linear memory at zero)."""
+    _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = (rearrange(t.to(acc), "b t h d -> b h t d") for t in (q, k, v))
+    log_g, log_eta, theta = (rearrange(t.to(acc), "b t h -> b h t") for t in (log_g, log_eta, theta))
+    memory, momentum, anchor, pos = initial_state or _zero_state(q.transpose(1, 2), v.transpose(1, 2), acc)
+    memory, momentum, anchor = (tuple(w.to(acc) for w in p) for p in (memory, momentum, anchor))
+    os, t0, T = [], 0, q.shape[2]
+    while t0 < T:
+        L = min(chunk_size - pos, T - t0)
+        if pos == 0:
+            anchor = memory
+        sl = slice(t0, t0 + L)
+        o, memory, momentum = _segment(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_g[..., sl], log_eta[..., sl],
+                                       theta[..., sl], memory, momentum, anchor)
+        os.append(o)
+        t0, pos = t0 + L, (pos + L) % chunk_size
+    o = rearrange(torch.cat(os, dim=2), "b h t d -> b t h d")
+    return o, MemoryState(memory, momentum, memory if pos == 0 else anchor, pos)
