@@ -5,8 +5,9 @@ from rnnlab.bench import ops
 
 
 def test_bench_ops_smoke(capsys):
-    rows = ops.main(["--T", "64", "--families", "delta", "scan", "--ref-max-T", "64", "--repeats", "1", "--H", "2",
+    families = ["delta", "scan", "longhorn", "gsa", "memory"]
+    rows = ops.main(["--T", "64", "--families", *families, "--ref-max-T", "64", "--repeats", "1", "--H", "2",
                      "--K", "8"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["bench"] == "ops" and len(last["results"]) == len(rows) == 2
+    assert last["bench"] == "ops" and len(last["results"]) == len(rows) == len(families)
     assert all(r["ref_fwdbwd_s"] > 0 and r["fast_fwdbwd_s"] > 0 for r in rows)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops
 
-FAMILIES = ("delta", "gla", "mlstm", "scan", "selective_scan")
+FAMILIES = ("delta", "gla", "mlstm", "scan", "selective_scan", "longhorn", "gsa", "memory")
 
 
 def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
@@ -40,7 +40,26 @@ def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
         D = H * K
         return dict(u=r(B, T, D), dt=F.softplus(r(B, T, D) - 3), A=-torch.exp(r(D, 16)), B=r(B, T, 16),
                     C=r(B, T, 16))
+    if family == "longhorn":  # Longhorn with D = H·K channels and N = 16
+        D = H * K
+        return dict(q=r(B, T, 16), k=r(B, T, 16) / 4, v=r(B, T, D), beta=torch.rand(B, T, D, generator=g))
+    if family == "gsa":  # gated slot attention with 64 slots per head
+        log_g = F.logsigmoid(r(B, T, H, 64)) / 8
+        return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K), s=-torch.expm1(log_g), log_g=log_g)
+    if family == "memory":  # Titans' 2-layer MLP memory (F = 2K), mini-batches of 16
+        return dict(q=F.normalize(r(B, T, H, K), dim=-1), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, K),
+                    log_g=F.logsigmoid(r(B, T, H) + 5), log_eta=F.logsigmoid(r(B, T, H) + 2),
+                    theta=0.05 * torch.rand(B, T, H, generator=g),
+                    w1=r(B, H, 2 * K, K) * K ** -0.5, w2=r(B, H, K, 2 * K) * (2 * K) ** -0.5)
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+
+
+def _mlp_memory(form):
+    """A neural-memory form taking the MLP memory's starting weights as tensors (momentum zero)."""
+    def run(q, k, v, log_g, log_eta, theta, w1, w2):
+        zeros = (torch.zeros_like(w1), torch.zeros_like(w2))
+        return form(q, k, v, log_g, log_eta, theta, ops.MemoryState((w1, w2), zeros, (w1, w2), 0))
+    return run
 
 
 _FORMS = {
@@ -49,6 +68,9 @@ _FORMS = {
     "mlstm": (ops.mlstm_recurrent, ops.mlstm),
     "scan": (ops.linear_scan_recurrent, ops.linear_scan),
     "selective_scan": (ops.selective_scan_recurrent, ops.selective_scan),
+    "longhorn": (ops.longhorn_recurrent, ops.longhorn),
+    "gsa": (ops.gsa_recurrent, ops.gsa),
+    "memory": (_mlp_memory(ops.neural_memory_recurrent), _mlp_memory(ops.neural_memory)),
 }
 
 
