@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rnnlab.ops import linear_scan, linear_scan_chunked, linear_scan_recurrent
+from rnnlab.ops import linear_scan, linear_scan_chunked, linear_scan_recurrent, scan
 
 
 def make(B=2, T=77, D=3, kind="real", seed=0):
@@ -28,9 +28,12 @@ def _loss_grads(fn, a, b, h0, cot):
     return h, last, (a.grad, b.grad, h0.grad)
 
 
+@pytest.mark.parametrize("core", ["loop", "hillis_steele"])
 @pytest.mark.parametrize("kind", ["real", "complex", "real_a_complex_b"])
 @pytest.mark.parametrize("T", [1, 5, 64, 77])
-def test_chunked_equals_reference(kind, T):
+def test_chunked_equals_reference(kind, T, core, monkeypatch):
+    """Both cores of the fast form (CPU loop for many lanes, log-depth scan otherwise)."""
+    monkeypatch.setattr(scan, "_SEQUENTIAL_MIN_LANES", 1 if core == "loop" else 10**9)
     a, b, h0 = make(T=T, kind=kind)
     cot = torch.randn(b.shape, dtype=torch.float64)
     h1, l1, g1 = _loss_grads(linear_scan_recurrent, a, b, h0, cot)

@@ -51,8 +51,29 @@ def linear_scan_step(a, b, state=None):
     return b if state is None else a * state + b
 
 
+_SEQUENTIAL_MIN_LANES = 1024  # on CPU, the plain loop wins from this many recurrences per step up
+
+
 def _scan_core(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """h for all t (no autograd): Hillis–Steele within chunks, then carry across chunks."""
+    """h for all t (no autograd). On CPU with many lanes (B·prod(...) >= 1024) a loop over time
+    reads each element once and is 3-10x faster than the log-depth scan (measured: (1, 4096,
+    8192) 0.15 s vs 1.1-1.7 s); with few lanes, and on GPUs, the log-depth scan wins."""
+    if a.device.type == "cpu" and b[:, 0].numel() >= _SEQUENTIAL_MIN_LANES:
+        return _scan_loop(a, b, h0)
+    return _scan_hillis_steele(a, b, h0, chunk_size)
+
+
+def _scan_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(b.shape, dtype=h0.dtype, device=b.device)
+    h = h0
+    for t in range(a.shape[1]):
+        h = a[:, t] * h + b[:, t]
+        out[:, t] = h
+    return out
+
+
+def _scan_hillis_steele(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Hillis–Steele within chunks, then carry across chunks."""
     B, T = a.shape[:2]
     rest = a.shape[2:]
     C = min(chunk_size, T)
