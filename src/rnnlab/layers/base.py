@@ -93,7 +93,10 @@ class Mixer(nn.Module):
         """Raise :class:`StateError` unless ``state`` belongs to this mixer and batch size."""
         if not isinstance(state, State):
             raise StateError(f"state must be a {self.state_cls.__name__} or None, got {type(state).__name__}")
-        state.check_like(self.init_state(batch_size, device="meta"), where=f"{type(self).__name__} state")
+        refs = self.__dict__.setdefault("_state_refs", {})  # shapes depend on the config only: built once
+        if batch_size not in refs:
+            refs[batch_size] = self.init_state(batch_size, device="meta")
+        state.check_like(refs[batch_size], where=f"{type(self).__name__} state")
 
     def state_size(self, batch_size: int = 1, dtype: torch.dtype = torch.float32) -> int:
         """Bytes of the initial state (for recurrent mixers: the state at any time)."""

@@ -52,7 +52,12 @@ class ShortConv(nn.Module):
         if conv_state is None:
             conv_state = self.init_state(B, x.device, x.dtype)
         xp = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, W-1+T, C)
-        y = self.conv(xp.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
+        if T <= 16:  # decoding: a multiply-add over the window is ~10x faster than conv1d's call here
+            y = (xp.unfold(1, self.width, 1) * self.conv.weight[:, 0]).sum(-1)  # (B, T, C)
+            if self.conv.bias is not None:
+                y = y + self.conv.bias
+        else:
+            y = self.conv(xp.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
         if self.activation:
             y = F.silu(y)
         return y, xp[:, xp.shape[1] - (self.width - 1):]
