@@ -103,3 +103,20 @@ def test_matrix_scan_matches_a_loop():
         hs.append(h)
     for C in (1, 5, 64):
         torch.testing.assert_close(matrix_scan(J, r, h0, chunk_size=C), torch.stack(hs, 1))
+
+
+def test_divergent_newton_falls_back_and_stays_exact():
+    """A long-memory LSTM (forget bias +4, recurrent weights U(-1, 1)) overflows under plain Newton
+    in float32; the safeguarded solve still returns the sequential trajectory, and says how."""
+    g = torch.Generator().manual_seed(0)
+    cell = lstm_like(torch.rand(64, 1, 4, 1, generator=g) * 2 - 1)
+    x = torch.randn(2, 512, 64, 4, 1, generator=g)
+    x[..., 1, :] += 4.0
+    h0 = torch.zeros(2, 64, 2)
+    h_seq, _ = rnn_sequential(cell, x, h0)
+    h, info = newton_solve(cell, x, h0)
+    assert info.converged and info.picard_steps >= 1 and info.sequential_from is not None, info
+    assert torch.isfinite(h).all() and (h - h_seq).abs().max() < 1e-4
+    with pytest.warns(RuntimeWarning, match="finished sequentially"):
+        out, last = rnn_newton(cell, x, h0)
+    assert (out - h_seq).abs().max() < 1e-4

@@ -74,6 +74,7 @@ def run(name: str, T: int, d_model: int, heads: int | None, repeats: int, seed: 
                 speedup_fwd=med[("seq", "fwd")] / med[("newton", "fwd")],
                 speedup_fwd_bwd=med[("seq", "fwd+bwd")] / med[("newton", "fwd+bwd")],
                 newton_iters=info.iterations, newton_residual=info.residual, converged=info.converged,
+                picard_steps=info.picard_steps, sequential_from=info.sequential_from,
                 max_abs_diff=(outs["seq"] - outs["newton"]).abs().max().item())
 
 

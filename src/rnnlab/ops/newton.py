@@ -39,6 +39,8 @@ class NewtonInfo:
     iterations: int  # Newton iterations run
     residual: float  # max |h_t - f(h_{t-1}, x_t)| over the trajectory at the end
     converged: bool  # residual <= tol
+    picard_steps: int = 0  # iterations where the Newton step was rejected for a fixed-point step
+    sequential_from: int | None = None  # steps from here on were finished by the sequential loop
 
 
 def rnn_sequential(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,30 +97,54 @@ def _shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
     return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)  # h_{t-1} for every t
 
 
+def _residual(cell: Cell, h: torch.Tensor, h0: torch.Tensor, x: torch.Tensor):
+    """f = cell(h_{t-1}, x_t) for every t, and max |f - h| (inf when not finite)."""
+    h_prev = _shift(h, h0)
+    f = cell(h_prev, x)
+    res = (f - h).abs().max().item()
+    return h_prev, f, res if res == res else float("inf")
+
+
 @torch.no_grad()
 def newton_solve(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: float | None = None,
                  max_iters: int = 100) -> tuple[torch.Tensor, NewtonInfo]:
     """Newton iterations from the guess ``h = h0`` at every step until ``max |h - f(h_prev)| <=
     tol`` (default: 1e-12 in float64, 1e-5 in float32 and below), plus one polishing iteration
-    (with quadratic convergence it removes what a long memory would amplify). Exact after at most
-    T iterations."""
+    (with quadratic convergence it removes what a long memory would amplify).
+
+    Safeguards, so the result always equals the sequential loop: a Newton step that blows up (the
+    residual overflows or grows over 1000-fold) is replaced by a fixed-point step ``h <- f(h_prev)``, which
+    makes at least one more leading step exact; if ``max_iters`` pass without convergence (or two
+    Newton steps in a row are rejected), the steps from the first unconverged one on are finished
+    by the sequential loop.
+    """
     h0 = initial_state
     tol = (1e-12 if h0.dtype == torch.float64 else 1e-5) if tol is None else tol
     h = h0.unsqueeze(1).expand(-1, x.shape[1], *h0.shape[1:]).clone()  # (B, T, ..., S)
-    res, polished = float("inf"), False
-    for it in range(max_iters + 1):
-        h_prev = _shift(h, h0)
-        f = cell(h_prev, x)
-        res = (f - h).abs().max().item()
-        if it == max_iters or polished:
-            break
+    h_prev, f, res = _residual(cell, h, h0, x)
+    polished, picard, streak, it = False, 0, 0, 0
+    while it < max_iters and not polished and streak < 2:  # two rejected Newton steps in a row: give up
         polished = res <= tol  # once within tol, one more step (quadratic convergence) and stop
         J = _jacobians(cell, h_prev, x)
         r = f - (J @ h_prev.unsqueeze(-1)).squeeze(-1)
-        h = matrix_scan(J, r, h0)
-        if not torch.isfinite(h).all():
-            raise FloatingPointError(f"Newton iteration {it + 1} diverged (non-finite states)")
-    return h, NewtonInfo(iterations=it, residual=res, converged=res <= tol)
+        h_new = matrix_scan(J, r, h0)
+        new = _residual(cell, h_new, h0, x)
+        it += 1
+        if new[2] > 1e3 * max(res, 1.0):  # 1. the Newton step blew up (overflow): fixed-point step instead
+            h_new, picard, streak = f, picard + 1, streak + 1
+            new = _residual(cell, h_new, h0, x)
+        else:
+            streak = 0
+        h, (h_prev, f, res) = h_new, new
+    seq_from = None
+    if res > tol:  # 2. finish the unconverged tail exactly, step by step
+        bad = (~((f - h).abs() <= tol)).flatten(2).any(-1).any(0)  # (T,), NaN counts as unconverged
+        seq_from = int(bad.nonzero()[0, 0])
+        start = h0 if seq_from == 0 else h[:, seq_from - 1]
+        h = torch.cat([h[:, :seq_from], rnn_sequential(cell, x[:, seq_from:], start)[0]], dim=1)
+        _, _, res = _residual(cell, h, h0, x)
+    return h, NewtonInfo(iterations=it, residual=res, converged=res <= tol, picard_steps=picard,
+                         sequential_from=seq_from)
 
 
 class _Adjoint(torch.autograd.Function):
@@ -151,9 +177,10 @@ def rnn_newton(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: fl
         h = cell(initial_state, x[:, 0]).unsqueeze(1)
         return h, h[:, -1]
     h, info = newton_solve(cell, x.detach(), initial_state.detach(), tol, max_iters)
-    if not info.converged:
-        warnings.warn(f"rnn_newton did not converge in {info.iterations} iterations (residual "
-                      f"{info.residual:.2e}); use the sequential form or raise max_iters", RuntimeWarning)
+    if info.sequential_from is not None:
+        warnings.warn(f"rnn_newton did not converge in {info.iterations} iterations; steps "
+                      f"{info.sequential_from}..{x.shape[1] - 1} were finished sequentially (exact, but slow: "
+                      "use the sequential form for this model, or raise max_iters)", RuntimeWarning)
     h_prev = torch.cat([initial_state.unsqueeze(1), h[:, :-1]], dim=1)  # h0 keeps its graph
     out = cell(h_prev, x)
     if torch.is_grad_enabled() and out.requires_grad:
