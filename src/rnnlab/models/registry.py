@@ -122,7 +122,7 @@ _register(MixerSpec(
     tiny=dict(num_heads=2, num_slots=8)))
 _register(MixerSpec(
     "titans", Titans, TitansConfig,
-    "neural memory (MLP or linear) trained while reading: gradient step on ||M(k)-v||² with momentum and forgetting",
+    "neural memory (MLP or linear) trained while reading: gradient step on ‖M(k)−v‖² with momentum and forgetting",
     "Behrouz et al. 2024 (Titans)", "3·H·2·F·K (MLP) or 3·H·K² (linear) + 3·(W-1)·D floats",
     tiny=dict(num_heads=2, chunk_size=4)))
 
