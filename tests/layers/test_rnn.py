@@ -123,3 +123,12 @@ def test_config_errors_name_the_field():
         LSTMConfig(d_model=12, num_heads=5)
     with pytest.raises(ValueError, match="d_hidden"):
         GRUConfig(d_model=12, d_hidden=0)
+
+
+def test_newton_rejects_blocks_too_large_for_its_jacobians():
+    with pytest.raises(ValueError, match=r"num_heads >= 4"):  # dense 128-unit LSTM: S = 256
+        LSTMConfig(d_model=128, parallel=True)
+    with pytest.raises(ValueError, match="num_heads >= 2"):  # GRU: S = 128
+        GRUConfig(d_model=128, parallel=True)
+    LSTMConfig(d_model=128, num_heads=4, parallel=True)  # S = 64: accepted
+    LSTMConfig(d_model=128, parallel=False)  # the sequential form has no such limit

@@ -127,3 +127,9 @@ def test_config_errors_name_the_field():
         SLSTMConfig(d_model=12, conv_size=-1)
     with pytest.raises(ValueError, match="head_dim=1"):
         SLSTMConfig(d_model=12, num_heads=12)
+
+
+def test_newton_rejects_heads_too_large_for_its_jacobians():
+    with pytest.raises(ValueError, match="parallel=False"):
+        SLSTMConfig(d_model=256, num_heads=4, parallel=True)  # S = 3 · 64 = 192
+    SLSTMConfig(d_model=256, num_heads=16, parallel=True)  # S = 48

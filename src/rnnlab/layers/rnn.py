@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from einops import rearrange
 from torch import nn
 
 from ..ops import rnn_newton, rnn_sequential
+from ..ops.newton import check_newton_block
 from .base import Mixer, MixerConfig
 from .state import State
 
@@ -77,11 +79,16 @@ class LSTMConfig(MixerConfig):
             raise ValueError(f"d_hidden must be a positive int, got {self.d_hidden!r}")
         if not isinstance(self.num_heads, int) or self.num_heads < 1 or self.d_hidden % self.num_heads:
             raise ValueError(f"num_heads={self.num_heads!r} must be a positive divisor of d_hidden={self.d_hidden}")
+        if self.parallel:
+            check_newton_block(self.newton_state_per_unit * (self.d_hidden // self.num_heads),
+                               self.d_hidden, self.num_heads)
+
+    newton_state_per_unit: ClassVar[int] = 2  # Newton iterates on [h, c]
 
 
 @dataclass
 class GRUConfig(LSTMConfig):
-    pass
+    newton_state_per_unit: ClassVar[int] = 1  # Newton iterates on h
 
 
 @dataclass(frozen=True)

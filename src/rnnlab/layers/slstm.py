@@ -40,6 +40,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops import rnn_newton, rnn_sequential
+from ..ops.newton import check_newton_block
 from .base import Mixer, MixerConfig
 from .common import ShortConv
 from .state import State
@@ -100,6 +101,8 @@ class SLSTMConfig(MixerConfig):
         if self.head_dim < 2:
             raise ValueError(f"num_heads={self.num_heads} leaves head_dim=1: the per-head LayerNorm of a single "
                              "unit is always 0; use num_heads <= d_model // 2")
+        if self.parallel:
+            check_newton_block(3 * self.head_dim, self.d_model, self.num_heads)  # Newton iterates on [h, c/n, log n]
 
 
 @dataclass(frozen=True)

@@ -27,9 +27,23 @@ import torch
 
 from .scan import linear_scan
 
-__all__ = ["rnn_sequential", "rnn_newton", "newton_solve", "NewtonInfo", "matrix_scan"]
+__all__ = ["rnn_sequential", "rnn_newton", "newton_solve", "NewtonInfo", "matrix_scan", "check_newton_block",
+           "MAX_NEWTON_BLOCK"]
 
 Cell = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+MAX_NEWTON_BLOCK = 64  # largest state block S the Newton form accepts: it keeps S x S entries per block and token
+
+
+def check_newton_block(S: int, d_hidden: int, num_heads: int) -> None:
+    """A ValueError unless a Newton state block of S entries (per head) is at most MAX_NEWTON_BLOCK."""
+    if S > MAX_NEWTON_BLOCK:
+        per_unit = S // (d_hidden // num_heads)
+        need = -(-d_hidden * per_unit // MAX_NEWTON_BLOCK)
+        raise ValueError(f"parallel=True keeps an S x S Jacobian per head and token; num_heads={num_heads} gives "
+                         f"S={S} ({S * S * 4 * 4096 * num_heads / 2**30:.1f} GiB at T=4096 in float32). "
+                         f"Use num_heads >= {need} (block-diagonal or diagonal recurrence, as in ParaRNN) "
+                         f"or parallel=False")
 
 
 @dataclass(frozen=True)
