@@ -92,11 +92,12 @@ def test_long_sequences_stay_finite_and_float32_matches():
     assert (a - b).abs().max() < 1e-5
 
 
-def test_matrix_scan_matches_a_loop():
+@pytest.mark.parametrize("H", [3, 10])  # 96 matrix entries per step: log-depth scan; 320: the CPU loop
+def test_matrix_scan_matches_a_loop(H):
     g = torch.Generator().manual_seed(0)
-    J = 0.5 * torch.randn(2, 37, 3, 4, 4, generator=g, dtype=torch.float64)
-    r = torch.randn(2, 37, 3, 4, generator=g, dtype=torch.float64)
-    h0 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    J = 0.5 * torch.randn(2, 37, H, 4, 4, generator=g, dtype=torch.float64)
+    r = torch.randn(2, 37, H, 4, generator=g, dtype=torch.float64)
+    h0 = torch.randn(2, H, 4, generator=g, dtype=torch.float64)
     h, hs = h0, []
     for t in range(37):
         h = (J[:, t] @ h.unsqueeze(-1)).squeeze(-1) + r[:, t]
