@@ -9,8 +9,8 @@ HiPPO-derived diagonal: S4D-Lin ``A_n = -1/2 + iπn`` (default) or S4D-Real ``A_
 Runs on ``rnnlab.ops.linear_scan`` with complex values.
 
 rnnlab differs from the reference in: the recurrence is run as a scan (constant state per stream)
-instead of the convolution kernel, so it streams; no dropout. (``lssl``, the dense HiPPO-LegS
-recurrence of Gu et al. 2021, is not implemented yet.)
+instead of the convolution kernel, so it streams; no dropout. (``lssl`` is the dense HiPPO-LegS
+layer of Gu et al. 2021.)
 
 Dimension letters: B batch, T tokens, D model width = channels, N state size (N/2 complex).
 """

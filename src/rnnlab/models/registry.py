@@ -23,6 +23,7 @@ from ..layers.gsa import GSA, GSAConfig
 from ..layers.titans import Titans, TitansConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
+from ..layers.lssl import LSSL, LSSLConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
@@ -146,6 +147,11 @@ _register(MixerSpec(
     "s4d", S4D, S4DConfig,
     "diagonal SSM with HiPPO-derived init (S4D-Lin or S4D-Real), learned step, zero-order hold",
     "Gu et al. 2022 (S4D)", "D·N/2 complex = D·N floats",
+    tiny=dict(d_state=8)))
+_register(MixerSpec(
+    "lssl", LSSL, LSSLConfig,
+    "dense HiPPO-LegS state space per channel, bilinear step, learned dt; convolution to train, recurrence to stream",
+    "Gu et al. 2021 (LSSL)", "D·N floats",
     tiny=dict(d_state=8)))
 
 # -- nonlinear and minimal RNNs: mingru, minlstm, lstm, gru, slstm, aaren ---------------------------

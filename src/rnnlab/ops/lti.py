@@ -1,0 +1,115 @@
+"""Dense linear time-invariant state spaces (LSSL, Gu et al. 2021), per channel.
+
+Per channel d (of D), with a small dense state h (N) and fixed discrete matrices:
+
+    h_t = dA[d] h_{t-1} + dB[d] u_t[d],      y_t[d] = C[d] · h_t
+
+Forms: :func:`lti_recurrent` (the definition, a loop over time); :func:`lti_conv` (training: the
+output is the causal convolution of u with the kernel K_l = C dA^l dB, computed by Krylov doubling
+in log2(T) batched matmuls and applied with an FFT; the initial state adds C dA^(t+1) h_0 and the
+final state is dA^T h_0 + sum_s dA^(T-1-s) dB u_s); :func:`lti` (the dispatch layers call). Also
+:func:`hippo_legs` (the HiPPO-LegS matrices) and :func:`bilinear` (the discretisation LSSL uses).
+
+Shapes: u (B, T, D); dA (D, N, N); dB, C (D, N); state h (B, D, N).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["hippo_legs", "bilinear", "lti", "lti_conv", "lti_recurrent"]
+
+
+def hippo_legs(N: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """HiPPO-LegS (Gu et al. 2020): A[n, k] = -sqrt(2n+1) sqrt(2k+1) for n > k, -(n+1) for n = k,
+    0 above the diagonal; B[n] = sqrt(2n+1). Returns (A (N, N), B (N,))."""
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"N must be a positive int, got {N!r}")
+    q = torch.sqrt(2 * torch.arange(N, dtype=torch.float64) + 1)  # (N,)
+    A = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(torch.arange(1, N + 1, dtype=torch.float64))
+    return A.to(dtype), q.to(dtype)
+
+
+def bilinear(A: torch.Tensor, B: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bilinear (Tustin) discretisation with step dt per channel:
+    dA = (I - dt/2 A)^-1 (I + dt/2 A), dB = (I - dt/2 A)^-1 dt B.
+    A (N, N) or (D, N, N); B (N,) or (D, N); dt (D,). Returns (dA (D, N, N), dB (D, N))."""
+    if dt.dim() != 1:
+        raise ValueError(f"dt must be (D,), got {tuple(dt.shape)}")
+    N = A.shape[-1]
+    if A.shape[-2:] != (N, N) or A.dim() not in (2, 3):
+        raise ValueError(f"A must be (N, N) or (D, N, N), got {tuple(A.shape)}")
+    if B.shape[-1] != N or B.dim() not in (1, 2):
+        raise ValueError(f"B must be (N,) or (D, N) with N = {N}, got {tuple(B.shape)}")
+    eye = torch.eye(N, dtype=A.dtype, device=A.device)
+    half = (dt / 2)[:, None, None] * A  # (D, N, N)
+    lhs = eye - half
+    dA = torch.linalg.solve(lhs, eye + half)  # (D, N, N)
+    dB = torch.linalg.solve(lhs, (dt[:, None] * B.expand(dt.shape[0], N)).unsqueeze(-1)).squeeze(-1)  # (D, N)
+    return dA, dB
+
+
+def _check(u, dA, dB, C, initial_state):
+    Bsz, T, D = u.shape
+    if dA.dim() != 3 or dA.shape[0] != D or dA.shape[1] != dA.shape[2]:
+        raise ValueError(f"dA must be (D, N, N) with D = {D}, got {tuple(dA.shape)}")
+    N = dA.shape[1]
+    for name, X in (("dB", dB), ("C", C)):
+        if X.shape != (D, N):
+            raise ValueError(f"{name} must be (D, N) = ({D}, {N}), got {tuple(X.shape)}")
+    if initial_state is not None and initial_state.shape != (Bsz, D, N):
+        raise ValueError(f"initial_state must be (B, D, N) = ({Bsz}, {D}, {N}), got {tuple(initial_state.shape)}")
+
+
+def lti_recurrent(u, dA, dB, C, initial_state=None):
+    """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N))."""
+    _check(u, dA, dB, C, initial_state)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    u, dA, dB, C = (t.to(acc) for t in (u, dA, dB, C))
+    h = u.new_zeros(u.shape[0], *dB.shape) if initial_state is None else initial_state.to(acc)
+    ys = []
+    for t in range(u.shape[1]):
+        h = (dA @ h.unsqueeze(-1)).squeeze(-1) + dB * u[:, t, :, None]  # (B, D, N)
+        ys.append((C * h).sum(-1))  # (B, D)
+    return torch.stack(ys, dim=1), h
+
+
+def _krylov(M: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
+    """[v, M v, M² v, ...] for L terms by doubling: M (D, N, N), v (D, N) -> (D, N, L)."""
+    K, P = v.unsqueeze(-1), M  # P = M^(number of columns so far)
+    while K.shape[-1] < L:
+        K = torch.cat([K, P @ K], dim=-1)
+        P = P @ P
+    return K[..., :L]
+
+
+def lti_conv(u, dA, dB, C, initial_state=None):
+    """Convolution form (same results as :func:`lti_recurrent`)."""
+    _check(u, dA, dB, C, initial_state)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    u, dA, dB, C = (t.to(acc) for t in (u, dA, dB, C))
+    T = u.shape[1]
+    # 1. kernel K_l = C dA^l dB from the right Krylov vectors V_l = dA^l dB
+    V = _krylov(dA, dB, T)  # (D, N, T)
+    K = torch.einsum("dn,dnl->dl", C, V)  # (D, T)
+    # 2. causal convolution by FFT (zero-padded to 2T: no wrap-around)
+    n = 2 ** math.ceil(math.log2(2 * T))
+    y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(K, n=n), n=n)[..., :T]
+    y = y.transpose(1, 2)  # (B, T, D)
+    # 3. final state: sum_s dA^(T-1-s) dB u_s, plus the initial state's part
+    h = torch.einsum("dnl,bld->bdn", V, u.flip(1))  # (B, D, N)
+    if initial_state is not None:
+        h0 = initial_state.to(acc)
+        W = _krylov(dA.transpose(-1, -2), (dA.transpose(-1, -2) @ C.unsqueeze(-1)).squeeze(-1), T)  # (dA^T)^(t+1) C
+        y = y + torch.einsum("dnt,bdn->btd", W, h0)  # C dA^(t+1) h_0
+        h = h + (torch.linalg.matrix_power(dA, T) @ h0.unsqueeze(-1)).squeeze(-1)
+    return y, h
+
+
+def lti(u, dA, dB, C, initial_state=None):
+    """The dense LTI state space as layers call it: one step of the recurrence for one token (decoding),
+    the convolution form otherwise."""
+    if u.shape[1] == 1:
+        return lti_recurrent(u, dA, dB, C, initial_state)
+    return lti_conv(u, dA, dB, C, initial_state)

@@ -1,0 +1,79 @@
+"""Dense LTI state spaces (LSSL): the convolution form equals the loop (float64, with gradients)."""
+import math
+
+import pytest
+import torch
+
+from rnnlab.ops.lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent
+
+
+def make(B=2, T=45, D=3, N=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    A, Bv = hippo_legs(N, torch.float64)
+    dA, dB = bilinear(A, Bv, torch.exp(r(D) - 3))
+    return r(B, T, D), dA, dB, r(D, N), r(B, D, N)
+
+
+@pytest.mark.parametrize("T", [1, 2, 7, 64, 100])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_conv_equals_recurrent_with_gradients(T, with_state):
+    u, dA, dB, C, h0 = make(T=T)
+    args = [u, dA, dB, C] + ([h0] if with_state else [])
+    l1 = [a.clone().requires_grad_() for a in args]
+    l2 = [a.clone().requires_grad_() for a in args]
+    y1, h1 = lti_recurrent(*l1)
+    y2, h2 = lti_conv(*l2)
+    torch.testing.assert_close(y2, y1)
+    torch.testing.assert_close(h2, h1)
+    cy, ch = torch.randn_like(y1), torch.randn_like(h1)
+    g1 = torch.autograd.grad((y1 * cy).sum() + (h1 * ch).sum(), l1, allow_unused=True)
+    g2 = torch.autograd.grad((y2 * cy).sum() + (h2 * ch).sum(), l2, allow_unused=True)
+    for name, a, b, x in zip(["u", "dA", "dB", "C", "initial_state"], g1, g2, args):
+        zero = torch.zeros_like(x)  # T = 1 from zeros: dA is unused (or used with zero gradient)
+        torch.testing.assert_close(zero if b is None else b, zero if a is None else a, msg=f"gradient of {name}")
+
+
+def test_splitting_and_dispatch():
+    u, dA, dB, C, h0 = make(T=30)
+    y, h = lti(u, dA, dB, C, h0)
+    ya, ha = lti(u[:, :1], dA, dB, C, h0)
+    yb, hb = lti(u[:, 1:], dA, dB, C, ha)
+    torch.testing.assert_close(torch.cat([ya, yb], 1), y)
+    torch.testing.assert_close(hb, h)
+
+
+def test_hippo_legs_and_bilinear_by_hand():
+    A, B = hippo_legs(3, torch.float64)
+    s3, s5, s15 = math.sqrt(3), math.sqrt(5), math.sqrt(15)
+    torch.testing.assert_close(A, torch.tensor([[-1.0, 0, 0], [-s3, -2, 0], [-s5, -s15, -3]], dtype=torch.float64))
+    torch.testing.assert_close(B, torch.tensor([1.0, s3, s5], dtype=torch.float64))
+    A2 = torch.tensor([[-1.0, 0.0], [-2.0, -3.0]], dtype=torch.float64)
+    B2 = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    dt = torch.tensor([0.5], dtype=torch.float64)
+    dA, dB = bilinear(A2, B2, dt)
+    inv = torch.linalg.inv(torch.eye(2, dtype=torch.float64) - 0.25 * A2)
+    torch.testing.assert_close(dA[0], inv @ (torch.eye(2, dtype=torch.float64) + 0.25 * A2))
+    torch.testing.assert_close(dB[0], inv @ (0.5 * B2))
+
+
+def test_legs_long_sequence_is_stable_in_float32():
+    A, B = hippo_legs(64)
+    dA, dB = bilinear(A, B, torch.full((4,), 1e-2))
+    u = torch.randn(1, 2048, 4)
+    y, h = lti_conv(u, dA, dB, torch.randn(4, 64) / 8, torch.randn(1, 4, 64))
+    assert torch.isfinite(y).all() and torch.isfinite(h).all()
+    y_ref, h_ref = lti_recurrent(u[:, :256], dA, dB, torch.randn(4, 64) / 8)
+    assert torch.isfinite(y_ref).all()
+
+
+def test_bad_shapes():
+    u, dA, dB, C, h0 = make()
+    with pytest.raises(ValueError, match="dB"):
+        lti(u, dA, dB[:, :2], C)
+    with pytest.raises(ValueError, match="dA"):
+        lti(u, dA[:2], dB, C)
+    with pytest.raises(ValueError, match="initial_state"):
+        lti(u, dA, dB, C, h0[:, :1])
+    with pytest.raises(ValueError, match="N must"):
+        hippo_legs(0)
