@@ -32,12 +32,13 @@ BETAS = [None, 1.0, 2.0]
 @pytest.mark.parametrize("gate", GATES)
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("T", [1, 16, 37])
-def test_chunked_equals_reference_with_gradients(gate, beta, T):
+@pytest.mark.parametrize("chunk", [8, 32])  # 32: vector decays take the sub-chunked path (4 sub-chunks of 8)
+def test_chunked_equals_reference_with_gradients(gate, beta, T, chunk):
     q, k, v, log_g, b, S0 = make(T=T, gate=gate, beta=beta)
     cot_o, cot_s = torch.randn(2, T, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, 4, dtype=torch.float64)
     args = [q, k, v, log_g, b]
     ref = lambda q, k, v, g, b, s: gated_delta_rule_recurrent(q, k, v, g, b, None, s)  # noqa: E731
-    fast = lambda q, k, v, g, b, s: gated_delta_rule_chunked(q, k, v, g, b, None, s, chunk_size=8)  # noqa: E731
+    fast = lambda q, k, v, g, b, s: gated_delta_rule_chunked(q, k, v, g, b, None, s, chunk_size=chunk)  # noqa: E731
     o1, S1, g1 = _grads(ref, args + [S0], cot_o, cot_s)
     o2, S2, g2 = _grads(fast, args + [S0], cot_o, cot_s)
     torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
