@@ -44,3 +44,17 @@ def test_lssl_matches_paper_equations():
 def test_A_fixed_by_default_and_learnable_on_request():
     assert "A" not in dict(rnnlab.build_mixer("lssl", d_model=4, d_state=4).named_parameters())
     assert "A" in dict(rnnlab.build_mixer("lssl", d_model=4, d_state=4, learn_A=True).named_parameters())
+
+
+def test_discretisation_reused_while_decoding_and_refreshed_after_an_update():
+    torch.manual_seed(0)
+    m = rnnlab.build_mixer("lssl", d_model=4, d_state=4)
+    x = torch.randn(1, 3, 4)
+    with torch.no_grad():
+        y1, _ = m(x)
+        assert m._discretised(torch.float32) is m._discretised(torch.float32)  # cached
+        m.log_dt.add_(0.5)  # an optimizer step changes the parameter in place
+        y2, _ = m(x)
+    y3, _ = m(x)  # with autograd: computed afresh
+    assert not torch.allclose(y1, y2)
+    torch.testing.assert_close(y2, y3.detach())

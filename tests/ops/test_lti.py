@@ -7,18 +7,25 @@ import torch
 from rnnlab.ops.lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent
 
 
-def make(B=2, T=45, D=3, N=4, seed=0):
+def make(B=2, T=45, D=3, N=4, seed=0, kind="dense"):
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    A, Bv = hippo_legs(N, torch.float64)
-    dA, dB = bilinear(A, Bv, torch.exp(r(D) - 3))
-    return r(B, T, D), dA, dB, r(D, N), r(B, D, N)
+    if kind == "dense":  # LSSL: HiPPO-LegS, bilinear
+        A, Bv = hippo_legs(N, torch.float64)
+        dA, dB = bilinear(A, Bv, torch.exp(r(D) - 3))
+        return r(B, T, D), dA, dB, r(D, N), r(B, D, N)
+    if kind == "diagonal":  # real diagonal, negative entries included
+        return r(B, T, D), torch.rand(D, N, generator=g, dtype=torch.float64) * 1.8 - 0.9, r(D, N), r(D, N), r(B, D, N)
+    c = lambda *s: torch.complex(r(*s), r(*s))  # noqa: E731  (S4D: complex diagonal inside the unit disc)
+    dA = torch.exp(torch.complex(-torch.rand(D, N, generator=g, dtype=torch.float64), 3 * r(D, N)))
+    return r(B, T, D), dA, c(D, N), c(D, N), c(B, D, N)
 
 
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 100])
 @pytest.mark.parametrize("with_state", [False, True])
-def test_conv_equals_recurrent_with_gradients(T, with_state):
-    u, dA, dB, C, h0 = make(T=T)
+@pytest.mark.parametrize("kind", ["dense", "diagonal", "complex"])
+def test_conv_equals_recurrent_with_gradients(T, with_state, kind):
+    u, dA, dB, C, h0 = make(T=T, kind=kind)
     args = [u, dA, dB, C] + ([h0] if with_state else [])
     l1 = [a.clone().requires_grad_() for a in args]
     l2 = [a.clone().requires_grad_() for a in args]
@@ -27,8 +34,10 @@ def test_conv_equals_recurrent_with_gradients(T, with_state):
     torch.testing.assert_close(y2, y1)
     torch.testing.assert_close(h2, h1)
     cy, ch = torch.randn_like(y1), torch.randn_like(h1)
-    g1 = torch.autograd.grad((y1 * cy).sum() + (h1 * ch).sum(), l1, allow_unused=True)
-    g2 = torch.autograd.grad((y2 * cy).sum() + (h2 * ch).sum(), l2, allow_unused=True)
+    f1 = ((y1 * cy).sum() + (h1 * ch).sum()).real
+    f2 = ((y2 * cy).sum() + (h2 * ch).sum()).real
+    g1 = torch.autograd.grad(f1, l1, allow_unused=True)
+    g2 = torch.autograd.grad(f2, l2, allow_unused=True)
     for name, a, b, x in zip(["u", "dA", "dB", "C", "initial_state"], g1, g2, args):
         zero = torch.zeros_like(x)  # T = 1 from zeros: dA is unused (or used with zero gradient)
         torch.testing.assert_close(zero if b is None else b, zero if a is None else a, msg=f"gradient of {name}")

@@ -81,12 +81,24 @@ class LSSL(Mixer):
         c = self.config
         return LSSLState(h=torch.zeros(batch_size, c.d_model, c.d_state, device=device, dtype=dtype or torch.float32))
 
+    def _discretised(self, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bilinear discretisation with the learned step per channel. Without autograd (decoding)
+        it is reused until a parameter changes: the N x N solves per channel cost more than a token."""
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.A, self.log_dt)):
+            return bilinear(self.A.to(acc), self.B.to(acc), torch.exp(self.log_dt.to(acc)))
+        key = tuple((t.data_ptr(), t._version) for t in (self.A, self.B, self.log_dt)) + (acc,)
+        cached = self.__dict__.get("_cache")
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                cached = (key, bilinear(self.A.to(acc), self.B.to(acc), torch.exp(self.log_dt.to(acc))))
+            self.__dict__["_cache"] = cached
+        return cached[1]
+
     def mix(self, x, state):
         acc = torch.promote_types(x.dtype, torch.float32)
         st = state or self.init_state(x.shape[0], x.device, acc)
         xf = x.to(acc)
-        # 1. bilinear discretisation with the learned step per channel
-        dA, dB = bilinear(self.A.to(acc), self.B.to(acc), torch.exp(self.log_dt.to(acc)))  # (D, N, N), (D, N)
+        dA, dB = self._discretised(acc)  # 1. (D, N, N), (D, N)
         # 2. the dense state space: convolution for a sequence, recurrence for one token
         y, h = lti(xf, dA, dB, self.C.to(acc), st.h)  # (B, T, D)
         # 3. D skip, GELU, output GLU

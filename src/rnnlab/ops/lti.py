@@ -1,16 +1,19 @@
-"""Dense linear time-invariant state spaces (LSSL, Gu et al. 2021), per channel.
+"""Linear time-invariant state spaces (LSSL, Gu et al. 2021; S4D, Gu et al. 2022), per channel.
 
-Per channel d (of D), with a small dense state h (N) and fixed discrete matrices:
+Per channel d (of D), with a state h (N) and fixed discrete matrices:
 
-    h_t = dA[d] h_{t-1} + dB[d] u_t[d],      y_t[d] = C[d] · h_t
+    h_t = dA[d] h_{t-1} + dB[d] u_t[d],      y_t[d] = sum_n C[d, n] h_t[n]
 
-Forms: :func:`lti_recurrent` (the definition, a loop over time); :func:`lti_conv` (training: the
-output is the causal convolution of u with the kernel K_l = C dA^l dB, computed by Krylov doubling
-in log2(T) batched matmuls and applied with an FFT; the initial state adds C dA^(t+1) h_0 and the
-final state is dA^T h_0 + sum_s dA^(T-1-s) dB u_s); :func:`lti` (the dispatch layers call). Also
-:func:`hippo_legs` (the HiPPO-LegS matrices) and :func:`bilinear` (the discretisation LSSL uses).
+dA is dense, (D, N, N) real (LSSL's HiPPO-LegS), or diagonal, (D, N) real or complex (S4D), in
+which case ``dA[d] h`` is elementwise. Forms: :func:`lti_recurrent` (the definition, a loop over
+time); :func:`lti_conv` (training: y is the causal convolution of u with the kernel
+K_l = C dA^l dB — Krylov / Vandermonde vectors built by doubling in log2(T) steps, applied with
+an FFT; the initial state adds C dA^(t+1) h_0 and the final state is dA^T h_0 + sum_s
+dA^(T-1-s) dB u_s); :func:`lti` (the dispatch layers call). Also :func:`hippo_legs` (the
+HiPPO-LegS matrices) and :func:`bilinear` (the discretisation LSSL uses).
 
-Shapes: u (B, T, D); dA (D, N, N); dB, C (D, N); state h (B, D, N).
+Shapes: u (B, T, D) real; dA (D, N, N) or (D, N); dB, C (D, N); state h (B, D, N). With complex
+dB, C or dA, h and y are complex (S4D takes 2 Re(y)).
 """
 from __future__ import annotations
 
@@ -52,8 +55,11 @@ def bilinear(A: torch.Tensor, B: torch.Tensor, dt: torch.Tensor) -> tuple[torch.
 
 def _check(u, dA, dB, C, initial_state):
     Bsz, T, D = u.shape
-    if dA.dim() != 3 or dA.shape[0] != D or dA.shape[1] != dA.shape[2]:
-        raise ValueError(f"dA must be (D, N, N) with D = {D}, got {tuple(dA.shape)}")
+    if u.is_complex():
+        raise ValueError(f"u must be real, got {u.dtype}")
+    dense = dA.dim() == 3
+    if dA.shape[0] != D or dA.dim() not in (2, 3) or (dense and dA.shape[1] != dA.shape[2]):
+        raise ValueError(f"dA must be (D, N, N) (dense) or (D, N) (diagonal) with D = {D}, got {tuple(dA.shape)}")
     N = dA.shape[1]
     for name, X in (("dB", dB), ("C", C)):
         if X.shape != (D, N):
@@ -62,53 +68,83 @@ def _check(u, dA, dB, C, initial_state):
         raise ValueError(f"initial_state must be (B, D, N) = ({Bsz}, {D}, {N}), got {tuple(initial_state.shape)}")
 
 
+def _cast(acc, *ts):
+    """Real tensors to ``acc``, complex ones to its complex counterpart."""
+    cplx = torch.complex128 if acc == torch.float64 else torch.complex64
+    return [None if t is None else t.to(cplx if t.is_complex() else acc) for t in ts]
+
+
+def _state_dtype(acc, *ts):
+    cplx = torch.complex128 if acc == torch.float64 else torch.complex64
+    return cplx if any(t is not None and t.is_complex() for t in ts) else acc
+
+
 def lti_recurrent(u, dA, dB, C, initial_state=None):
     """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N))."""
     _check(u, dA, dB, C, initial_state)
     acc = torch.promote_types(u.dtype, torch.float32)
-    u, dA, dB, C = (t.to(acc) for t in (u, dA, dB, C))
-    h = u.new_zeros(u.shape[0], *dB.shape) if initial_state is None else initial_state.to(acc)
+    hdt = _state_dtype(acc, dA, dB, C, initial_state)
+    u, dA, dB, C = _cast(acc, u, dA, dB, C)
+    h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
     ys = []
     for t in range(u.shape[1]):
-        h = (dA @ h.unsqueeze(-1)).squeeze(-1) + dB * u[:, t, :, None]  # (B, D, N)
+        Ah = (dA @ h.unsqueeze(-1)).squeeze(-1) if dA.dim() == 3 else dA * h
+        h = Ah + dB * u[:, t, :, None]  # (B, D, N)
         ys.append((C * h).sum(-1))  # (B, D)
     return torch.stack(ys, dim=1), h
 
 
-def _krylov(M: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
-    """[v, M v, M² v, ...] for L terms by doubling: M (D, N, N), v (D, N) -> (D, N, L)."""
-    K, P = v.unsqueeze(-1), M  # P = M^(number of columns so far)
+def _powers(dA: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
+    """[v, dA v, dA² v, ...] for L terms by doubling: dA (D, N, N) or (D, N), v (D, N) -> (D, N, L)."""
+    dense = dA.dim() == 3
+    K, P = v.unsqueeze(-1), dA  # P = dA^(number of columns so far)
     while K.shape[-1] < L:
-        K = torch.cat([K, P @ K], dim=-1)
-        P = P @ P
+        K = torch.cat([K, P @ K if dense else P.unsqueeze(-1) * K], dim=-1)
+        P = P @ P if dense else P * P
     return K[..., :L]
+
+
+def _causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
+    """y_t = sum_{s<=t} K_{t-s} u_s per channel, by FFT: u (B, T, D) real, K (D, T) real or complex."""
+    T = u.shape[1]
+    n = 2 ** math.ceil(math.log2(2 * T))  # zero-padded: no wrap-around
+    Kr = torch.stack([K.real, K.imag]) if K.is_complex() else K  # (2, D, T) | (D, T)
+    y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(Kr, n=n).unsqueeze(-3),
+                        n=n)[..., :T].transpose(-1, -2)  # ([2,] B, T, D)
+    return torch.complex(y[0], y[1]) if K.is_complex() else y
 
 
 def lti_conv(u, dA, dB, C, initial_state=None):
     """Convolution form (same results as :func:`lti_recurrent`)."""
     _check(u, dA, dB, C, initial_state)
     acc = torch.promote_types(u.dtype, torch.float32)
-    u, dA, dB, C = (t.to(acc) for t in (u, dA, dB, C))
-    T = u.shape[1]
-    # 1. kernel K_l = C dA^l dB from the right Krylov vectors V_l = dA^l dB
-    V = _krylov(dA, dB, T)  # (D, N, T)
-    K = torch.einsum("dn,dnl->dl", C, V)  # (D, T)
-    # 2. causal convolution by FFT (zero-padded to 2T: no wrap-around)
-    n = 2 ** math.ceil(math.log2(2 * T))
-    y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(K, n=n), n=n)[..., :T]
-    y = y.transpose(1, 2)  # (B, T, D)
+    hdt = _state_dtype(acc, dA, dB, C, initial_state)
+    u, dA, dB, C = _cast(acc, u, dA, dB, C)
+    T, dense = u.shape[1], dA.dim() == 3
+    # 1. kernel K_l = C dA^l dB from the vectors V_l = dA^l dB
+    if dense:
+        V = _powers(dA, dB, T)  # (D, N, T)
+    else:
+        P = _powers(dA, torch.ones_like(dA), T)  # (D, N, T): dA^l, a Vandermonde matrix
+        V = P * dB.unsqueeze(-1)
+    y = _causal_conv(u, torch.einsum("dn,dnl->dl", C, V))  # 2. (B, T, D)
     # 3. final state: sum_s dA^(T-1-s) dB u_s, plus the initial state's part
-    h = torch.einsum("dnl,bld->bdn", V, u.flip(1))  # (B, D, N)
+    h = torch.einsum("dnl,bld->bdn", V, u.flip(1).to(V.dtype))  # (B, D, N)
     if initial_state is not None:
-        h0 = initial_state.to(acc)
-        W = _krylov(dA.transpose(-1, -2), (dA.transpose(-1, -2) @ C.unsqueeze(-1)).squeeze(-1), T)  # (dA^T)^(t+1) C
+        h0 = initial_state.to(hdt)
+        if dense:
+            At = dA.transpose(-1, -2)
+            W = _powers(At, (At @ C.unsqueeze(-1)).squeeze(-1), T)  # (D, N, T): (dA^T)^(t+1) C
+            h = h + (torch.linalg.matrix_power(dA, T) @ h0.unsqueeze(-1)).squeeze(-1)
+        else:
+            W = P * (C * dA).unsqueeze(-1)  # (D, N, T): C dA^(t+1)
+            h = h + P[..., -1] * dA * h0
         y = y + torch.einsum("dnt,bdn->btd", W, h0)  # C dA^(t+1) h_0
-        h = h + (torch.linalg.matrix_power(dA, T) @ h0.unsqueeze(-1)).squeeze(-1)
-    return y, h
+    return y, h.to(hdt)
 
 
 def lti(u, dA, dB, C, initial_state=None):
-    """The dense LTI state space as layers call it: one step of the recurrence for one token (decoding),
+    """The LTI state space as layers call it: one step of the recurrence for one token (decoding),
     the convolution form otherwise."""
     if u.shape[1] == 1:
         return lti_recurrent(u, dA, dB, C, initial_state)
