@@ -61,7 +61,7 @@ def _chunk(q, k, v, beta, S):
     return (Ss * q.unsqueeze(-2)).sum(-1), S_last  # (B, Tc, D)
 
 
-def longhorn(q, k, v, beta, initial_state=None, chunk_size=256):
+def longhorn(q, k, v, beta, initial_state=None, chunk_size=64):
     """The update as parallel scans over time-chunks; same arguments and results as
     :func:`longhorn_recurrent`."""
     _check(q, k, v, beta, initial_state)

@@ -58,9 +58,24 @@ def _scan_core(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_size: i
     """h for all t (no autograd). On CPU with many lanes (B·prod(...) >= 1024) a loop over time
     reads each element once and is 3-10x faster than the log-depth scan (measured: (1, 4096,
     8192) 0.15 s vs 1.1-1.7 s); with few lanes, and on GPUs, the log-depth scan wins."""
-    if a.device.type == "cpu" and b[:, 0].numel() >= _SEQUENTIAL_MIN_LANES:
+    if _use_loop(a, b):
         return _scan_loop(a, b, h0)
     return _scan_hillis_steele(a, b, h0, chunk_size)
+
+
+def _use_loop(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device.type == "cpu" and b[:, 0].numel() >= _SEQUENTIAL_MIN_LANES
+
+
+def _scan_loop_reversed(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """out_t = g_t + conj(a_{t+1}) out_{t+1}, from t = T-1 down (the adjoint scan, without flips)."""
+    out = torch.empty_like(g)
+    acc = g[:, -1]
+    out[:, -1] = acc
+    for t in range(g.shape[1] - 2, -1, -1):
+        acc = a[:, t + 1].conj() * acc + g[:, t]
+        out[:, t] = acc
+    return out
 
 
 def _scan_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
@@ -111,8 +126,11 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, gh):
         a, h, h0 = ctx.saved_tensors
         # dL/db_t = gh_t + conj(a_{t+1}) dL/db_{t+1}: the same scan, reversed in time
-        a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj()
-        gb = _scan_core(a_next.flip(1), gh.flip(1).to(h.dtype), torch.zeros_like(h0), ctx.chunk_size).flip(1)
+        if _use_loop(a, gh):
+            gb = _scan_loop_reversed(a, gh.to(h.dtype))
+        else:
+            a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj()
+            gb = _scan_core(a_next.flip(1), gh.flip(1).to(h.dtype), torch.zeros_like(h0), ctx.chunk_size).flip(1)
         h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
         ga = gb * h_prev.conj()
         if not a.is_complex() and ga.is_complex():
