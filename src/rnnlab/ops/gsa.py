@@ -88,12 +88,13 @@ def _block(q, k, v, s, log_g, state, chunk_size):
     starts = torch.cat([S0[:, None], ends[:, :-1]], dim=1).transpose(1, 2)  # (B, H, n, M, K+V)
     Kst, Vst = starts[..., :K], starts[..., K:]
     # 3. pass 1: slot scores K̃_t q_t = decayed start state + intra-chunk writes
-    A = torch.einsum("bhncd,bhnsd->bhncs", q, k)  # (B, H, n, C, C)
-    scores = torch.einsum("bhncs,bhncsm,bhnsm->bhncm", A, Dts, s)
-    scores = scores + G.exp() * torch.einsum("bhnmd,bhncd->bhncm", Kst, q)  # (B, H, n, C, M)
+    A = q @ k.transpose(-1, -2)  # (B, H, n, C, C)
+    DS = Dts * s[..., None, :, :]  # (B, H, n, C, C, M): decay from s to t times s's write weight
+    scores = (A.unsqueeze(-2) @ DS).squeeze(-2)  # sum_s A[t, s] DS[t, s, m]
+    scores = scores + G.exp() * (q @ Kst.transpose(-1, -2))  # (B, H, n, C, M)
     p = torch.softmax(scores, dim=-1)  # (B, H, n, C, M)
     # 4. pass 2: o_t = Ṽ_t^T p_t, the same decays with the slots as keys
-    P = torch.einsum("bhncm,bhncsm,bhnsm->bhncs", p, Dts, s)  # (B, H, n, C, C)
+    P = (DS @ p.unsqueeze(-1)).squeeze(-1)  # (B, H, n, C, C): sum_m p[t, m] DS[t, s, m]
     o = P @ v + torch.einsum("bhncm,bhnmd->bhncd", p * G.exp(), Vst)  # (B, H, n, C, V)
     end = ends[:, -1]  # (B, H, M, K+V)
     return rearrange(o, "b h n c d -> b (n c) h d"), (end[..., :K], end[..., K:])
