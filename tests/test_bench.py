@@ -5,7 +5,7 @@ from rnnlab.bench import ops
 
 
 def test_bench_ops_smoke(capsys):
-    families = ["delta", "scan", "longhorn", "gsa", "memory"]
+    families = ["delta", "scan", "longhorn", "gsa", "memory", "lssl", "s4d"]
     rows = ops.main(["--T", "64", "--families", *families, "--ref-max-T", "64", "--repeats", "1", "--H", "2",
                      "--K", "8"])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from rnnlab.ops.lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent
+from rnnlab.ops.lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent, lti_scan
 
 
 def make(B=2, T=45, D=3, N=4, seed=0, kind="dense"):
@@ -23,14 +23,15 @@ def make(B=2, T=45, D=3, N=4, seed=0, kind="dense"):
 
 @pytest.mark.parametrize("T", [1, 2, 7, 64, 100])
 @pytest.mark.parametrize("with_state", [False, True])
-@pytest.mark.parametrize("kind", ["dense", "diagonal", "complex"])
-def test_conv_equals_recurrent_with_gradients(T, with_state, kind):
+@pytest.mark.parametrize("kind,form", [("dense", "conv"), ("diagonal", "conv"), ("complex", "conv"),
+                                       ("diagonal", "scan"), ("complex", "scan")])
+def test_fast_forms_equal_recurrent_with_gradients(T, with_state, kind, form):
     u, dA, dB, C, h0 = make(T=T, kind=kind)
     args = [u, dA, dB, C] + ([h0] if with_state else [])
     l1 = [a.clone().requires_grad_() for a in args]
     l2 = [a.clone().requires_grad_() for a in args]
     y1, h1 = lti_recurrent(*l1)
-    y2, h2 = lti_conv(*l2)
+    y2, h2 = (lti_conv if form == "conv" else lti_scan)(*l2)
     torch.testing.assert_close(y2, y1)
     torch.testing.assert_close(h2, h1)
     cy, ch = torch.randn_like(y1), torch.randn_like(h1)
@@ -43,8 +44,9 @@ def test_conv_equals_recurrent_with_gradients(T, with_state, kind):
         torch.testing.assert_close(zero if b is None else b, zero if a is None else a, msg=f"gradient of {name}")
 
 
-def test_splitting_and_dispatch():
-    u, dA, dB, C, h0 = make(T=30)
+@pytest.mark.parametrize("kind,B", [("dense", 2), ("complex", 1), ("complex", 2)])  # every branch of lti
+def test_splitting_and_dispatch(kind, B):
+    u, dA, dB, C, h0 = make(B=B, T=30, kind=kind)
     y, h = lti(u, dA, dB, C, h0)
     ya, ha = lti(u[:, :1], dA, dB, C, h0)
     yb, hb = lti(u[:, 1:], dA, dB, C, ha)

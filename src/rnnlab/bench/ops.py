@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import ops
 
-FAMILIES = ("delta", "gla", "mlstm", "scan", "selective_scan", "longhorn", "gsa", "memory")
+FAMILIES = ("delta", "gla", "mlstm", "scan", "selective_scan", "longhorn", "gsa", "memory", "lssl", "s4d")
 
 
 def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
@@ -51,6 +51,15 @@ def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
                     log_g=F.logsigmoid(r(B, T, H) + 5), log_eta=F.logsigmoid(r(B, T, H) + 2),
                     theta=0.05 * torch.rand(B, T, H, generator=g),
                     w1=r(B, H, 2 * K, K) * K ** -0.5, w2=r(B, H, K, 2 * K) * (2 * K) ** -0.5)
+    if family in ("lssl", "s4d"):  # LTI state spaces over D = H·K channels: dense LegS N=64 / complex diagonal N/2=32
+        D = H * K
+        dt = torch.exp(torch.rand(D, generator=g) * 4.6 - 6.9)
+        if family == "lssl":
+            dA, dB = ops.bilinear(*ops.hippo_legs(64), dt)
+            return dict(u=r(B, T, D), dA=dA, dB=dB, C=r(D, 64) / 8)
+        A = torch.complex(torch.full((D, 32), -0.5), torch.pi * torch.arange(32.0).repeat(D, 1))
+        dA = torch.exp(dt[:, None] * A)
+        return dict(u=r(B, T, D), dA=dA, dB=(dA - 1) / A, C=torch.complex(r(D, 32), r(D, 32)))
     raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
 
@@ -71,6 +80,8 @@ _FORMS = {
     "longhorn": (ops.longhorn_recurrent, ops.longhorn),
     "gsa": (ops.gsa_recurrent, ops.gsa),
     "memory": (_mlp_memory(ops.neural_memory_recurrent), _mlp_memory(ops.neural_memory)),
+    "lssl": (ops.lti_recurrent, ops.lti),
+    "s4d": (ops.lti_recurrent, ops.lti),
 }
 
 
@@ -92,11 +103,12 @@ def _fwd(fn, inputs):
 
 
 def _fwd_bwd(fn, inputs):
-    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point()) for k, v in inputs.items()}
+    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in inputs.items()}
 
     def run():
         out = fn(**leaves)
-        loss = sum(o.float().sum() for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor))
+        loss = sum((o.real if o.is_complex() else o).float().sum()
+                   for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor))
         loss.backward()
     return run
 

@@ -9,4 +9,4 @@ from .memory import MemoryState, neural_memory, neural_memory_recurrent
 from .newton import NewtonInfo, matrix_scan, newton_solve, rnn_newton, rnn_sequential
 from .selective_scan import selective_scan, selective_scan_recurrent, selective_scan_step
 from .mlstm import mlstm, mlstm_chunked, mlstm_parallel, mlstm_recurrent, mlstm_step
-from .lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent
+from .lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent, lti_scan
