@@ -163,7 +163,10 @@ def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor):
 
 def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16):
     """Mini-batch by mini-batch with matmuls; same arguments and results as
-    :func:`neural_memory_recurrent` (initial_state None: a linear memory at zero)."""
+    :func:`neural_memory_recurrent` (initial_state None: a linear memory at zero). One token
+    (decoding) takes the recurrence, which is the same arithmetic with fewer operations."""
+    if q.shape[1] == 1:
+        return neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
     _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
     acc = torch.promote_types(q.dtype, torch.float32)
     q, k, v = (rearrange(t.to(acc), "b t h d -> b h t d") for t in (q, k, v))
