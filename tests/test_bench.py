@@ -11,3 +11,11 @@ def test_bench_ops_smoke(capsys):
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert last["bench"] == "ops" and len(last["results"]) == len(rows) == len(families)
     assert all(r["ref_fwdbwd_s"] > 0 and r["fast_fwdbwd_s"] > 0 for r in rows)
+
+
+def test_bench_mixers_smoke(capsys):
+    from rnnlab.bench import mixers
+    rows = mixers.main(["--quick", "--mixers", "gla", "titans", "lstm"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "mixers" and [r["mixer"] for r in last["results"]] == ["gla", "titans", "lstm"]
+    assert all(r["train_step_s"] > 0 and r["prefill_tok_s"] > 0 and r["decode_ms_per_token"] > 0 for r in rows)
