@@ -100,7 +100,7 @@ def _block(q, k, v, s, log_g, state, chunk_size):
     return rearrange(o, "b h n c d -> b (n c) h d"), (end[..., :K], end[..., K:])
 
 
-def gsa_chunked(q, k, v, s, log_g, initial_state=None, chunk_size=16, block_size=256):
+def gsa_chunked(q, k, v, s, log_g, initial_state=None, chunk_size=8, block_size=256):
     """Chunked form (same results as :func:`gsa_recurrent`). Chunks of ``chunk_size`` are computed
     in parallel within blocks of ``block_size`` tokens; blocks run one after the other and, under
     autograd, are recomputed in the backward pass, so memory is O(block · C · M) per head."""
