@@ -14,10 +14,11 @@ def _conv_silu(z, conv):
     return F.silu(out if b is None else out + b)
 
 
-@pytest.mark.parametrize("memory", ["linear", "mlp"])
-def test_titans_matches_paper_equations(memory):
+@pytest.mark.parametrize("memory,to_init", [("linear", False), ("mlp", False), ("mlp", True)])
+def test_titans_matches_paper_equations(memory, to_init):
     torch.manual_seed(0)
-    m = rnnlab.build_mixer("titans", d_model=8, num_heads=2, memory=memory, chunk_size=4, max_lr=0.5).double()
+    m = rnnlab.build_mixer("titans", d_model=8, num_heads=2, memory=memory, chunk_size=4, max_lr=0.5,
+                           forget_to_init=to_init).double()
     with torch.no_grad():
         for p in m.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -47,7 +48,10 @@ def test_titans_matches_paper_equations(memory):
                 loss = (M(anchor, k[bi, t, h]) - v[bi, t, h]).pow(2).sum()  # ℓ(M_t'; x_t) = ||M(k) - v||²
                 grads = torch.autograd.grad(loss, anchor)
                 S = [eta[bi, t, h] * s - theta[bi, t, h] * g for s, g in zip(S, grads)]  # S_t = η S - θ ∇ℓ
-                W = [(1 - alpha[bi, t, h]) * w + s for w, s in zip(W, S)]  # M_t = (1 - α) M + S
+                if to_init:  # rnnlab's option: forget toward the learned initial memory
+                    W = [i[h] + (1 - alpha[bi, t, h]) * (w - i[h]) + s for w, s, i in zip(W, S, init)]
+                else:
+                    W = [(1 - alpha[bi, t, h]) * w + s for w, s in zip(W, S)]  # M_t = (1 - α) M + S
                 outs[bi, t, h] = M(W, q[bi, t, h])  # y_t = M_t(q_t)
     gate = split(x @ m.g_proj.weight.T)
     o = outs / torch.sqrt(outs.pow(2).mean(-1, keepdim=True) + m.config.norm_eps) * m.o_norm.weight * F.silu(gate)

@@ -24,19 +24,24 @@ def _flat(st):
 
 @pytest.mark.parametrize("mlp", [False, True])
 @pytest.mark.parametrize("T,chunk,pos", [(1, 16, 0), (37, 16, 0), (37, 8, 5), (16, 16, 15), (9, 4, 3)])
-def test_chunked_equals_recurrent_with_gradients(mlp, T, chunk, pos):
+@pytest.mark.parametrize("with_base", [False, True])
+def test_chunked_equals_recurrent_with_gradients(mlp, T, chunk, pos, with_base):
     args, st = make(T=T, mlp=mlp, pos=pos)
-    leaves = args + _flat(st)
+    n = len(st.memory)
+    base = [torch.randn(w.shape[1:], dtype=torch.float64) for w in st.memory] if with_base else []  # (H, out, in)
+    leaves = args + _flat(st) + base
     l1 = [a.clone().requires_grad_() for a in leaves]
     l2 = [a.clone().requires_grad_() for a in leaves]
-    n = len(st.memory)
 
     def state(ls):
-        w = ls[6:]
+        w = ls[6:6 + 3 * n]
         return MemoryState(tuple(w[:n]), tuple(w[n:2 * n]), tuple(w[2 * n:]), pos)
 
-    o1, s1 = neural_memory_recurrent(*l1[:6], state(l1), chunk_size=chunk)
-    o2, s2 = neural_memory(*l2[:6], state(l2), chunk_size=chunk)
+    def base_of(ls):
+        return tuple(ls[6 + 3 * n:]) if with_base else None
+
+    o1, s1 = neural_memory_recurrent(*l1[:6], state(l1), chunk_size=chunk, base=base_of(l1))
+    o2, s2 = neural_memory(*l2[:6], state(l2), chunk_size=chunk, base=base_of(l2))
     torch.testing.assert_close(o2, o1)
     assert s1.pos == s2.pos == (pos + T) % chunk
     for a, b in zip(_flat(s1), _flat(s2)):
@@ -99,3 +104,17 @@ def test_bad_inputs():
         neural_memory(*args, st._replace(pos=16), chunk_size=16)
     with pytest.raises(ValueError, match="chunk_size"):
         neural_memory(*args, st, chunk_size=0)
+    with pytest.raises(ValueError, match="base"):
+        neural_memory(*args, st, base=(st.memory[0][0],))
+
+
+def test_forgetting_pulls_toward_base():
+    """With no writes (θ = 0) and no momentum, the memory decays geometrically toward base."""
+    args, st = make(T=20, mlp=True)
+    q, k, v, _, log_eta, _ = args
+    log_g = torch.full_like(log_eta, -0.5)
+    zero = MemoryState(st.memory, tuple(torch.zeros_like(w) for w in st.memory), st.memory, 0)
+    base = tuple(torch.randn(w.shape[1:], dtype=torch.float64) for w in st.memory)
+    _, s = neural_memory(q, k, v, log_g, log_eta, torch.zeros_like(log_eta), zero, base=base)
+    for w0, w, b in zip(st.memory, s.memory, base):
+        torch.testing.assert_close(w, b + (w0 - b) * torch.exp(torch.tensor(-10.0, dtype=torch.float64)))

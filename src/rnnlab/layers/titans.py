@@ -17,8 +17,11 @@ token loop too, so it is the inner optimiser's step, not the chunked form; 0.03 
 to std 30 over 4096 tokens; heavy-ball momentum on 16 summed unit-key gradients is stable below
 about 0.12 for the linear memory); the MLP memory is W2 silu(W1 k) with hidden width F = memory_expand · K;
 o_t reads the memory after token t's update; the output norm is a per-head RMSNorm times
-silu(W_g x). The state also holds the mini-batch's anchor weights and position, so streaming
-token by token equals the chunked pass exactly.
+silu(W_g x). ``forget_to_init=True`` (not in the paper) makes forgetting pull toward the learned
+initial memory instead of zero: for the MLP memory zero is a point where every gradient vanishes,
+and at the initial α the paper's rule reaches it within a few thousand tokens of weak writes. The
+state also holds the mini-batch's anchor weights and position, so streaming token by token equals
+the chunked pass exactly.
 
 Dimension letters: B batch, T tokens, D model width, H heads, K = V = D/H head dim, F MLP-memory
 width, W conv width.
@@ -46,6 +49,7 @@ class TitansConfig(MixerConfig):
     memory: str = "mlp"  # "mlp" (W2 silu(W1 k), the paper's deep memory) or "linear" (W k)
     memory_expand: int = 2  # F = memory_expand · K, hidden width of the MLP memory
     chunk_size: int = 16  # b: tokens per mini-batch of the inner gradient descent
+    forget_to_init: bool = False  # forgetting pulls toward the learned initial memory instead of zero
     max_lr: float = 0.03  # θ_t = max_lr · sigmoid(·); 0.1 let the MLP memory diverge on inputs of std 3
     conv_size: int = 4  # W, causal depthwise conv width after the q, k, v projections
     norm_eps: float = 1e-5  # epsilon of the per-head output norm
@@ -128,7 +132,8 @@ class Titans(Mixer):
         n = len(self.memory_init)
         pick = lambda part: tuple(getattr(st, f"{part}_{i}") for i in range(n))  # noqa: E731
         init = MemoryState(pick("memory"), pick("momentum"), pick("anchor"), st.pos)
-        o, ms = neural_memory(q, k, v, log_g, log_eta, theta, init, chunk_size=c.chunk_size)  # (B, T, H, K)
+        base = tuple(w.to(acc) for w in self.memory_init) if c.forget_to_init else None
+        o, ms = neural_memory(q, k, v, log_g, log_eta, theta, init, chunk_size=c.chunk_size, base=base)  # (B, T, H, K)
         # 4. per-head norm, gate by a linear layer, output projection
         o = self.o_norm(o.to(x.dtype), heads(self.g_proj(x)))
         out = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))  # (B, T, D)

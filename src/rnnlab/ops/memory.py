@@ -8,7 +8,9 @@ shapes), the decay g_t = 1 - α_t (forgetting), the momentum decay η_t and the 
 
 where t' is the start of t's mini-batch of ``chunk_size`` tokens: every gradient of a mini-batch
 is taken at the weights its mini-batch started from (the paper's eq. 16), which is what lets a whole
-mini-batch be computed with matmuls. That anchor is part of the state, together with the position
+mini-batch be computed with matmuls. With ``base`` weights given, forgetting pulls toward them
+instead of toward zero: M_t = base + g_t (M_{t-1} - base) + S_t (for an MLP memory, zero is a
+point where every gradient vanishes). That anchor is part of the state, together with the position
 inside the mini-batch, so feeding a sequence in pieces gives exactly the result of one call.
 
 Chunked form (one mini-batch segment of L tokens at a time): every gradient is a sum of outer
@@ -41,6 +43,16 @@ class MemoryState(NamedTuple):
 def _dsilu(h):
     s = torch.sigmoid(h)
     return s * (1 + h * (1 - s))
+
+
+def _check_base(base, initial_state, H):
+    if base is None:
+        return
+    shapes = [tuple(w.shape[-2:]) for w in initial_state.memory] if initial_state is not None else None
+    if initial_state is None or len(base) != len(shapes) or any(
+            b.shape[-2:] != sh or b.dim() not in (3, 4) or b.shape[-3] != H for b, sh in zip(base, shapes)):
+        raise ValueError(f"base must hold one (H, out, in) or (B, H, out, in) tensor per memory weight, matching "
+                         f"initial_state.memory {shapes}; got {[tuple(b.shape) for b in base]}")
 
 
 def _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size):
@@ -99,13 +111,15 @@ def _loss_grad(params, k, v):
     return delta[..., :, None] * k[..., None, :], e[..., :, None] * a[..., None, :]
 
 
-def neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16):
+def neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16, base=None):
     """The definition: a loop over tokens. Returns (o (B, T, H, V), MemoryState)."""
     _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
+    _check_base(base, initial_state, q.shape[2])
     acc = torch.promote_types(q.dtype, torch.float32)
     q, k, v, log_g, log_eta, theta = (t.to(acc) for t in (q, k, v, log_g, log_eta, theta))
     st = initial_state or _zero_state(q, v, acc)
     memory, momentum, anchor, pos = st
+    base = None if base is None else tuple(b.to(acc) for b in base)
     os = []
     for t in range(q.shape[1]):
         if pos == 0:
@@ -114,7 +128,8 @@ def neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state=None, 
         eta, g = log_eta[:, t, :, None, None].exp(), log_g[:, t, :, None, None].exp()
         th = theta[:, t, :, None, None]
         momentum = tuple(eta * S - th * du for S, du in zip(momentum, u))
-        memory = tuple(g * M + S for M, S in zip(memory, momentum))
+        memory = tuple(g * M + S if b is None else b + g * (M - b) + S
+                       for M, S, b in zip(memory, momentum, base or (None,) * len(memory)))
         os.append(_read(memory, q[:, t]))
         pos = (pos + 1) % chunk_size
     return torch.stack(os, dim=1), MemoryState(memory, momentum, memory if pos == 0 else anchor, pos)
@@ -134,7 +149,7 @@ def _factors(anchor, k, v):
     return [(delta, k), (e, a)]
 
 
-def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor):
+def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor, base):
     """L tokens of one mini-batch: (B, H, L, ·) inputs -> o (B, H, L, V), memory, momentum."""
     L = q.shape[2]
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
@@ -149,30 +164,36 @@ def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor):
     out = []
     new_memory, new_momentum = [], []
     for i, (a, b) in enumerate(_factors(anchor, k, v)):
-        M0, S0 = memory[i], momentum[i]
+        M0, S0, W0 = memory[i], momentum[i], None if base is None else base[i]
+        M0 = M0 if W0 is None else M0 - W0  # what decays: the distance from base
         # 1. read layer i at every t with M_t, never forming M_t
         y = (G[..., None] * (x @ M0.transpose(-1, -2)) + c[..., None] * (x @ S0.transpose(-1, -2))
              + (Wm * (x @ b.transpose(-1, -2))) @ a)  # (B, H, L, out)
+        if W0 is not None:
+            y = y + x @ W0.transpose(-1, -2)
         x = F.silu(y) if i + 1 < len(memory) else y
         # 2. weights and momentum after the segment's last token
-        new_memory.append(G[..., -1, None, None] * M0 + c[..., -1, None, None] * S0
-                          + (a * Wm[..., -1, :, None]).transpose(-1, -2) @ b)
+        M_end = (G[..., -1, None, None] * M0 + c[..., -1, None, None] * S0
+                 + (a * Wm[..., -1, :, None]).transpose(-1, -2) @ b)
+        new_memory.append(M_end if W0 is None else M_end + W0)
         new_momentum.append(le[..., -1, None, None].exp() * S0 + (a * Em[..., -1, :, None]).transpose(-1, -2) @ b)
     return x, tuple(new_memory), tuple(new_momentum)
 
 
-def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16):
+def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16, base=None):
     """Mini-batch by mini-batch with matmuls; same arguments and results as
     :func:`neural_memory_recurrent` (initial_state None: a linear memory at zero). One token
     (decoding) takes the recurrence, which is the same arithmetic with fewer operations."""
     if q.shape[1] == 1:
-        return neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
+        return neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state, chunk_size, base)
     _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
+    _check_base(base, initial_state, q.shape[2])
     acc = torch.promote_types(q.dtype, torch.float32)
     q, k, v = (rearrange(t.to(acc), "b t h d -> b h t d") for t in (q, k, v))
     log_g, log_eta, theta = (rearrange(t.to(acc), "b t h -> b h t") for t in (log_g, log_eta, theta))
     memory, momentum, anchor, pos = initial_state or _zero_state(q.transpose(1, 2), v.transpose(1, 2), acc)
     memory, momentum, anchor = (tuple(w.to(acc) for w in p) for p in (memory, momentum, anchor))
+    base = None if base is None else tuple(b.to(acc) for b in base)
     os, t0, T = [], 0, q.shape[2]
     while t0 < T:
         L = min(chunk_size - pos, T - t0)
@@ -180,7 +201,7 @@ def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size
             anchor = memory
         sl = slice(t0, t0 + L)
         o, memory, momentum = _segment(q[:, :, sl], k[:, :, sl], v[:, :, sl], log_g[..., sl], log_eta[..., sl],
-                                       theta[..., sl], memory, momentum, anchor)
+                                       theta[..., sl], memory, momentum, anchor, base)
         os.append(o)
         t0, pos = t0 + L, (pos + L) % chunk_size
     o = rearrange(torch.cat(os, dim=2), "b h t d -> b t h d")
