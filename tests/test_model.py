@@ -151,3 +151,15 @@ def test_hybrid_model_obeys_the_chunking_law():
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 1), logits, atol=1e-9, rtol=1e-9)
     assert st.seen == 90 and st.nbytes == state.nbytes
+
+
+def test_hgrn2_lower_bounds_rise_with_depth(tmp_path):
+    """Unless the layout sets it, block i of L gets lower_bound i / L (HGRN2's initial bounds)."""
+    model = rnnlab.build_model(layout="hgrn2", n_layers=4, d_model=32)
+    assert [b.mixer.config.lower_bound for b in model.blocks] == [0.0, 0.25, 0.5, 0.75]
+    hybrid = rnnlab.build_model(layout="hgrn2,swa(window=8),hgrn2(lower_bound=0.9)", n_layers=6, d_model=32)
+    bounds = [b.mixer.config.lower_bound for b in hybrid.blocks if b.name == "hgrn2"]
+    assert bounds == [0.0, 0.9, 0.5, 0.9]
+    model.save_pretrained(tmp_path)
+    loaded = rnnlab.load_model(tmp_path)
+    assert [b.mixer.config.lower_bound for b in loaded.blocks] == [0.0, 0.25, 0.5, 0.75]

@@ -9,9 +9,11 @@
   query ``swish(W_q x_t)``, value ``W_i x_t``; head key dim = expand_ratio (128 by default); an
   RMSNorm over the output.
 
-rnnlab differs from HGRN2 in: the lower bound β is a config value per layer (``lower_bound``; the
-paper learns a bound per layer that rises with depth — set it per block in the layout, e.g.
-``"hgrn2(lower_bound=0.0),hgrn2(lower_bound=0.5)"``) rather than a parameter shared by the model.
+In a model, the lower bound of the i-th of L blocks is i / L unless the layout sets it: HGRN2's
+initial bounds (a cumulative softmax over layers of equal logits, starting at 0). rnnlab differs
+from HGRN2 in: the bounds stay fixed (the paper keeps learning them, through a parameter shared by
+the whole model); a lone layer (``build_mixer``) has ``lower_bound = 0``; set them per block in the
+layout, e.g. ``"hgrn2(lower_bound=0.0),hgrn2(lower_bound=0.5)"``.
 
 Dimension letters: B batch, T tokens, D model width, H heads, K key head dim, V value head dim, R gate rank.
 """
@@ -55,7 +57,7 @@ class GLAConfig(MixerConfig):
 class HGRN2Config(MixerConfig):
     num_heads: int | None = None  # H; None = d_model // expand_ratio (at least 1)
     expand_ratio: int = 128  # K, the state expansion (forget-gate dim per head)
-    lower_bound: float = 0.0  # β in [0, 1): the forget gate's lower bound for this layer
+    lower_bound: float = 0.0  # β in [0, 1): the forget gate's lower bound; a model sets block_index / n_layers
     norm_eps: float = 1e-5  # epsilon of the output RMSNorm
 
     def __post_init__(self) -> None:

@@ -79,4 +79,15 @@ def parse_layout(layout: str, n_layers: int, d_model: int) -> tuple[BlockSpec, .
             make_config(name, d_model, **options)  # checks the name and the options now
             get_spec(name)
         pattern += [BlockSpec(name, tuple(sorted(options.items())))] * times
-    return tuple(pattern[i % len(pattern)] for i in range(n_layers))
+    return tuple(_with_depth(pattern[i % len(pattern)], i, n_layers) for i in range(n_layers))
+
+
+def _with_depth(spec: BlockSpec, index: int, n_layers: int) -> BlockSpec:
+    """Fill the mixer's depth option (e.g. HGRN2's forget-gate lower bound) with index / n_layers
+    when the layout leaves it unset."""
+    if spec.name == "mlp":
+        return spec
+    key = get_spec(spec.name).depth_option
+    if key is None or key in dict(spec.options):
+        return spec
+    return BlockSpec(spec.name, tuple(sorted(spec.options + ((key, index / n_layers),))))

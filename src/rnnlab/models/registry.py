@@ -44,6 +44,7 @@ class MixerSpec:
     state_size: str  # formula of the state size per layer, in the config's letters
     tiny: dict[str, Any] = field(default_factory=dict)  # config overrides for a tiny test model (d_model=32)
     status: str = "verified"  # "verified": property suite + paper-equation test pass
+    depth_option: str | None = None  # a config field a model sets to block_index / n_layers unless the layout does
 
 
 REGISTRY: dict[str, MixerSpec] = {}
@@ -84,9 +85,9 @@ _register(MixerSpec(
     tiny=dict(num_heads=2)))
 _register(MixerSpec(
     "hgrn2", HGRN2, HGRN2Config,
-    "HGRN2: forget gate with a lower bound, key = 1 - forget, state expansion",
+    "HGRN2: forget gate with a lower bound rising with depth, key = 1 - forget, state expansion",
     "Qin et al. 2024 (HGRN2)", "H·K·(D/H) floats (K = expand_ratio)",
-    tiny=dict(num_heads=2, expand_ratio=8)))
+    tiny=dict(num_heads=2, expand_ratio=8), depth_option="lower_bound"))
 
 # -- delta-rule family: deltanet, gated_deltanet, longhorn ------------------------------------------
 _register(MixerSpec(
