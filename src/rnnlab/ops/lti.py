@@ -116,32 +116,46 @@ def _causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
     return torch.complex(y[0], y[1]) if K.is_complex() else y
 
 
+def _kernels(dA, dB, C, L: int, with_state: bool):
+    """What the convolution form needs for chunks of up to L tokens: V_l = dA^l dB (D, N, L), the
+    kernel K_l = C V_l (D, L), and with a state W_t = C dA^(t+1) (D, N, L) and dA^L."""
+    dense = dA.dim() == 3
+    if dense:
+        V = _powers(dA, dB, L)  # (D, N, L)
+    else:
+        P = _powers(dA, torch.ones_like(dA), L)  # (D, N, L): dA^l, a Vandermonde matrix
+        V = P * dB.unsqueeze(-1)
+    K = torch.einsum("dn,dnl->dl", C, V)  # (D, L)
+    if not with_state:
+        return V, K, None, None
+    if dense:
+        At = dA.transpose(-1, -2)
+        W = _powers(At, (At @ C.unsqueeze(-1)).squeeze(-1), L).transpose(-1, -2)  # (D, L, N): C dA^(t+1)
+        return V, K, W, torch.linalg.matrix_power(dA, L)
+    return V, K, (P * (C * dA).unsqueeze(-1)).transpose(-1, -2), P[..., -1] * dA
+
+
+def _conv_apply(u, dA, kernels, h0):
+    """One convolution pass over u (B, T, D), T <= the kernels' length L; h0 None or (B, D, N)."""
+    V, K, W, A_L = kernels
+    T, dense = u.shape[1], dA.dim() == 3
+    y = _causal_conv(u, K[:, :T])  # (B, T, D)
+    h = torch.einsum("dnl,bld->bdn", V[..., :T], u.flip(1).to(V.dtype))  # sum_s dA^(T-1-s) dB u_s
+    if h0 is not None:
+        y = y + torch.einsum("dtn,bdn->btd", W[:, :T], h0)  # C dA^(t+1) h_0
+        A_T = A_L if T == K.shape[1] else (torch.linalg.matrix_power(dA, T) if dense else dA ** T)
+        h = h + ((A_T @ h0.unsqueeze(-1)).squeeze(-1) if dense else A_T * h0)
+    return y, h
+
+
 def lti_conv(u, dA, dB, C, initial_state=None):
     """Convolution form (same results as :func:`lti_recurrent`)."""
     _check(u, dA, dB, C, initial_state)
     acc = torch.promote_types(u.dtype, torch.float32)
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
-    T, dense = u.shape[1], dA.dim() == 3
-    # 1. kernel K_l = C dA^l dB from the vectors V_l = dA^l dB
-    if dense:
-        V = _powers(dA, dB, T)  # (D, N, T)
-    else:
-        P = _powers(dA, torch.ones_like(dA), T)  # (D, N, T): dA^l, a Vandermonde matrix
-        V = P * dB.unsqueeze(-1)
-    y = _causal_conv(u, torch.einsum("dn,dnl->dl", C, V))  # 2. (B, T, D)
-    # 3. final state: sum_s dA^(T-1-s) dB u_s, plus the initial state's part
-    h = torch.einsum("dnl,bld->bdn", V, u.flip(1).to(V.dtype))  # (B, D, N)
-    if initial_state is not None:
-        h0 = initial_state.to(hdt)
-        if dense:
-            At = dA.transpose(-1, -2)
-            W = _powers(At, (At @ C.unsqueeze(-1)).squeeze(-1), T)  # (D, N, T): (dA^T)^(t+1) C
-            h = h + (torch.linalg.matrix_power(dA, T) @ h0.unsqueeze(-1)).squeeze(-1)
-        else:
-            W = P * (C * dA).unsqueeze(-1)  # (D, N, T): C dA^(t+1)
-            h = h + P[..., -1] * dA * h0
-        y = y + torch.einsum("dnt,bdn->btd", W, h0)  # C dA^(t+1) h_0
+    kernels = _kernels(dA, dB, C, u.shape[1], initial_state is not None)
+    y, h = _conv_apply(u, dA, kernels, None if initial_state is None else initial_state.to(hdt))
     return y, h.to(hdt)
 
 
@@ -164,11 +178,24 @@ def lti_scan(u, dA, dB, C, initial_state=None):
     return over_time_chunks(lambda u, h: _scan_chunk(u, h, dA, dB, C), (u,), h, 64)
 
 
+CONV_CHUNK = 1024  # the convolution form runs on time-chunks of this length, passing the state
+
+
 def lti(u, dA, dB, C, initial_state=None):
     """The LTI state space as layers call it: one step of the recurrence for one token (decoding);
-    for a diagonal dA and one sequence, chunked scans; the convolution form otherwise."""
+    for a diagonal dA and one sequence, chunked scans; the convolution form otherwise, on
+    time-chunks of ``CONV_CHUNK`` with the state passed between them (the kernel's Krylov vectors
+    take D·N·T memory, so bounding T bounds it; under autograd each chunk is recomputed)."""
     if u.shape[1] == 1:
         return lti_recurrent(u, dA, dB, C, initial_state)
     if dA.dim() == 2 and u.shape[0] == 1:
         return lti_scan(u, dA, dB, C, initial_state)
-    return lti_conv(u, dA, dB, C, initial_state)
+    if u.shape[1] <= CONV_CHUNK:
+        return lti_conv(u, dA, dB, C, initial_state)
+    _check(u, dA, dB, C, initial_state)
+    acc = torch.promote_types(u.dtype, torch.float32)
+    hdt = _state_dtype(acc, dA, dB, C, initial_state)
+    u, dA, dB, C = _cast(acc, u, dA, dB, C)
+    kernels = _kernels(dA, dB, C, CONV_CHUNK, with_state=True)  # shared by every chunk
+    h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
+    return over_time_chunks(lambda u, h: _conv_apply(u, dA, kernels, h), (u,), h, CONV_CHUNK)
