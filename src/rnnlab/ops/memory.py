@@ -161,7 +161,6 @@ def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor, base):
     c = (R @ le.exp()[..., None]).squeeze(-1)  # (B, H, L)
     G = lg.exp()
     x = q
-    out = []
     new_memory, new_momentum = [], []
     for i, (a, b) in enumerate(_factors(anchor, k, v)):
         M0, S0, W0 = memory[i], momentum[i], None if base is None else base[i]

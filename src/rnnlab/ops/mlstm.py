@@ -24,7 +24,6 @@ n (B, H, K), m (B, H)). Returns h (B, T, H, V) in q's dtype and the state in flo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 __all__ = ["mlstm", "mlstm_recurrent", "mlstm_parallel", "mlstm_chunked", "mlstm_step"]
 

@@ -10,7 +10,6 @@ gradient of a linear scan is the same scan run in reverse, so no intermediate is
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 __all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_step", "over_time_chunks"]
