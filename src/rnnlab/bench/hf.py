@@ -13,13 +13,13 @@ Prints a table and a final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
 
 import torch
 
+from . import report
 from ..models.hf import from_hf
 
 _SIZES = {  # a small but not toy model: d_model 256, 4 layers
@@ -88,10 +88,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for r in rows:
         print(f"{r['arch']:8} {r['what']:18} {r['transformers_tok_s']:19.1f} {r['rnnlab_tok_s']:13.1f} "
               f"{r['ratio']:15.2f}x {r['max_logit_diff']:13.2e}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    print(json.dumps({"bench": "hf", "device": "cpu", "threads": torch.get_num_threads(), "results": rows}))
+    report("hf", rows, a.json, device="cpu")
     return rows
 
 

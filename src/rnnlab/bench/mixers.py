@@ -17,13 +17,13 @@ is shared).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from . import report
 from .. import Stream, build_model
 from ..models.registry import mixers
 
@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows.append(r)
         print(f"{name:17} {r['params']:9,d} {r['train_step_s'] * 1e3:9.0f}ms {r['prefill_tok_s']:14,.0f} "
               f"{r['decode_ms_per_token']:14.2f}", flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    print(json.dumps({"bench": "mixers", "threads": torch.get_num_threads(), "results": rows}))
+    report("mixers", rows, a.json)
     return rows
 
 

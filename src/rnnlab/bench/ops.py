@@ -10,13 +10,13 @@ Prints a table and a final JSON line.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
+from . import report
 from .. import ops
 
 FAMILIES = ("delta", "gla", "mlstm", "scan", "selective_scan", "longhorn", "gsa", "memory", "lssl", "s4d")
@@ -177,10 +177,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={a.B} H={a.H} K=V={a.K}, float32")
     _print_header()
     rows = run(a.families, a.T, a.B, a.H, a.K, a.repeats, a.ref_max_T)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    print(json.dumps({"bench": "ops", "threads": torch.get_num_threads(), "results": rows}))
+    report("ops", rows, a.json)
     return rows
 
 

@@ -19,12 +19,12 @@ the LSTM, 1x1 for the GRU); ``--heads`` picks block-diagonal recurrences instead
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from . import report
 from ..models.registry import build_mixer
 from ..ops import newton_solve
 
@@ -106,10 +106,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"{r['mixer']:6} {r['T']:6d} {r['seq_fwd_s']:8.3f}s {r['newton_fwd_s']:10.3f}s {r['speedup_fwd']:5.2f}x "
               f"{r['seq_fwd_bwd_s']:8.3f}s {r['newton_fwd_bwd_s']:10.3f}s {r['speedup_fwd_bwd']:5.2f}x "
               f"{r['newton_iters']:6d} {r['newton_residual']:9.1e} {r['max_abs_diff']:9.1e}")
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    print(json.dumps({"bench": "rnn", "device": "cpu", "threads": torch.get_num_threads(), "results": rows}))
+    report("rnn", rows, a.json, device="cpu")
     return rows
 
 
