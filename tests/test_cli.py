@@ -87,3 +87,13 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "bits per byte before training" in out and "resumed from the file" in out
     assert (tmp_path / "demo" / "loss.png").is_file() and (tmp_path / "demo" / "stream.safetensors").is_file()
+
+
+def test_list_one_mixer_shows_its_documented_options(capsys):
+    main(["list", "titans", "--d-model", "64"])
+    out = capsys.readouterr().out
+    assert "Behrouz et al. 2024" in out and "max_lr = 0.03" in out and "forget_to_init = False" in out
+    assert "d_inner" not in out and "head_dim" not in out  # derived fields are not options
+    from rnnlab.models.registry import mixers, options_help
+    for name in mixers():  # every option of every mixer says what it is
+        assert all(note for _, _, note in options_help(name)), name

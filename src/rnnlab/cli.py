@@ -18,9 +18,19 @@ def _device(name: str | None) -> torch.device:
 
 # -- list -------------------------------------------------------------------------------------------
 def cmd_list(a) -> None:
-    from .models.registry import REGISTRY, build_mixer, markdown_table, mixers
+    from .models.registry import REGISTRY, build_mixer, get_spec, markdown_table, mixers, options_help
     if a.markdown:
         print(markdown_table(a.d_model))
+        return
+    if a.mixer:
+        spec = get_spec(a.mixer)
+        layer = build_mixer(a.mixer, a.d_model)
+        print(f"{spec.name} — {spec.paper}\n{spec.description}\n")
+        print(f"options (in a layout: {spec.name}(option=value,...); in Python: build_mixer({spec.name!r}, d_model, option=value)):")
+        for field_name, default, note in options_help(a.mixer):
+            print(f"  {field_name + ' = ' + repr(default):34} {note}")
+        size = f"{layer.state_size():,} bytes" if layer.recurrent else "grows with the tokens seen"
+        print(f"\nstate per layer: {spec.state_size}; at d_model={a.d_model}: {size} (float32, batch 1)")
         return
     print(f"{'mixer':18} {'state bytes/layer':>18}  {'paper':34} description")
     for name in mixers():
@@ -178,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rnnlab", description="Recurrent sequence models: train, run, measure.")
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    s = sub.add_parser("list", help="the registered mixers with papers and state sizes")
+    s = sub.add_parser("list", help="the registered mixers with papers and state sizes; one mixer's options")
+    s.add_argument("mixer", nargs="?", help="show this mixer's options with their defaults and meaning")
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--markdown", action="store_true", help="print the README's markdown table")
 

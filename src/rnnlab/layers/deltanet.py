@@ -63,7 +63,7 @@ class GatedDeltaNetConfig(DeltaNetConfig):
     expand_v: float = 2.0  # V = expand_v * K (the reference's value expansion)
     A_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range); the decay rate is exp(A_log) = A
     dt_min: float = 0.001  # softplus(dt_bias) is initialised log-uniformly in [dt_min, dt_max]
-    dt_max: float = 0.1
+    dt_max: float = 0.1  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
 
 

@@ -40,7 +40,7 @@ __all__ = ["LSSLConfig", "LSSLState", "LSSL"]
 class LSSLConfig(MixerConfig):
     d_state: int = 64  # N, the dense state per channel
     dt_min: float = 0.001  # log dt starts uniform in [log dt_min, log dt_max]
-    dt_max: float = 0.1
+    dt_max: float = 0.1  # upper end of that initial range
     learn_A: bool = False  # False: A is the fixed HiPPO-LegS matrix (LSSL-fixed); True: trained from it
 
     def __post_init__(self) -> None:

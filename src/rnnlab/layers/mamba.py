@@ -41,7 +41,7 @@ class MambaConfig(MixerConfig):
     conv_bias: bool = True  # bias of the conv
     bias: bool = False  # biases of in_proj and out_proj
     dt_min: float = 0.001  # softplus(dt_proj.bias) starts log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1
+    dt_max: float = 0.1  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
     allow_neg_eigval: bool = False  # decay 2 exp(dt A) - 1: negative eigenvalues
     d_inner: int = 0  # derived: E

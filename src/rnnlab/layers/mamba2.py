@@ -43,8 +43,8 @@ class Mamba2Config(MixerConfig):
     bias: bool = False  # biases of in_proj and out_proj
     A_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range), A_log = log A
     dt_min: float = 0.001  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1
-    dt_init_floor: float = 1e-4
+    dt_max: float = 0.1  # upper end of that initial range
+    dt_init_floor: float = 1e-4  # lower clamp of that initial dt
     norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
     d_inner: int = 0  # derived: E
     num_heads: int = 0  # derived: H

@@ -36,7 +36,7 @@ class S4DConfig(MixerConfig):
     d_state: int = 64  # N (N/2 complex conjugate pairs kept)
     init: str = "lin"  # "lin" (S4D-Lin: -1/2 + iπn) or "real" (S4D-Real: -(n+1))
     dt_min: float = 0.001  # log dt starts uniform in [log dt_min, log dt_max]
-    dt_max: float = 0.1
+    dt_max: float = 0.1  # upper end of that initial range
 
     def __post_init__(self) -> None:
         super().__post_init__()

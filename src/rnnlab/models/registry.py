@@ -29,7 +29,7 @@ from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 
-__all__ = ["MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config"]
+__all__ = ["MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
 
 
 @dataclass(frozen=True)
@@ -216,6 +216,28 @@ def build_mixer(name: str, d_model: int, **options: Any) -> Mixer:
     >>> layer = build_mixer("attention", d_model=64, num_heads=4)
     """
     return get_spec(name).layer(make_config(name, d_model, **options))
+
+
+def options_help(name: str) -> list[tuple[str, Any, str]]:
+    """The options of mixer ``name``: (field, default, the comment written beside the field in its
+    config class), without d_model and derived fields."""
+    import inspect
+    import re
+
+    comments: dict[str, str] = {}
+    for cls in reversed(get_spec(name).config.__mro__):
+        if dataclasses.is_dataclass(cls) and cls is not object:
+            for line in inspect.getsource(cls).splitlines():
+                m = re.match(r"\s+(\w+)\s*:[^#=]*(?:=[^#]*)?#\s*(.*)$", line)
+                if m:
+                    comments[m.group(1)] = m.group(2).strip()
+    rows = []
+    for f in dataclasses.fields(get_spec(name).config):
+        note = comments.get(f.name, "")
+        if f.name == "d_model" or not f.init or note.startswith("derived"):
+            continue
+        rows.append((f.name, f.default, note))
+    return rows
 
 
 def markdown_table(d_model: int = 256) -> str:
