@@ -55,10 +55,13 @@ def test_splitting_and_dispatch(kind, B):
 
 
 def test_hippo_legs_and_bilinear_by_hand():
-    A, B = hippo_legs(3, torch.float64)
-    s3, s5, s15 = math.sqrt(3), math.sqrt(5), math.sqrt(15)
-    torch.testing.assert_close(A, torch.tensor([[-1.0, 0, 0], [-s3, -2, 0], [-s5, -s15, -3]], dtype=torch.float64))
-    torch.testing.assert_close(B, torch.tensor([1.0, s3, s5], dtype=torch.float64))
+    A, B = hippo_legs(4, torch.float64)
+    s3, s5, s7, s15, s21, s35 = (math.sqrt(v) for v in (3, 5, 7, 15, 21, 35))
+    torch.testing.assert_close(A, torch.tensor([[-1.0, 0, 0, 0],
+                                                [-s3, -2, 0, 0],
+                                                [-s5, -s15, -3, 0],
+                                                [-s7, -s21, -s35, -4]], dtype=torch.float64))
+    torch.testing.assert_close(B, torch.tensor([1.0, s3, s5, s7], dtype=torch.float64))
     A2 = torch.tensor([[-1.0, 0.0], [-2.0, -3.0]], dtype=torch.float64)
     B2 = torch.tensor([1.0, 2.0], dtype=torch.float64)
     dt = torch.tensor([0.5], dtype=torch.float64)
@@ -86,8 +89,19 @@ def test_bad_shapes():
         lti(u, dA[:2], dB, C)
     with pytest.raises(ValueError, match="initial_state"):
         lti(u, dA, dB, C, h0[:, :1])
+    with pytest.raises(ValueError, match="u must"):
+        lti_conv(u[0], dA, dB, C)
+    with pytest.raises(ValueError, match="C must"):
+        lti_conv(u, dA, dB, C[:, :2])
     with pytest.raises(ValueError, match="N must"):
         hippo_legs(0)
+    A, Bv = hippo_legs(4, torch.float64)
+    with pytest.raises(ValueError, match="dt must"):
+        bilinear(A, Bv, torch.tensor(0.1))
+    with pytest.raises(ValueError, match="A must"):
+        bilinear(A.expand(2, 4, 4), Bv, torch.ones(3))
+    with pytest.raises(ValueError, match="B must"):
+        bilinear(A, Bv[:3], torch.ones(3))
 
 
 def test_long_sequences_run_the_convolution_in_chunks(monkeypatch):

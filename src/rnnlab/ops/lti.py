@@ -43,10 +43,11 @@ def bilinear(A: torch.Tensor, B: torch.Tensor, dt: torch.Tensor) -> tuple[torch.
     if dt.dim() != 1:
         raise ValueError(f"dt must be (D,), got {tuple(dt.shape)}")
     N = A.shape[-1]
-    if A.shape[-2:] != (N, N) or A.dim() not in (2, 3):
-        raise ValueError(f"A must be (N, N) or (D, N, N), got {tuple(A.shape)}")
-    if B.shape[-1] != N or B.dim() not in (1, 2):
-        raise ValueError(f"B must be (N,) or (D, N) with N = {N}, got {tuple(B.shape)}")
+    D = dt.shape[0]
+    if A.shape[-2:] != (N, N) or A.dim() not in (2, 3) or (A.dim() == 3 and A.shape[0] != D):
+        raise ValueError(f"A must be (N, N) or (D, N, N) with D = {D} (the length of dt), got {tuple(A.shape)}")
+    if B.shape[-1] != N or B.dim() not in (1, 2) or (B.dim() == 2 and B.shape[0] != D):
+        raise ValueError(f"B must be (N,) or (D, N) with D = {D}, N = {N}, got {tuple(B.shape)}")
     eye = torch.eye(N, dtype=A.dtype, device=A.device)
     half = (dt / 2)[:, None, None] * A  # (D, N, N)
     lhs = eye - half
@@ -56,6 +57,8 @@ def bilinear(A: torch.Tensor, B: torch.Tensor, dt: torch.Tensor) -> tuple[torch.
 
 
 def _check(u, dA, dB, C, initial_state):
+    if u.dim() != 3:
+        raise ValueError(f"u must be (B, T, D), got {tuple(u.shape)}")
     Bsz, T, D = u.shape
     if u.is_complex():
         raise ValueError(f"u must be real, got {u.dtype}")
