@@ -46,21 +46,26 @@ def load_corpus(paths: list[str] | None = None, max_bytes: int | None = None,
 
     ``paths`` None means the standard library's source. Each file goes wholly to one side, chosen
     by a hash of its name, so the split is deterministic and the sides are disjoint. ``max_bytes``
-    caps the training side (validation gets at most a tenth of it).
+    caps the training side (validation gets at most a tenth of it); files are read only while their
+    side is below its cap, and reading stops once both sides are full.
     """
     files = stdlib_files() if paths is None else text_files(paths)
     train, val, n_train, n_val = [], [], 0, 0
     cap = max_bytes if max_bytes is not None else float("inf")
     for f in files:
+        if n_train >= cap and n_val >= cap / 10:
+            break  # both sides are full: read nothing more
+        is_val = _is_val(f, val_fraction)
+        if (n_val >= cap / 10) if is_val else (n_train >= cap):
+            continue  # this file's side is full: do not read it
         try:
             data = f.read_bytes()
         except OSError:
             continue
-        if _is_val(f, val_fraction):
-            if n_val < cap / 10:
-                val.append(data)
-                n_val += len(data)
-        elif n_train < cap:
+        if is_val:
+            val.append(data)
+            n_val += len(data)
+        else:
             train.append(data)
             n_train += len(data)
     if not train:

@@ -256,28 +256,8 @@ def _exportable(arch: _Arch, model: LM) -> bool:
         return False
 
 
-class _HFTokenizer:
-    """A ``tokenizers`` tokenizer with the ByteTokenizer's interface (encode, decode, __call__)."""
-
-    def __init__(self, file: str):
-        from tokenizers import Tokenizer
-        self._tok = Tokenizer.from_file(file)
-        self.vocab_size = self._tok.get_vocab_size()
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids])
-
-    def __call__(self, text: str) -> torch.Tensor:
-        return torch.tensor([self.encode(text)], dtype=torch.long)
-
-
 def load_tokenizer(path: str | os.PathLike):
-    """The directory's ``tokenizer.json`` (via the ``tokenizers`` package), else the byte tokenizer."""
+    """The directory's ``tokenizer.json`` as an :class:`rnnlab.data.HFTokenizer`, else the byte tokenizer."""
+    from ..data.tokenizer import ByteTokenizer, HFTokenizer
     file = Path(path) / "tokenizer.json"
-    if file.is_file():
-        return _HFTokenizer(str(file))
-    from ..data.tokenizer import ByteTokenizer
-    return ByteTokenizer()
+    return HFTokenizer(file) if file.is_file() else ByteTokenizer()
