@@ -4,6 +4,8 @@ import json
 import pytest
 import torch
 
+import rnnlab
+
 from rnnlab.cli import main
 from rnnlab.data.corpus import get_batch, load_corpus, stdlib_files
 from rnnlab.models.registry import markdown_table
@@ -29,22 +31,78 @@ def test_train_resume_eval_generate(tmp_path, text, capsys):
     args = ["train", "--layout", "attention,swa(window=16)", "--n-layers", "2", "--d-model", "32",
             "--batch-size", "4", "--seq-len", "32", "--eval-every", "10", "--data", text, "--out", str(out)]
     res = main(args + ["--steps", "20"])
-    for f in ("config.json", "model.safetensors", "metrics.jsonl", "loss.png", "trainer_state.pt"):
+    for f in ("checkpoints/latest", "metrics.jsonl", "loss.png", "run.json", "data/meta.json"):
         assert (out / f).is_file(), f
-    assert res["step"] == 20
-    res2 = main(args + ["--steps", "30", "--resume"])
+    assert res["step"] == 20 and res["val_bits"] < 8
+    with pytest.raises(SystemExit):  # a run is there: continuing it must be asked for
+        main(args + ["--steps", "30"])
+    assert "--resume" in capsys.readouterr().err
+    res2 = main(["train", "--out", str(out), "--steps", "30", "--resume"])  # the run's own settings
     assert res2["step"] == 30
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 31))
+    with pytest.raises(SystemExit):
+        main(["train", "--out", str(out), "--steps", "40", "--resume", "--d-model", "64"])
+    assert "d_model = 64 (the run has 32)" in capsys.readouterr().err
     capsys.readouterr()
-    ev = main(["eval", "--model", str(out), "--data", text, "--seq-len", "32", "--batches", "2"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bits_per_byte"] == ev["bits_per_byte"]
+    ev = main(["eval", "--model", str(out), "--windows", "2", "--lengths", "1", "2"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["length"] for r in last["results"]] == [32, 64] == [r["length"] for r in ev["results"]]
+    assert (out / "loss_by_position.png").stat().st_size > 1000 and (out / "eval.json").is_file()
     # generation with a state saved and resumed equals one uninterrupted greedy run
     gen = ["generate", "--model", str(out), "--temperature", "0", "--max-new-tokens"]
     whole = main(gen + ["12", "--prompt", "the quick"])
     first = main(gen + ["5", "--prompt", "the quick", "--state-out", str(tmp_path / "s.safetensors")])
     rest = main(gen + ["7", "--state-in", str(tmp_path / "s.safetensors")])
     assert first + rest == whole
+
+
+def test_train_config_file_preset_and_flags(tmp_path, text, capsys):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('[model]\nlayout = "gated_deltanet,swa(window=8)"\nn_layers = 2\n'
+                   '[train]\nsteps = 3\nseq_len = 16\nbatch_size = 2\nlr = 1e-3\n[data]\nmax_bytes = 5000\n')
+    out = tmp_path / "run"
+    main(["train", "--config", str(cfg), "--preset", "tiny", "--d-model", "48", "--lr", "2e-3", "--data", text,
+          "--out", str(out)])
+    m = rnnlab.load_model(out)
+    assert (m.config.layout, m.config.n_layers, m.config.d_model) == ("gated_deltanet,swa(window=8)", 2, 48)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[0]["lr"] < 2e-3  # warmup toward the flag's lr, not the file's
+    import torch as _t
+    saved = _t.load(out / "checkpoints" / "step_00000003" / "trainer.pt", weights_only=False)["train_config"]
+    assert saved["lr"] == 2e-3 and saved["seq_len"] == 16 and saved["batch_size"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--layout", "nosuch"], "unknown mixer 'nosuch'"),
+    (["--layout", "attention(foo=1)"], "has no option"),
+    (["--steps", "0"], "steps must be"),
+    (["--batch-size", "6", "--grad-accum", "4"], "multiple of grad_accum"),
+    (["--data", "/no/such/file"], "/no/such/file"),
+    (["--config", "/no/such.toml"], "--config"),
+])
+def test_train_errors_are_one_line(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--out", str(tmp_path / "r"), *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_help_texts_come_from_the_dataclasses(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "peak learning rate (default: 0.003)" in out
+    assert "model width D (default: 256)" in out
+    assert "tokens per training sequence (default: 256)" in out
+
+
+def test_data_prepare(tmp_path, text, capsys):
+    main(["data", "prepare", text, "--out", str(tmp_path / "d")])
+    from rnnlab.data import TokenData
+    assert len(TokenData.open(tmp_path / "d", "train")) + len(TokenData.open(tmp_path / "d", "val")) > 17000
+    assert "train" in capsys.readouterr().out
 
 
 def test_convert_round_trip(tmp_path):
@@ -85,8 +143,14 @@ def test_corpus_split_is_deterministic_and_disjoint(text):
 def test_demo_runs_end_to_end(tmp_path, capsys):
     main(["demo", "--seconds", "1", "--out", str(tmp_path / "demo"), "--layout", "swa(window=16)"])
     out = capsys.readouterr().out
-    assert "bits per byte before training" in out and "resumed from the file" in out
-    assert (tmp_path / "demo" / "loss.png").is_file() and (tmp_path / "demo" / "stream.safetensors").is_file()
+    assert "reloaded from the file" in out
+    assert any(line.startswith("hybrid ") for line in out.splitlines())
+    assert any(line.startswith("transformer ") for line in out.splitlines())
+    sizes = [line.split(":")[1] for line in out.splitlines() if line.strip().startswith("after ")]
+    assert len(sizes) >= 3 and len(set(sizes)) == 1  # the stream's state does not grow
+    for run in ("hybrid", "transformer"):
+        assert (tmp_path / "demo" / run / "loss.png").is_file()
+    assert (tmp_path / "demo" / "hybrid" / "stream.safetensors").is_file()
 
 
 def test_list_one_mixer_shows_its_documented_options(capsys):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -41,40 +42,135 @@ def cmd_list(a) -> None:
     print(f"\nstate sizes at d_model={a.d_model}, float32, batch 1; formulas: rnnlab list --markdown")
 
 
-# -- train / eval -----------------------------------------------------------------------------------
+# -- train / eval / data ----------------------------------------------------------------------------
 def cmd_train(a) -> dict:
-    from . import build_model, load_model
-    from .data.corpus import load_corpus
-    from .train import TrainConfig, train
-    dev = _device(a.device)
+    import shutil
+    from dataclasses import asdict
+    from .configs import flag_values
+    from .models.lm import LM, LMConfig, atomic_write
+    from .train import distributed as D
+    from .train.checkpoint import latest_checkpoint, load_checkpoint, run_exists
+    from .train.run import MODEL_FIELDS, DataConfig, make_sources, open_data, resolve
+    from .train.trainer import TrainConfig, train
     out = Path(a.out)
-    if a.resume and (out / "config.json").is_file():
-        model = load_model(out, device=dev)
+    flags = {"model": {k: v for k, v in flag_values(a, LMConfig).items() if k in MODEL_FIELDS},
+             "train": {k: v for k, v in flag_values(a, TrainConfig).items() if k not in ("out_dir", "resume")},
+             "data": flag_values(a, DataConfig)}
+    given = resolve(a.preset, a.config, flags)
+    if a.resume:  # the run's own settings, with what was given on top (checked for the model and data)
+        if latest_checkpoint(out) is None:
+            raise FileNotFoundError(f"--resume: {out} holds no checkpoint to continue (start without --resume)")
+        saved_model, _, ts = load_checkpoint(out)
+        saved_data = json.loads((out / "run.json").read_text())["data"]
+        for section, saved, want in (("model", saved_model.to_dict(), given.model), ("data", saved_data, given.data)):
+            clash = {k: (saved[k], v) for k, v in want.items() if saved.get(k) != v}
+            if clash:
+                raise ValueError(f"--resume continues the run as it was; these {section} settings differ from it: " +
+                                 ", ".join(f"{k} = {v[1]!r} (the run has {v[0]!r})" for k, v in clash.items()))
+        model_fields = saved_model.to_dict()
+        train_fields = {k: v for k, v in ts["train_config"].items() if k not in ("out_dir", "resume")}
+        data_cfg = DataConfig(**saved_data)
     else:
-        model = build_model(layout=a.layout, n_layers=a.n_layers, d_model=a.d_model).to(dev)
-    print(f"model: {model.config.layout} x{model.config.n_layers}, d_model={model.config.d_model}, "
-          f"{model.num_params():,} parameters, device {dev}")
-    train_data, val_data = load_corpus(a.data, max_bytes=a.max_bytes)
-    print(f"data: {len(train_data):,} training bytes, {len(val_data):,} validation bytes")
-    cfg = TrainConfig(steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, min_lr=a.lr / 10,
-                      warmup=min(50, a.steps // 10 + 1), eval_every=a.eval_every, out_dir=str(out),
-                      autocast="bf16" if a.bf16 else None, max_seconds=a.max_seconds)
-    res = train(model, train_data, val_data, cfg)
-    print(f"saved to {out}/ (config.json, model.safetensors, metrics.jsonl, loss.png)")
+        if run_exists(out):
+            raise FileExistsError(f"--out {out} already holds a training run; add --resume to continue it, "
+                                  "or choose another --out")
+        model_fields, train_fields, data_cfg = dict(given.model), {}, DataConfig(**given.data)
+        LMConfig(**model_fields)  # check the model settings before reading any data
+    cfg = TrainConfig(**{**train_fields, **given.train, "out_dir": str(out), "resume": a.resume})
+    e = D.setup(a.device)
+    try:
+        train_data, val_data = open_data(data_cfg, out / "data", e.is_main, D.barrier, reuse=a.resume)
+        tok = train_data.tokenizer()
+        if model_fields.get("vocab_size", train_data.vocab_size) != train_data.vocab_size:
+            raise ValueError(f"the data's tokenizer has {train_data.vocab_size} tokens, the run's model {model_fields['vocab_size']}")
+        model_fields["vocab_size"] = train_data.vocab_size
+        torch.manual_seed(data_cfg.seed)
+        model = LM(LMConfig(**model_fields)).to(e.device)
+        if e.is_main:
+            print(f"model: {model.config.layout} x{model.config.n_layers}, d_model={model.config.d_model}, "
+                  f"{model.num_params():,} parameters, {e.world_size} process(es) on {e.device}")
+            print(f"data: {len(train_data):,} training tokens, {len(val_data):,} validation tokens, tokenizer {tok.spec}")
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write(out / "run.json", lambda p: Path(p).write_text(json.dumps({"data": asdict(data_cfg)}, indent=2)))
+            tok_file = getattr(tok, "file", None)
+            if tok_file is not None and not (out / "tokenizer.json").exists():
+                shutil.copyfile(tok_file, out / "tokenizer.json")
+        batches, val = make_sources(train_data, val_data, cfg, data_cfg.seed, e.rank, e.world_size,
+                                    data_cfg.eval_batches)
+        res = train(model, batches, cfg, val_batches=val)
+    finally:
+        D.cleanup()
+    if e.is_main:
+        state = "interrupted; continue with --resume" if res["interrupted"] else "done"
+        print(f"{state}: step {res['step']}, checkpoint {res['checkpoint']}; metrics in {out}/metrics.jsonl, "
+              f"curve in {out}/loss.png")
     return res
 
 
 def cmd_eval(a) -> dict:
+    import math
+    import tempfile
     from . import load_model
-    from .data.corpus import load_corpus
-    from .train import evaluate_bpb
-    model = load_model(a.model, device=_device(a.device))
-    _, val = load_corpus(a.data, max_bytes=a.max_bytes)
-    bpb = evaluate_bpb(model, val, a.seq_len, a.batches)
-    res = {"model": str(a.model), "val_bytes": len(val), "seq_len": a.seq_len, "bits_per_byte": bpb}
-    print(f"{'model':30} {'seq_len':>8} {'bits/byte':>10}\n{str(a.model)[-30:]:30} {a.seq_len:8d} {bpb:10.4f}")
-    print(json.dumps(res))
-    return res
+    from .models.hf import load_tokenizer
+    from .train import loss_by_position, plot_loss_by_position
+    from .train.run import DataConfig, open_data
+    model = load_model(a.model, device=_device(a.device)).eval()
+    run = Path(a.model)
+    if a.data is None and (run / "data" / "meta.json").is_file():
+        data_cfg = DataConfig(data=[str(run / "data")])
+    else:
+        tok = load_tokenizer(a.model)
+        data_cfg = DataConfig(data=a.data or [], tokenizer=getattr(tok, "spec", "bytes"), max_bytes=a.max_bytes)
+    with tempfile.TemporaryDirectory() as tmp:
+        _, val = open_data(data_cfg, tmp)
+        seq_len = a.seq_len or _trained_seq_len(run) or 256
+        g = torch.Generator().manual_seed(a.seed)
+        curves, rows = {}, []
+        for mult in a.lengths:
+            T = mult * seq_len
+            if len(val) < T + 2:
+                print(f"(skipping {mult}x = {T} tokens: the validation text has only {len(val):,} tokens)")
+                continue
+            starts = torch.randint(0, len(val) - T - 1, (a.windows,), generator=g)
+            curve = loss_by_position(model, val.windows(starts, T + 1), a.batch_size)
+            curves[T] = curve
+            bits = curve / math.log(2)
+            q = max(1, T // 8)
+            rows.append({"length": T, "times_training": mult, "windows": a.windows, "bits": float(bits.mean()),
+                         "bits_first_eighth": float(bits[:q].mean()), "bits_last_eighth": float(bits[-q:].mean())})
+    if not rows:
+        raise ValueError("--data: the validation text is too short for any of --lengths")
+    out = Path(a.out or (a.model if Path(a.model).is_dir() else "."))
+    print(f"{'length':>8} {'x train':>8} {'bits/token':>11} {'first 1/8':>10} {'last 1/8':>10}")
+    for r in rows:
+        print(f"{r['length']:8d} {r['times_training']:7d}x {r['bits']:11.4f} {r['bits_first_eighth']:10.4f} "
+              f"{r['bits_last_eighth']:10.4f}")
+    from .bench import report
+    plot_loss_by_position(curves, seq_len, out / "loss_by_position.png", title=f"{a.model}")
+    print(f"(table: {out / 'eval.json'}, plot: {out / 'loss_by_position.png'})", file=sys.stderr)
+    report("eval", rows, str(out / "eval.json"), model=str(a.model), train_seq_len=seq_len)
+    return {"model": str(a.model), "train_seq_len": seq_len, "results": rows}
+
+
+def _trained_seq_len(run: Path) -> int | None:
+    from .train.checkpoint import latest_checkpoint
+    try:
+        ck = latest_checkpoint(run)
+    except Exception:
+        return None
+    if ck is None:
+        return None
+    return torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False)["train_config"]["seq_len"]
+
+
+def cmd_data(a) -> dict:
+    from .data import prepare_corpus
+    meta = prepare_corpus(a.paths or None, a.out, tokenizer=a.tokenizer, shard_tokens=a.shard_tokens,
+                          val_fraction=a.val_fraction, max_bytes=a.max_bytes or None)
+    for split, st in meta["splits"].items():
+        print(f"{split:6} {st['tokens']:>14,} tokens {st['documents']:>8,} documents {len(st['shards']):>4} shard(s)")
+    print(f"-> {a.out} (vocab {meta['vocab_size']}, {meta['dtype']}); train with: rnnlab train --data {a.out} --out RUN")
+    return meta
 
 
 # -- generate ---------------------------------------------------------------------------------------
@@ -135,52 +231,56 @@ def _demo_layout() -> str:
     return "gated_deltanet*3,swa(window=128)" if "gated_deltanet" in mixers() else "attention,swa(window=128)"
 
 
-def cmd_demo(a) -> None:
-    from . import ByteTokenizer, Stream, build_model, load_model
-    from .data.corpus import load_corpus
-    from .train import TrainConfig, evaluate_bpb, train
-    torch.manual_seed(0)
-    dev = _device(a.device)
-    out = Path(a.out)
+def cmd_demo(a) -> dict:
+    import shutil
+    from . import ByteTokenizer, Stream, load_model
+    from .data import prepare_corpus
+    root = Path(a.out)
     layout = a.layout or _demo_layout()
-    model = build_model(layout=layout, n_layers=4, d_model=128).to(dev)
-    print(f"== rnnlab demo: a {model.num_params():,}-parameter model, layout {layout!r} x4, on {dev}")
-    train_data, val_data = load_corpus(max_bytes=20_000_000)
-    print(f"== data: the standard library's Python source, {len(train_data):,} bytes "
-          f"(validation {len(val_data):,})")
-    before = evaluate_bpb(model, val_data, 256, 4)
-    print(f"== bits per byte before training: {before:.3f}  (a uniform guess over bytes: 8.0)")
-    cfg = TrainConfig(steps=100_000, batch_size=16, seq_len=256, lr=3e-3, min_lr=3e-3, warmup=30,
-                      eval_every=10**9, max_seconds=a.seconds, out_dir=str(out))
-    if (out / "trainer_state.pt").exists():
-        (out / "trainer_state.pt").unlink()  # the demo always starts fresh
-    if (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-    res = train(model, train_data, val_data, cfg)
-    print(f"== after {res['step']} steps ({res['seconds']:.0f} s, {res['tokens_per_s']:,.0f} tokens/s): "
-          f"{res['val_bpb']:.3f} bits per byte; saved to {out}/ with the loss curve {out}/loss.png")
-    model = load_model(out, device=dev).eval()
+    print(f"== rnnlab demo: a recurrent hybrid ({layout!r}) and a Transformer of the same size, "
+          f"{a.seconds:.0f} s of training each, then streaming with a saved and resumed state")
+    for d in ("data", "hybrid", "transformer"):  # the demo's own directories: always a fresh start
+        shutil.rmtree(root / d, ignore_errors=True)
+    prepare_corpus(None, root / "data", max_bytes=20_000_000, progress=False)
+    common = ["--n-layers", "4", "--d-model", "128", "--seq-len", "256", "--batch-size", "16", "--lr", "3e-3",
+              "--min-lr", "3e-3", "--warmup", "30", "--steps", "100000", "--eval-every", "0", "--save-every", "100000",
+              "--max-seconds", str(a.seconds), "--data", str(root / "data")] + (["--device", a.device] if a.device else [])
+    results = {}
+    for name, lay in (("hybrid", layout), ("transformer", "attention")):
+        print(f"== training {name}: layout {lay!r}")
+        results[name] = main(["train", "--layout", lay, "--out", str(root / name)] + common)
+    print(f"\n{'model':12} {'layout':34} {'steps':>6} {'tokens/s':>9} {'MFU':>6} {'val bits/byte':>14}")
+    for name, r in results.items():
+        lay = layout if name == "hybrid" else "attention"
+        print(f"{name:12} {lay:34} {r['step']:6d} {r['tokens_per_s']:9,.0f} {100 * r['mfu']:5.1f}% {r['val_bits']:14.3f}")
+    dev = _device(a.device)
+    model = load_model(root / "hybrid", device=dev).eval()
     tok = ByteTokenizer()
     prompt = "def read_config(path):\n    "
     stream = Stream(model)
     stream.feed(tok(prompt).to(dev))
-    print(f"== streaming a continuation, one token at a time:\n{prompt}", end="")
+    print(f"\n== streaming from the hybrid, one token at a time:\n{prompt}", end="")
     g = torch.Generator(device=dev).manual_seed(0)
-    t0, n = time.time(), 0
-    for t in stream.sample(150, temperature=0.8, top_k=40, generator=g):
+    t0, n, sizes = time.time(), 0, []
+    for t in stream.sample(160, temperature=0.8, top_k=40, generator=g):
         sys.stdout.write(tok.decode([int(t[0])]))
         sys.stdout.flush()
         n += 1
+        if n % 40 == 0:
+            sizes.append((stream.state.seen, stream.state.nbytes))
     rate = n / (time.time() - t0)
-    state_file = out / "stream.safetensors"
+    state_file = root / "hybrid" / "stream.safetensors"
     stream.save(state_file)
-    print(f"\n== {rate:.0f} tokens/s; state after {stream.state.seen} tokens: {stream.state.nbytes:,} bytes, "
-          f"saved to {state_file}")
+    print(f"\n== {rate:.0f} tokens/s; state saved to {state_file}")
     resumed = Stream.load(model, state_file)
-    print("== resumed from the file, continuing:\n", end="")
+    print("== reloaded from the file, continuing:\n", end="")
     for t in resumed.sample(80, temperature=0.8, top_k=40, generator=g):
         sys.stdout.write(tok.decode([int(t[0])]))
-    print(f"\n== state after {resumed.state.seen} tokens: {resumed.state.nbytes:,} bytes")
+    sizes.append((resumed.state.seen, resumed.state.nbytes))
+    print("\n== state size while the context grows (bounded: recurrent layers + a 128-token window):")
+    for seen, nbytes in sizes:
+        print(f"   after {seen:4d} tokens: {nbytes:,} bytes")
+    return results
 
 
 # -- the parser -------------------------------------------------------------------------------------
@@ -193,30 +293,49 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--d-model", type=int, default=256)
     s.add_argument("--markdown", action="store_true", help="print the README's markdown table")
 
-    s = sub.add_parser("train", help="train a language model on text (default: the stdlib's source)")
-    s.add_argument("--layout", default="attention")
-    s.add_argument("--n-layers", type=int, default=4)
-    s.add_argument("--d-model", type=int, default=128)
-    s.add_argument("--steps", type=int, default=500)
-    s.add_argument("--batch-size", type=int, default=16)
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--lr", type=float, default=3e-3)
-    s.add_argument("--eval-every", type=int, default=100)
-    s.add_argument("--data", nargs="+", help="files, directories or globs (default: the standard library)")
-    s.add_argument("--max-bytes", type=int, default=None)
-    s.add_argument("--max-seconds", type=float, default=None)
-    s.add_argument("--out", required=True)
-    s.add_argument("--device")
-    s.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
-    s.add_argument("--resume", action="store_true", help="continue the run saved in --out")
+    from .configs import add_flags
+    from .models.lm import LMConfig
+    from .train.run import MODEL_FIELDS, PRESETS, DataConfig
+    from .train.trainer import TrainConfig
+    s = sub.add_parser("train", help="train a language model on text (default: the standard library's source)",
+                       description="Train a language model. Settings come from the dataclasses' defaults, then "
+                                   "--preset, then --config FILE.toml ([model], [train], [data] tables), then flags. "
+                                   "Under torchrun, every process runs this command (DDP or FSDP2).")
+    s.add_argument("--out", required=True, help="run directory: checkpoints/, metrics.jsonl, loss.png")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    s.add_argument("--config", help="a TOML file with [model], [train] and [data] tables (flags override it)")
+    s.add_argument("--preset", choices=list(PRESETS), help="model and training sizes: " + "; ".join(
+        f"{k}: " + ", ".join(f"{f}={v}" for sec in p.values() for f, v in sec.items()) for k, p in PRESETS.items()))
+    s.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    add_flags(s.add_argument_group("model (rnnlab.LMConfig)"), LMConfig,
+              skip=tuple(f.name for f in dataclasses.fields(LMConfig) if f.name not in MODEL_FIELDS))
+    add_flags(s.add_argument_group("training (rnnlab.train.TrainConfig)"), TrainConfig, skip=("out_dir", "resume"))
+    add_flags(s.add_argument_group("data (rnnlab.train.run.DataConfig)"), DataConfig)
 
-    s = sub.add_parser("eval", help="bits per byte of a saved model on held-out text")
-    s.add_argument("--model", required=True)
-    s.add_argument("--data", nargs="+")
-    s.add_argument("--max-bytes", type=int, default=None)
-    s.add_argument("--seq-len", type=int, default=256)
-    s.add_argument("--batches", type=int, default=16)
-    s.add_argument("--device")
+    s = sub.add_parser("eval", help="bits per token of a saved model or run, and loss by position at 1x..8x its training length")
+    s.add_argument("--model", required=True, help="a run directory, a checkpoint or a saved model")
+    s.add_argument("--data", nargs="+", help="text files/directories or a prepared directory (default: the run's "
+                                             "own data, else the standard library's source)")
+    s.add_argument("--max-bytes", type=int, default=DataConfig.max_bytes, help="read at most this many bytes of text "
+                   f"(default: {DataConfig.max_bytes:,})")
+    s.add_argument("--seq-len", type=int, help="the training length T (default: the run's, else 256)")
+    s.add_argument("--lengths", type=int, nargs="+", default=[1, 2, 4, 8],
+                   help="evaluate at these multiples of T (default: 1 2 4 8)")
+    s.add_argument("--windows", type=int, default=16, help="random validation windows per length (default: 16)")
+    s.add_argument("--batch-size", type=int, default=4, help="windows per forward pass (default: 4)")
+    s.add_argument("--seed", type=int, default=1234, help="seed of the window positions (default: 1234)")
+    s.add_argument("--out", help="where eval.json and loss_by_position.png go (default: the model directory)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+
+    s = sub.add_parser("data", help="data preparation: `rnnlab data prepare PATHS --out DIR`")
+    dsub = s.add_subparsers(dest="data_cmd", required=True)
+    d = dsub.add_parser("prepare", help="tokenise text into memory-mapped token shards (uint16/uint32) + meta.json")
+    d.add_argument("paths", nargs="*", help="files, directories or globs (default: the standard library's source)")
+    d.add_argument("--out", required=True, help="output directory")
+    d.add_argument("--tokenizer", default="bytes", help="'bytes' or a tokenizer.json / directory holding one (default: bytes)")
+    d.add_argument("--shard-tokens", type=int, default=100_000_000, help="tokens per shard file (default: 100,000,000)")
+    d.add_argument("--val-fraction", type=float, default=0.02, help="share of files held out for validation (default: 0.02)")
+    d.add_argument("--max-bytes", type=int, default=0, help="read at most this many bytes for training (0 = all; default: 0)")
 
     s = sub.add_parser("generate", help="stream a continuation from a saved model")
     s.add_argument("--model", required=True)
@@ -240,29 +359,31 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to-hf", help="an rnnlab model directory to export")
     s.add_argument("--out", required=True)
 
-    s = sub.add_parser("demo", help="train a small model for about a minute and stream from it")
-    s.add_argument("--seconds", type=float, default=60.0)
-    s.add_argument("--layout", default=None)
-    s.add_argument("--out", default="runs/demo")
-    s.add_argument("--device")
+    s = sub.add_parser("demo", help="train a recurrent hybrid and a Transformer for a minute each, compare, stream")
+    s.add_argument("--seconds", type=float, default=75.0, help="training time per model in seconds (default: 75)")
+    s.add_argument("--layout", default=None, help="the hybrid's layout (default: gated_deltanet*3,swa(window=128))")
+    s.add_argument("--out", default="runs/demo", help="directory of the demo's runs (replaced; default: runs/demo)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     return p
 
 
 def main(argv: list[str] | None = None):
+    from .layers.state import StateError
+    from .train.checkpoint import CheckpointError
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     a, rest = p.parse_known_args(argv)
     if rest and a.cmd != "bench":
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                "convert": cmd_convert, "demo": cmd_demo}
+                "convert": cmd_convert, "demo": cmd_demo, "data": cmd_data}
     try:
         if a.cmd == "bench":
             return cmd_bench(a, rest)
         return handlers[a.cmd](a)
-    except (KeyError, ValueError, TypeError, FileNotFoundError) as e:
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"rnnlab {a.cmd}: error: {msg}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, FileExistsError, StateError, CheckpointError) as e:
+        # bad flags, values and files: one line that names them; anything else is a bug and keeps its traceback
+        print(f"rnnlab {a.cmd}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -116,9 +116,13 @@ def check_tokens_input(tokens: torch.Tensor, vocab_size: int) -> None:
         raise TypeError(f"tokens must be integer ids (int64), got {tokens.dtype}")
     if tokens.shape[1] < 1:
         raise ValueError("tokens must hold at least one token (T >= 1)")
-    if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
-        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range "
-                         f"[{int(tokens.min())}, {int(tokens.max())}]")
+    if not tokens.numel():
+        return
+    lo, hi = torch.aminmax(tokens)
+    if tokens.device.type != "cpu":  # no host sync on accelerators: the check fails on the device
+        torch._assert_async((lo >= 0) & (hi < vocab_size), f"token ids must lie in [0, {vocab_size})")
+    elif int(lo) < 0 or int(hi) >= vocab_size:
+        raise ValueError(f"token ids must lie in [0, {vocab_size}), got range [{int(lo)}, {int(hi)}]")
 
 
 __all__ += ["State", "StateError"]

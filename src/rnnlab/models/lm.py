@@ -23,7 +23,7 @@ from ..layers.base import Mixer, check_tokens_input
 from ..layers.common import RMSNorm
 from ..layers.state import State, StateError
 from .layout import BlockSpec, parse_layout
-from .registry import build_mixer
+from .registry import OptionError, build_mixer
 
 __all__ = ["LMConfig", "LM", "ModelState", "MLP", "build_model", "load_model", "atomic_write",
            "FORMAT_VERSION"]
@@ -151,6 +151,12 @@ class LM(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
 
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups: matrices decayed, vectors (biases, norms) not."""
+        params = list(self.parameters())
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (shared tensors counted once); optionally without the embedding."""
         seen, n = set(), 0
@@ -263,10 +269,14 @@ def build_model(layout: str = "attention", n_layers: int = 4, d_model: int = 256
     names = {f.name for f in fields(LMConfig) if f.init}
     unknown = set(config) - names
     if unknown:
-        raise TypeError(f"build_model got unknown option(s) {sorted(unknown)}; LMConfig fields are {sorted(names)}")
+        raise OptionError(f"build_model got unknown option(s) {sorted(unknown)}; LMConfig fields are {sorted(names)}")
     return LM(LMConfig(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, layout=layout, **config))
 
 
 def load_model(directory: str | os.PathLike, device=None) -> LM:
-    """Load a model saved with ``save_pretrained``."""
+    """Load a model saved with ``save_pretrained``, a training checkpoint, or a training run's
+    directory (its latest checkpoint, named by ``checkpoints/latest``)."""
+    pointer = Path(directory) / "checkpoints" / "latest"
+    if not (Path(directory) / "config.json").is_file() and pointer.is_file():
+        directory = pointer.parent / pointer.read_text().strip()
     return LM.from_pretrained(directory, device=device)

@@ -29,7 +29,7 @@ from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 
-__all__ = ["MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
+__all__ = ["UnknownMixerError", "OptionError", "MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,18 @@ class MixerSpec:
 
 
 REGISTRY: dict[str, MixerSpec] = {}
+
+
+class UnknownMixerError(KeyError, ValueError):
+    """A mixer name that is not registered (a KeyError, and a ValueError for callers that treat
+    any bad value alike)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class OptionError(TypeError, ValueError):
+    """An option that a config does not have."""
 
 
 def _register(spec: MixerSpec) -> None:
@@ -196,7 +208,7 @@ def mixers() -> list[str]:
 def get_spec(name: str) -> MixerSpec:
     """The registry entry for ``name``; a KeyError that lists the known names otherwise."""
     if name not in REGISTRY:
-        raise KeyError(f"unknown mixer {name!r}; known mixers: {', '.join(mixers())}")
+        raise UnknownMixerError(f"unknown mixer {name!r}; known mixers: {', '.join(mixers())}")
     return REGISTRY[name]
 
 
@@ -206,7 +218,7 @@ def make_config(name: str, d_model: int, **options: Any) -> MixerConfig:
     names = {f.name for f in dataclasses.fields(spec.config) if f.init}
     unknown = set(options) - names
     if unknown:
-        raise TypeError(f"mixer {name!r} has no option(s) {sorted(unknown)}; its options are {sorted(names - {'d_model'})}")
+        raise OptionError(f"mixer {name!r} has no option(s) {sorted(unknown)}; its options are {sorted(names - {'d_model'})}")
     return spec.config(d_model=d_model, **options)
 
 

@@ -1,4 +1,9 @@
-"""Training: the trainer, evaluation in bits per byte, plots."""
-from .trainer import TrainConfig, evaluate_bpb, plot_losses, train
+"""Training: the trainer, checkpoints, multi-process training, evaluation, FLOP accounting, plots."""
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from .evaluate import evaluate, loss_by_position, plot_loss_by_position, plot_losses
+from .flops import flops_per_token, matmul_peak
+from .trainer import NonFiniteLossError, RunExistsError, TrainConfig, lr_at, train
 
-__all__ = ["TrainConfig", "evaluate_bpb", "plot_losses", "train"]
+__all__ = ["CheckpointError", "latest_checkpoint", "load_checkpoint", "save_checkpoint", "evaluate",
+           "loss_by_position", "plot_loss_by_position", "plot_losses", "flops_per_token", "matmul_peak",
+           "NonFiniteLossError", "RunExistsError", "TrainConfig", "lr_at", "train"]

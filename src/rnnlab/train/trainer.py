@@ -1,185 +1,298 @@
-"""A compact trainer: AdamW, warmup + cosine schedule, bits-per-byte evaluation, atomic
-checkpoints, resume, metrics as JSON lines and a loss plot."""
+"""The trainer: any model, any batch source, exact resume, one or many processes.
+
+``train(model, batches, config)`` runs AdamW with warmup and a cosine schedule on ``(x, y)``
+batches (y = -100 where a position is not scored), with gradient accumulation, optional bfloat16
+autocast, gradient clipping, tokens/s and model FLOPs utilisation in the progress bar and in
+``metrics.jsonl``, periodic evaluation, and checkpoints (:mod:`rnnlab.train.checkpoint`) that a
+crash never tears. Under ``torchrun`` it trains with DDP (or FSDP2) and gives the weights one
+process would reach on the same global batch. One host synchronisation per step.
+"""
 from __future__ import annotations
 
 import json
 import math
-import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
-from ..data.corpus import get_batch
-from ..models.lm import LM, atomic_write
+from . import distributed as D
+from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, run_exists, save_checkpoint
+from .evaluate import evaluate, plot_losses
+from .flops import flops_per_token, matmul_peak
 
-__all__ = ["TrainConfig", "train", "evaluate_bpb", "plot_losses"]
+__all__ = ["TrainConfig", "train", "RunExistsError", "NonFiniteLossError"]
+
+
+class RunExistsError(FileExistsError):
+    """The output directory already holds a run and ``resume`` was not asked for."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or the gradient norm became NaN or infinite; no step was taken with it."""
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimisation steps in total (a resumed run continues up to this)
-    batch_size: int = 16  # sequences per step
-    seq_len: int = 256  # tokens per sequence
+    """How to train. Sizes are global: summed over gradient-accumulation micro-batches and processes."""
+
+    steps: int = 1000  # optimiser steps in total (a resumed run continues up to this)
+    batch_size: int = 16  # sequences per optimiser step, over all micro-batches and processes
+    seq_len: int = 256  # tokens per training sequence
+    grad_accum: int = 1  # micro-batches per optimiser step (each batch_size / grad_accum sequences)
     lr: float = 3e-3  # peak learning rate
-    min_lr: float = 3e-4  # final learning rate of the cosine decay
-    warmup: int = 50  # linear warmup steps
-    weight_decay: float = 0.1  # AdamW decay on matrices (not on norms, biases or 1-D parameters)
-    grad_clip: float = 1.0  # gradient-norm clip
-    eval_every: int = 200  # steps between evaluations (and at the end)
-    eval_batches: int = 8  # validation batches per evaluation
-    seed: int = 0  # seed of the data sampler
-    autocast: str | None = None  # "bf16" to train under bfloat16 autocast; None for full precision
-    out_dir: str | None = None  # where checkpoints, metrics.jsonl and loss.png go; None: nothing saved
-    save_every: int = 500  # steps between checkpoints (and at the end)
-    max_seconds: float | None = None  # stop early after this much wall time (for demos)
+    min_lr: float = 3e-4  # learning rate at the end of the cosine decay
+    warmup: int = 50  # steps of linear warmup from 0 to lr
+    weight_decay: float = 0.1  # AdamW decay on the parameters the layers do not exempt
+    beta1: float = 0.9  # AdamW first-moment decay
+    beta2: float = 0.95  # AdamW second-moment decay
+    grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
+    autocast: str = "none"  # "bf16": bfloat16 autocast for the forward; "none": full precision
+    eval_every: int = 200  # steps between evaluations (and one at the end); 0 = only at the end
+    save_every: int = 500  # steps between checkpoints (and one at the end and on SIGINT/SIGTERM)
+    keep_last: int = 3  # checkpoints kept (older ones are deleted); 0 = keep all
+    out_dir: str = ""  # run directory for checkpoints, metrics.jsonl, loss.png; "" = save nothing
+    resume: bool = False  # continue the run in out_dir from its latest checkpoint
+    max_seconds: float = 0.0  # stop (with a checkpoint) after this much training time; 0 = no limit
+    parallel: str = "ddp"  # under torchrun: "ddp" (replicated weights) or "fsdp" (sharded, FSDP2)
 
     def __post_init__(self) -> None:
-        if self.autocast not in (None, "bf16"):
-            raise ValueError(f"autocast must be None or 'bf16', got {self.autocast!r}")
-        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        for name in ("eval_every", "save_every", "keep_last", "warmup"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {getattr(self, name)!r}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        if self.autocast not in ("none", "bf16"):
+            raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if not self.lr > 0 or self.min_lr < 0:
+            raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
+        if self.resume and not self.out_dir:
+            raise ValueError("resume needs out_dir (the run to continue)")
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Sequences per micro-batch over all processes."""
+        return self.batch_size // self.grad_accum
 
 
-def _lr(step: int, c: TrainConfig) -> float:
+def lr_at(step: int, c: TrainConfig) -> float:
+    """Learning rate of optimiser step ``step`` (0-based): linear warmup, then cosine to min_lr."""
     if step < c.warmup:
         return c.lr * (step + 1) / c.warmup
     frac = (step - c.warmup) / max(1, c.steps - c.warmup)
     return c.min_lr + 0.5 * (c.lr - c.min_lr) * (1 + math.cos(math.pi * min(frac, 1.0)))
 
 
-def _device(model: LM) -> torch.device:
-    return next(model.parameters()).device
+class _StopSignals:
+    """SIGINT/SIGTERM ask the loop to stop after the current step (and save); a second one
+    interrupts at once (checkpoints stay whole either way)."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        for sig, old in self._old.items():  # a second signal acts as before
+            signal.signal(sig, old)
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
 
 
-def _autocast(model: LM, c: TrainConfig):
-    dev = _device(model).type
-    return torch.autocast(dev, dtype=torch.bfloat16, enabled=c.autocast == "bf16")
+def _check_resumable(model: nn.Module, config_saved, out: Path) -> None:
+    have, want = model.config.to_dict(), config_saved.to_dict()
+    diff = {k: (want[k], have.get(k)) for k in want if want[k] != have.get(k)}
+    if diff:
+        items = ", ".join(f"{k}={v[0]!r} in the checkpoint but {v[1]!r} now" for k, v in diff.items())
+        raise CheckpointError(f"cannot resume {out}: the model differs from the checkpoint's ({items}); "
+                              "resume with the run's own model settings, or start a new run in another directory")
 
 
-@torch.no_grad()
-def evaluate_bpb(model: LM, data: torch.Tensor, seq_len: int, batches: int = 8, batch_size: int = 8,
-                 seed: int = 1234, autocast: str | None = None) -> float:
-    """Bits per byte of ``model`` on random windows of ``data`` (byte tokens): mean cross-entropy in
-    nats / ln 2. The same windows for the same seed."""
-    was = model.training
-    model.eval()
-    g = torch.Generator().manual_seed(seed)
-    total, n = 0.0, 0
-    for _ in range(batches):
-        x, y = get_batch(data, batch_size, seq_len, g)
-        x, y = x.to(_device(model)), y.to(_device(model))
-        with torch.autocast(_device(model).type, dtype=torch.bfloat16, enabled=autocast == "bf16"):
-            logits, _ = model(x)
-        total += F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum").item()
-        n += y.numel()
-    model.train(was)
-    return total / n / math.log(2)
-
-
-def _optimizer(model: LM, c: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=(0.9, 0.95))
-
-
-def train(model: LM, train_data: torch.Tensor, val_data: torch.Tensor, config: TrainConfig,
+def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], config: TrainConfig, *,
+          val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
           progress: bool = True) -> dict:
-    """Train ``model`` on byte-token tensors; returns ``{"step", "train_loss", "val_bpb", ...}``.
+    """Train ``model`` (an :class:`rnnlab.LM`) on ``batches`` and return the last step's metrics.
 
-    With ``config.out_dir`` set, resumes from a checkpoint found there and writes checkpoints
-    (``save_pretrained`` + ``trainer_state.pt``, each atomically), ``metrics.jsonl`` and ``loss.png``.
+    ``batches`` yields ``(x, y)`` int64 (b, T) micro-batches, y = -100 where not scored, with
+    b = ``config.batch_size / (grad_accum · world_size)``; under ``torchrun`` each process passes its
+    own share of the global batch (e.g. ``RandomWindows(..., rank=r, world_size=w)``). When it has
+    ``state_dict``/``load_state_dict`` its position is checkpointed, so a resumed run sees the data
+    an uninterrupted run would; otherwise a resumed run skips the batches already consumed.
+    ``val_batches`` makes a fresh finite iterable of validation batches for each evaluation.
+
+    With ``config.out_dir``: checkpoints of the initial weights (step 0), every ``save_every`` steps,
+    at the end and on SIGINT/SIGTERM; ``metrics.jsonl`` (one line per step, each step once across resumes) and
+    ``loss.png``. A directory that holds a run is refused unless ``config.resume``.
     """
     c = config
+    e = D.env(next(model.parameters()).device)
     out = Path(c.out_dir) if c.out_dir else None
-    opt = _optimizer(model, c)
-    step, history = 0, []
-    g = torch.Generator().manual_seed(c.seed)
-    if out and (out / "trainer_state.pt").is_file():  # resume
-        saved = torch.load(out / "trainer_state.pt", map_location=_device(model), weights_only=False)
-        model.load_state_dict(LM.from_pretrained(out, device=_device(model)).state_dict())
-        opt.load_state_dict(saved["optimizer"])
-        step, history = saved["step"], saved["history"]
-        g.set_state(saved["generator"])
-    if out:
+    micro = c.micro_batch_size
+    if micro % e.world_size:
+        raise ValueError(f"batch_size / grad_accum = {micro} sequences must split evenly over {e.world_size} processes")
+
+    # 1. Where to start: a new run, or the latest checkpoint of this one.
+    resume_from = None
+    if out is not None:
+        if c.resume:
+            resume_from = latest_checkpoint(out)
+            if resume_from is None:
+                raise CheckpointError(f"--resume: {out} holds no checkpoint to continue (start without --resume)")
+        elif run_exists(out):
+            raise RunExistsError(f"{out} already holds a training run; pass --resume (resume=True) to continue it, "
+                                 "or choose another output directory")
+    loaded = None
+    if resume_from is not None and e.is_main:
+        loaded = load_checkpoint(resume_from)
+        _check_resumable(model, loaded[0], out)
+    loaded = D.broadcast_object(loaded)
+    D.barrier()
+
+    # 2. The model to train and its optimiser (parameter groups declared by the layers).
+    net = D.wrap(model, c.parallel, e)
+    opt = torch.optim.AdamW(model.param_groups(c.weight_decay), lr=c.lr, betas=(c.beta1, c.beta2))
+    step, metrics_offset, loss_ema = 0, 0, None
+    if loaded is not None:
+        _, model_state, ts = loaded
+        D.load_full_state(net, opt, model_state, ts["optimizer"])
+        step, metrics_offset, loss_ema = ts["step"], ts["metrics_offset"], ts.get("loss_ema")
+        torch.set_rng_state(ts["rng"]["torch"])
+        if "batches" in ts and hasattr(batches, "load_state_dict"):
+            batches.load_state_dict(ts["batches"])
+    it = iter(batches)
+    if loaded is not None and not hasattr(batches, "load_state_dict"):
+        for _ in range(step * c.grad_accum):  # a source without state: skip what was consumed
+            next(it)
+    history: list[dict] = []
+    if out is not None and e.is_main:
         out.mkdir(parents=True, exist_ok=True)
-    model.train()
-    t_start, tokens_done, loss_ema = time.time(), 0, None
-    bar = tqdm(total=None if c.max_seconds else c.steps, initial=step, disable=not progress, desc="train", unit="step", dynamic_ncols=True)
-    result: dict = {}
-    while step < c.steps:
-        for group in opt.param_groups:
-            group["lr"] = _lr(step, c)
-        x, y = get_batch(train_data, c.batch_size, c.seq_len, g)
-        x, y = x.to(_device(model)), y.to(_device(model))
-        with _autocast(model, c):
-            logits, _ = model(x)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1))
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss became {loss.item()} at step {step}")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), c.grad_clip)
-        opt.step()
-        step += 1
-        tokens_done += x.numel()
-        loss_ema = loss.item() if loss_ema is None else 0.9 * loss_ema + 0.1 * loss.item()
-        rate = tokens_done / max(time.time() - t_start, 1e-9)
-        bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{rate:,.0f}")
-        bar.update(1)
-        record = {"step": step, "train_loss": loss.item(), "lr": _lr(step - 1, c), "tokens_per_s": rate}
-        out_of_time = c.max_seconds is not None and time.time() - t_start > c.max_seconds
-        last = step == c.steps or out_of_time
-        if step % c.eval_every == 0 or last:
-            record["val_bpb"] = evaluate_bpb(model, val_data, c.seq_len, c.eval_batches, autocast=c.autocast)
-            bar.write(f"step {step}: train loss {loss_ema:.3f}, val {record['val_bpb']:.3f} bits/byte")
-        history.append(record)
-        if out:
-            with open(out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if step % c.save_every == 0 or last:
-                _checkpoint(model, opt, step, history, g, c, out)
-        result = {**record, "train_loss_ema": loss_ema, "seconds": time.time() - t_start}
-        if out_of_time:
-            break
+        mpath = out / "metrics.jsonl"
+        if mpath.exists():  # drop the steps logged after the checkpoint we resume from
+            with open(mpath, "rb+") as f:
+                f.truncate(metrics_offset)
+            history = [json.loads(line) for line in mpath.read_text().splitlines() if line.strip()]
+        metrics_file = open(mpath, "a")
+    else:
+        metrics_file = None
+
+    def save(at_step: int) -> Path | None:
+        msd, osd = D.full_state(net, opt)
+        path = None
+        if out is not None and e.is_main:
+            if metrics_file is not None:
+                metrics_file.flush()
+            ts = {"step": at_step, "optimizer": osd, "rng": {"torch": torch.get_rng_state()},
+                  "metrics_offset": metrics_file.tell() if metrics_file is not None else 0,
+                  "loss_ema": loss_ema, "train_config": asdict(c), "world_size": e.world_size}
+            if hasattr(batches, "state_dict"):
+                ts["batches"] = batches.state_dict()
+            path = save_checkpoint(out, at_step, model.config, msd, ts, keep_last=c.keep_last or None)
+        D.barrier()
+        return path
+
+    if out is not None and loaded is None:
+        save(0)  # the initial weights: from here on a run can always be resumed
+
+    # 3. The loop: one host sync per step (loss, scored tokens and gradient norm together).
+    flops_tok = flops_per_token(model, c.seq_len)
+    peak = matmul_peak(e.device, torch.bfloat16 if c.autocast == "bf16" else torch.float32)
+    params = [p for p in model.parameters() if p.requires_grad]
+    net.train()
+    bar = tqdm(total=c.steps, initial=step, disable=not (progress and e.is_main), desc="train", unit="step",
+               dynamic_ncols=True)
+    t_start, start_step, last_ckpt = time.time(), step, None
+    tokens_per_step = c.batch_size * c.seq_len
+    row: dict = {"step": step}
+    with _StopSignals() as stop:
+        while step < c.steps:
+            lr = lr_at(step, c)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            parts = [next(it) for _ in range(c.grad_accum)]
+            parts = [(x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)) for x, y in parts]
+            scored = D.all_reduce_sum(sum((y != -100).sum() for _, y in parts).to(torch.float32))
+            denom = scored.clamp(min=1) / e.world_size  # DDP averages gradients over processes
+            loss_sum = torch.zeros((), device=e.device)
+            for i, (x, y) in enumerate(parts):
+                last_micro = i == len(parts) - 1
+                _sync_grads(net, last_micro)
+                with torch.autocast(e.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
+                    logits, _ = net(x)
+                part = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
+                (part / denom).backward()
+                loss_sum += part.detach()
+            norm = (nn.utils.clip_grad_norm_(params, c.grad_clip) if c.grad_clip > 0
+                    else torch.zeros((), device=e.device))
+            if hasattr(norm, "full_tensor"):  # FSDP2: a DTensor
+                norm = norm.full_tensor()
+            D.all_reduce_sum(loss_sum)
+            loss_total, n_scored, gnorm = torch.stack([loss_sum, scored, norm.float()]).tolist()  # the one sync
+            loss = loss_total / max(n_scored, 1.0)
+            if not (math.isfinite(loss) and math.isfinite(gnorm)):
+                opt.zero_grad(set_to_none=True)
+                where = f"; the last good checkpoint is {latest_checkpoint(out)}" if out is not None and latest_checkpoint(out) else ""
+                raise NonFiniteLossError(f"the loss became {loss} (gradient norm {gnorm}) at step {step + 1}; "
+                                         f"no update was made{where}. Lower --lr or raise --warmup and resume.")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.time() - t_start
+            tok_s = tokens_per_step * (step - start_step) / max(elapsed, 1e-9)
+            loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
+            mfu = tok_s * flops_tok / peak
+            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s, "mfu": mfu,
+                   "seconds": elapsed}
+            out_of_time = c.max_seconds > 0 and elapsed > c.max_seconds
+            last = step == c.steps or out_of_time or stop.received is not None
+            if val_batches is not None and ((c.eval_every and step % c.eval_every == 0) or last):
+                if e.is_main or c.parallel == "fsdp":  # FSDP's forward gathers weights: every rank runs it
+                    ev = evaluate(model, val_batches(), autocast=c.autocast if c.autocast != "none" else None)
+                    row.update(val_loss=ev["loss"], val_bits=ev["bits"])
+                    bar.write(f"step {step}: train {loss_ema / math.log(2):.4f}, validation {ev['bits']:.4f} bits per token")
+                D.barrier()
+            history.append(row)
+            if metrics_file is not None:
+                metrics_file.write(json.dumps(row) + "\n")
+            bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+            bar.update(1)
+            if out is not None and ((c.save_every and step % c.save_every == 0) or last):
+                last_ckpt = save(step)
+            if last:
+                break
     bar.close()
-    if out:
+    if metrics_file is not None:
+        metrics_file.close()
         plot_losses(history, out / "loss.png")
+    result = dict(row)
+    result.update(loss_ema=loss_ema, interrupted=stop.received is not None,
+                  checkpoint=str(last_ckpt) if last_ckpt else None, flops_per_token=flops_tok, matmul_peak=peak)
     return result
 
 
-def _checkpoint(model, opt, step, history, g, c, out: Path) -> None:
-    model.save_pretrained(out)
-    state = {"step": step, "optimizer": opt.state_dict(), "history": history, "generator": g.get_state(),
-             "config": asdict(c)}
-    atomic_write(out / "trainer_state.pt", lambda p: torch.save(state, p))
+def _sync_grads(net: nn.Module, enabled: bool) -> None:
+    """Gradient synchronisation only on the last micro-batch of a step (DDP and FSDP2)."""
+    if isinstance(net, nn.parallel.DistributedDataParallel):
+        net.require_backward_grad_sync = enabled
+    elif hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(enabled)
 
-
-def plot_losses(history: list[dict], path: str | os.PathLike) -> bool:
-    """Draw training loss and validation bits/byte against steps to ``path`` (PNG). Returns False
-    (with a notice) when matplotlib is not installed."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no loss plot (pip install 'rnnlab[plot]')")
-        return False
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["train_loss"] / math.log(2) for h in history], lw=0.8,
-            label="train (bits/byte)")
-    ev = [h for h in history if "val_bpb" in h]
-    ax.plot([h["step"] for h in ev], [h["val_bpb"] for h in ev], "o-", label="validation (bits/byte)")
-    ax.set_xlabel("step")
-    ax.set_ylabel("bits per byte")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    atomic_write(path, lambda p: fig.savefig(p, dpi=120, format="png"))
-    plt.close(fig)
-    return True
