@@ -50,6 +50,7 @@ def test_bytes_round_trip_across_many_shards(tmp_path):
         assert info["tokens"] == len(exp[split]) and info["documents"] == exp[split].count(EOD)
         assert info["bytes"] == len(exp[split]) - info["documents"] == td.num_bytes
         assert td.num_documents == info["documents"]
+        assert td.bytes_per_token == pytest.approx(info["bytes"] / info["tokens"]) and td.bytes_per_token < 1
         names = [s["name"] for s in info["shards"]]
         assert names == [f"{split}_{i:05d}.bin" for i in range(len(names))] and len(names) == -(-len(td) // 97)
         for s in info["shards"]:  # uint16 on disk, sizes as recorded
@@ -261,6 +262,7 @@ def test_from_tensor(tmp_path):
     t = torch.tensor([5, 1, 257, 3, 0], dtype=torch.int16)
     td = TokenData.from_tensor(t, eod_id=257, vocab_size=260)
     assert len(td) == 5 and td.eod_id == 257 and td.vocab_size == 260 and td.num_documents is None
+    assert td.bytes_per_token is None and TokenData.from_tensor(t, num_bytes=10).bytes_per_token == 2.0
     w = td.window(1, 3)
     assert w.dtype == torch.int64 and w.tolist() == [1, 257, 3]
     w[0] = 99
@@ -275,5 +277,7 @@ def test_from_tensor(tmp_path):
         TokenData.from_tensor(torch.tensor([1, 8]), vocab_size=8)
     with pytest.raises(ValueError, match="eod_id 9 is outside"):
         TokenData.from_tensor(torch.tensor([1, 2]), eod_id=9, vocab_size=8)
+    with pytest.raises(ValueError, match="num_bytes must be a non-negative int"):
+        TokenData.from_tensor(torch.tensor([1, 2]), num_bytes=-1)
     with pytest.raises(ValueError, match="made from a tensor"):
         td.tokenizer()
