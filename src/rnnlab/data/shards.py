@@ -352,6 +352,7 @@ class TokenData:
         """Wrap tokens ``t`` (N,) of any integer dtype (e.g. ``load_corpus``'s uint8 bytes).
 
         ``vocab_size`` defaults to ``max(t) + 1``; every id must be in ``[0, vocab_size)``.
+        ``num_bytes``: the source bytes behind the tokens, if known (for bits per byte).
         """
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"t must be a torch.Tensor of token ids, got {type(t).__name__}")
@@ -370,6 +371,8 @@ class TokenData:
             raise ValueError(f"t holds ids in [{lo}, {hi}], outside [0, vocab_size={vocab_size})")
         if eod_id is not None and not 0 <= int(eod_id) < vocab_size:
             raise ValueError(f"eod_id {eod_id} is outside [0, vocab_size={vocab_size})")
+        if num_bytes is not None and (isinstance(num_bytes, bool) or not isinstance(num_bytes, int) or num_bytes < 0):
+            raise ValueError(f"num_bytes must be a non-negative int or None, got {num_bytes!r}")
         return cls([t], None if eod_id is None else int(eod_id), vocab_size, num_bytes=num_bytes)
 
     @classmethod
@@ -411,6 +414,12 @@ class TokenData:
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        """Source bytes per token (``num_bytes / len``), for bits per byte = nats per token / ln 2 /
+        bytes_per_token; None when ``num_bytes`` is unknown."""
+        return None if self.num_bytes is None or len(self) == 0 else self.num_bytes / len(self)
 
     @property
     def num_documents(self) -> int | None:
