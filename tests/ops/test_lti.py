@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from rnnlab.ops import tuning
 from rnnlab.ops.lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent, lti_scan
 
 
@@ -104,14 +105,14 @@ def test_bad_shapes():
         bilinear(A, Bv[:3], torch.ones(3))
 
 
-def test_long_sequences_run_the_convolution_in_chunks(monkeypatch):
-    """Past CONV_CHUNK tokens the convolution runs chunk by chunk with the state passed along."""
-    import importlib
-    monkeypatch.setattr(importlib.import_module("rnnlab.ops.lti"), "CONV_CHUNK", 16)
+def test_long_sequences_run_the_convolution_in_chunks():
+    """Past the tuning table's lti.conv_chunk tokens the convolution runs chunk by chunk with the
+    state passed along."""
     for kind in ("dense", "complex"):
         u, dA, dB, C, h0 = make(B=2, T=45, kind=kind)
         leaves = [t.clone().requires_grad_() for t in (u, dA, dB, C, h0)]
-        y, h = lti(*leaves)
+        with tuning.override(cpu={"lti.conv_chunk": 16}):
+            y, h = lti(*leaves)
         y_ref, h_ref = lti_recurrent(u, dA, dB, C, h0)
         torch.testing.assert_close(y, y_ref)
         torch.testing.assert_close(h, h_ref)

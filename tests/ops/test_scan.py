@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from rnnlab.ops import linear_scan, linear_scan_chunked, linear_scan_recurrent, scan
+from rnnlab.ops import linear_scan, linear_scan_chunked, linear_scan_loop, linear_scan_recurrent
 
 
 def make(B=2, T=77, D=3, kind="real", seed=0):
@@ -28,16 +28,16 @@ def _loss_grads(fn, a, b, h0, cot):
     return h, last, (a.grad, b.grad, h0.grad)
 
 
-@pytest.mark.parametrize("core", ["loop", "hillis_steele"])
+@pytest.mark.parametrize("form", ["loop", "hillis_steele"])
 @pytest.mark.parametrize("kind", ["real", "complex", "real_a_complex_b"])
 @pytest.mark.parametrize("T", [1, 5, 64, 77])
-def test_chunked_equals_reference(kind, T, core, monkeypatch):
-    """Both cores of the fast form (CPU loop for many lanes, log-depth scan otherwise)."""
-    monkeypatch.setattr(scan, "_SEQUENTIAL_MIN_LANES", 1 if core == "loop" else 10**9)
+def test_fast_forms_equal_reference_complex(kind, T, form):
+    """Both fast forms (CPU loop for many lanes, log-depth scan otherwise) on complex values too."""
     a, b, h0 = make(T=T, kind=kind)
     cot = torch.randn(b.shape, dtype=torch.float64)
+    fast = linear_scan_loop if form == "loop" else lambda a, b, h: linear_scan_chunked(a, b, h, chunk_size=16)
     h1, l1, g1 = _loss_grads(linear_scan_recurrent, a, b, h0, cot)
-    h2, l2, g2 = _loss_grads(lambda a, b, h: linear_scan_chunked(a, b, h, chunk_size=16), a, b, h0, cot)
+    h2, l2, g2 = _loss_grads(fast, a, b, h0, cot)
     torch.testing.assert_close(h2, h1)
     torch.testing.assert_close(l2, l1)
     for name, x, y in zip("a b initial_state".split(), g1, g2):

@@ -1,11 +1,14 @@
 """Kernel speed: reference loops vs fast forms, and fast forms vs causal softmax attention (SDPA).
 
-For each family and each T: forward and forward+backward wall time (median of repeats, after a
-warm-up) of the reference loop (up to ``--ref-max-T``) and of the fast form, and of
+Families, their inputs (initial state included) and their forms come from
+:mod:`rnnlab.ops.registry`, so a new family or backend is benchmarked at once. For each family and
+each T: forward and forward+backward wall time (median of repeats, after a warm-up) of the
+reference loop (up to ``--ref-max-T``) and of the form the dispatcher would choose, on the backend
+``--backend`` (where the family has it; otherwise "torch", reported), and of
 ``scaled_dot_product_attention(is_causal=True)`` at the same B, H and head dim.
 
-``python -m rnnlab.bench.ops [--T 512 1024 ...] [--families delta gla scan] [--quick] [--json F]``
-Prints a table and a final JSON line.
+``python -m rnnlab.bench.ops [--T 512 1024 ...] [--families delta gla scan] [--backend compile] [--quick]
+[--json F]``. Prints a table and a final JSON line.
 """
 from __future__ import annotations
 
@@ -17,72 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import report
-from .. import ops
-
-FAMILIES = ("delta", "gla", "mlstm", "scan", "selective_scan", "longhorn", "gsa", "memory", "lssl", "s4d")
-
-
-def _inputs(family: str, B: int, T: int, H: int, K: int, dtype=torch.float32):
-    g = torch.Generator().manual_seed(0)
-    r = lambda *s: torch.randn(*s, generator=g, dtype=dtype)  # noqa: E731
-    if family == "delta":  # Gated DeltaNet's case: scalar decay per head, beta in (0, 1)
-        return dict(q=r(B, T, H, K), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, K),
-                    log_g=F.logsigmoid(r(B, T, H) + 4), beta=torch.rand(B, T, H, generator=g))
-    if family == "gla":  # GLA's case: vector decay over K, no delta term
-        return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K),
-                    log_g=F.logsigmoid(r(B, T, H, K) + 4) / 16)
-    if family == "mlstm":  # xLSTM's mLSTM: exponential input gate, sigmoid forget gate
-        return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K), log_f=F.logsigmoid(r(B, T, H) + 3),
-                    log_i=r(B, T, H))
-    if family == "scan":  # an LRU / minGRU-sized elementwise scan: (B, T, H·K) channels
-        return dict(a=torch.rand(B, T, H * K, generator=g), b=r(B, T, H * K))
-    if family == "selective_scan":  # Mamba-1 with D = H·K channels and N = 16
-        D = H * K
-        return dict(u=r(B, T, D), dt=F.softplus(r(B, T, D) - 3), A=-torch.exp(r(D, 16)), B=r(B, T, 16),
-                    C=r(B, T, 16))
-    if family == "longhorn":  # Longhorn with D = H·K channels and N = 16
-        D = H * K
-        return dict(q=r(B, T, 16), k=r(B, T, 16) / 4, v=r(B, T, D), beta=torch.rand(B, T, D, generator=g))
-    if family == "gsa":  # gated slot attention with 64 slots per head
-        log_g = F.logsigmoid(r(B, T, H, 64)) / 8
-        return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K), s=-torch.expm1(log_g), log_g=log_g)
-    if family == "memory":  # Titans' 2-layer MLP memory (F = 2K), mini-batches of 16
-        return dict(q=F.normalize(r(B, T, H, K), dim=-1), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, K),
-                    log_g=F.logsigmoid(r(B, T, H) + 5), log_eta=F.logsigmoid(r(B, T, H) + 2),
-                    theta=0.05 * torch.rand(B, T, H, generator=g),
-                    w1=r(B, H, 2 * K, K) * K ** -0.5, w2=r(B, H, K, 2 * K) * (2 * K) ** -0.5)
-    if family in ("lssl", "s4d"):  # LTI state spaces over D = H·K channels: dense LegS N=64 / complex diagonal N/2=32
-        D = H * K
-        dt = torch.exp(torch.rand(D, generator=g) * 4.6 - 6.9)
-        if family == "lssl":
-            dA, dB = ops.bilinear(*ops.hippo_legs(64), dt)
-            return dict(u=r(B, T, D), dA=dA, dB=dB, C=r(D, 64) / 8)
-        A = torch.complex(torch.full((D, 32), -0.5), torch.pi * torch.arange(32.0).repeat(D, 1))
-        dA = torch.exp(dt[:, None] * A)
-        return dict(u=r(B, T, D), dA=dA, dB=(dA - 1) / A, C=torch.complex(r(D, 32), r(D, 32)))
-    raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-
-
-def _mlp_memory(form):
-    """A neural-memory form taking the MLP memory's starting weights as tensors (momentum zero)."""
-    def run(q, k, v, log_g, log_eta, theta, w1, w2):
-        zeros = (torch.zeros_like(w1), torch.zeros_like(w2))
-        return form(q, k, v, log_g, log_eta, theta, ops.MemoryState((w1, w2), zeros, (w1, w2), 0))
-    return run
-
-
-_FORMS = {
-    "delta": (ops.gated_delta_rule_recurrent, ops.gated_delta_rule),
-    "gla": (ops.gated_delta_rule_recurrent, ops.gated_delta_rule),
-    "mlstm": (ops.mlstm_recurrent, ops.mlstm),
-    "scan": (ops.linear_scan_recurrent, ops.linear_scan),
-    "selective_scan": (ops.selective_scan_recurrent, ops.selective_scan),
-    "longhorn": (ops.longhorn_recurrent, ops.longhorn),
-    "gsa": (ops.gsa_recurrent, ops.gsa),
-    "memory": (_mlp_memory(ops.neural_memory_recurrent), _mlp_memory(ops.neural_memory)),
-    "lssl": (ops.lti_recurrent, ops.lti),
-    "s4d": (ops.lti_recurrent, ops.lti),
-}
+from ..ops import registry
 
 
 def _timeit(fn, repeats: int) -> float:
@@ -102,13 +40,11 @@ def _fwd(fn, inputs):
     return run
 
 
-def _fwd_bwd(fn, inputs):
-    leaves = {k: v.detach().clone().requires_grad_(v.is_floating_point() or v.is_complex()) for k, v in inputs.items()}
+def _fwd_bwd(fn, family, inputs):
+    leaves, _ = registry.with_grad(family, inputs)
 
     def run():
-        out = fn(**leaves)
-        loss = sum((o.real if o.is_complex() else o).float().sum()
-                   for o in (out if isinstance(out, tuple) else (out,)) if isinstance(o, torch.Tensor))
+        loss = sum((o.real if o.is_complex() else o).float().sum() for o in registry.tensors(fn(**leaves)))
         loss.backward()
     return run
 
@@ -122,23 +58,36 @@ def _sdpa(**kw):
     return F.scaled_dot_product_attention(kw["q"], kw["k"], kw["v"], is_causal=True)
 
 
-def run(families, Ts, B, H, K, repeats, ref_max_T) -> list[dict]:
+def _sdpa_fwd_bwd(inputs):
+    leaves = {n: t.detach().clone().requires_grad_() for n, t in inputs.items()}
+
+    def run():
+        _sdpa(**leaves).sum().backward()
+    return run
+
+
+def run(families, Ts, B, H, K, repeats, ref_max_T, backend="torch") -> list[dict]:
+    """Time every family at every T; returns one row per (family, T) and prints it."""
     rows = []
-    for fam in families:
-        ref, fast = _FORMS[fam]
-        for T in Ts:
-            x = _inputs(fam, B, T, H, K)
-            s = _sdpa_inputs(B, T, H, K)
-            row = dict(family=fam, T=T, B=B, H=H, K=K)
-            row["fast_fwd_s"] = _timeit(_fwd(fast, x), repeats)
-            row["fast_fwdbwd_s"] = _timeit(_fwd_bwd(fast, x), repeats)
-            row["sdpa_fwd_s"] = _timeit(_fwd(_sdpa, s), repeats)
-            row["sdpa_fwdbwd_s"] = _timeit(_fwd_bwd(_sdpa, s), repeats)
-            if T <= ref_max_T:
-                row["ref_fwd_s"] = _timeit(_fwd(ref, x), 1)
-                row["ref_fwdbwd_s"] = _timeit(_fwd_bwd(ref, x), 1)
-            rows.append(row)
-            _print_row(row)
+    with registry.use_backend(backend):
+        for name in families:
+            fam = registry.get_family(name)
+            for T in Ts:
+                x = fam.inputs(B, T, H, K)
+                form, used = registry.select(name, **x)
+                fast = registry.implementation(name, form, used)
+                s = _sdpa_inputs(B, T, H, K)
+                row = dict(family=name, form=form, backend=used, T=T, B=B, H=H, K=K)
+                grads = bool(fam.differentiable)  # matrix_scan runs without autograd: forward only
+                row["fast_fwd_s"] = _timeit(_fwd(fast, x), repeats)
+                row["fast_fwdbwd_s"] = _timeit(_fwd_bwd(fast, fam, x), repeats) if grads else None
+                row["sdpa_fwd_s"] = _timeit(_fwd(_sdpa, s), repeats)
+                row["sdpa_fwdbwd_s"] = _timeit(_sdpa_fwd_bwd(s), repeats)
+                if T <= ref_max_T:
+                    row["ref_fwd_s"] = _timeit(_fwd(fam.reference, x), 1)
+                    row["ref_fwdbwd_s"] = _timeit(_fwd_bwd(fam.reference, fam, x), 1) if grads else None
+                rows.append(row)
+                _print_row(row)
     return rows
 
 
@@ -147,22 +96,27 @@ def _fmt(v):
 
 
 def _print_header():
-    print(f"{'family':15} {'T':>6} | {'ref fwd':>9} {'fast fwd':>9} {'sdpa fwd':>9} | {'ref f+b':>9} {'fast f+b':>9} "
-          f"{'sdpa f+b':>9} | {'ref/fast':>8} {'sdpa/fast':>9}   (ms; ratios on fwd+bwd)")
+    print(f"{'family':14} {'form':>9} {'backend':>7} {'T':>6} | {'ref fwd':>9} {'fast fwd':>9} {'sdpa fwd':>9} | "
+          f"{'ref f+b':>9} {'fast f+b':>9} {'sdpa f+b':>9} | {'ref/fast':>8} {'sdpa/fast':>9}   "
+          "(ms; ratios on fwd+bwd, on fwd where there is no backward)")
 
 
 def _print_row(r):
-    ref = r.get("ref_fwdbwd_s")
-    speedup = f"{ref / r['fast_fwdbwd_s']:7.1f}x" if ref else "       -"
-    print(f"{r['family']:15} {r['T']:6d} | {_fmt(r.get('ref_fwd_s'))} {_fmt(r['fast_fwd_s'])} {_fmt(r['sdpa_fwd_s'])} | "
-          f"{_fmt(ref)} {_fmt(r['fast_fwdbwd_s'])} {_fmt(r['sdpa_fwdbwd_s'])} | "
-          f"{speedup} {r['sdpa_fwdbwd_s'] / r['fast_fwdbwd_s']:8.2f}x",
-          flush=True)
+    step = "fwdbwd" if r["fast_fwdbwd_s"] is not None else "fwd"
+    ref, fast, sdpa = r.get(f"ref_{step}_s"), r[f"fast_{step}_s"], r[f"sdpa_{step}_s"]
+    speedup = f"{ref / fast:7.1f}x" if ref else "       -"
+    print(f"{r['family']:14} {r['form']:>9} {r['backend']:>7} {r['T']:6d} | "
+          f"{_fmt(r.get('ref_fwd_s'))} {_fmt(r['fast_fwd_s'])} {_fmt(r['sdpa_fwd_s'])} | "
+          f"{_fmt(r.get('ref_fwdbwd_s'))} {_fmt(r['fast_fwdbwd_s'])} {_fmt(r['sdpa_fwdbwd_s'])} | "
+          f"{speedup} {sdpa / fast:8.2f}x", flush=True)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(prog="rnnlab bench ops", description=__doc__.split("\n\n")[0])
-    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    names = registry.families()
+    p.add_argument("--families", nargs="+", default=names, choices=names)
+    p.add_argument("--backend", default="torch", choices=registry.BACKENDS,
+                   help="backend to prefer for the fast forms (where a family lacks it: torch, reported)")
     p.add_argument("--T", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--B", type=int, default=1)
     p.add_argument("--H", type=int, default=8)
@@ -174,10 +128,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     a = p.parse_args(argv)
     if a.quick:
         a.T, a.ref_max_T, a.repeats = [256, 512], 512, 1
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={a.B} H={a.H} K=V={a.K}, float32")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={a.B} H={a.H} K=V={a.K}, float32, "
+          f"backend {a.backend}")
     _print_header()
-    rows = run(a.families, a.T, a.B, a.H, a.K, a.repeats, a.ref_max_T)
-    report("ops", rows, a.json)
+    rows = run(a.families, a.T, a.B, a.H, a.K, a.repeats, a.ref_max_T, a.backend)
+    report("ops", rows, a.json, backend=a.backend)
     return rows
 
 

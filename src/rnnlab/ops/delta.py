@@ -13,7 +13,9 @@ Layout: q, k (B, T, H, K); v (B, T, H, V); state (B, H, K, V). All forms accumul
 
 Forms: :func:`gated_delta_rule_recurrent` (the definition), :func:`gated_delta_rule_chunked`
 (chunkwise parallel, UT transform), :func:`gated_delta_rule_step` (one token) and the dispatch
-:func:`gated_delta_rule` that layers call.
+:func:`gated_delta_rule` that layers call. In :mod:`rnnlab.ops.registry` this op is three families,
+one per fast kernel of other libraries: "delta" (with the delta term), "gla" (vector decay),
+"ssd" (scalar decay or none: Mamba-2, RetNet, linear attention).
 """
 from __future__ import annotations
 
@@ -21,8 +23,12 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from . import tuning
+from .backends import compiled
+from .registry import implementation, select
+
 __all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_chunked",
-           "gated_delta_rule_step", "check_delta_args"]
+           "gated_delta_rule_chunked_compiled", "gated_delta_rule_step", "check_delta_args"]
 
 
 def check_delta_args(q, k, v, log_g, beta, initial_state) -> None:
@@ -84,7 +90,7 @@ def gated_delta_rule_step(q, k, v, log_g=None, beta=None, scale=None, state=None
     return o.to(q.dtype), S
 
 
-def _vector_scores(qc, kc, cum, sub: int = 8):
+def _vector_scores(qc, kc, cum, sub: int):
     """``A_xk[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)`` for s <= t (0 above), x = q and x = k,
     with a decay vector over K. Chunks are cut into sub-chunks of ``sub``: inside a sub-chunk the
     masked (sub, sub, K) decay tensor is formed; between sub-chunks I > J the decay factors through
@@ -114,7 +120,7 @@ def _vector_scores(qc, kc, cum, sub: int = 8):
     return out[0], out[1]
 
 
-def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=64):
+def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None):
     """Chunkwise-parallel form (same arguments and results as the reference).
 
     Within a chunk of C tokens, with cumulative log-decays ``c_t`` from the chunk start and the
@@ -124,33 +130,52 @@ def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial
     term). It is linear in ``S_0``, so ``U = U_v - W S_0`` is precomputed for all chunks in parallel
     and only four small products per chunk remain sequential. Every decay factor is an
     ``exp`` of a non-positive difference of cumulative log-decays, masked before ``exp``.
+    ``chunk_size`` None: the tuning table's ``delta.chunk_size`` (``gla.chunk_size`` for a vector
+    decay, cut into sub-chunks of ``gla.sub_chunk``).
     """
-    check_delta_args(q, k, v, log_g, beta, initial_state)
-    B, T, H, K = q.shape
-    V, acc = v.shape[-1], _acc(q)
-    scale = K ** -0.5 if scale is None else scale
+    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, _intra_chunk)
+
+
+def gated_delta_rule_chunked_compiled(q, k, v, log_g=None, beta=None, scale=None, initial_state=None,
+                                      chunk_size=None):
+    """:func:`gated_delta_rule_chunked` with its loop-free intra-chunk part (decays, scores, UT
+    solve: everything but the pass across chunks) compiled by ``torch.compile`` (the "compile"
+    backend). Same arguments and results."""
+    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, compiled(_intra_chunk))
+
+
+def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int):
+    """Everything the chunks can do in parallel (no loop over chunks, so it compiles well).
+
+    q, k (B, T, H, K), v (B, T, H, V), log_g None | (B, T, H) | (B, T, H, K), beta None | (B, T, H),
+    in the accumulation dtype. Returns, per chunk n of C tokens (B, H, N, ...): U_v (C, V) and W
+    (C, K) or None with U = U_v - W S_0; q_plus (C, K) the queries decayed from the chunk start;
+    A_qk (C, C) the masked decayed scores; g_end (K|1) the decay over the whole chunk; k_end
+    (K, C) the keys decayed to the chunk end.
+    """
+    T = q.shape[1]
+    V = v.shape[-1]
     vector = log_g is not None and log_g.dim() == 4
     C = chunk_size
     N = -(-T // C)
     pad = N * C - T
 
-    def chunks(x, fill=0.0):  # (B, T, H, ...) -> (B, H, N, C, ...)
-        x = x.to(acc)
+    def chunks(x):  # (B, T, H, ...) -> (B, H, N, C, ...), zero-padded (g = 1 and no write there)
         if pad:
-            x = F.pad(x, [0, 0] * (x.dim() - 3) + [0, 0, 0, pad], value=fill)
+            x = F.pad(x, [0, 0] * (x.dim() - 3) + [0, 0, 0, pad])
         return rearrange(x, "b (n c) h ... -> b h n c ...", c=C)
 
     qc, kc, vc = chunks(q), chunks(k), chunks(v)  # (B, H, N, C, K|V)
-    # 1. cumulative log-decays within each chunk (zero for padding: g = 1)
+    # 1. cumulative log-decays within each chunk
     if log_g is None:
-        cum = qc.new_zeros(B, H, N, C, 1)
+        cum = qc.new_zeros(*qc.shape[:4], 1)
     else:
         cum = chunks(log_g if vector else log_g[..., None]).cumsum(dim=3)  # (B, H, N, C, K|1)
     tri_incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
     tri_strict = tri_incl.tril(-1)  # s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
     if vector:
-        A_qk, A_kk = _vector_scores(qc, kc, cum)
+        A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)
     else:
         diff = cum[..., :, None, 0] - cum[..., None, :, 0]  # (B, H, N, C, C)
         decay = torch.exp(diff.masked_fill(~tri_incl, float("-inf")))
@@ -159,22 +184,35 @@ def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial
     A_qk = A_qk * tri_incl
     q_plus = qc * cum.exp()  # (B, H, N, C, K): q_t decayed from the chunk start
     k_plus = kc * cum.exp()
-    k_end = kc * (cum[..., -1:, :] - cum).exp()  # k_s decayed to the chunk end
+    k_end = (kc * (cum[..., -1:, :] - cum).exp()).transpose(-1, -2)  # (B, H, N, K, C): k_s decayed to the end
     g_end = cum[..., -1, :].exp()  # (B, H, N, K|1): decay over the whole chunk
     # 3. UT transform: U = U_v - W S_0
     if beta is None:
-        U_v, W = vc, None
-    else:
-        b = chunks(beta)[..., None]  # (B, H, N, C, 1)
-        L = torch.eye(C, dtype=acc, device=q.device) + b * (A_kk * tri_strict)  # (B, H, N, C, C)
-        UW = torch.linalg.solve_triangular(L, b * torch.cat([vc, k_plus], dim=-1), upper=False,
-                                           unitriangular=True)  # (B, H, N, C, V+K): one solve for both
-        U_v, W = UW[..., :V], UW[..., V:]
+        return vc, None, q_plus, A_qk, g_end, k_end
+    b = chunks(beta)[..., None]  # (B, H, N, C, 1)
+    L = torch.eye(C, dtype=q.dtype, device=q.device) + b * (A_kk * tri_strict)  # (B, H, N, C, C)
+    UW = torch.linalg.solve_triangular(L, b * torch.cat([vc, k_plus], dim=-1), upper=False,
+                                       unitriangular=True)  # (B, H, N, C, V+K): one solve for both
+    return UW[..., :V], UW[..., V:], q_plus, A_qk, g_end, k_end
+
+
+def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra):
+    check_delta_args(q, k, v, log_g, beta, initial_state)
+    B, T, H, K = q.shape
+    V, acc = v.shape[-1], _acc(q)
+    scale = K ** -0.5 if scale is None else scale
+    vector = log_g is not None and log_g.dim() == 4
+    if chunk_size is None:
+        chunk_size = tuning.get("gla.chunk_size" if vector else "delta.chunk_size", q.device)
+    cast = lambda x: None if x is None else x.to(acc)  # noqa: E731
+    U_v, W, q_plus, A_qk, g_end, k_end = intra(q.to(acc), k.to(acc), v.to(acc), cast(log_g), cast(beta), chunk_size,
+                                               tuning.get("gla.sub_chunk", q.device))
     # 4. pass the state across chunks
     S = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc)
     outs = []
+    N = U_v.shape[2]
     per_chunk = zip(U_v.unbind(2), (W.unbind(2) if W is not None else [None] * N), q_plus.unbind(2),
-                    A_qk.unbind(2), g_end.unbind(2), k_end.transpose(-1, -2).unbind(2))  # unbind: cheap backward
+                    A_qk.unbind(2), g_end.unbind(2), k_end.unbind(2))  # unbind: cheap backward
     for U, W_n, qp, A, g, ke in per_chunk:
         if W_n is not None:
             U = U - W_n @ S  # (B, H, C, V)
@@ -184,16 +222,32 @@ def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial
     return o.to(q.dtype), S
 
 
-def gated_delta_rule(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=64):
-    """The gated delta rule; picks the fastest exact form (layers call this). See module docstring.
+def one_token(q, k, v, log_g=None, beta=None, scale=None, initial_state=None):
+    """The step form on a sequence of one token (q, k (B, 1, H, K), ...): what the dispatch runs
+    when decoding. Returns (o (B, 1, H, V), final_state (B, H, K, V))."""
+    sel = lambda x: None if x is None else x[:, 0]  # noqa: E731
+    o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], sel(log_g), sel(beta), scale, initial_state)
+    return o[:, None], S
 
-    Returns (o (B, T, H, V) in q's dtype, final_state (B, H, K, V) in float32/float64).
+
+def _family(log_g, beta) -> str:
+    """The registry family of a call: "delta" with a delta term, else "gla" for a vector decay and
+    "ssd" for a scalar decay or none."""
+    if beta is not None:
+        return "delta"
+    return "gla" if log_g is not None and log_g.dim() == 4 else "ssd"
+
+
+def gated_delta_rule(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None):
+    """The gated delta rule; the form and backend come from :func:`rnnlab.ops.registry.select`
+    (one token: the step; otherwise the chunked form). Layers call this. See module docstring.
+
+    ``chunk_size`` None: the tuning table's. Returns (o (B, T, H, V) in q's dtype, final_state
+    (B, H, K, V) in float32/float64).
     """
     check_delta_args(q, k, v, log_g, beta, initial_state)
-    if q.shape[1] == 1:
-        o, S = gated_delta_rule_step(q[:, 0], k[:, 0], v[:, 0], None if log_g is None else log_g[:, 0],
-                                     None if beta is None else beta[:, 0], scale, initial_state)
-        return o[:, None], S
-    if log_g is not None and log_g.dim() == 4:  # vector decay: chunks of 32 in sub-chunks of 8 measured
-        chunk_size = min(chunk_size, 32)  # fastest here (1.7x over chunks of 16 without sub-chunks)
-    return gated_delta_rule_chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size)
+    family = _family(log_g, beta)
+    form, backend = select(family, q=q, k=k, v=v, log_g=log_g, beta=beta, initial_state=initial_state)
+    if form == "step":
+        return one_token(q, k, v, log_g, beta, scale, initial_state)
+    return implementation(family, form, backend)(q, k, v, log_g, beta, scale, initial_state, chunk_size)

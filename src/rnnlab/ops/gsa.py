@@ -13,7 +13,8 @@ tensor once and uses it twice; the chunk-start states come from one family-A sca
 the stacked [K̃ | Ṽ].
 
 Shapes: q, k (B, T, H, K); v (B, T, H, V); s, log_g (B, T, H, M); state (K̃ (B, H, M, K),
-Ṽ (B, H, M, V)). The softmax is taken in float32 or wider.
+Ṽ (B, H, M, V)); o is returned in q's dtype, the state in float32 or wider, where the softmax is
+taken.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from . import tuning
+from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
 __all__ = ["gsa", "gsa_chunked", "gsa_recurrent"]
@@ -56,7 +59,7 @@ def _start(q, v, s, initial_state, acc):
 def gsa_recurrent(q, k, v, s, log_g, initial_state=None):
     """The definition: a loop over time. Returns (o (B, T, H, V), (K̃, Ṽ))."""
     _check(q, k, v, s, log_g, initial_state)
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc, dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
     q, k, v, s, g = (t.to(acc) for t in (q, k, v, s, log_g.exp()))
     Kt, Vt = _start(q, v, s, initial_state, acc)
     os = []
@@ -65,7 +68,7 @@ def gsa_recurrent(q, k, v, s, log_g, initial_state=None):
         Vt = g[:, t, :, :, None] * Vt + s[:, t, :, :, None] * v[:, t, :, None, :]  # (B, H, M, V)
         p = torch.softmax(torch.einsum("bhmk,bhk->bhm", Kt, q[:, t]), dim=-1)  # (B, H, M)
         os.append(torch.einsum("bhmv,bhm->bhv", Vt, p))
-    return torch.stack(os, dim=1), (Kt, Vt)
+    return torch.stack(os, dim=1).to(dtype), (Kt, Vt)
 
 
 def _block(q, k, v, s, log_g, state, chunk_size):
@@ -100,23 +103,29 @@ def _block(q, k, v, s, log_g, state, chunk_size):
     return rearrange(o, "b h n c d -> b (n c) h d"), (end[..., :K], end[..., K:])
 
 
-def gsa_chunked(q, k, v, s, log_g, initial_state=None, chunk_size=8, block_size=256):
+def gsa_chunked(q, k, v, s, log_g, initial_state=None, chunk_size=None, block_size=None):
     """Chunked form (same results as :func:`gsa_recurrent`). Chunks of ``chunk_size`` are computed
     in parallel within blocks of ``block_size`` tokens; blocks run one after the other and, under
-    autograd, are recomputed in the backward pass, so memory is O(block · C · M) per head."""
+    autograd, are recomputed in the backward pass, so memory is O(block · C · M) per head. None:
+    the tuning table's ``gsa.chunk_size`` and ``gsa.block_size``."""
     _check(q, k, v, s, log_g, initial_state)
     acc = torch.promote_types(q.dtype, torch.float32)
+    chunk_size = chunk_size or tuning.get("gsa.chunk_size", q.device)
+    block_size = block_size or tuning.get("gsa.block_size", q.device)
     T = q.shape[1]
     state = _start(q, v, s, initial_state, acc)
     pad = -T % chunk_size  # padded tokens write nothing (s = 0) and do not decay (log_g = 0)
     seqs = [F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)) for t in (q, k, v, s, log_g)]
     block = max(chunk_size, block_size // chunk_size * chunk_size)
     o, (Kt, Vt) = over_time_chunks(lambda *a: _block(*a[:5], a[5], chunk_size), seqs, state, block)
-    return o[:, :T], (Kt, Vt)
+    return o[:, :T].to(q.dtype), (Kt, Vt)
 
 
 def gsa(q, k, v, s, log_g, initial_state=None):
-    """Gated slot attention — the form layers call: the loop for one token, chunks otherwise."""
-    if q.shape[1] == 1:
+    """Gated slot attention — the form layers call; the form comes from
+    :func:`rnnlab.ops.registry.select`: the loop for one token, chunks otherwise."""
+    _check(q, k, v, s, log_g, initial_state)
+    form, backend = select("gsa", q=q, k=k, v=v, s=s, log_g=log_g, initial_state=initial_state)
+    if form == "reference":
         return gsa_recurrent(q, k, v, s, log_g, initial_state)
-    return gsa_chunked(q, k, v, s, log_g, initial_state)
+    return implementation("gsa", form, backend)(q, k, v, s, log_g, initial_state)

@@ -8,16 +8,19 @@ kept diagonal, which gives, per channel d and state index n:
     S_t[d, n] = (1 - eps_t[d] k_t[n]²) S_{t-1}[d, n] + eps_t[d] v_t[d] k_t[n],      o_t[d] = S_t[d] · q_t
 
 The decay 1 - eps k² lies in (0, 1] for beta >= 0, so no forget gate or A matrix is needed.
-Shapes: v, beta (B, T, D); q, k (B, T, N); state S (B, D, N). The fast form cuts time into chunks
-and runs each as a parallel linear scan (the (B, T, D, N) decays exist for one chunk at a time).
+Shapes: v, beta (B, T, D); q, k (B, T, N); state S (B, D, N); o is returned in v's dtype, S in
+float32 or wider. The fast form cuts time into chunks and runs each as a parallel linear scan (the
+(B, T, D, N) decays exist for one chunk at a time).
 """
 from __future__ import annotations
 
 import torch
 
+from . import tuning
+from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
-__all__ = ["longhorn", "longhorn_recurrent"]
+__all__ = ["longhorn", "longhorn_chunked", "longhorn_recurrent"]
 
 
 def _check(q, k, v, beta, initial_state):
@@ -42,9 +45,9 @@ def _coefficients(k, v, beta):
 
 
 def longhorn_recurrent(q, k, v, beta, initial_state=None):
-    """The definition: a loop over time. Returns (o (B, T, D), final_state (B, D, N))."""
+    """The definition: a loop over time. Returns (o (B, T, D) in v's dtype, final_state (B, D, N))."""
     _check(q, k, v, beta, initial_state)
-    acc = torch.promote_types(v.dtype, torch.float32)
+    acc, dtype = torch.promote_types(v.dtype, torch.float32), v.dtype
     q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
     S = v.new_zeros(v.shape[0], v.shape[2], k.shape[2]) if initial_state is None else initial_state.to(acc)
     os = []
@@ -52,7 +55,7 @@ def longhorn_recurrent(q, k, v, beta, initial_state=None):
         eps = beta[:, t] / (1 + beta[:, t] * (k[:, t] ** 2).sum(-1, keepdim=True))  # (B, D)
         S = (1 - eps[:, :, None] * k[:, t, None] ** 2) * S + (eps * v[:, t])[:, :, None] * k[:, t, None]
         os.append((S * q[:, t, None]).sum(-1))  # (B, D)
-    return torch.stack(os, dim=1), S
+    return torch.stack(os, dim=1).to(dtype), S
 
 
 def _chunk(q, k, v, beta, S):
@@ -61,11 +64,24 @@ def _chunk(q, k, v, beta, S):
     return (Ss * q.unsqueeze(-2)).sum(-1), S_last  # (B, Tc, D)
 
 
-def longhorn(q, k, v, beta, initial_state=None, chunk_size=64):
-    """The update as parallel scans over time-chunks; same arguments and results as
-    :func:`longhorn_recurrent`."""
+def longhorn_chunked(q, k, v, beta, initial_state=None, chunk_size=None):
+    """The update as parallel scans over time-chunks of ``chunk_size`` (None: the tuning table's
+    ``longhorn.time_chunk``); same arguments and results as :func:`longhorn_recurrent`."""
     _check(q, k, v, beta, initial_state)
-    acc = torch.promote_types(v.dtype, torch.float32)
+    acc, dtype = torch.promote_types(v.dtype, torch.float32), v.dtype
+    chunk_size = chunk_size or tuning.get("longhorn.time_chunk", v.device)
     q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
     S = v.new_zeros(v.shape[0], v.shape[2], k.shape[2]) if initial_state is None else initial_state.to(acc)
-    return over_time_chunks(_chunk, (q, k, v, beta), S, chunk_size)
+    o, S = over_time_chunks(_chunk, (q, k, v, beta), S, chunk_size)
+    return o.to(dtype), S
+
+
+def longhorn(q, k, v, beta, initial_state=None, chunk_size=None):
+    """Longhorn's update — the form layers call; same arguments and results as
+    :func:`longhorn_recurrent`. The form comes from :func:`rnnlab.ops.registry.select`: the
+    recurrence for one token, :func:`longhorn_chunked` otherwise."""
+    _check(q, k, v, beta, initial_state)
+    form, backend = select("longhorn", q=q, k=k, v=v, beta=beta, initial_state=initial_state)
+    if form == "reference":
+        return longhorn_recurrent(q, k, v, beta, initial_state)
+    return implementation("longhorn", form, backend)(q, k, v, beta, initial_state, chunk_size)

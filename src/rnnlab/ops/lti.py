@@ -21,6 +21,8 @@ import math
 
 import torch
 
+from . import tuning
+from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
 __all__ = ["hippo_legs", "bilinear", "lti", "lti_conv", "lti_recurrent", "lti_scan"]
@@ -84,10 +86,15 @@ def _state_dtype(acc, *ts):
     return cplx if any(t is not None and t.is_complex() for t in ts) else acc
 
 
+def _out(y, dtype):
+    """y in u's dtype when real; complex y stays complex64/complex128 (no low-precision complex)."""
+    return y if y.is_complex() else y.to(dtype)
+
+
 def lti_recurrent(u, dA, dB, C, initial_state=None):
     """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N))."""
     _check(u, dA, dB, C, initial_state)
-    acc = torch.promote_types(u.dtype, torch.float32)
+    acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
     h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
@@ -96,7 +103,7 @@ def lti_recurrent(u, dA, dB, C, initial_state=None):
         Ah = (dA @ h.unsqueeze(-1)).squeeze(-1) if dA.dim() == 3 else dA * h
         h = Ah + dB * u[:, t, :, None]  # (B, D, N)
         ys.append((C * h).sum(-1))  # (B, D)
-    return torch.stack(ys, dim=1), h
+    return _out(torch.stack(ys, dim=1), dtype), h
 
 
 def _powers(dA: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
@@ -151,15 +158,24 @@ def _conv_apply(u, dA, kernels, h0):
     return y, h
 
 
-def lti_conv(u, dA, dB, C, initial_state=None):
-    """Convolution form (same results as :func:`lti_recurrent`)."""
+def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None):
+    """Convolution form (same results as :func:`lti_recurrent`). Past ``chunk_size`` tokens (None:
+    the tuning table's ``lti.conv_chunk``) it runs on time-chunks of that length with the state
+    passed between them and the chunk kernels computed once: the kernel's Krylov vectors take
+    D·N·T memory, so bounding T bounds it; under autograd each chunk is recomputed."""
     _check(u, dA, dB, C, initial_state)
-    acc = torch.promote_types(u.dtype, torch.float32)
+    acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
-    kernels = _kernels(dA, dB, C, u.shape[1], initial_state is not None)
-    y, h = _conv_apply(u, dA, kernels, None if initial_state is None else initial_state.to(hdt))
-    return y, h.to(hdt)
+    T = u.shape[1]
+    L = min(T, chunk_size or tuning.get("lti.conv_chunk", u.device))
+    kernels = _kernels(dA, dB, C, L, with_state=initial_state is not None or T > L)
+    if T == L:
+        y, h = _conv_apply(u, dA, kernels, None if initial_state is None else initial_state.to(hdt))
+    else:
+        h0 = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
+        y, h = over_time_chunks(lambda u, h: _conv_apply(u, dA, kernels, h), (u,), h0, L)
+    return _out(y, dtype), h.to(hdt)
 
 
 def _scan_chunk(u, h, dA, dB, C):
@@ -167,38 +183,30 @@ def _scan_chunk(u, h, dA, dB, C):
     return (hs * C).sum(-1), h_last
 
 
-def lti_scan(u, dA, dB, C, initial_state=None):
-    """Diagonal dA only: the recurrence as parallel scans over time-chunks of 64 (family A); same
-    results as :func:`lti_recurrent`. Its work grows with the batch, the convolution's kernel does
-    not: measured here, the scan wins for one sequence and the convolution from two on."""
+def lti_scan(u, dA, dB, C, initial_state=None, chunk_size=None):
+    """Diagonal dA only: the recurrence as parallel scans over time-chunks of ``chunk_size`` (None:
+    the tuning table's ``lti.scan_time_chunk``; family A); same results as :func:`lti_recurrent`."""
     _check(u, dA, dB, C, initial_state)
     if dA.dim() != 2:
         raise ValueError(f"lti_scan needs a diagonal dA (D, N), got {tuple(dA.shape)}")
-    acc = torch.promote_types(u.dtype, torch.float32)
+    acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
     h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
-    return over_time_chunks(lambda u, h: _scan_chunk(u, h, dA, dB, C), (u,), h, 64)
-
-
-CONV_CHUNK = 1024  # the convolution form runs on time-chunks of this length, passing the state
+    y, h = over_time_chunks(lambda u, h: _scan_chunk(u, h, dA, dB, C), (u,), h,
+                            chunk_size or tuning.get("lti.scan_time_chunk", u.device))
+    return _out(y, dtype), h
 
 
 def lti(u, dA, dB, C, initial_state=None):
-    """The LTI state space as layers call it: one step of the recurrence for one token (decoding);
-    for a diagonal dA and one sequence, chunked scans; the convolution form otherwise, on
-    time-chunks of ``CONV_CHUNK`` with the state passed between them (the kernel's Krylov vectors
-    take D·N·T memory, so bounding T bounds it; under autograd each chunk is recomputed)."""
-    if u.shape[1] == 1:
-        return lti_recurrent(u, dA, dB, C, initial_state)
-    if dA.dim() == 2 and u.shape[0] == 1:
-        return lti_scan(u, dA, dB, C, initial_state)
-    if u.shape[1] <= CONV_CHUNK:
-        return lti_conv(u, dA, dB, C, initial_state)
+    """The LTI state space as layers call it; the form comes from :func:`rnnlab.ops.registry.select`
+    (family "lssl" for a dense dA, "s4d" for a diagonal one): one step of the recurrence for one
+    token (decoding); for a diagonal dA and small batches (the tuning table's
+    ``lti.scan_max_batch``: the scan's work grows with the batch, the convolution's kernel does
+    not), chunked scans; the convolution form otherwise.
+
+    Returns (y (B, T, D) in u's dtype, or complex; final_state (B, D, N) in float32 or wider)."""
     _check(u, dA, dB, C, initial_state)
-    acc = torch.promote_types(u.dtype, torch.float32)
-    hdt = _state_dtype(acc, dA, dB, C, initial_state)
-    u, dA, dB, C = _cast(acc, u, dA, dB, C)
-    kernels = _kernels(dA, dB, C, CONV_CHUNK, with_state=True)  # shared by every chunk
-    h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
-    return over_time_chunks(lambda u, h: _conv_apply(u, dA, kernels, h), (u,), h, CONV_CHUNK)
+    family = "lssl" if dA.dim() == 3 else "s4d"
+    form, backend = select(family, u=u, dA=dA, dB=dB, C=C, initial_state=initial_state)
+    return implementation(family, form, backend)(u, dA, dB, C, initial_state)

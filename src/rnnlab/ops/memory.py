@@ -20,7 +20,8 @@ matrix W = R (E ∘ -θ) of decay products, so reading M_t(q_t) is masked attent
 the per-token weights are never formed.
 
 Shapes: q, k (B, T, H, K); v (B, T, H, V); log_g, log_eta, theta (B, T, H). Memory weights are
-(B, H, out, in): linear W (V, K); MLP W1 (F, K), W2 (V, F).
+(B, H, out, in): linear W (V, K); MLP W1 (F, K), W2 (V, F). o is returned in q's dtype, the state
+in float32 or wider.
 """
 from __future__ import annotations
 
@@ -30,7 +31,9 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-__all__ = ["MemoryState", "neural_memory", "neural_memory_recurrent"]
+from .registry import implementation, select
+
+__all__ = ["MemoryState", "neural_memory", "neural_memory_chunked", "neural_memory_recurrent"]
 
 
 class MemoryState(NamedTuple):
@@ -115,9 +118,10 @@ def neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state=None, 
     """The definition: a loop over tokens. Returns (o (B, T, H, V), MemoryState)."""
     _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
     _check_base(base, initial_state, q.shape[2])
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc, dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
     q, k, v, log_g, log_eta, theta = (t.to(acc) for t in (q, k, v, log_g, log_eta, theta))
     st = initial_state or _zero_state(q, v, acc)
+    st = MemoryState(*(tuple(w.to(acc) for w in p) for p in st[:3]), st.pos)
     memory, momentum, anchor, pos = st
     base = None if base is None else tuple(b.to(acc) for b in base)
     os = []
@@ -132,7 +136,7 @@ def neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state=None, 
                        for M, S, b in zip(memory, momentum, base or (None,) * len(memory)))
         os.append(_read(memory, q[:, t]))
         pos = (pos + 1) % chunk_size
-    return torch.stack(os, dim=1), MemoryState(memory, momentum, memory if pos == 0 else anchor, pos)
+    return torch.stack(os, dim=1).to(dtype), MemoryState(memory, momentum, memory if pos == 0 else anchor, pos)
 
 
 # -- the chunked form -------------------------------------------------------------------------------
@@ -179,15 +183,12 @@ def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor, base):
     return x, tuple(new_memory), tuple(new_momentum)
 
 
-def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16, base=None):
+def neural_memory_chunked(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16, base=None):
     """Mini-batch by mini-batch with matmuls; same arguments and results as
-    :func:`neural_memory_recurrent` (initial_state None: a linear memory at zero). One token
-    (decoding) takes the recurrence, which is the same arithmetic with fewer operations."""
-    if q.shape[1] == 1:
-        return neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state, chunk_size, base)
+    :func:`neural_memory_recurrent` (initial_state None: a linear memory at zero)."""
     _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
     _check_base(base, initial_state, q.shape[2])
-    acc = torch.promote_types(q.dtype, torch.float32)
+    acc, dtype = torch.promote_types(q.dtype, torch.float32), q.dtype
     q, k, v = (rearrange(t.to(acc), "b t h d -> b h t d") for t in (q, k, v))
     log_g, log_eta, theta = (rearrange(t.to(acc), "b t h -> b h t") for t in (log_g, log_eta, theta))
     memory, momentum, anchor, pos = initial_state or _zero_state(q.transpose(1, 2), v.transpose(1, 2), acc)
@@ -204,4 +205,18 @@ def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size
         os.append(o)
         t0, pos = t0 + L, (pos + L) % chunk_size
     o = rearrange(torch.cat(os, dim=2), "b h t d -> b t h d")
-    return o, MemoryState(memory, momentum, memory if pos == 0 else anchor, pos)
+    return o.to(dtype), MemoryState(memory, momentum, memory if pos == 0 else anchor, pos)
+
+
+def neural_memory(q, k, v, log_g, log_eta, theta, initial_state=None, chunk_size=16, base=None):
+    """Titans' neural memory — the form layers call; same arguments and results as
+    :func:`neural_memory_recurrent`. The form comes from :func:`rnnlab.ops.registry.select`: one
+    token (decoding) takes the recurrence, which is the same arithmetic with fewer operations;
+    longer inputs :func:`neural_memory_chunked`. ``chunk_size`` is the mini-batch of the inner
+    gradient descent (a model choice that changes the result, not a tuning entry)."""
+    _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size)
+    form, backend = select("memory", q=q, k=k, v=v, log_g=log_g, log_eta=log_eta, theta=theta,
+                           initial_state=initial_state)
+    if form == "reference":
+        return neural_memory_recurrent(q, k, v, log_g, log_eta, theta, initial_state, chunk_size, base)
+    return implementation("memory", form, backend)(q, k, v, log_g, log_eta, theta, initial_state, chunk_size, base)

@@ -25,7 +25,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["mlstm", "mlstm_recurrent", "mlstm_parallel", "mlstm_chunked", "mlstm_step"]
+from . import tuning
+from .backends import compiled
+from .registry import implementation, select
+
+__all__ = ["mlstm", "mlstm_recurrent", "mlstm_parallel", "mlstm_chunked", "mlstm_chunked_compiled", "mlstm_step"]
 
 
 def _check(q, k, v, log_f, log_i, initial_state):
@@ -108,17 +112,29 @@ def _head_first(x, acc):
     return x.to(acc).transpose(1, 2)  # (B, T, H, ...) -> (B, H, T, ...)
 
 
-def mlstm_chunked(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=64):
-    """Chunkwise form: :func:`mlstm_parallel` on chunks of ``chunk_size``, the state passed along."""
+def mlstm_chunked(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None):
+    """Chunkwise form: :func:`mlstm_parallel` on chunks of ``chunk_size`` (None: the tuning
+    table's ``mlstm.chunk_size``), the state passed along."""
+    return _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, _block)
+
+
+def mlstm_chunked_compiled(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None):
+    """:func:`mlstm_chunked` with the loop-free work of one chunk compiled by ``torch.compile``
+    (the "compile" backend). Same arguments and results."""
+    return _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, compiled(_block))
+
+
+def _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, block):
     _check(q, k, v, log_f, log_i, initial_state)
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    chunk_size = chunk_size or tuning.get("mlstm.chunk_size", q.device)
     qh, kh, vh, fh, ih = (_head_first(x, acc) for x in (q * scale, k, v, log_f, log_i))
     state = _init(q, v, initial_state, acc)
     outs = []
     for t0 in range(0, q.shape[1], chunk_size):
         sl = slice(t0, t0 + chunk_size)
-        h, state = _block(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], fh[:, :, sl], ih[:, :, sl], state)
+        h, state = block(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], fh[:, :, sl], ih[:, :, sl], state)
         outs.append(h)
     return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype), state
 
@@ -128,10 +144,17 @@ def mlstm_parallel(q, k, v, log_f, log_i, scale=None, initial_state=None):
     return mlstm_chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size=max(1, q.shape[1]))
 
 
-def mlstm(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=64):
-    """The mLSTM (see module docstring); picks the form — layers call this."""
+def one_token(q, k, v, log_f, log_i, scale=None, initial_state=None):
+    """The step form on a sequence of one token (q, k (B, 1, H, K), ...). Returns (h (B, 1, H, V), state)."""
+    h, st = mlstm_step(q[:, 0], k[:, 0], v[:, 0], log_f[:, 0], log_i[:, 0], scale, initial_state)
+    return h[:, None], st
+
+
+def mlstm(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None):
+    """The mLSTM (see module docstring); the form and backend come from
+    :func:`rnnlab.ops.registry.select` (one token: the step; otherwise chunks) — layers call this."""
     _check(q, k, v, log_f, log_i, initial_state)
-    if q.shape[1] == 1:
-        h, st = mlstm_step(q[:, 0], k[:, 0], v[:, 0], log_f[:, 0], log_i[:, 0], scale, initial_state)
-        return h[:, None], st
-    return mlstm_chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size)
+    form, backend = select("mlstm", q=q, k=k, v=v, log_f=log_f, log_i=log_i, initial_state=initial_state)
+    if form == "step":
+        return one_token(q, k, v, log_f, log_i, scale, initial_state)
+    return implementation("mlstm", form, backend)(q, k, v, log_f, log_i, scale, initial_state, chunk_size)

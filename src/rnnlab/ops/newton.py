@@ -25,10 +25,12 @@ from typing import Callable
 
 import torch
 
+from . import tuning
+from .registry import select
 from .scan import linear_scan
 
-__all__ = ["rnn_sequential", "rnn_newton", "newton_solve", "NewtonInfo", "matrix_scan", "check_newton_block",
-           "MAX_NEWTON_BLOCK"]
+__all__ = ["rnn_sequential", "rnn_newton", "newton_solve", "NewtonInfo", "matrix_scan", "matrix_scan_recurrent",
+           "matrix_scan_chunked", "matrix_scan_loop", "check_newton_block", "MAX_NEWTON_BLOCK"]
 
 Cell = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -76,19 +78,31 @@ def _jacobians(cell: Cell, h_prev: torch.Tensor, x: torch.Tensor) -> torch.Tenso
     return torch.func.vmap(column)(eye).movedim(0, -1)  # (B, T, ..., S, S)
 
 
-def matrix_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
-    """``h_t = J_t h_{t-1} + r_t``: J (B, T, ..., S, S), r (B, T, ..., S), h0 (B, ..., S) -> h (B, T, ..., S).
+def matrix_scan_recurrent(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """The definition of ``h_t = J_t h_{t-1} + r_t``: a loop over time. J (B, T, ..., S, S),
+    r (B, T, ..., S), h0 (B, ..., S) -> h (B, T, ..., S) in r's dtype."""
+    acc = _acc(J, r)
+    h, hs = h0.to(acc), []
+    for t in range(J.shape[1]):
+        h = (J[:, t].to(acc) @ h.unsqueeze(-1)).squeeze(-1) + r[:, t].to(acc)
+        hs.append(h)
+    return torch.stack(hs, dim=1).to(r.dtype)
 
-    A Hillis–Steele scan of (matrix, vector) pairs inside chunks, then a carry pass across chunks;
-    on CPU with at least 256 matrix entries per step, a loop over time (2-3x faster there); S = 1
-    goes to the elementwise scan of family A.
-    """
-    if J.shape[-1] == 1:
-        return linear_scan(J[..., 0], r, h0)[0]
-    if J.device.type == "cpu" and J[:, 0].numel() >= 256:  # CPU, enough work per step: a loop is 2-3x faster
-        return _matrix_scan_loop(J, r, h0)
+
+def _acc(J, r) -> torch.dtype:
+    return torch.promote_types(torch.promote_types(J.dtype, r.dtype), torch.float32)
+
+
+def matrix_scan_chunked(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor,
+                        chunk_size: int | None = None) -> torch.Tensor:
+    """``h_t = J_t h_{t-1} + r_t`` by a Hillis–Steele scan of (matrix, vector) pairs inside chunks
+    of ``chunk_size`` (None: the tuning table's ``matrix_scan.chunk_size``), then a carry pass
+    across chunks. Same arguments and result as :func:`matrix_scan_recurrent`; in-place updates,
+    so not differentiable by autograd (Newton solves run it without grad)."""
+    acc = _acc(J, r)
+    J, out_dtype, r, h0 = J.to(acc), r.dtype, r.to(acc), h0.to(acc)
     B, T = r.shape[:2]
-    C = min(chunk_size, T)
+    C = min(chunk_size or tuning.get("matrix_scan.chunk_size", J.device), T)
     N = -(-T // C)
     pad = N * C - T
     if pad:  # identity steps leave the carry unchanged
@@ -107,17 +121,36 @@ def matrix_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor, chunk_size: 
         carry.append((A[:, n, -1] @ carry[-1].unsqueeze(-1)).squeeze(-1) + H[:, n, -1])
     carry = torch.stack(carry, dim=1).unsqueeze(2)  # (B, N, 1, ..., S)
     h = (A @ carry.unsqueeze(-1)).squeeze(-1) + H  # (B, N, C, ..., S)
-    return h.reshape(B, N * C, *h.shape[3:])[:, :T]
+    return h.reshape(B, N * C, *h.shape[3:])[:, :T].to(out_dtype)
 
 
-def _matrix_scan_loop(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+def matrix_scan_loop(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
+    """``h_t = J_t h_{t-1} + r_t`` as a loop over time of batched small matmuls written into one
+    preallocated tensor (on CPU 2-3x faster than the log-depth scan with many entries per step).
+    Same arguments and result as :func:`matrix_scan_recurrent`."""
+    acc = _acc(J, r)
     S = J.shape[-1]
-    out = torch.empty_like(r)
-    h = h0.reshape(-1, S, 1)
+    out = torch.empty(r.shape, dtype=acc, device=r.device)
+    h = h0.to(acc).reshape(-1, S, 1)
     for t in range(J.shape[1]):
-        h = torch.baddbmm(r[:, t].reshape(-1, S, 1), J[:, t].reshape(-1, S, S), h)  # (B·..., S, 1)
-        out[:, t] = h.view_as(h0)
-    return out
+        h = torch.baddbmm(r[:, t].to(acc).reshape(-1, S, 1), J[:, t].to(acc).reshape(-1, S, S), h)  # (B·..., S, 1)
+        out[:, t] = h.view(h0.shape)
+    return out.to(r.dtype)
+
+
+def matrix_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
+    """``h_t = J_t h_{t-1} + r_t``: J (B, T, ..., S, S), r (B, T, ..., S), h0 (B, ..., S) -> h (B, T, ..., S)
+    in r's dtype (accumulated in float32 or wider).
+
+    S = 1 goes to the elementwise scan of family A; otherwise the form comes from
+    :func:`rnnlab.ops.registry.select`: on CPU with at least the tuning table's
+    ``matrix_scan.loop_min_entries`` matrix entries per step, :func:`matrix_scan_loop`; else
+    :func:`matrix_scan_chunked` (``chunk_size`` None: the tuning table's).
+    """
+    if J.shape[-1] == 1:
+        return linear_scan(J[..., 0], r, h0)[0]
+    form, _ = select("matrix_scan", J=J, r=r, h0=h0)  # torch is its only backend
+    return matrix_scan_loop(J, r, h0) if form == "loop" else matrix_scan_chunked(J, r, h0, chunk_size)
 
 
 def _shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:

@@ -3,8 +3,9 @@
 a, b (B, T, ...) of the same shape, real or complex (a may be real with b complex); the state h
 (B, ...). Forms: :func:`linear_scan_recurrent` (the definition), :func:`linear_scan_chunked`
 (parallel: a Hillis–Steele scan inside chunks — only products and sums, so zero, negative and
-complex ``a`` need no logarithms — and a short carry pass across chunks), :func:`linear_scan_step`
-(one token) and the dispatch :func:`linear_scan`. The chunked form has its own backward: the
+complex ``a`` need no logarithms — and a short carry pass across chunks), :func:`linear_scan_loop`
+(a plain loop over time, faster on CPU with many lanes), :func:`linear_scan_step` (one token) and
+the dispatch :func:`linear_scan`. The chunked and loop forms have their own backward: the
 gradient of a linear scan is the same scan run in reverse, so no intermediate is stored but h.
 """
 from __future__ import annotations
@@ -12,7 +13,11 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_step", "over_time_chunks"]
+from . import tuning
+from .registry import implementation, select
+
+__all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_loop", "linear_scan_step",
+           "over_time_chunks"]
 
 
 def _check(a, b, initial_state):
@@ -33,8 +38,13 @@ def _acc(*xs) -> torch.dtype:
     return dt
 
 
+def _out_dtype(a, b) -> torch.dtype:
+    return torch.promote_types(a.dtype, b.dtype)
+
+
 def linear_scan_recurrent(a, b, initial_state=None):
-    """The definition: a loop over time. Returns (h (B, T, ...), h_last (B, ...))."""
+    """The definition: a loop over time. Returns (h (B, T, ...) in a and b's dtype, h_last (B, ...)
+    in the accumulation dtype: float32 or wider, complex if any input is)."""
     _check(a, b, initial_state)
     acc = _acc(a, b, initial_state)
     h = torch.zeros_like(b[:, 0], dtype=acc) if initial_state is None else initial_state.to(acc)
@@ -42,7 +52,7 @@ def linear_scan_recurrent(a, b, initial_state=None):
     for t in range(a.shape[1]):
         h = a[:, t].to(acc) * h + b[:, t].to(acc)
         hs.append(h)
-    return torch.stack(hs, dim=1), h
+    return torch.stack(hs, dim=1).to(_out_dtype(a, b)), h
 
 
 def linear_scan_step(a, b, state=None):
@@ -50,20 +60,11 @@ def linear_scan_step(a, b, state=None):
     return b if state is None else a * state + b
 
 
-_SEQUENTIAL_MIN_LANES = 1024  # on CPU, the plain loop wins from this many recurrences per step up
-
-
-def _scan_core(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """h for all t (no autograd). On CPU with many lanes (B·prod(...) >= 1024) a loop over time
-    reads each element once and is 3-10x faster than the log-depth scan (measured: (1, 4096,
-    8192) 0.15 s vs 1.1-1.7 s); with few lanes, and on GPUs, the log-depth scan wins."""
-    if _use_loop(a, b):
-        return _scan_loop(a, b, h0)
-    return _scan_hillis_steele(a, b, h0, chunk_size)
-
-
-def _use_loop(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device.type == "cpu" and b[:, 0].numel() >= _SEQUENTIAL_MIN_LANES
+def one_token(a, b, initial_state=None):
+    """The step form on a sequence of one token (a, b (B, 1, ...)). Returns (h (B, 1, ...), h_last)."""
+    acc = _acc(a, b, initial_state)
+    h = linear_scan_step(a[:, 0].to(acc), b[:, 0].to(acc), None if initial_state is None else initial_state.to(acc))
+    return h.unsqueeze(1).to(_out_dtype(a, b)), h
 
 
 def _scan_loop_reversed(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -114,9 +115,12 @@ def _scan_hillis_steele(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, chun
 
 
 class _LinearScan(torch.autograd.Function):
+    """h for all t by a loop over time (``chunk_size`` None) or the chunked log-depth scan; the
+    backward pass runs the same core on the adjoint recurrence, reversed in time."""
+
     @staticmethod
     def forward(ctx, a, b, h0, chunk_size):
-        h = _scan_core(a, b, h0, chunk_size)
+        h = _scan_loop(a, b, h0) if chunk_size is None else _scan_hillis_steele(a, b, h0, chunk_size)
         ctx.save_for_backward(a, h, h0)
         ctx.chunk_size = chunk_size
         return h
@@ -125,11 +129,12 @@ class _LinearScan(torch.autograd.Function):
     def backward(ctx, gh):
         a, h, h0 = ctx.saved_tensors
         # dL/db_t = gh_t + conj(a_{t+1}) dL/db_{t+1}: the same scan, reversed in time
-        if _use_loop(a, gh):
+        if ctx.chunk_size is None:
             gb = _scan_loop_reversed(a, gh.to(h.dtype))
         else:
             a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1).conj()
-            gb = _scan_core(a_next.flip(1), gh.flip(1).to(h.dtype), torch.zeros_like(h0), ctx.chunk_size).flip(1)
+            gb = _scan_hillis_steele(a_next.flip(1), gh.flip(1).to(h.dtype), torch.zeros_like(h0),
+                                     ctx.chunk_size).flip(1)
         h_prev = torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
         ga = gb * h_prev.conj()
         if not a.is_complex() and ga.is_complex():
@@ -138,28 +143,41 @@ class _LinearScan(torch.autograd.Function):
         return ga, gb, gh0, None
 
 
-def linear_scan_chunked(a, b, initial_state=None, chunk_size=64):
-    """Parallel form (same results as the reference). Returns (h (B, T, ...), h_last (B, ...))."""
+def _run(a, b, initial_state, chunk_size):
     _check(a, b, initial_state)
     acc = _acc(a, b, initial_state)
     h0 = torch.zeros_like(b[:, 0], dtype=acc) if initial_state is None else initial_state.to(acc)
     a_acc = a.to(torch.promote_types(a.dtype, torch.float32))
     h = _LinearScan.apply(a_acc, b.to(acc), h0, chunk_size)
-    return h, h[:, -1]
+    return h.to(_out_dtype(a, b)), h[:, -1]
+
+
+def linear_scan_chunked(a, b, initial_state=None, chunk_size=None):
+    """Parallel form (same results as the reference): a Hillis–Steele scan within chunks of
+    ``chunk_size`` (None: the tuning table's ``scan.chunk_size``), a carry pass across them.
+    Returns (h (B, T, ...), h_last (B, ...))."""
+    return _run(a, b, initial_state, chunk_size or tuning.get("scan.chunk_size", a.device))
+
+
+def linear_scan_loop(a, b, initial_state=None):
+    """The recurrence as a plain loop over time writing into one preallocated tensor, with its own
+    backward (the adjoint loop, run in reverse): on CPU with many lanes per step it reads each
+    element once and beats the log-depth scan 3-10x. Same results as the reference."""
+    return _run(a, b, initial_state, None)
 
 
 def linear_scan(a, b, initial_state=None):
-    """``h_t = a_t * h_{t-1} + b_t`` along dim 1 — the form layers call.
+    """``h_t = a_t * h_{t-1} + b_t`` along dim 1 — the form layers call; the form (one token: the
+    step; many lanes on CPU: the loop; else chunks) comes from :func:`rnnlab.ops.registry.select`.
 
     a, b: (B, T, ...) real or complex; initial_state: (B, ...) or None (zeros).
-    Returns (h (B, T, ...) in float32/float64/complex, h_last (B, ...)).
+    Returns (h (B, T, ...) in a and b's dtype, h_last (B, ...) in float32/float64/complex).
     """
     _check(a, b, initial_state)
-    if a.shape[1] == 1:
-        acc = _acc(a, b, initial_state)
-        h = linear_scan_step(a[:, 0].to(acc), b[:, 0].to(acc), None if initial_state is None else initial_state.to(acc))
-        return h.unsqueeze(1), h
-    return linear_scan_chunked(a, b, initial_state)
+    form, backend = select("scan", a=a, b=b, initial_state=initial_state)
+    if form == "step":
+        return one_token(a, b, initial_state)
+    return implementation("scan", form, backend)(a, b, initial_state)
 
 
 def over_time_chunks(step, seqs, state, chunk_size=256):

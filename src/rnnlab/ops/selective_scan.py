@@ -6,16 +6,20 @@ Per channel d and state index n:
 With ``neg_eigval=True`` the decay is ``2 exp(dt A) - 1`` in (-1, 1) (Grazzi et al. 2024).
 
 Shapes: u, dt, z (B, T, D); A (D, N); B, C (B, T, N) or (B, T, G, N) with G groups dividing D;
-D (D,); state h (B, D, N). The (B, T, D, N) tensors exist for one time-chunk at a time (and are
-recomputed in the backward pass), never for the whole sequence.
+D (D,); state h (B, D, N). y is returned in u's dtype, the state in float32 or wider. The
+(B, T, D, N) tensors exist for one time-chunk at a time (and are recomputed in the backward pass),
+never for the whole sequence.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import tuning
+from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
-__all__ = ["selective_scan", "selective_scan_recurrent", "selective_scan_step"]
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent", "selective_scan_step"]
 
 
 def _check(u, dt, A, B, C, D, z, initial_state):
@@ -61,7 +65,7 @@ def _finish(y, u, D, z):
 def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False):
     """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N))."""
     _check(u, dt, A, B, C, D, z, initial_state)
-    acc = torch.promote_types(u.dtype, torch.float32)
+    acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     u, dt, A, B, C = (t.to(acc) for t in (u, dt, A, B, C))
     Bc, Cc = _per_channel(B, u.shape[2]), _per_channel(C, u.shape[2])
     h = u.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
@@ -70,7 +74,7 @@ def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None,
         h = _decay(dt[:, t], A, neg_eigval) * h + (dt[:, t] * u[:, t]).unsqueeze(-1) * Bc[:, t]  # (B, D, N)
         ys.append((h * Cc[:, t]).sum(-1))  # (B, D)
     y = _finish(torch.stack(ys, dim=1), u, None if D is None else D.to(acc), None if z is None else z.to(acc))
-    return y, h
+    return y.to(dtype), h
 
 
 def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=False):
@@ -88,20 +92,33 @@ def _chunk(u, dt, B, C, h, A, neg_eigval):
     return (hs * _per_channel(C, u.shape[2])).sum(-1), h_last  # (B, Tc, D)
 
 
-def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=64):
-    """The selective scan; same arguments and results as :func:`selective_scan_recurrent`.
+def selective_scan_chunked(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None):
+    """Time-chunked form; same arguments and results as :func:`selective_scan_recurrent`.
 
-    Time is cut into chunks of ``chunk_size``; each chunk is a parallel linear scan, the state is
-    passed from chunk to chunk, and with autograd on each chunk is recomputed in the backward pass
-    (activation checkpointing), so memory is O(B·chunk·D·N) rather than O(B·T·D·N). Short chunks
-    also keep those tensors in cache: a 2-layer d=128 Mamba training step (B=8, T=256) took 717 ms
-    with chunks of 256 and 455 ms with chunks of 64, recomputation included.
+    Time is cut into chunks of ``chunk_size`` (None: the tuning table's ``selective_scan.time_chunk``);
+    each chunk is a parallel linear scan, the state is passed from chunk to chunk, and with
+    autograd on each chunk is recomputed in the backward pass (activation checkpointing), so memory
+    is O(B·chunk·D·N) rather than O(B·T·D·N).
     """
     _check(u, dt, A, B, C, D, z, initial_state)
     acc = torch.promote_types(u.dtype, torch.float32)
+    chunk_size = chunk_size or tuning.get("selective_scan.time_chunk", u.device)
     u_, dt_, A_, B_, C_ = (t.to(acc) for t in (u, dt, A, B, C))
     h = u_.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
     y, h = over_time_chunks(lambda u, dt, B, C, h: _chunk(u, dt, B, C, h, A_, neg_eigval),
                             (u_, dt_, B_, C_), h, chunk_size)
     y = _finish(y, u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
-    return y, h
+    return y.to(u.dtype), h
+
+
+def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None):
+    """The selective scan — the form layers call; same arguments and results as
+    :func:`selective_scan_recurrent`. The form comes from :func:`rnnlab.ops.registry.select`: the
+    recurrence for one token, :func:`selective_scan_chunked` otherwise (``chunk_size`` None: the
+    tuning table's)."""
+    _check(u, dt, A, B, C, D, z, initial_state)
+    form, backend = select("selective_scan", u=u, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    if form == "reference":
+        return selective_scan_recurrent(u, dt, A, B, C, D, z, initial_state, neg_eigval)
+    return implementation("selective_scan", form, backend)(u, dt, A, B, C, D, z, initial_state, neg_eigval,
+                                                           chunk_size)
