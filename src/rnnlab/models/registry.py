@@ -233,16 +233,8 @@ def build_mixer(name: str, d_model: int, **options: Any) -> Mixer:
 def options_help(name: str) -> list[tuple[str, Any, str]]:
     """The options of mixer ``name``: (field, default, the comment written beside the field in its
     config class), without d_model and derived fields."""
-    import inspect
-    import re
-
-    comments: dict[str, str] = {}
-    for cls in reversed(get_spec(name).config.__mro__):
-        if dataclasses.is_dataclass(cls) and cls is not object:
-            for line in inspect.getsource(cls).splitlines():
-                m = re.match(r"\s+(\w+)\s*:[^#=]*(?:=[^#]*)?#\s*(.*)$", line)
-                if m:
-                    comments[m.group(1)] = m.group(2).strip()
+    from ..configs import field_docs
+    comments = field_docs(get_spec(name).config)
     rows = []
     for f in dataclasses.fields(get_spec(name).config):
         note = comments.get(f.name, "")
