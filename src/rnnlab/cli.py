@@ -104,6 +104,8 @@ def cmd_train(a) -> dict:
         state = "interrupted; continue with --resume" if res["interrupted"] else "done"
         print(f"{state}: step {res['step']}, checkpoint {res['checkpoint']}; metrics in {out}/metrics.jsonl, "
               f"curve in {out}/loss.png")
+    if res["interrupted"]:
+        raise SystemExit(130)  # saved, but not finished: scripts can tell
     return res
 
 
@@ -290,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("list", help="the registered mixers with papers and state sizes; one mixer's options")
     s.add_argument("mixer", nargs="?", help="show this mixer's options with their defaults and meaning")
-    s.add_argument("--d-model", type=int, default=256)
+    s.add_argument("--d-model", type=int, default=256, help="model width for the state sizes shown (default: 256)")
     s.add_argument("--markdown", action="store_true", help="print the README's markdown table")
 
     from .configs import add_flags
@@ -337,18 +339,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--val-fraction", type=float, default=0.02, help="share of files held out for validation (default: 0.02)")
     d.add_argument("--max-bytes", type=int, default=0, help="read at most this many bytes for training (0 = all; default: 0)")
 
-    s = sub.add_parser("generate", help="stream a continuation from a saved model")
-    s.add_argument("--model", required=True)
-    s.add_argument("--prompt", default="")
+    s = sub.add_parser("generate", help="stream a continuation from a saved model, optionally from and to a state file")
+    s.add_argument("--model", required=True, help="a run directory, a checkpoint or a saved model")
+    s.add_argument("--prompt", default="", help="text to feed before sampling (default: none)")
     s.add_argument("--escapes", action="store_true", help="interpret backslash escapes such as \\n in --prompt")
-    s.add_argument("--max-new-tokens", type=int, default=200)
-    s.add_argument("--temperature", type=float, default=0.8)
-    s.add_argument("--top-k", type=int, default=None)
-    s.add_argument("--top-p", type=float, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--state-in", help="resume the stream saved in this file")
-    s.add_argument("--state-out", help="save the stream's state to this file afterwards")
-    s.add_argument("--device")
+    s.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample (default: 200)")
+    s.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy (default: 0.8)")
+    s.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: all)")
+    s.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set of tokens with "
+                                                             "this much probability (default: off)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the sampler (default: 0)")
+    s.add_argument("--state-in", help="continue the stream saved in this state file")
+    s.add_argument("--state-out", help="save the stream's state to this file afterwards (atomically)")
+    s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
 
     s = sub.add_parser("bench", help="benchmarks: ops (kernels), hf (vs transformers), rnn (Newton vs loop), "
                                      "mixers (every mixer: train step, prefill, decode)")
@@ -357,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("convert", help="convert Hugging Face checkpoints from/to rnnlab")
     s.add_argument("--from-hf", help="a transformers checkpoint directory to read")
     s.add_argument("--to-hf", help="an rnnlab model directory to export")
-    s.add_argument("--out", required=True)
+    s.add_argument("--out", required=True, help="the directory to write")
 
     s = sub.add_parser("demo", help="train a recurrent hybrid and a Transformer for a minute each, compare, stream")
     s.add_argument("--seconds", type=float, default=75.0, help="training time per model in seconds (default: 75)")

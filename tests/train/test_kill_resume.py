@@ -1,5 +1,5 @@
 """Exact resume proven with real kills: a training process is SIGKILLed at random moments and
-while it writes checkpoints, resumed each time with --resume, and ends with the weights of an
+while it writes checkpoints (and stopped once with Ctrl-C, which saves), resumed each time with --resume, and ends with the weights of an
 uninterrupted run, bit for bit, and a metrics.jsonl that holds each step once."""
 import json
 import os
@@ -27,16 +27,19 @@ def _args(text, out):
 
 def _start(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "rnnlab", *args], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    started = time.time()
+    p = subprocess.Popen([sys.executable, "-m", "rnnlab", *args], env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    p.started = started
+    return p
 
 
 def _wait_training(out, proc, timeout=120):
-    """Until the run has its first checkpoint and one logged step."""
+    """Until this process has logged a step (so it is past start-up and has a checkpoint)."""
     t0 = time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
         m = out / "metrics.jsonl"
-        if m.is_file() and m.stat().st_size > 0:
+        if m.is_file() and m.stat().st_size > 0 and m.stat().st_mtime > proc.started:
             return
         time.sleep(0.01)
 
@@ -64,12 +67,18 @@ def test_sigkill_at_random_moments_then_resume_is_exact(tmp_path):
     rng = random.Random(0)
     p = _start(_args(str(text), run))
     kills, during_save = 0, 0
-    for how in ("save", "random", "save", "random", "save"):
+    for how in ("save", "random", "sigint", "save", "random", "save"):
         _wait_training(run, p)
         if p.poll() is not None:
             break
         if how == "save":
             during_save += _kill_while_saving(run, p)
+        elif how == "sigint":  # Ctrl-C: the step finishes, a checkpoint is saved, exit status 130
+            time.sleep(rng.uniform(0.0, 0.3))
+            p.send_signal(signal.SIGINT)
+            assert p.wait() == 130, p.stderr.read()
+            last_logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+            assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{last_logged:08d}"
         else:
             time.sleep(rng.uniform(0.0, 0.6))
             p.send_signal(signal.SIGKILL)
