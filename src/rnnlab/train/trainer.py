@@ -82,10 +82,8 @@ def evaluate_bpb(model: LM, data: torch.Tensor, seq_len: int, batches: int = 8, 
 
 
 def _optimizer(model: LM, c: TrainConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": c.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=c.lr, betas=(0.9, 0.95))
+    # each layer names what skips decay (SSM A_log, D, dt, norms, biases): LM.param_groups
+    return torch.optim.AdamW(model.param_groups(c.weight_decay), lr=c.lr, betas=(0.9, 0.95))
 
 
 def train(model: LM, train_data: torch.Tensor, val_data: torch.Tensor, config: TrainConfig,
