@@ -29,7 +29,7 @@ def test_mlstm_matches_paper_equations():
         n = f[..., None] * n + i[..., None] * k
         qs = q / K ** 0.5
         h = torch.einsum("bhkv,bhk->bhv", C, qs) / torch.clamp((n * qs).sum(-1).abs(), min=1)[..., None]
-        h = F.layer_norm(h, (K,), eps=1e-6).reshape(2, E) * m.norm_weight + m.skip * xc
+        h = F.layer_norm(h, (K,), eps=m.config.norm_eps).reshape(2, E) * m.norm_weight + m.skip * xc
         ys.append(m.out_proj(h * F.silu(z_all[:, t])))
     torch.testing.assert_close(m(x)[0], torch.stack(ys, 1))
 

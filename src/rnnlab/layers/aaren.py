@@ -19,6 +19,9 @@ output projection (as in the multi-head attention it replaces); the paper's pref
 Hillis-Steele scan over the (m, u, w) triples, here the running max is taken first and the scan is
 linear. The start state is m = -inf, u = 0, w = 0 (no token seen).
 
+Init (no reference code was found): the learned queries N(0, 1), projections N(0, 0.02), biases
+zero; the queries are weight-decayed like the projections.
+
 Dimension letters: B batch, T tokens, D model width, H heads, K head dim.
 """
 from __future__ import annotations
@@ -32,6 +35,7 @@ from torch import nn
 
 from ..ops import linear_scan
 from .base import Mixer, MixerConfig
+from .common import normal_linears_
 from .state import State
 
 __all__ = ["AarenConfig", "AarenState", "Aaren"]
@@ -72,10 +76,16 @@ class Aaren(Mixer):
     def __init__(self, config: AarenConfig):
         super().__init__(config)
         c = config
-        self.query = nn.Parameter(torch.randn(c.num_heads, c.head_dim))  # (H, K) learned queries
+        self.query = nn.Parameter(torch.empty(c.num_heads, c.head_dim))  # (H, K) learned queries
         self.k_proj = nn.Linear(c.d_model, c.num_heads * c.head_dim, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, c.num_heads * c.head_dim, bias=c.bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.d_model, bias=c.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """rnnlab's init: queries N(0, 1), projections N(0, 0.02), biases zero."""
+        nn.init.normal_(self.query, 0.0, 1.0)
+        normal_linears_(self, 0.02)
 
     def init_state(self, batch_size, device=None, dtype=None):
         c, dt = self.config, dtype or torch.float32

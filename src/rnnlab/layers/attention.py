@@ -13,6 +13,9 @@ heads (Ainslie et al. 2023). The state is the KV cache.
 Keys are cached *before* rotation and rotated at each call with positions relative to the start of
 the cache, so positions stay bounded however long a windowed stream runs.
 
+Init follows Llama (Hugging Face ``LlamaPreTrainedModel._init_weights``): every projection N(0, 0.02),
+biases zero (the model, not the layer, would add a depth-dependent scale; rnnlab's layer does not).
+
 Dimension letters: B batch, T new tokens, L cached tokens, H query heads, G key/value heads, K head dim.
 """
 from __future__ import annotations
@@ -26,7 +29,7 @@ from torch import nn
 
 from ..ops.attention import merge_attention, softmax_attention
 from .base import Mixer, MixerConfig
-from .common import apply_rope
+from .common import apply_rope, normal_linears_
 from .state import State
 
 __all__ = ["AttentionConfig", "SWAConfig", "AttentionState", "Attention"]
@@ -92,6 +95,11 @@ class Attention(Mixer):
         self.k_proj = nn.Linear(c.d_model, c.num_kv_heads * c.head_dim, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, c.num_kv_heads * c.head_dim, bias=c.bias)
         self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.d_model, bias=c.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Llama's init: q, k, v, o weights N(0, 0.02), biases zero."""
+        normal_linears_(self, 0.02)
 
     def init_state(self, batch_size, device=None, dtype=None) -> AttentionState:
         c = self.config

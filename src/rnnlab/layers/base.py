@@ -2,6 +2,12 @@
 
 Every token mixer derives from :class:`Mixer`. The base class checks the input and the state once,
 in :meth:`Mixer.forward`, so a layer's :meth:`Mixer.mix` sees only well-formed arguments.
+
+Parameters belong to their layer: each mixer initialises all of its parameters in
+:meth:`Mixer.reset_parameters` (called at the end of its ``__init__``, following its paper's
+reference implementation), and names the ones that skip weight decay in
+:meth:`Mixer.no_weight_decay`. A mixer built alone and the same mixer inside a model therefore
+start from the same weights (for the same seed) and are trained alike.
 """
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .common import NORM_TYPES
 from .state import State, StateError
 
 __all__ = ["MixerConfig", "Mixer", "check_tokens_input"]
@@ -37,13 +44,19 @@ class Mixer(nn.Module):
     """Base class of token mixers.
 
     Subclasses set ``config_cls`` and ``state_cls``, implement :meth:`init_state` (the state
-    before any token: zeros for recurrent mixers, an empty cache for attention) and :meth:`mix`.
+    before any token: zeros for recurrent mixers, an empty cache for attention), :meth:`mix` and
+    :meth:`reset_parameters` (called at the end of their ``__init__``), and list in
+    ``no_decay_params`` the parameters (besides biases and norm weights) that skip weight decay.
     ``recurrent`` is True when the state size does not depend on the number of tokens seen.
     """
 
     config_cls: ClassVar[type[MixerConfig]] = MixerConfig
     state_cls: ClassVar[type[State]] = State
     recurrent: ClassVar[bool] = True
+    # parameter names (as in named_parameters()) that skip weight decay besides the biases and norm
+    # weights found by module type: decays, eigenvalues, time steps, skip gains, gate biases.
+    # A name that is a buffer in some configuration (e.g. a fixed A) is skipped there.
+    no_decay_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: MixerConfig):
         super().__init__()
@@ -60,6 +73,33 @@ class Mixer(nn.Module):
     def mix(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
         """(B, T, D), state -> (B, T, D), new state. Arguments are already checked."""
         raise NotImplementedError
+
+    def reset_parameters(self) -> None:
+        """(Re-)initialise every parameter of the layer as its paper's reference implementation
+        does (the docstring of each layer says which). Called at the end of ``__init__``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement reset_parameters()")
+
+    # -- parameters -----------------------------------------------------------------------------
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this mixer, as in ``named_parameters()``) of the parameters that skip
+        weight decay: the biases of Linear/convolution modules, every parameter of normalisation
+        modules (RMSNorm, LayerNorm, GroupNorm), and the layer's own ``no_decay_params``."""
+        names: set[str] = set()
+        for mname, m in self.named_modules():
+            prefix = f"{mname}." if mname else ""
+            if isinstance(m, NORM_TYPES):
+                names |= {prefix + n for n, _ in m.named_parameters(recurse=False)}
+            elif isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and m.bias is not None:
+                names.add(prefix + "bias")
+        params = dict(self.named_parameters())
+        buffers = dict(self.named_buffers())
+        for n in self.no_decay_params:
+            if n in params:
+                names.add(n)
+            elif n not in buffers:
+                raise AttributeError(f"{type(self).__name__}.no_decay_params names {n!r}, which is neither a "
+                                     f"parameter nor a buffer; parameters are {sorted(params)}")
+        return names & set(params)
 
     # -- the contract ---------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:

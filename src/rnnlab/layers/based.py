@@ -12,6 +12,10 @@ rnnlab differs from the reference in: no short convolution before the feature ma
 can interleave one through other mixers), and the full d² quadratic features are kept (not the
 reference's symmetric-half trick).
 
+Init follows the reference's model init (HazyResearch/based ``models/gpt.py`` ``_init_weights``):
+every projection N(0, 0.02); its depth-scaled out_proj (0.02/sqrt(2·n_layers)) is a model choice
+rnnlab's layer does not make.
+
 Dimension letters: B batch, T tokens, D model width, H heads, F feature dim, V value head dim.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig
+from .common import normal_linears_
 from .linear_attention import MatrixState
 
 __all__ = ["BasedConfig", "Based", "taylor_features"]
@@ -61,6 +66,11 @@ class Based(Mixer):
         self.k_proj = nn.Linear(c.d_model, c.num_heads * c.feature_dim, bias=False)
         self.v_proj = nn.Linear(c.d_model, c.d_model, bias=False)
         self.o_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's init: every projection N(0, 0.02)."""
+        normal_linears_(self, 0.02)
 
     def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
         c = self.config

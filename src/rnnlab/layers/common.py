@@ -1,11 +1,13 @@
-"""Building blocks shared by the architecture files: norms, the short causal convolution, RoPE."""
+"""Building blocks shared by the architecture files: norms, the short causal convolution, RoPE,
+and the initialisation helpers the layers' ``reset_parameters`` use."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope"]
+__all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope", "NORM_TYPES", "xavier_linears_",
+           "normal_linears_", "default_init_", "reset_norms_"]
 
 
 class RMSNorm(nn.Module):
@@ -15,6 +17,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        """weight = 1."""
+        nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
@@ -42,6 +48,10 @@ class ShortConv(nn.Module):
             raise ValueError(f"conv width must be >= 1, got {width}")
         self.width, self.activation = width, activation
         self.conv = nn.Conv1d(channels, channels, width, groups=channels, bias=bias)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's Conv1d default (kaiming-uniform weight, uniform bias), as the references keep."""
+        self.conv.reset_parameters()
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
         return torch.zeros(batch_size, self.width - 1, self.conv.in_channels, device=device,
@@ -72,3 +82,45 @@ def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> to
     x1, x2 = x.to(acc).chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
     return (x.to(acc) * cos + rot * sin).to(x.dtype)
+
+
+# -- initialisation helpers ---------------------------------------------------------------------------
+NORM_TYPES: tuple[type[nn.Module], ...] = (RMSNorm, nn.RMSNorm, nn.LayerNorm, nn.GroupNorm,
+                                           nn.modules.batchnorm._NormBase)
+"""Normalisation modules: their parameters are initialised to the identity and never weight-decayed."""
+
+
+def xavier_linears_(module: nn.Module, gain: float = 1.0) -> None:
+    """``xavier_uniform_(weight, gain)`` on every ``nn.Linear`` inside ``module``; biases to zero."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight, gain=gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def normal_linears_(module: nn.Module, std: float = 0.02) -> None:
+    """``N(0, std)`` on the weight of every ``nn.Linear`` inside ``module``; biases to zero."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def default_init_(module: nn.Module, zero_linear_bias: bool = False) -> None:
+    """PyTorch's own init of every Linear, convolution and norm inside ``module`` (Linear and Conv:
+    kaiming-uniform weight, uniform bias; norms: identity); ``zero_linear_bias`` zeroes the
+    Linear biases afterwards (as mamba_ssm's model init does)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.modules.conv._ConvNd) + NORM_TYPES):
+            m.reset_parameters()
+            if zero_linear_bias and isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def reset_norms_(module: nn.Module) -> None:
+    """Every normalisation module inside ``module`` back to the identity (weight 1, bias 0)."""
+    for m in module.modules():
+        if isinstance(m, NORM_TYPES):
+            m.reset_parameters()

@@ -17,6 +17,12 @@ Linear RNNs Through Negative Eigenvalues"): needed to solve parity and other sta
 rnnlab differs from the reference in: no fused kernels (the op is ``rnnlab.ops.gated_delta_rule``),
 and the conv states are kept per stream in the state object.
 
+Init follows flash-linear-attention's layer init (``_initialize_weights`` of its DeltaNet and
+GatedDeltaNet layers): xavier-uniform with gain 2^-2.5 on every projection, the short convolutions
+at PyTorch's Conv1d default, norm weights 1; Gated DeltaNet's ``A_log`` (A ~ U(A_init_range)) and
+``dt_bias`` (softplus(dt_bias) log-uniform in [dt_min, dt_max]) as there, and like there they skip
+weight decay. (fla dropped the layer init in March 2025 for its models' N(0, 0.02).)
+
 Dimension letters: B batch, T tokens, D model width, H heads, K key head dim, V value head dim.
 """
 from __future__ import annotations
@@ -31,7 +37,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig
-from .common import GatedRMSNorm, RMSNorm, ShortConv
+from .common import GatedRMSNorm, RMSNorm, ShortConv, default_init_, xavier_linears_
 from .state import State
 
 __all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNetState", "DeltaNet", "GatedDeltaNet"]
@@ -83,7 +89,11 @@ class DeltaNet(Mixer):
 
     def __init__(self, config: DeltaNetConfig):
         super().__init__(config)
-        c = config
+        self._build(config)
+        self.reset_parameters()
+
+    def _build(self, c: DeltaNetConfig) -> None:
+        """Create the modules and parameters (subclasses add theirs, then ``__init__`` initialises all)."""
         HK, HV = c.num_heads * c.head_dim, c.num_heads * c.head_v_dim
         self.q_proj = nn.Linear(c.d_model, HK, bias=False)
         self.k_proj = nn.Linear(c.d_model, HK, bias=False)
@@ -94,6 +104,11 @@ class DeltaNet(Mixer):
         self.v_conv = ShortConv(HV, c.conv_size)
         self.o_norm = RMSNorm(c.head_v_dim, c.norm_eps)
         self.o_proj = nn.Linear(HV, c.d_model, bias=False)
+
+    def reset_parameters(self) -> None:
+        """fla's init: xavier-uniform (gain 2^-2.5) projections, default convs, norm weight 1."""
+        default_init_(self)  # convolutions and norms
+        xavier_linears_(self, 2 ** -2.5)
 
     def init_state(self, batch_size, device=None, dtype=None) -> DeltaNetState:
         c, dt = self.config, dtype or torch.float32
@@ -137,17 +152,26 @@ class GatedDeltaNet(DeltaNet):
 
     config_cls = GatedDeltaNetConfig
 
-    def __init__(self, config: GatedDeltaNetConfig):
-        super().__init__(config)
-        c = config
+    no_decay_params = ("A_log", "dt_bias")
+
+    def _build(self, c: GatedDeltaNetConfig) -> None:
+        super()._build(c)
         self.a_proj = nn.Linear(c.d_model, c.num_heads, bias=False)
         self.g_proj = nn.Linear(c.d_model, c.num_heads * c.head_v_dim, bias=False)
         self.o_norm = GatedRMSNorm(c.head_v_dim, c.norm_eps)
-        A = torch.empty(c.num_heads).uniform_(*c.A_init_range)
-        self.A_log = nn.Parameter(torch.log(A))
-        dt = torch.exp(torch.rand(c.num_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        self.A_log = nn.Parameter(torch.empty(c.num_heads))  # (H,) decay rate A = exp(A_log)
+        self.dt_bias = nn.Parameter(torch.empty(c.num_heads))  # (H,) softplus(dt_bias) = initial step
+
+    def reset_parameters(self) -> None:
+        """fla's init (see :meth:`DeltaNet.reset_parameters`), then A ~ U(A_init_range) and
+        softplus(dt_bias) log-uniform in [dt_min, dt_max] (floored at dt_init_floor)."""
+        super().reset_parameters()
+        c = self.config
+        with torch.no_grad():
+            self.A_log.copy_(torch.log(torch.empty(c.num_heads).uniform_(*c.A_init_range)))
+            dt = torch.exp(torch.rand(c.num_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+            dt = dt.clamp(min=c.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
     def decay(self, x):
         acc = torch.promote_types(x.dtype, torch.float32)

@@ -15,6 +15,11 @@ from HGRN2 in: the bounds stay fixed (the paper keeps learning them, through a p
 the whole model); a lone layer (``build_mixer``) has ``lower_bound = 0``; set them per block in the
 layout, e.g. ``"hgrn2(lower_bound=0.0),hgrn2(lower_bound=0.5)"``.
 
+Init (both layers) follows flash-linear-attention's layer init (``_initialize_weights`` of its GLA
+and HGRN2 layers): xavier-uniform with gain 2^-2.5 on every projection (the gate's low-rank pair
+included), biases zero, norm weights 1. (fla dropped this layer init in March 2025 for its models'
+N(0, 0.02) and a depth-scaled o_proj; the GLA paper's code used the gain-2^-2.5 init.)
+
 Dimension letters: B batch, T tokens, D model width, H heads, K key head dim, V value head dim, R gate rank.
 """
 from __future__ import annotations
@@ -28,7 +33,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig
-from .common import RMSNorm
+from .common import RMSNorm, reset_norms_, xavier_linears_
 from .linear_attention import MatrixState
 
 __all__ = ["GLAConfig", "HGRN2Config", "GLA", "HGRN2"]
@@ -87,6 +92,12 @@ class GLA(Mixer):
                                      nn.Linear(c.gate_low_rank_dim, c.key_dim, bias=True))
         self.g_norm = RMSNorm(c.value_dim // c.num_heads, c.norm_eps)
         self.o_proj = nn.Linear(c.value_dim, c.d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fla's init: xavier-uniform (gain 2^-2.5) projections, zero gate bias, norm weight 1."""
+        xavier_linears_(self, 2 ** -2.5)
+        reset_norms_(self)
 
     def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
         c = self.config
@@ -120,6 +131,12 @@ class HGRN2(Mixer):
         self.i_proj = nn.Linear(c.d_model, c.d_model, bias=False)
         self.g_norm = RMSNorm(c.d_model, c.norm_eps)
         self.o_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fla's init: xavier-uniform (gain 2^-2.5) projections, norm weight 1."""
+        xavier_linears_(self, 2 ** -2.5)
+        reset_norms_(self)
 
     def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
         c = self.config

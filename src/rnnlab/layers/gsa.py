@@ -13,6 +13,10 @@ through the swish feature map, v through SiLU; H·K = H·V = d_model; the softma
 output is ``W_o RMSNorm(silu(o))`` with one RMSNorm over the full width. rnnlab differs in: no short
 convolution (the reference's default is off too), 64 slots per head by default (the paper's).
 
+Init follows flash-linear-attention's layer init (``GatedSlotAttention._initialize_weights``):
+xavier-uniform with gain 2^-2.5 on every projection, norm weight 1. (fla dropped this layer init
+in March 2025 for its models' N(0, 0.02).)
+
 Dimension letters: B batch, T tokens, D model width, H heads, K = V = D/H head dim, M slots.
 """
 from __future__ import annotations
@@ -26,7 +30,7 @@ from torch import nn
 
 from ..ops.gsa import gsa
 from .base import Mixer, MixerConfig
-from .common import RMSNorm
+from .common import RMSNorm, reset_norms_, xavier_linears_
 from .state import State
 
 __all__ = ["GSAConfig", "GSAState", "GSA"]
@@ -73,6 +77,12 @@ class GSA(Mixer):
         self.f_proj = nn.Linear(D, H * M, bias=False)
         self.g_norm = RMSNorm(D, eps=c.norm_eps)
         self.o_proj = nn.Linear(D, D, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fla's init: xavier-uniform (gain 2^-2.5) projections, norm weight 1."""
+        xavier_linears_(self, 2 ** -2.5)
+        reset_norms_(self)
 
     def init_state(self, batch_size, device=None, dtype=None) -> GSAState:
         c, dt = self.config, dtype or torch.float32

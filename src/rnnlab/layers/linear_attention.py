@@ -13,6 +13,12 @@ Both run on ``rnnlab.ops.gated_delta_rule`` (beta=None). rnnlab differs from the
 uses no xPos rotation (positions would have to live in the state; the decay already encodes
 recency), and its group norm is an RMSNorm per head.
 
+Init: linear attention keeps PyTorch's nn.Linear default (kaiming-uniform), as the paper's code
+(idiap/fast-transformers ``AttentionLayer``) does; RetNet follows torchscale's
+``MultiScaleRetention.reset_parameters``: xavier-uniform with gain 2^-2.5 on q, k, v, g and 2^-1 on
+the output projection. RetNet's decays are fixed (not parameters) and computed in the
+accumulation dtype (float64 in a float64 model), so a float64 run is exact.
+
 Dimension letters: B batch, T tokens, D model width, H heads, K key head dim, V value head dim.
 """
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig
-from .common import RMSNorm
+from .common import RMSNorm, default_init_
 from .state import State
 
 __all__ = ["LinearAttentionConfig", "RetNetConfig", "MatrixState", "LinearAttention", "RetNet"]
@@ -86,6 +92,11 @@ class LinearAttention(Mixer):
         self.k_proj = nn.Linear(c.d_model, HK, bias=False)
         self.v_proj = nn.Linear(c.d_model, HK, bias=False)
         self.o_proj = nn.Linear(HK, c.d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """fast-transformers' init: PyTorch's nn.Linear default on every projection."""
+        default_init_(self)
 
     def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
         c = self.config
@@ -126,8 +137,24 @@ class RetNet(Mixer):
         self.g_proj = nn.Linear(c.d_model, HV, bias=False)
         self.g_norm = RMSNorm(c.head_dim * c.value_factor, c.norm_eps)
         self.o_proj = nn.Linear(HV, c.d_model, bias=False)
-        gamma = 1 - 2.0 ** (-5 - torch.arange(c.num_heads, dtype=torch.float64))  # (H,) fixed decays
-        self.register_buffer("log_gamma", torch.log(gamma).float(), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """torchscale's init: xavier-uniform, gain 2^-2.5 on q, k, v, g and 2^-1 on o; norm weight 1."""
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.g_proj):
+            nn.init.xavier_uniform_(proj.weight, gain=2 ** -2.5)
+        nn.init.xavier_uniform_(self.o_proj.weight, gain=2 ** -1)
+        self.g_norm.reset_parameters()
+
+    def log_decay(self, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+        """The fixed per-head log decays ``log γ_h = log(1 - 2^(-5-h))``, (H,), computed in ``dtype``
+        (cached per dtype and device: decoding calls this once per token)."""
+        cache = self.__dict__.setdefault("_log_decay", {})
+        key = (dtype, torch.device(device) if device is not None else torch.device("cpu"))
+        if key not in cache:
+            h = torch.arange(self.config.num_heads, dtype=dtype, device=device)
+            cache[key] = torch.log1p(-torch.exp2(-5.0 - h))
+        return cache[key]
 
     def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
         c = self.config
@@ -141,7 +168,7 @@ class RetNet(Mixer):
         q = rearrange(self.q_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc)  # (B, T, H, K)
         k = rearrange(self.k_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc)
         v = rearrange(self.v_proj(x), "b t (h v) -> b t h v", h=c.num_heads).to(acc)  # (B, T, H, V)
-        log_g = self.log_gamma.to(acc).expand(*x.shape[:2], c.num_heads)  # (B, T, H)
+        log_g = self.log_decay(acc, x.device).expand(*x.shape[:2], c.num_heads)  # (B, T, H)
         o, S = gated_delta_rule(q, k, v, log_g=log_g, initial_state=st.S)  # k scaled by K^-1/2 via scale
         g = rearrange(self.g_proj(x), "b t (h v) -> b t h v", h=c.num_heads)
         o = self.g_norm(o) * F.silu(g.to(acc))  # group norm per head, swish gate

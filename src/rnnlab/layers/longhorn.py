@@ -13,6 +13,10 @@ As in the reference code: x_proj is split (dt, k, q), dt_head has a bias (zeroed
 init, so beta starts near 1/2), D starts at ones. rnnlab differs in: the scan is the chunked
 ``rnnlab.ops.longhorn`` (no CUDA kernel) and the conv state is part of the layer state.
 
+Init follows the reference (Cranial-XIX/Longhorn ``models/longhorn.py``, mamba_ssm's scheme):
+PyTorch's nn.Linear / Conv1d defaults, every Linear bias zero (dt_head's too), D = 1; D skips
+weight decay as there. Its depth-scaled out_proj is a model choice rnnlab's layer does not make.
+
 Dimension letters: B batch, T tokens, D model width, E = expand·D inner channels, N state size,
 R dt rank, W conv width.
 """
@@ -27,7 +31,7 @@ from torch import nn
 
 from ..ops.longhorn import longhorn
 from .base import Mixer, MixerConfig
-from .common import ShortConv
+from .common import ShortConv, default_init_
 from .state import State
 
 __all__ = ["LonghornConfig", "LonghornState", "Longhorn"]
@@ -64,6 +68,7 @@ class Longhorn(Mixer):
 
     config_cls = LonghornConfig
     state_cls = LonghornState
+    no_decay_params = ("D",)
 
     def __init__(self, config: LonghornConfig):
         super().__init__(config)
@@ -73,8 +78,15 @@ class Longhorn(Mixer):
         self.conv1d = ShortConv(E, c.conv_size, bias=c.conv_bias)
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_head = nn.Linear(R, E, bias=True)
-        self.D = nn.Parameter(torch.ones(E))
+        self.D = nn.Parameter(torch.empty(E))  # (E,) skip gain
         self.out_proj = nn.Linear(E, c.d_model, bias=c.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's init: PyTorch defaults, Linear biases zero, D = 1."""
+        default_init_(self, zero_linear_bias=True)
+        with torch.no_grad():
+            self.D.fill_(1.0)
 
     def init_state(self, batch_size, device=None, dtype=None) -> LonghornState:
         c, dt = self.config, dtype or torch.float32

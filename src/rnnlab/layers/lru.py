@@ -11,6 +11,10 @@ paper). Runs on ``rnnlab.ops.linear_scan`` with complex values.
 rnnlab differs from the paper in: the MLP/GLU that follows the recurrence in the paper's block is the
 LM block's MLP here; B and C are stored as real and imaginary parts (plain real parameters).
 
+Init follows the paper's reference code (its appendix ``init_lru_parameters``): ring init of ν and
+θ, γ = sqrt(1 - |λ|²), B ~ N(0, 1/(2D)), C ~ N(0, 1/N) (real and imaginary parts), D ~ N(0, 1).
+ν, θ and γ (the eigenvalues and their normaliser) skip weight decay; B, C, D are ordinary weights.
+
 Dimension letters: B batch, T tokens, D model width, N complex state size.
 """
 from __future__ import annotations
@@ -53,21 +57,38 @@ class LRU(Mixer):
 
     config_cls = LRUConfig
     state_cls = LRUState
+    no_decay_params = ("nu_log", "theta_log", "gamma_log")
 
     def __init__(self, config: LRUConfig):
         super().__init__(config)
         c = config
         N, D = c.d_state, c.d_model
-        u1, u2 = torch.rand(N), torch.rand(N)
-        self.nu_log = nn.Parameter(torch.log(-0.5 * torch.log(u1 * (c.r_max ** 2 - c.r_min ** 2) + c.r_min ** 2)))
-        self.theta_log = nn.Parameter(torch.log(c.max_phase * u2 + 1e-8))
-        mod = torch.exp(-torch.exp(self.nu_log.detach()))
-        self.gamma_log = nn.Parameter(torch.log(torch.sqrt(1 - mod ** 2)))
-        self.B_re = nn.Parameter(torch.randn(N, D) / math.sqrt(2 * D))
-        self.B_im = nn.Parameter(torch.randn(N, D) / math.sqrt(2 * D))
-        self.C_re = nn.Parameter(torch.randn(D, N) / math.sqrt(N))
-        self.C_im = nn.Parameter(torch.randn(D, N) / math.sqrt(N))
-        self.D = nn.Parameter(torch.randn(D))
+        self.nu_log = nn.Parameter(torch.empty(N))  # (N,) |λ| = exp(-exp(nu_log))
+        self.theta_log = nn.Parameter(torch.empty(N))  # (N,) arg λ = exp(theta_log)
+        self.gamma_log = nn.Parameter(torch.empty(N))  # (N,) input normaliser γ = exp(gamma_log)
+        self.B_re = nn.Parameter(torch.empty(N, D))
+        self.B_im = nn.Parameter(torch.empty(N, D))
+        self.C_re = nn.Parameter(torch.empty(D, N))
+        self.C_im = nn.Parameter(torch.empty(D, N))
+        self.D = nn.Parameter(torch.empty(D))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The paper's init: ring init of λ (|λ| in [r_min, r_max] uniform by area, phase uniform in
+        [0, max_phase]), γ = sqrt(1 - |λ|²), B ~ N(0, 1/(2D)), C ~ N(0, 1/N), D ~ N(0, 1)."""
+        c = self.config
+        N, D = c.d_state, c.d_model
+        with torch.no_grad():
+            u1, u2 = torch.rand(N), torch.rand(N)
+            nu_log = torch.log(-0.5 * torch.log(u1 * (c.r_max ** 2 - c.r_min ** 2) + c.r_min ** 2))
+            self.nu_log.copy_(nu_log)
+            self.theta_log.copy_(torch.log(c.max_phase * u2 + 1e-8))
+            self.gamma_log.copy_(torch.log(torch.sqrt(1 - torch.exp(-torch.exp(nu_log)) ** 2)))
+            for w in (self.B_re, self.B_im):
+                nn.init.normal_(w, 0.0, 1 / math.sqrt(2 * D))
+            for w in (self.C_re, self.C_im):
+                nn.init.normal_(w, 0.0, 1 / math.sqrt(N))
+            nn.init.normal_(self.D, 0.0, 1.0)
 
     def init_state(self, batch_size, device=None, dtype=None) -> LRUState:
         cdt = torch.complex128 if dtype == torch.float64 else torch.complex64

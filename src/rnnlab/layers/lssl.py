@@ -18,6 +18,10 @@ log dt_max] and is learned; A is fixed by default (the paper's LSSL-fixed; ``lea
 trains it from the LegS start); C and D are learned. rnnlab differs in: one copy per feature (the
 paper's M copies are d_model channels here), the GELU + GLU output of ``s4d``, no dropout.
 
+Init follows the reference (state-spaces/s4 ``src/models/sequence/modules/lssl.py``, init="normal"):
+C ~ N(0, 1), D ~ N(0, 1), log dt uniform, the output projection at PyTorch's default. A (when
+learned) and log_dt skip weight decay (the reference gives them their own learning rates).
+
 Dimension letters: B batch, T tokens, D model width = channels, N state size per channel.
 """
 from __future__ import annotations
@@ -61,6 +65,7 @@ class LSSL(Mixer):
 
     config_cls = LSSLConfig
     state_cls = LSSLState
+    no_decay_params = ("A", "log_dt")  # "A" is a buffer unless learn_A
 
     def __init__(self, config: LSSLConfig):
         super().__init__(config)
@@ -68,14 +73,27 @@ class LSSL(Mixer):
         D, N = c.d_model, c.d_state
         A, B = hippo_legs(N)
         if c.learn_A:
-            self.A = nn.Parameter(A)
+            self.A = nn.Parameter(A)  # (N, N) HiPPO-LegS start
         else:
             self.register_buffer("A", A)
         self.register_buffer("B", B)
-        self.log_dt = nn.Parameter(torch.rand(D) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        self.C = nn.Parameter(torch.randn(D, N) * N ** -0.5)
-        self.D = nn.Parameter(torch.randn(D))
+        self.log_dt = nn.Parameter(torch.empty(D))  # (D,) log step per channel
+        self.C = nn.Parameter(torch.empty(D, N))
+        self.D = nn.Parameter(torch.empty(D))
         self.out_proj = nn.Linear(D, 2 * D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's init: A, B from HiPPO-LegS, log dt uniform in [log dt_min, log dt_max],
+        C and D ~ N(0, 1), the output projection at PyTorch's default."""
+        c = self.config
+        with torch.no_grad():
+            self.A.copy_(hippo_legs(c.d_state)[0])
+            self.log_dt.copy_(torch.rand(c.d_model) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+            nn.init.normal_(self.C, 0.0, 1.0)
+            nn.init.normal_(self.D, 0.0, 1.0)
+        self.out_proj.reset_parameters()
+        self.__dict__.pop("_cache", None)
 
     def init_state(self, batch_size, device=None, dtype=None) -> LSSLState:
         c = self.config

@@ -12,6 +12,12 @@ in_proj, conv1d, x_proj, dt_proj, A_log, D, out_proj), so checkpoints map one to
 differs in: the scan is ``rnnlab.ops.selective_scan`` (chunked, no CUDA kernel) and the conv state
 is part of the layer state.
 
+Init follows mamba_ssm (``Mamba.__init__`` and the model's ``_init_weights``): PyTorch's nn.Linear /
+Conv1d defaults, Linear biases zero, except dt_proj (weight U(±R^-0.5), bias = softplus^-1 of a
+log-uniform dt in [dt_min, dt_max]), A_log = log(1..N), D = 1. As there, A_log and D skip weight
+decay (and the biases). The reference model's depth-scaled out_proj (/sqrt(n_layers)) is a model
+choice rnnlab's layer does not make.
+
 Dimension letters: B batch, T tokens, D model width, E = expand·D inner channels, N state size,
 R dt rank, W conv width.
 """
@@ -26,7 +32,7 @@ from torch import nn
 
 from ..ops.selective_scan import selective_scan
 from .base import Mixer, MixerConfig
-from .common import ShortConv
+from .common import ShortConv, default_init_
 from .state import State
 
 __all__ = ["MambaConfig", "MambaState", "Mamba"]
@@ -67,6 +73,7 @@ class Mamba(Mixer):
 
     config_cls = MambaConfig
     state_cls = MambaState
+    no_decay_params = ("A_log", "D")
 
     def __init__(self, config: MambaConfig):
         super().__init__(config)
@@ -76,15 +83,23 @@ class Mamba(Mixer):
         self.conv1d = ShortConv(E, c.conv_size, bias=c.conv_bias)
         self.x_proj = nn.Linear(E, R + 2 * N, bias=False)
         self.dt_proj = nn.Linear(R, E, bias=True)
-        self.dt_proj._no_reinit = True  # the reference's dt init below
-        nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
-        dt = torch.exp(torch.rand(E) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        with torch.no_grad():
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # (E, N)
-        self.D = nn.Parameter(torch.ones(E))
+        self.A_log = nn.Parameter(torch.empty(E, N))  # (E, N) A = -exp(A_log)
+        self.D = nn.Parameter(torch.empty(E))  # (E,) skip gain
         self.out_proj = nn.Linear(E, c.d_model, bias=c.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init (see the module docstring)."""
+        c = self.config
+        E, N, R = c.d_inner, c.d_state, c.dt_rank
+        default_init_(self, zero_linear_bias=True)
+        with torch.no_grad():
+            nn.init.uniform_(self.dt_proj.weight, -R ** -0.5, R ** -0.5)
+            dt = torch.exp(torch.rand(E) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+            dt = dt.clamp(min=c.dt_init_floor)
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(bias) = dt
+            self.A_log.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32)).repeat(E, 1))  # S4D-real
+            self.D.fill_(1.0)
 
     def init_state(self, batch_size, device=None, dtype=None) -> MambaState:
         c, dt = self.config, dtype or torch.float32

@@ -11,6 +11,12 @@ Parameter names and maths follow the reference and Hugging Face ``transformers``
 (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj), so checkpoints map one to one. rnnlab
 differs in: no fused kernels, and no ``time_step_limit`` clamp (the default limit is (0, inf)).
 
+Init follows mamba_ssm (``Mamba2.__init__`` and the model's ``_init_weights``): PyTorch's nn.Linear /
+Conv1d defaults, Linear biases zero, softplus(dt_bias) log-uniform in [dt_min, dt_max], A ~
+U(A_init_range), D = 1, norm weight 1. As there, dt_bias, A_log and D skip weight decay (and the
+norm weight, biases). The reference model's depth-scaled out_proj is a model choice rnnlab's
+layer does not make.
+
 Dimension letters: B batch, T tokens, D model width, E = expand·D, H = E / P heads, P head dim,
 G groups, N state size, W conv width.
 """
@@ -26,7 +32,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig
-from .common import ShortConv
+from .common import ShortConv, default_init_
 from .state import State
 
 __all__ = ["Mamba2Config", "Mamba2State", "Mamba2"]
@@ -70,6 +76,7 @@ class Mamba2(Mixer):
 
     config_cls = Mamba2Config
     state_cls = Mamba2State
+    no_decay_params = ("dt_bias", "A_log", "D", "norm.weight")
 
     def __init__(self, config: Mamba2Config):
         super().__init__(config)
@@ -77,14 +84,26 @@ class Mamba2(Mixer):
         E, H, GN = c.d_inner, c.num_heads, c.n_groups * c.d_state
         self.in_proj = nn.Linear(c.d_model, 2 * E + 2 * GN + H, bias=c.bias)
         self.conv1d = ShortConv(E + 2 * GN, c.conv_size, bias=c.conv_bias)
-        dt = torch.exp(torch.rand(H) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
-        self.A_log = nn.Parameter(torch.log(torch.empty(H).uniform_(*c.A_init_range)))
-        self.D = nn.Parameter(torch.ones(H))
-        self.norm = nn.Module()
-        self.norm.weight = nn.Parameter(torch.ones(E))
+        self.dt_bias = nn.Parameter(torch.empty(H))  # (H,) softplus(dt_bias) = initial step
+        self.A_log = nn.Parameter(torch.empty(H))  # (H,) A = -exp(A_log)
+        self.D = nn.Parameter(torch.empty(H))  # (H,) skip gain
+        self.norm = nn.Module()  # the group-wise gated RMSNorm's weight (applied in _gated_norm)
+        self.norm.weight = nn.Parameter(torch.empty(E))
         self.out_proj = nn.Linear(E, c.d_model, bias=c.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """mamba_ssm's init (see the module docstring)."""
+        c = self.config
+        H = c.num_heads
+        default_init_(self, zero_linear_bias=True)
+        with torch.no_grad():
+            dt = torch.exp(torch.rand(H) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+            dt = dt.clamp(min=c.dt_init_floor)
+            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+            self.A_log.copy_(torch.log(torch.empty(H).uniform_(*c.A_init_range)))
+            self.D.fill_(1.0)
+            self.norm.weight.fill_(1.0)
 
     def init_state(self, batch_size, device=None, dtype=None) -> Mamba2State:
         c, dt = self.config, dtype or torch.float32

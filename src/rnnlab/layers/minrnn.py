@@ -21,6 +21,9 @@ h_0 = 0 (the reference's optional learned initial hidden state and minLSTM's for
 are left out; the reference's optional causal conv and MLP live in the LM block here); and the
 same function serves prefill and decoding (the reference has a separate T = 1 path).
 
+Init follows the reference: PyTorch's nn.Linear default (kaiming-uniform weights, uniform biases)
+on both projections; no weight decay on the biases.
+
 Dimension letters: B batch, T tokens, D model width, E hidden width D_h.
 """
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import nn
 
 from ..ops import linear_scan
 from .base import Mixer, MixerConfig
+from .common import default_init_
 from .state import State
 
 __all__ = ["MinGRUConfig", "MinLSTMConfig", "MinGRUState", "MinLSTMState", "MinGRU", "MinLSTM",
@@ -93,6 +97,11 @@ class MinGRU(Mixer):
         c = config
         self.in_proj = nn.Linear(c.d_model, self.num_parts * c.d_hidden, bias=c.bias)
         self.out_proj = nn.Linear(c.d_hidden, c.d_model, bias=c.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's init: PyTorch's nn.Linear default on in_proj and out_proj."""
+        default_init_(self)
 
     def init_state(self, batch_size, device=None, dtype=None):
         return self.state_cls(h=torch.zeros(batch_size, self.config.d_hidden, device=device,

@@ -11,6 +11,14 @@ N(0, 0.1), weights zero); per-head layer norm of h; a learnable skip ``+ s ⊙ x
 rnnlab differs from the reference in: q, k, v are full linear maps instead of block-diagonal
 "headwise" projections, and the kernel is ``rnnlab.ops.mlstm`` (chunked, no fused CUDA kernel).
 
+Init follows ``mLSTMLayer.reset_parameters`` / ``mLSTMCell.reset_parameters``: "small init"
+N(0, 2/(5D)) on the up-projection and on q, k, v (with D = d_model, as there, although rnnlab's
+q, k, v are full maps); "wang init" N(0, (2/(n·sqrt(D)))²) on the down-projection with n = 1
+block (the reference's value for a lone layer; inside its stacks n is the number of blocks, which
+rnnlab's layer does not know); gates as above; skip and norm weight 1; conv at PyTorch's default.
+Weight decay as in xLSTM (``'weight' in name and 'norm' not in name``): the gate biases, the skip,
+the norm weight and the conv bias skip it.
+
 Dimension letters: B batch, T tokens, D model width, E = 2·D inner width, H heads, K = E / H.
 """
 from __future__ import annotations
@@ -35,7 +43,7 @@ class MLSTMConfig(MixerConfig):
     num_heads: int = 4  # H
     proj_factor: float = 2.0  # E = proj_factor · d_model
     conv_size: int = 4  # causal conv width on the q/k path
-    norm_eps: float = 1e-6  # epsilon of the per-head layer norm
+    norm_eps: float = 1e-5  # epsilon of the per-head layer norm (xLSTM's MultiHeadLayerNorm default)
     d_inner: int = 0  # derived: E
 
     def __post_init__(self) -> None:
@@ -58,6 +66,7 @@ class MLSTM(Mixer):
 
     config_cls = MLSTMConfig
     state_cls = MLSTMState
+    no_decay_params = ("skip", "norm_weight")
 
     def __init__(self, config: MLSTMConfig):
         super().__init__(config)
@@ -70,15 +79,27 @@ class MLSTM(Mixer):
         self.v_proj = nn.Linear(E, E, bias=False)
         self.igate = nn.Linear(3 * E, H)
         self.fgate = nn.Linear(3 * E, H)
-        for gate in (self.igate, self.fgate):
-            gate._no_reinit = True
-            nn.init.zeros_(gate.weight)
-        nn.init.normal_(self.igate.bias, 0.0, 0.1)
-        with torch.no_grad():
-            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, H))
-        self.norm_weight = nn.Parameter(torch.ones(E))
-        self.skip = nn.Parameter(torch.ones(E))
+        self.norm_weight = nn.Parameter(torch.empty(E))  # (E,) weight of the per-head layer norm
+        self.skip = nn.Parameter(torch.empty(E))  # (E,) learnable skip gain
         self.out_proj = nn.Linear(E, c.d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """xLSTM's mLSTM init (see the module docstring)."""
+        D, H = self.config.d_model, self.config.num_heads
+        small, wang = (2 / (5 * D)) ** 0.5, 2 / D ** 0.5
+        nn.init.normal_(self.up_proj.weight, 0.0, small)
+        nn.init.normal_(self.out_proj.weight, 0.0, wang)
+        for proj in (self.q_proj, self.k_proj, self.v_proj):
+            nn.init.normal_(proj.weight, 0.0, small)
+        self.conv.reset_parameters()
+        with torch.no_grad():
+            self.skip.fill_(1.0)
+            self.norm_weight.fill_(1.0)
+            nn.init.zeros_(self.fgate.weight)
+            self.fgate.bias.copy_(torch.linspace(3.0, 6.0, H))
+            nn.init.zeros_(self.igate.weight)
+            nn.init.normal_(self.igate.bias, 0.0, 0.1)
 
     def init_state(self, batch_size, device=None, dtype=None) -> MLSTMState:
         c, dt = self.config, dtype or torch.float32

@@ -20,6 +20,11 @@ adds the residual, norm and MLP); the block-diagonal option; one bias per gate (
 U drawn from U(-1/sqrt(K), 1/sqrt(K)) per block (nn.LSTM's rule with K for the hidden width); the
 recurrence runs in float32 even under bf16 autocast (only the projections use bf16).
 
+Init follows PyTorch's nn.LSTM / nn.GRU (``reset_parameters``: every weight and bias U(±1/sqrt(E)),
+E the hidden width) for the input projection and its bias, with K for the hidden width in the
+block-diagonal U as said above; the output projection (not in the references) N(0, 0.02). U is
+weight-decayed like nn.LSTM's weight_hh; the gate biases are not.
+
 Dimension letters: B batch, T tokens, D model width, E hidden width, H heads, K = E / H,
 G gates (4 for the LSTM, 3 for the GRU), S state size per head (2K for the LSTM: h and c; K for the GRU).
 """
@@ -115,8 +120,19 @@ class LSTM(Mixer):
         c = config
         H, K, G = c.num_heads, c.d_hidden // c.num_heads, self.num_gates
         self.in_proj = nn.Linear(c.d_model, G * c.d_hidden, bias=c.bias)  # gate order i, f, g, o (GRU: r, z, n)
-        self.R = nn.Parameter(torch.empty(H, K, G, K).uniform_(-1 / math.sqrt(K), 1 / math.sqrt(K)))  # U per head
+        self.R = nn.Parameter(torch.empty(H, K, G, K))  # (H, K, G, K) U per head
         self.out_proj = nn.Linear(c.d_hidden, c.d_model, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.LSTM's rule: in_proj weight and bias U(±1/sqrt(E)), U U(±1/sqrt(K)); out_proj N(0, 0.02)."""
+        c = self.config
+        E, K = c.d_hidden, c.d_hidden // c.num_heads
+        nn.init.uniform_(self.in_proj.weight, -1 / math.sqrt(E), 1 / math.sqrt(E))
+        if self.in_proj.bias is not None:
+            nn.init.uniform_(self.in_proj.bias, -1 / math.sqrt(E), 1 / math.sqrt(E))
+        nn.init.uniform_(self.R, -1 / math.sqrt(K), 1 / math.sqrt(K))
+        nn.init.normal_(self.out_proj.weight, 0.0, 0.02)
 
     def init_state(self, batch_size, device=None, dtype=None):
         c = self.config

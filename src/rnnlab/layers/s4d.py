@@ -13,6 +13,11 @@ the layer also streams with a constant (B, D, N/2) state.
 rnnlab differs from the reference in: the convolution also takes and returns the state; no dropout. (``lssl`` is the dense HiPPO-LegS
 layer of Gu et al. 2021.)
 
+Init follows the reference (state-spaces/s4 ``models/s4/s4d.py``): log dt uniform, A as above,
+C ~ complex N(0, 1) (real and imaginary parts N(0, 1/2)), D ~ N(0, 1), the output projection at
+PyTorch's default (the reference's 1x1 Conv1d has the same init). As there (``register(...)`` with
+weight_decay 0), log_dt, log_A_real and A_imag skip weight decay; C, D and the projection do not.
+
 Dimension letters: B batch, T tokens, D model width = channels, N state size (N/2 complex).
 """
 from __future__ import annotations
@@ -56,23 +61,38 @@ class S4D(Mixer):
 
     config_cls = S4DConfig
     state_cls = S4DState
+    no_decay_params = ("log_dt", "log_A_real", "A_imag")
 
     def __init__(self, config: S4DConfig):
         super().__init__(config)
         c = config
         D, N2 = c.d_model, c.d_state // 2
-        self.log_dt = nn.Parameter(torch.rand(D) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        n = torch.arange(N2, dtype=torch.float32)
-        if c.init == "lin":
-            re, im = torch.full((D, N2), 0.5), math.pi * n.repeat(D, 1)
-        else:
-            re, im = (n + 1).repeat(D, 1), torch.zeros(D, N2)
-        self.log_A_real = nn.Parameter(torch.log(re))  # A = -exp(log_A_real) + i A_imag
-        self.A_imag = nn.Parameter(im, requires_grad=c.init == "lin")
-        self.C_re = nn.Parameter(torch.randn(D, N2) * 0.5 ** 0.5)
-        self.C_im = nn.Parameter(torch.randn(D, N2) * 0.5 ** 0.5)
-        self.D = nn.Parameter(torch.randn(D))
+        self.log_dt = nn.Parameter(torch.empty(D))  # (D,) log step per channel
+        self.log_A_real = nn.Parameter(torch.empty(D, N2))  # A = -exp(log_A_real) + i A_imag
+        self.A_imag = nn.Parameter(torch.empty(D, N2), requires_grad=c.init == "lin")
+        self.C_re = nn.Parameter(torch.empty(D, N2))
+        self.C_im = nn.Parameter(torch.empty(D, N2))
+        self.D = nn.Parameter(torch.empty(D))
         self.out_proj = nn.Linear(D, 2 * D)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference's init (see the module docstring); S4D-Lin or S4D-Real A."""
+        c = self.config
+        D, N2 = c.d_model, c.d_state // 2
+        with torch.no_grad():
+            self.log_dt.copy_(torch.rand(D) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+            n = torch.arange(N2, dtype=torch.float32)
+            if c.init == "lin":
+                re, im = torch.full((D, N2), 0.5), math.pi * n.repeat(D, 1)
+            else:
+                re, im = (n + 1).repeat(D, 1), torch.zeros(D, N2)
+            self.log_A_real.copy_(torch.log(re))
+            self.A_imag.copy_(im)
+            nn.init.normal_(self.C_re, 0.0, 0.5 ** 0.5)
+            nn.init.normal_(self.C_im, 0.0, 0.5 ** 0.5)
+            nn.init.normal_(self.D, 0.0, 1.0)
+        self.out_proj.reset_parameters()
 
     def init_state(self, batch_size, device=None, dtype=None) -> S4DState:
         cdt = torch.complex128 if dtype == torch.float64 else torch.complex64

@@ -11,7 +11,8 @@ per head and gate):
 
 The layer follows the reference sLSTM layer (NX-AI/xlstm, ``sLSTMLayer``): a causal depthwise
 convolution (width 4, bias) with SiLU feeds the i and f gates, z and o see x directly; the input
-weights W are head-wise (block-diagonal, no bias; "small init" N(0, 2/(5K))); R starts at zero; the
+weights W are head-wise (block-diagonal, no bias; "small init" N(0, 2/(5D)), D = d_model as in
+``sLSTMLayer.reset_parameters``); R starts at zero; the
 forget-gate bias starts with the "powerlaw_blockdependent" profile; the output is a per-head
 LayerNorm (GroupNorm with weight 1 + w, no bias). Before the first token (n = 0) m_t = i~_t, the
 reference's first step, taken per element. Being nonlinear in h, the recurrence runs either
@@ -20,6 +21,9 @@ ops family D: DEER / ParaRNN). Newton on [h, c, n, m] diverges or stalls (the ma
 gates make the linearisation poor far from the solution), so the Newton form iterates on the
 equivalent smooth state [h, c/n, log n] and recovers the last step's stabilised (c, n, m) in
 closed form; both forms give the same outputs and states.
+
+Weight decay as in xLSTM (``'weight' in name and 'norm' not in name``): W is decayed; the
+recurrent kernel R, the gate biases and the norm weight are not.
 
 rnnlab differs from the reference in: the forget-bias profile is the one of the first block (the
 layer does not know its depth); the reference's sLSTM block (pre-norm, gated MLP of factor 4/3)
@@ -126,18 +130,31 @@ class SLSTM(Mixer):
     config_cls = SLSTMConfig
     state_cls = SLSTMState
     recurrent = True
+    no_decay_params = ("R", "bias", "norm_weight")
 
     def __init__(self, config: SLSTMConfig):
         super().__init__(config)
         c = config
         H, K = c.num_heads, c.head_dim
         self.conv = ShortConv(c.d_model, c.conv_size, bias=True) if c.conv_size else None
-        self.W = nn.Parameter(torch.randn(4, H, K, K) * math.sqrt(2 / (5 * K)))  # (gate, head, in, out)
-        self.R = nn.Parameter(torch.zeros(H, K, 4, K))  # (head, in, gate, out), block-diagonal R
-        bias = torch.zeros(H, 4, K)
-        bias[:, 1] = _forget_bias(K)
-        self.bias = nn.Parameter(bias)  # (H, 4, K) gate biases, order i, f, z, o
-        self.norm_weight = nn.Parameter(torch.zeros(c.d_model))  # per-head LayerNorm weight is 1 + this
+        self.W = nn.Parameter(torch.empty(4, H, K, K))  # (gate, head, in, out) head-wise input weights
+        self.R = nn.Parameter(torch.empty(H, K, 4, K))  # (head, in, gate, out), block-diagonal R
+        self.bias = nn.Parameter(torch.empty(H, 4, K))  # (H, 4, K) gate biases, order i, f, z, o
+        self.norm_weight = nn.Parameter(torch.empty(c.d_model))  # per-head LayerNorm weight is 1 + this
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """xLSTM's sLSTM init: W small init N(0, 2/(5D)), R = 0, the "powerlaw_blockdependent"
+        forget bias of the first block (other gate biases 0), norm weight 1 + 0, conv default."""
+        c = self.config
+        if self.conv is not None:
+            self.conv.reset_parameters()
+        with torch.no_grad():
+            nn.init.normal_(self.W, 0.0, math.sqrt(2 / (5 * c.d_model)))
+            nn.init.zeros_(self.R)
+            nn.init.zeros_(self.bias)
+            self.bias[:, 1] = _forget_bias(c.head_dim)
+            nn.init.zeros_(self.norm_weight)
 
     def init_state(self, batch_size, device=None, dtype=None):
         c, dt = self.config, dtype or torch.float32

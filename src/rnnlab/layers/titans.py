@@ -23,6 +23,11 @@ and at the initial α the paper's rule reaches it within a few thousand tokens o
 state also holds the mini-batch's anchor weights and position, so streaming token by token equals
 the chunked pass exactly.
 
+Init (no reference code exists): projections N(0, 0.02), convs at PyTorch's default, norm weight 1,
+gate biases as above, the MLP memory's initial weights N(0, 1/fan_in) (a linear memory starts at
+zero). Skip weight decay: the gate biases (and norm weight); the initial memory is decayed like
+any weight.
+
 Dimension letters: B batch, T tokens, D model width, H heads, K = V = D/H head dim, F MLP-memory
 width, W conv width.
 """
@@ -37,7 +42,7 @@ from torch import nn
 
 from ..ops.memory import MemoryState, neural_memory
 from .base import Mixer, MixerConfig
-from .common import GatedRMSNorm, ShortConv
+from .common import GatedRMSNorm, ShortConv, default_init_, normal_linears_
 from .state import State
 
 __all__ = ["TitansConfig", "TitansState", "Titans"]
@@ -88,6 +93,7 @@ class Titans(Mixer):
 
     config_cls = TitansConfig
     state_cls = TitansState
+    no_decay_params = ("gate_bias",)
 
     def __init__(self, config: TitansConfig):
         super().__init__(config)
@@ -96,14 +102,28 @@ class Titans(Mixer):
         self.q_proj, self.k_proj, self.v_proj = (nn.Linear(D, D, bias=False) for _ in range(3))
         self.q_conv, self.k_conv, self.v_conv = (ShortConv(D, c.conv_size) for _ in range(3))
         self.gate_proj = nn.Linear(D, 3 * H, bias=False)  # logits of α, η, θ
-        self.gate_bias = nn.Parameter(torch.cat([torch.full((H,), -5.0), torch.full((H,), 2.0), torch.zeros(H)]))
+        self.gate_bias = nn.Parameter(torch.empty(3 * H))  # (3H,) biases of the α, η, θ logits
         shapes = [(K, K)] if c.memory == "linear" else [(c.memory_expand * K, K), (K, c.memory_expand * K)]
         self.memory_init = nn.ParameterList(  # the learned initial memory, per head: (H, out, in)
-            nn.Parameter(torch.randn(H, o, i) * i ** -0.5 if c.memory == "mlp" else torch.zeros(H, o, i))
-            for o, i in shapes)
+            nn.Parameter(torch.empty(H, o, i)) for o, i in shapes)
         self.g_proj = nn.Linear(D, D, bias=False)
         self.o_norm = GatedRMSNorm(K, eps=c.norm_eps)
         self.o_proj = nn.Linear(D, D, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """rnnlab's init (see the module docstring): projections N(0, 0.02), gate biases -5 / 2 / 0,
+        initial MLP memory N(0, 1/fan_in) (linear memory: zeros)."""
+        H = self.config.num_heads
+        default_init_(self)  # convolutions and norms
+        normal_linears_(self, 0.02)
+        with torch.no_grad():
+            self.gate_bias.copy_(torch.cat([torch.full((H,), -5.0), torch.full((H,), 2.0), torch.zeros(H)]))
+            for w in self.memory_init:
+                if self.config.memory == "mlp":
+                    nn.init.normal_(w, 0.0, w.shape[-1] ** -0.5)
+                else:
+                    nn.init.zeros_(w)
 
     def init_state(self, batch_size, device=None, dtype=None) -> TitansState:
         dt = dtype or torch.float32

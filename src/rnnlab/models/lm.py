@@ -4,6 +4,11 @@
 ``logits, state = model(tokens, state=None)``: tokens (B, T) int64 -> logits (B, T, V) and a
 :class:`ModelState` (one state per block plus the count of tokens seen). The model obeys the
 chunking law of its mixers: feeding a sequence in pieces, passing the state, equals one call.
+
+Parameters: each mixer initialises its own (as its paper's reference does) and names those that
+skip weight decay; the model initialises only what it owns — embedding, MLPs, norms, head — and
+builds its blocks first, so for the same seed the first block's mixer starts from the same weights
+as ``build_mixer`` alone. :meth:`LM.param_groups` gives the two AdamW groups.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..layers.base import Mixer, check_tokens_input
-from ..layers.common import RMSNorm
+from ..layers.common import NORM_TYPES, RMSNorm
 from ..layers.state import State, StateError
 from .layout import BlockSpec, parse_layout
 from .registry import OptionError, build_mixer
@@ -44,7 +49,7 @@ class LMConfig:
     mixer_mlp: bool = True  # every mixer block also has an MLP (False: Mamba-style stacks, explicit "mlp" items)
     norm_eps: float = 1e-5  # RMSNorm epsilon
     tie_embeddings: bool = True  # output head shares the embedding matrix
-    init_std: float = 0.02  # std of embeddings and linear weights; residual outputs get /sqrt(2·n_layers)
+    init_std: float = 0.02  # std of embedding, MLP, untied head (down_proj /sqrt(2·n_layers)); mixers init their own
     blocks: tuple[BlockSpec, ...] = field(init=False, repr=False)  # derived: one spec per block
 
     def __post_init__(self) -> None:
@@ -127,35 +132,70 @@ class LM(nn.Module):
     def __init__(self, config: LMConfig):
         super().__init__()
         self.config = config
+        # the blocks draw their random numbers first: block 0's mixer starts as build_mixer(...) would
+        blocks = nn.ModuleList(Block(spec, config) for spec in config.blocks)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
-        self.blocks = nn.ModuleList(Block(spec, config) for spec in config.blocks)
+        self.blocks = blocks
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
         self.reset_parameters()
 
     # -- parameters -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
-        """Init scheme: N(0, init_std) for embeddings, MLP and attention projections; output
-        projections (``o_proj``, ``out_proj``, ``down_proj``) scaled by 1/sqrt(2·n_layers).
-        Mixers keep the special initialisation of their own papers for modules they mark
-        ``_no_reinit = True`` and for parameters that are not Linear/Embedding weights."""
+        """Initialise what the model owns (the mixers initialise themselves): embedding and untied
+        head N(0, init_std); MLP weights N(0, init_std), their down_proj scaled by
+        1/sqrt(2·n_layers), biases zero; every norm weight 1."""
         std = self.config.init_std
-        for name, mod in self.named_modules():
-            if getattr(mod, "_no_reinit", False):
-                continue
-            if isinstance(mod, (nn.Linear, nn.Embedding)):
-                scale = 1 / math.sqrt(2 * self.config.n_layers) if name.split(".")[-1] in ("o_proj", "out_proj", "down_proj") else 1.0
-                nn.init.normal_(mod.weight, 0.0, std * scale)
-                if getattr(mod, "bias", None) is not None:
-                    nn.init.zeros_(mod.bias)
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+        nn.init.normal_(self.embed.weight, 0.0, std)
+        if self.lm_head.weight is not self.embed.weight:
+            nn.init.normal_(self.lm_head.weight, 0.0, std)
+        self.norm.reset_parameters()
+        for block in self.blocks:
+            for norm in (block.mixer_norm, block.mlp_norm):
+                if norm is not None:
+                    norm.reset_parameters()
+            if block.mlp is not None:
+                for name, lin in block.mlp.named_children():
+                    scale = 1 / math.sqrt(2 * self.config.n_layers) if name == "down_proj" else 1.0
+                    nn.init.normal_(lin.weight, 0.0, std * scale)
+                    if lin.bias is not None:
+                        nn.init.zeros_(lin.bias)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (as in ``named_parameters()``) of the parameters that skip weight decay: every
+        mixer's :meth:`~rnnlab.layers.base.Mixer.no_weight_decay` and, of what the model owns, the
+        norm weights and any biases. The embedding (tied to the head by default) is decayed, as
+        in GPT-2 / nanoGPT."""
+        names: set[str] = set()
+        for i, block in enumerate(self.blocks):
+            if block.mixer is not None:
+                names |= {f"blocks.{i}.mixer.{n}" for n in block.mixer.no_weight_decay()}
+        owned = [("embed", self.embed), ("norm", self.norm), ("lm_head", self.lm_head)]
+        for i, block in enumerate(self.blocks):
+            owned += [(f"blocks.{i}.{part}", getattr(block, part)) for part in ("mixer_norm", "mlp_norm", "mlp")
+                      if getattr(block, part) is not None]
+        for path, module in owned:
+            for mname, m in module.named_modules(prefix=path):
+                if isinstance(m, NORM_TYPES):
+                    names |= {f"{mname}.{n}" for n, _ in m.named_parameters(recurse=False)}
+                elif isinstance(m, nn.Linear) and m.bias is not None:
+                    names.add(f"{mname}.bias")
+        return names
 
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups: matrices decayed, vectors (biases, norms) not."""
-        params = list(self.parameters())
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        """The two AdamW parameter groups: ``[{"params": decayed, "weight_decay": weight_decay},
+        {"params": not decayed, "weight_decay": 0.0}]``, the latter holding :meth:`no_weight_decay`.
+        Every parameter is in exactly one group; the tied embedding/head counts once."""
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not weight_decay >= 0:
+            raise ValueError(f"weight_decay must be a float >= 0, got {weight_decay!r}")
+        skip = self.no_weight_decay()
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():  # shared (tied) tensors once
+            (no_decay if name in skip else decay).append(p)
+        return [{"params": decay, "weight_decay": float(weight_decay)},
+                {"params": no_decay, "weight_decay": 0.0}]
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameter count (shared tensors counted once); optionally without the embedding."""

@@ -50,7 +50,7 @@ class TrainConfig:
     lr: float = 3e-3  # peak learning rate
     min_lr: float = 3e-4  # learning rate at the end of the cosine decay
     warmup: int = 50  # steps of linear warmup from 0 to lr
-    weight_decay: float = 0.1  # AdamW decay on the parameters the layers do not exempt
+    weight_decay: float = 0.1  # AdamW decay on the parameters the layers do not exempt (see LM.param_groups)
     beta1: float = 0.9  # AdamW first-moment decay
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
