@@ -118,8 +118,8 @@ class Block(nn.Module):
         self.mlp = MLP(config.d_model, config.d_ff, config.mlp) if has_mlp else None
 
     def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
-        if self.mixer is not None:
-            y, state = self.mixer(self.mixer_norm(x), state)
+        if self.mixer is not None:  # LM.forward has checked the tokens and the whole state: no second check here
+            y, state = self.mixer.mix(self.mixer_norm(x), state)
             x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
