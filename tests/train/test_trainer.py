@@ -192,3 +192,28 @@ def test_bf16_autocast_trains():
     m = model()
     r = train(m, Source(), TrainConfig(steps=3, batch_size=4, seq_len=16, warmup=1, autocast="bf16"), progress=False)
     assert math.isfinite(r["loss"]) and r["mfu"] > 0 and r["tokens_per_s"] > 0
+
+
+def test_cli_trains_with_a_tokenizer_json_and_generates(tmp_path, capsys):
+    """A user's own text and tokenizer: train from the command line, then generate through the run's copy."""
+    pytest.importorskip("tokenizers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from rnnlab.cli import main
+    text = "".join(f"def function_{i}(x):\n    return x * {i}\n" for i in range(300))
+    (tmp_path / "code.py").write_text(text)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    (tmp_path / "tok").mkdir()
+    tok.save(str(tmp_path / "tok" / "tokenizer.json"))
+    out = tmp_path / "run"
+    main(["train", "--layout", "mamba2", "--n-layers", "1", "--d-model", "32", "--seq-len", "16", "--batch-size", "2",
+          "--steps", "2", "--data", str(tmp_path / "code.py"), "--tokenizer", str(tmp_path / "tok"), "--out", str(out)])
+    model = rnnlab.load_model(out)
+    assert model.config.vocab_size == tok.get_vocab_size()
+    assert (out / "tokenizer.json").is_file()
+    capsys.readouterr()
+    text_out = main(["generate", "--model", str(out), "--prompt", "def", "--max-new-tokens", "5", "--temperature", "0"])
+    assert isinstance(text_out, str) and len(text_out) > 0
