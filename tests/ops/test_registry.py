@@ -17,7 +17,7 @@ SMALL = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "mlstm
          "longhorn.time_chunk": 16, "gsa.chunk_size": 4, "gsa.block_size": 16, "lti.conv_chunk": 16,
          "lti.scan_time_chunk": 16}
 # torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles one
-# family: ssd (Mamba-2's case), against the reference and the torch form. delta, gla and mlstm have a
+# family: ssd (Mamba-2's case), against the reference and the torch form. delta and mlstm have a
 # "compile" backend too.
 COMPILE_TESTED = "ssd"
 F64 = torch.float64
@@ -173,6 +173,8 @@ def test_missing_backends_are_reported_not_fatal(monkeypatch):
     assert status["torch"] is None and "CUDA" in status["fla"]
     scan_status = registry.backend_status("scan", "chunked", **registry.get_family("scan").inputs())
     assert "no 'compile' backend" in scan_status["compile"]
+    vector = dict(x, log_g=registry.get_family("gla").inputs(T=5)["log_g"])  # the delta rule with a vector decay
+    assert "10 minutes" in registry.backend_status("delta", "chunked", **vector)["compile"]
     with registry.use_backend("fla"):
         with pytest.warns(RuntimeWarning, match="'fla' is unavailable for 'delta'.*CUDA"):
             assert registry.select("delta", **x) == ("chunked", "torch")
