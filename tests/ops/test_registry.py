@@ -157,10 +157,12 @@ def test_tuning_overrides_are_per_device_and_checked():
     assert tuning.get("delta.chunk_size", "cpu") == 64
     with pytest.raises(ValueError, match="unknown tuning key 'scan.min_lanes'"):
         tuning.override(cpu={"scan.min_lanes": 4})
-    with pytest.raises(ValueError, match="'delta.chunk_size'.*positive int"):
+    with pytest.raises(ValueError, match="'delta.chunk_size'.*an int >= 1, got 0"):
         tuning.override(cpu={"delta.chunk_size": 0})
-    with pytest.raises(ValueError, match="'gsa.block_size'.*positive int"):
+    with pytest.raises(ValueError, match="'gsa.block_size'.*an int >= 1, got None"):
         tuning.override(cpu={"gsa.block_size": None})
+    with pytest.raises(ValueError, match="'lti.scan_max_batch'.*an int >= 0, got -1"):
+        tuning.override(cpu={"lti.scan_max_batch": -1})
     with pytest.raises(ValueError, match="unknown tuning key"):
         tuning.get("nope")
     assert tuning.get("delta.chunk_size", "cpu") == 64  # a refused override changes nothing
