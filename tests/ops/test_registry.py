@@ -17,7 +17,7 @@ SMALL = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "mlstm
          "longhorn.time_chunk": 16, "gsa.chunk_size": 4, "gsa.block_size": 16, "lti.conv_chunk": 16,
          "lti.scan_time_chunk": 16}
 # torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles one
-# family: ssd (Mamba-2's case), against the reference and the torch form. delta, gla and mlstm have a
+# family: ssd (Mamba-2's case), against the reference and the torch form. delta and mlstm have a
 # "compile" backend too.
 COMPILE_TESTED = "ssd"
 F64 = torch.float64
@@ -157,10 +157,12 @@ def test_tuning_overrides_are_per_device_and_checked():
     assert tuning.get("delta.chunk_size", "cpu") == 64
     with pytest.raises(ValueError, match="unknown tuning key 'scan.min_lanes'"):
         tuning.override(cpu={"scan.min_lanes": 4})
-    with pytest.raises(ValueError, match="'delta.chunk_size'.*positive int"):
+    with pytest.raises(ValueError, match="'delta.chunk_size'.*an int >= 1, got 0"):
         tuning.override(cpu={"delta.chunk_size": 0})
-    with pytest.raises(ValueError, match="'gsa.block_size'.*positive int"):
+    with pytest.raises(ValueError, match="'gsa.block_size'.*an int >= 1, got None"):
         tuning.override(cpu={"gsa.block_size": None})
+    with pytest.raises(ValueError, match="'lti.scan_max_batch'.*an int >= 0, got -1"):
+        tuning.override(cpu={"lti.scan_max_batch": -1})
     with pytest.raises(ValueError, match="unknown tuning key"):
         tuning.get("nope")
     assert tuning.get("delta.chunk_size", "cpu") == 64  # a refused override changes nothing
@@ -173,6 +175,8 @@ def test_missing_backends_are_reported_not_fatal(monkeypatch):
     assert status["torch"] is None and "CUDA" in status["fla"]
     scan_status = registry.backend_status("scan", "chunked", **registry.get_family("scan").inputs())
     assert "no 'compile' backend" in scan_status["compile"]
+    vector = dict(x, log_g=registry.get_family("gla").inputs(T=5)["log_g"])  # the delta rule with a vector decay
+    assert "10 minutes" in registry.backend_status("delta", "chunked", **vector)["compile"]
     with registry.use_backend("fla"):
         with pytest.warns(RuntimeWarning, match="'fla' is unavailable for 'delta'.*CUDA"):
             assert registry.select("delta", **x) == ("chunked", "torch")

@@ -130,6 +130,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         a.T, a.ref_max_T, a.repeats = [256, 512], 512, 1
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, B={a.B} H={a.H} K=V={a.K}, float32, "
           f"backend {a.backend}")
+    for name in a.families:
+        print(f"  {name}: {registry.get_family(name).doc}")
     _print_header()
     rows = run(a.families, a.T, a.B, a.H, a.K, a.repeats, a.ref_max_T, a.backend)
     report("ops", rows, a.json, backend=a.backend)

@@ -86,6 +86,8 @@ _DEVICE: dict[str, dict[str, int | None]] = {
 }
 
 KEYS = tuple(_DEFAULT)
+_NONE_ALLOWED = {"scan.loop_min_lanes", "matrix_scan.loop_min_entries"}  # None: never take that form
+_LEAST = {"lti.scan_max_batch": 0}  # 0: never scan; every other entry is at least 1
 
 _merged: dict[str, dict[str, int | None]] = {}  # device type -> merged table (cache)
 
@@ -122,10 +124,10 @@ def _validate(device_type: str, entries: dict) -> None:
     for key, value in entries.items():
         if key not in _DEFAULT:
             raise ValueError(f"unknown tuning key {key!r} (for {device_type!r}); known keys: {', '.join(KEYS)}")
-        optional = key.endswith(("_min_lanes", "_min_entries"))
-        ok = (value is None and optional) or (type(value) is int and value >= (0 if key.endswith("_batch") else 1))
+        least = _LEAST.get(key, 1)
+        ok = (value is None and key in _NONE_ALLOWED) or (type(value) is int and value >= least)
         if not ok:
-            want = "a positive int or None (never)" if optional else "a positive int"
+            want = f"an int >= {least}" + (" or None (never)" if key in _NONE_ALLOWED else "")
             raise ValueError(f"tuning key {key!r} (for {device_type!r}) takes {want}, got {value!r}")
 
 
