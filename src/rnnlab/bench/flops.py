@@ -42,7 +42,7 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["layer_flops", "kernel_flops", "KERNEL_CASES", "attention_pairs"]
+__all__ = ["layer_flops", "kernel_flops", "KERNEL_CASES", "FORMULAS", "attention_pairs"]
 
 # FLOPs per state element per token (recurrent mixers) where the default 4 does not fit
 _STATE_FLOPS = {"deltanet": 6, "gated_deltanet": 6}
@@ -124,3 +124,17 @@ def kernel_flops(case: str, B: int, T: int, H: int, K: int, V: int, chunk: int, 
 
 
 KERNEL_CASES = ("delta", "delta_vector", "ssd", "gla", "mlstm", "scan", "scan_loop", "sdpa")
+
+# the formulas of :func:`kernel_flops`, printed beside the efficiency table (per sequence and head;
+# N chunks of C, sub-chunks of c, m = C/c; the scan per lane)
+FORMULAS = {
+    "delta": "N·(4C²K + C²(K+V) + 2C²V + 6CKV)",
+    "delta_vector": "N·(4C²K + 6CcK + 2mCK + C²(K+V) + 2C²V + 6CKV)",
+    "ssd": "N·(4C²K + 2C²V + 4CKV)",
+    "gla": "N·(4C²K + 6CcK + 2mCK + 2C²V + 4CKV)",
+    "mlstm": "sum over chunks of L: 2L²K + 2L²V + 4LKV + 2LK + 2L²",
+    "scan": "per lane: N·3·sum_{d=1,2,4..<C}(C-d) + 2(N-1) + 2NC",
+    "scan_loop": "per lane: 2T",
+    "sdpa": "4K·T(T+1)/2",
+}
+assert set(FORMULAS) == set(KERNEL_CASES)

@@ -9,7 +9,10 @@ JSON line):
   every mixer against the same-size Transformer (``attention``), at each ``--T``;
 * ``layers``: one layer of every mixer, forward and forward + backward time and peak memory over
   T, beside causal SDPA (the ``attention`` mixer), each time next to the layer's floor (FLOPs it
-  must do / the matmul peak measured in the same run; :mod:`rnnlab.bench.flops`);
+  must do / the matmul peak measured in the same run; :mod:`rnnlab.bench.flops`). Peak memory is
+  the tensor memory one call allocates beyond its inputs and parameters: the CUDA allocator's
+  peak, on CPU the CPU allocator's events seen by ``torch.profiler`` (measured on an extra, untimed
+  call; :func:`rnnlab.bench.measure.peak_memory`);
 * ``decode``: per-token latency and memory of models at growing contexts (prefilled in chunks),
   next to the weight-streaming floor (weight bytes / measured bandwidth)
   (:mod:`rnnlab.bench.speed_decode`);
@@ -73,9 +76,10 @@ class Ctx:
     def bandwidth(self) -> float:
         if "bandwidth_bytes_s" not in self.extra:
             nbytes = 16 * 2 ** 20 if self.a.quick else 512 * 2 ** 20
-            self.extra["bandwidth_bytes_s"] = bandwidth(self.device, self.dtype, nbytes, 2 if self.a.quick else 7)
-            print(f"memory bandwidth (torch.mv over {nbytes >> 20} MB of {str(self.dtype).removeprefix('torch.')} "
-                  f"weights, best): {self.extra['bandwidth_bytes_s'] / 1e9:.1f} GB/s", flush=True)
+            # float32 whatever the run's dtype: a bfloat16 GEMV on CPU may be compute-bound, not memory-bound
+            self.extra["bandwidth_bytes_s"] = bandwidth(self.device, torch.float32, nbytes, 2 if self.a.quick else 7)
+            print(f"memory bandwidth (torch.mv over {nbytes >> 20} MB of float32 weights, best): "
+                  f"{self.extra['bandwidth_bytes_s'] / 1e9:.1f} GB/s", flush=True)
         return self.extra["bandwidth_bytes_s"]
 
 
@@ -105,7 +109,7 @@ def layout_item(name: str, options: dict) -> str:
 
 
 def _ms(s: float | None) -> str:
-    return f"{s * 1e3:10.1f}" if s is not None else f"{'-':>10}"
+    return f"{s * 1e3:10.2f}" if s is not None else f"{'-':>10}"
 
 
 def _mb(b: int | None) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .flops import KERNEL_CASES, kernel_flops
+from .flops import FORMULAS, KERNEL_CASES, kernel_flops
 from .measure import timeit
 from ..ops import registry, tuning
 
@@ -67,7 +67,10 @@ def run_efficiency(ctx):
         raise ValueError(f"--families: unknown kernel case(s) {unknown}; choose from {list(CASES)}")
     H, K = a.d_model // a.head_dim, a.head_dim
     peak = ctx.mm_peak()
-    print(f"B={a.batch}, H={H}, K=V={K}; forward only, no autograd")
+    print(f"B={a.batch}, H={H}, K=V={K}; forward only, no autograd. FLOPs counted (x B·H sequences; the scan "
+          "x B·H·K lanes; N chunks of C, sub-chunks of c, m = C/c):")
+    for case in cases:
+        print(f"  {case:13} {FORMULAS[case]}")
     print(f"{'case':13} {'form':>8} {'chunk':>5} {'T':>6} | {'fwd ms':>10} {'GFLOP':>9} {'GFLOP/s':>9} "
           f"{'of peak':>8} | status")
     rows = []
@@ -77,7 +80,7 @@ def run_efficiency(ctx):
             chunk = tuning.get(chunk_key, ctx.device) if chunk_key else None  # None: no chunks
             sub = tuning.get(sub_key, ctx.device) if sub_key else None
             row = dict(case=case, family=family or "sdpa", form=form, chunk=chunk, sub_chunk=sub, T=T, B=a.batch,
-                       H=H, K=K, V=K, flops=kernel_flops(case, a.batch, T, H, K, K, chunk or 1, sub or 8),
+                       H=H, K=K, V=K, flop_formula=FORMULAS[case], flops=kernel_flops(case, a.batch, T, H, K, K, chunk or 1, sub or 8),
                        fwd_s=None, flop_s=None,
                        fraction_of_peak=None, status="ok")
             rows.append(row)
@@ -108,6 +111,6 @@ def _print(r: dict) -> None:
     def num(v, fmt, width):
         return format(v, fmt) if v is not None else "-".rjust(width)
     print(f"{r['case']:13} {r['form']:>8} {num(r['chunk'], '5d', 5)} {r['T']:6d} | "
-          f"{num(r['fwd_s'] and r['fwd_s'] * 1e3, '10.2f', 10)} {r['flops'] / 1e9:9.3f} "
+          f"{num(r['fwd_s'] and r['fwd_s'] * 1e3, '10.2f', 10)} {r['flops'] / 1e9:9.4g} "
           f"{num(r['flop_s'] and r['flop_s'] / 1e9, '9.2f', 9)} {num(r['fraction_of_peak'], '8.1%', 8)} | "
           f"{r['status']}", flush=True)
