@@ -201,19 +201,10 @@ def run_peers(ctx):
         for T in a.T:
             row = dict(peer=name, level=level, T=T, max_abs_diff=diff, check_T=check_T, status="ok")
             rows.append(row)
-            (_, my_fwd, my_fb), (_, their_fwd, their_fb) = make(T)
-            for side, fwd, fb in (("rnnlab", my_fwd, my_fb), ("peer", their_fwd, their_fb)):
-                key = (name, side)
-                if ctx.budget.stopped(key):
-                    row["status"] = ctx.budget.stopped(key)
-                    continue
-                for step, fn in (("fwd", fwd), ("fwdbwd", fb)):
-                    t = timeit(fn, ctx.device, a.repeats, ctx.budget.seconds)
-                    row[f"{side}_{step}_s"] = t.seconds
-                    why = ctx.budget.passed(key, T, seconds=t.seconds)
-                    if why:
-                        row["status"] = f"{side}: {why}"
-                        break
+            try:
+                _time_pair(ctx, name, T, make(T), row)
+            except Exception as e:  # noqa: BLE001 -- e.g. out of memory at a large T: reported, the run goes on
+                row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             mine_t, theirs_t = row.get("rnnlab_fwdbwd_s"), row.get("peer_fwdbwd_s")
             row["peer_vs_rnnlab"] = theirs_t / mine_t if mine_t and theirs_t else None
             _print(row)
@@ -225,6 +216,23 @@ def run_peers(ctx):
             for side, label in (("rnnlab", f"rnnlab vs {r['peer']}"), ("peer", r["peer"])):
                 series[panel].setdefault(label, []).append((r["T"], r.get(f"{side}_{step}_s")))
     return rows, list(series.items()), "T (tokens)", "seconds per call", None
+
+
+def _time_pair(ctx, name: str, T: int, calls, row: dict) -> None:
+    """Time rnnlab's and the peer's forward and forward+backward at T into ``row``, under the budget."""
+    (_, my_fwd, my_fb), (_, their_fwd, their_fb) = calls
+    for side, fwd, fb in (("rnnlab", my_fwd, my_fb), ("peer", their_fwd, their_fb)):
+        key = (name, side)
+        if ctx.budget.stopped(key):
+            row["status"] = ctx.budget.stopped(key)
+            continue
+        for step, fn in (("fwd", fwd), ("fwdbwd", fb)):
+            t = timeit(fn, ctx.device, ctx.a.repeats, ctx.budget.seconds)
+            row[f"{side}_{step}_s"] = t.seconds
+            why = ctx.budget.passed(key, T, seconds=t.seconds)
+            if why:
+                row["status"] = f"{side}: {why}"
+                break
 
 
 def _print(r: dict) -> None:
