@@ -34,3 +34,132 @@ def test_bench_ops_reports_missing_backends(capsys, monkeypatch):
     assert last["backend"] == "fla" and [r["family"] for r in rows] == ["ssd", "matrix_scan"]
     assert [(r["form"], r["backend"]) for r in rows] == [("chunked", "torch"), ("chunked", "torch")]
     assert rows[1]["fast_fwdbwd_s"] is None and rows[1]["fast_fwd_s"] > 0  # no autograd through matrix_scan
+
+
+# -- rnnlab bench speed ------------------------------------------------------------------------------------
+def _speed(argv, tmp_path, capsys, name="out"):
+    """Run ``rnnlab bench speed`` through the command line; returns (final JSON line, JSON file)."""
+    from rnnlab.cli import main as cli
+    path = tmp_path / f"{name}.json"
+    cli(["bench", "speed", *argv, "--json", str(path)])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert last["bench"] == "speed" and last["mode"] == argv[0] and "load_avg" in last
+    saved = json.loads(path.read_text())
+    assert saved["results"] == last["results"]
+    png = path.with_suffix(".png")
+    assert last["png"] == str(png) and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return last, saved
+
+
+def test_speed_layers(tmp_path, capsys):
+    last, saved = _speed(["layers", "--quick", "--mixers", "mamba2", "--T", "32", "64"], tmp_path, capsys)
+    rows = last["results"]
+    assert [(r["mixer"], r["T"]) for r in rows] == [("attention", 32), ("mamba2", 32), ("attention", 64), ("mamba2", 64)]
+    assert saved["mm_peak_flops"] > 0
+    for r in rows:
+        assert r["status"] == "ok" and r["fwd_s"] > 0 and r["fwdbwd_s"] > 0
+        assert r["fwd_peak_bytes"] > 0 and r["fwdbwd_peak_bytes"] > r["fwd_peak_bytes"]  # backward keeps activations
+        assert 0 < r["fwd_floor_s"] < r["fwdbwd_floor_s"] and r["mix_flops"] > 0
+    assert rows[0]["options"] == {"num_heads": 2, "head_dim": 32} and rows[1]["options"] == {"head_dim": 32}
+    assert rows[0]["fwdbwd_vs_attention"] == 1.0
+
+
+@pytest.mark.parametrize("budget", [["--budget-s", "1e-9"], ["--budget-gb", "1e-12"]])
+def test_speed_layers_over_budget(tmp_path, capsys, budget):
+    """A mixer passing the budget at the first T keeps that row's measurement and is not run at larger T."""
+    last, _ = _speed(["layers", "--quick", "--mixers", "mingru", "--T", "16", "32", *budget], tmp_path, capsys)
+    first, second = last["results"][:2], last["results"][2:]
+    for r in first:
+        assert r["T"] == 16 and r["status"].startswith("budget passed here") and r["fwd_s"] > 0
+        assert r["fwdbwd_s"] is None  # the forward already passed the budget
+    for r, before in zip(second, first):
+        assert r["mixer"] == before["mixer"] and r["T"] == 32
+        assert r["status"] == "over budget (passed at T=16: " + before["status"].split("(", 1)[1]
+        assert r["fwd_s"] is None and r["fwdbwd_s"] is None
+
+
+def test_speed_models(tmp_path, capsys):
+    last, _ = _speed(["models", "--quick", "--mixers", "mingru", "--T", "32"], tmp_path, capsys)
+    att, mine = last["results"]
+    assert (att["mixer"], mine["mixer"]) == ("attention", "mingru") and att["train_vs_attention"] == 1.0
+    for r in (att, mine):
+        assert r["train_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["params"] > 0
+    assert mine["train_vs_attention"] == pytest.approx(mine["train_tok_s"] / att["train_tok_s"])
+
+
+def test_speed_decode(tmp_path, capsys):
+    last, saved = _speed(["decode", "--quick", "--layouts", "mingru", "attention(num_heads=2)", "--contexts", "16",
+                          "48", "--steps", "2", "--prefill-chunk", "16"], tmp_path, capsys)
+    rows = {(r["model"], r["context"]): r for r in last["results"]}
+    assert set(rows) == {("mingru", 16), ("mingru", 48), ("attention(num_heads=2)", 16), ("attention(num_heads=2)", 48)}
+    assert all(r["ms_per_token"] > 0 and r["floor_weights_s"] > 0 and r["status"] == "ok" for r in rows.values())
+    assert saved["bandwidth_bytes_s"] > 0
+    # a recurrent state does not grow with the context, the KV cache does
+    assert rows[("mingru", 16)]["state_bytes"] == rows[("mingru", 48)]["state_bytes"]
+    assert rows[("attention(num_heads=2)", 48)]["state_bytes"] > rows[("attention(num_heads=2)", 16)]["state_bytes"]
+
+
+def test_speed_efficiency(tmp_path, capsys):
+    last, _ = _speed(["efficiency", "--quick", "--families", "delta_vector", "mlstm", "scan", "sdpa", "--T", "64"],
+                     tmp_path, capsys)
+    assert [r["case"] for r in last["results"]] == ["delta_vector", "mlstm", "scan", "sdpa"]
+    assert all(r["fwd_s"] > 0 and r["flops"] > 0 and r["fraction_of_peak"] > 0 for r in last["results"])
+
+
+def test_kernel_flops_match_the_kernels():
+    """The FLOP formulas count what the chunked kernels do: torch's counter sees every matmul, the
+    formula adds the triangular solve (delta) that the counter does not count."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rnnlab.bench.flops import kernel_flops
+    B, T, H, K = 1, 200, 2, 16  # T not a multiple of the chunk: padded chunks count
+    for case, solve in (("ssd", 0), ("delta", 4 * 2 * 64 * 64 * (K + K))):
+        x = registry.get_family(case).inputs(B, T, H, K)
+        with FlopCounterMode(display=False) as counter:
+            registry.get_family(case).form("chunked")(**x, chunk_size=64)
+        assert kernel_flops(case, B, T, H, K, K, 64) == counter.get_total_flops() + solve
+
+
+def test_layer_flops_attention():
+    from rnnlab.bench.flops import attention_pairs, layer_flops
+    from rnnlab.models.registry import build_mixer
+    assert attention_pairs(5) == 15 and attention_pairs(5, window=2, sinks=1) == 1 + 2 + 3 + 3 + 3
+    layer = build_mixer("attention", 32, num_heads=2)
+    params = sum(p.numel() for p in layer.parameters())
+    f = layer_flops(layer, "attention", 2, 10)
+    assert f["proj"] == 2 * params * 2 * 10 and f["mix"] == 4 * 2 * 2 * 16 * 55
+
+
+def test_speed_peers_missing_and_disagreeing(tmp_path, capsys, monkeypatch):
+    """A peer that cannot be imported or disagrees is a row saying so; one that agrees is timed."""
+    import sys
+    import types
+
+    from rnnlab.ops.delta import gated_delta_rule_recurrent
+    monkeypatch.setitem(sys.modules, "mamba_ssm", None)  # not importable, even where installed
+    good = types.ModuleType("fla.ops.simple_gla.naive")  # a stand-in "peer": rnnlab's own reference loop
+    good.naive_chunk_simple_gla = lambda q, k, v, g, initial_state, output_final_state, chunk_size: \
+        gated_delta_rule_recurrent(q, k, v, log_g=g, initial_state=initial_state)
+    bad = types.ModuleType("fla.ops.gla.naive")
+    bad.naive_recurrent_gla = lambda q, k, v, gk, initial_state, output_final_state: (v + 1, None)
+    monkeypatch.setitem(sys.modules, "fla.ops.simple_gla.naive", good)
+    monkeypatch.setitem(sys.modules, "fla.ops.gla.naive", bad)
+    last, _ = _speed(["peers", "--quick", "--peers", "mamba_ssm:selective_scan", "fla:gla", "fla:simple_gla",
+                      "transformers:mamba2", "--T", "32"], tmp_path, capsys)
+    rows = {r["peer"]: r for r in last["results"]}
+    assert rows["mamba_ssm:selective_scan"]["status"].startswith("missing: mamba_ssm")
+    assert rows["fla:gla"]["status"].startswith("outputs differ") and rows["fla:gla"]["T"] is None
+    for name in ("fla:simple_gla", "transformers:mamba2"):
+        r = rows[name]
+        assert r["status"] == "ok" and r["max_abs_diff"] < 1e-3 and r["T"] == 32
+        assert all(r[k] > 0 for k in ("rnnlab_fwd_s", "peer_fwd_s", "rnnlab_fwdbwd_s", "peer_fwdbwd_s"))
+
+
+def test_speed_bad_arguments(capsys):
+    from rnnlab.bench import speed
+    for argv, flag in ((["layers", "--T", "0"], "--T"), (["models", "--mixers", "nope"], "--mixers"),
+                       (["efficiency", "--families", "nope"], "--families"), (["peers", "--peers", "x"], "--peers"),
+                       (["layers", "--d-model", "48", "--head-dim", "32"], "--d-model")):
+        with pytest.raises(SystemExit):
+            speed.main(argv)
+        assert flag in capsys.readouterr().err

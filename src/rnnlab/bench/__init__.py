@@ -1,4 +1,4 @@
-"""Benchmark commands (``rnnlab bench ops | hf | rnn | mixers``): each prints a table, then one JSON line."""
+"""Benchmark commands (``rnnlab bench ops | hf | rnn | mixers | speed``): each prints a table, then one JSON line."""
 from __future__ import annotations
 
 import json
