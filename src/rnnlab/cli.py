@@ -162,7 +162,7 @@ def _trained_seq_len(run: Path) -> int | None:
         return None
     if ck is None:
         return None
-    return torch.load(ck / "trainer.pt", map_location="cpu", weights_only=False)["train_config"]["seq_len"]
+    return torch.load(ck / "trainer.pt", map_location="cpu", weights_only=True)["train_config"]["seq_len"]
 
 
 def cmd_data(a) -> dict:

@@ -194,7 +194,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     model_state = load_file(str(path / "model.safetensors"), device=str(map_location))
     if config.tie_embeddings and "embed.weight" in model_state:
         model_state["lm_head.weight"] = model_state["embed.weight"]
-    trainer_state = torch.load(path / "trainer.pt", map_location=map_location, weights_only=False)
+    trainer_state = torch.load(path / "trainer.pt", map_location=map_location, weights_only=True)  # tensors and plain data only
     if trainer_state.get("step") != manifest.get("step"):
         raise CheckpointError(f"checkpoint {path}: trainer.pt is at step {trainer_state.get('step')} but the "
                               f"manifest says {manifest.get('step')} (torn)")
