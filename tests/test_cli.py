@@ -161,3 +161,14 @@ def test_list_one_mixer_shows_its_documented_options(capsys):
     from rnnlab.models.registry import mixers, options_help
     for name in mixers():  # every option of every mixer says what it is
         assert all(note for _, _, note in options_help(name)), name
+
+
+def test_console_command_exits_zero(tmp_path, text):
+    """The installed `rnnlab` command exits 0 after a command whose Python function returns a value."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = Path(sys.executable).parent / "rnnlab"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rnnlab"]
+    p = subprocess.run(cmd + ["data", "prepare", text, "--out", str(tmp_path / "d")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["main"]
+__all__ = ["main", "entry"]
 
 
 def _device(name: str | None) -> torch.device:
@@ -392,5 +392,11 @@ def main(argv: list[str] | None = None):
         raise SystemExit(2) from None
 
 
-if __name__ == "__main__":
+def entry() -> int:
+    """The ``rnnlab`` console command: :func:`main` without its Python return value (exit status 0)."""
     main()
+    return 0
+
+
+if __name__ == "__main__":
+    entry()
