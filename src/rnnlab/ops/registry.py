@@ -20,6 +20,11 @@ default) and "fla" (flash-linear-attention's CUDA kernels, untested here). Choos
 this device, not installed, not for this family or dtype) is reported once with the reason and
 "torch" runs instead — never an error.
 
+Sequence boundaries: a family whose ``packed`` lists forms takes ``cu_seqlens`` (N sequences packed
+in one row, B = 1; :mod:`rnnlab.ops.bounds`) in its reference, those forms and its dispatcher;
+:meth:`Family.packed_inputs` and :func:`unpack_inputs` let the tests compare a packed row with
+each sequence run alone, for every such family.
+
 Adding a family: write its forms in an op module, add a ``Family(...)`` to :func:`_build` with an
 inputs maker and a ``choose`` rule reading :mod:`rnnlab.ops.tuning` (add any new threshold there,
 with the measurement that set it), and make its dispatcher call :func:`select`. Adding a backend:
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from . import tuning
 
 __all__ = ["Family", "Backend", "BACKENDS", "families", "get_family", "select", "implementation",
-           "use_backend", "backend_status", "cast", "tensors", "with_grad"]
+           "use_backend", "backend_status", "cast", "tensors", "with_grad", "unpack_inputs"]
 
 BACKENDS = ("torch", "compile", "fla")
 
@@ -78,6 +83,9 @@ class Family:
     step: Callable | None = None  # the one-token form, on inputs with T = 1
     dispatch: Callable | None = None  # the public dispatcher (None: the family has none)
     backends: dict[str, Backend] = field(default_factory=dict)  # beyond "torch"
+    # The fast forms that take ``cu_seqlens`` (packed rows; :mod:`rnnlab.ops.bounds`). Not empty:
+    # the reference and the dispatcher take it too.
+    packed: tuple[str, ...] = ()
 
     def form(self, name: str) -> Callable:
         """The torch implementation of a form: "reference", "step" or a fast form's name."""
@@ -93,6 +101,26 @@ class Family:
         The same seed gives the same values in every dtype (drawn in float64, then rounded)."""
         g = torch.Generator().manual_seed(seed)
         return cast(self.make(B, T, H, K, K if V is None else V, g), dtype)
+
+    def packed_inputs(self, lengths: list[int], H: int = 2, K: int = 4, V: int | None = None,
+                      dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Any]:
+        """Random inputs of one packed row (B = 1, T = sum(lengths)) holding N = len(lengths)
+        sequences, ``cu_seqlens`` (int64 (N + 1,)) included and the initial state with N rows.
+        The inputs along time are those whose dim 1 follows T; the others (parameters) are shared."""
+        T, N = sum(lengths), len(lengths)
+        x = self.inputs(B=N, T=T, H=H, K=K, V=V, dtype=dtype, seed=seed)
+        longer = self.inputs(B=N, T=T + 1, H=H, K=K, V=V, dtype=dtype, seed=seed)
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        out = {}
+        for name, a in x.items():
+            b = longer[name]
+            if isinstance(a, torch.Tensor) and a.dim() >= 2 and b.shape[1] == T + 1 and a.shape[0] == N:
+                a = torch.cat([a[i:i + 1, cu[i]:cu[i + 1]] for i in range(N)], dim=1)  # (1, T, ...)
+            out[name] = a
+        out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int64)
+        return out
 
 
 # -- nested inputs and outputs (tuples / NamedTuples of tensors) --------------------------------------
@@ -119,6 +147,27 @@ def tensors(x) -> list[torch.Tensor]:
     if isinstance(x, dict):
         x = tuple(x.values())
     return [t for a in x for t in tensors(a)] if isinstance(x, tuple) else []
+
+
+def unpack_inputs(inputs: dict) -> list[dict]:
+    """The inputs of each sequence of a packed row (``inputs`` with ``cu_seqlens``) run alone:
+    B = 1, the sequence's slice of every (1, T, ...) input, row n of the initial state, shared
+    parameters, no ``cu_seqlens``. Slices and views, so gradients flow back to ``inputs``."""
+    cu = inputs["cu_seqlens"].tolist()
+    T = cu[-1]
+    alone = []
+    for n, (a, b) in enumerate(zip(cu, cu[1:])):
+        x = {}
+        for name, t in inputs.items():
+            if name == "cu_seqlens":
+                continue
+            if name == "initial_state":
+                t = None if t is None else _map(lambda s: s[n:n + 1], t)
+            elif isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (1, T):
+                t = t[:, a:b]
+            x[name] = t
+        alone.append(x)
+    return alone
 
 
 def with_grad(family: "Family | str", inputs: dict) -> tuple[dict, list[torch.Tensor]]:
@@ -363,8 +412,8 @@ def _no_state(form):
 
 # -- the rules choosing a form -------------------------------------------------------------------------
 def _one_token_or(fast: str, main: str, one: str = "step"):
-    def choose(inputs, table):
-        return one if inputs[main].shape[1] == 1 else fast
+    def choose(inputs, table):  # packed rows (cu_seqlens) always take the fast form
+        return one if inputs[main].shape[1] == 1 and inputs.get("cu_seqlens") is None else fast
     return choose
 
 
@@ -406,17 +455,20 @@ def _build() -> dict[str, Family]:
                delta.gated_delta_rule_recurrent, {"chunked": delta.gated_delta_rule_chunked}, _delta_inputs,
                qkv + ("log_g", "beta", "initial_state"), _one_token_or("chunked", "q"), delta.one_token,
                delta.gated_delta_rule,
-               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_gated_delta_rule}, bk.fla_check)}),
+               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_gated_delta_rule}, bk.fla_check)},
+               packed=("chunked",)),
         Family("gla", "S_t = Diag(g_t) S_{t-1} + k_t v_t^T with a decay vector g_t over K (GLA, HGRN2)",
                delta.gated_delta_rule_recurrent, {"chunked": delta.gated_delta_rule_chunked}, _gla_inputs,
                qkv + ("log_g", "initial_state"), _one_token_or("chunked", "q"), delta.one_token,
                delta.gated_delta_rule,
-               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_gla}, bk.fla_check)}),
+               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_gla}, bk.fla_check)},
+               packed=("chunked",)),
         Family("ssd", "S_t = g_t S_{t-1} + k_t v_t^T with a scalar decay per head (Mamba-2, RetNet)",
                delta.gated_delta_rule_recurrent, {"chunked": delta.gated_delta_rule_chunked}, _ssd_inputs,
                qkv + ("log_g", "initial_state"), _one_token_or("chunked", "q"), delta.one_token,
                delta.gated_delta_rule,
-               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_simple_gla}, bk.fla_check)}),
+               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_simple_gla}, bk.fla_check)},
+               packed=("chunked",)),
         Family("mlstm", "C_t = f_t C_{t-1} + i_t k_t v_t^T, n_t = f_t n_{t-1} + i_t k_t, stabilised (xLSTM)",
                mlstm.mlstm_recurrent, {"chunked": mlstm.mlstm_chunked, "parallel": mlstm.mlstm_parallel},
                _mlstm_inputs, qkv + ("log_f", "log_i", "initial_state"), _one_token_or("chunked", "q"),
