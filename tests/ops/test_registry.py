@@ -251,8 +251,8 @@ def _alone(fam, x):
     return torch.cat(outs, dim=1), [torch.cat(parts, dim=0) for parts in zip(*finals)]
 
 
-def test_every_gated_delta_rule_family_takes_cu_seqlens():
-    assert {"delta", "gla", "ssd"} <= {n for n in registry.families() if registry.get_family(n).packed}
+def test_families_taking_cu_seqlens():
+    assert {"delta", "gla", "ssd", "scan", "mlstm"} <= {n for n in registry.families() if registry.get_family(n).packed}
 
 
 @pytest.mark.parametrize("name,form", list(_packed_cases()))

@@ -419,7 +419,7 @@ def _one_token_or(fast: str, main: str, one: str = "step"):
 
 def _choose_scan(inputs, table):
     a, b = inputs["a"], inputs["b"]
-    if a.shape[1] == 1:
+    if a.shape[1] == 1 and inputs.get("cu_seqlens") is None:
         return "step"
     lanes = b[:, 0].numel()
     least = table["scan.loop_min_lanes"]
@@ -473,10 +473,12 @@ def _build() -> dict[str, Family]:
                mlstm.mlstm_recurrent, {"chunked": mlstm.mlstm_chunked, "parallel": mlstm.mlstm_parallel},
                _mlstm_inputs, qkv + ("log_f", "log_i", "initial_state"), _one_token_or("chunked", "q"),
                mlstm.one_token, mlstm.mlstm,
-               {"compile": Backend("compile", {"chunked": mlstm.mlstm_chunked_compiled}, bk.compile_check)}),
+               {"compile": Backend("compile", {"chunked": mlstm.mlstm_chunked_compiled}, bk.compile_check)},
+               packed=("chunked", "parallel")),
         Family("scan", "h_t = a_t * h_{t-1} + b_t elementwise (LRU, minGRU, S4D, Mamba-1 inside)",
                scan.linear_scan_recurrent, {"chunked": scan.linear_scan_chunked, "loop": scan.linear_scan_loop},
-               _scan_inputs, ("a", "b", "initial_state"), _choose_scan, scan.one_token, scan.linear_scan),
+               _scan_inputs, ("a", "b", "initial_state"), _choose_scan, scan.one_token, scan.linear_scan,
+               packed=("chunked", "loop")),
         Family("selective_scan", "h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t + D u_t (Mamba-1)",
                selective_scan.selective_scan_recurrent, {"chunked": selective_scan.selective_scan_chunked},
                _selective_scan_inputs, ("u", "dt", "A", "B", "C", "D", "z", "initial_state"),
