@@ -236,21 +236,42 @@ def linear_scan(a, b, initial_state=None, cu_seqlens=None):
     return implementation("scan", form, backend)(a, b, initial_state, cu_seqlens=cu_seqlens)
 
 
-def over_time_chunks(step, seqs, state, chunk_size=256):
+def over_time_chunks(step, seqs, state, chunk_size=256, cu_seqlens=None, zeros=None):
     """Run ``y, state = step(*seq_chunks, state)`` over consecutive time-chunks of ``seqs``.
 
     For ops whose per-token state is large (e.g. (B, T, D, N) decays): each chunk is a parallel
     scan and, under autograd with more than one chunk, is recomputed in the backward pass
     (activation checkpointing), so memory is O(chunk) rather than O(T). ``seqs`` are (B, T, ...)
     tensors; returns (the chunks' outputs concatenated along dim 1, the final state).
+
+    Packed rows: with ``cu_seqlens`` (a list from :func:`rnnlab.ops.bounds.check_cu_seqlens`; B = 1)
+    ``state`` is the (N, ...) initial states or None (then ``zeros(rows)`` makes them) and the call
+    is ``y, finals = step(*seq_chunks, initial, cu_local)``: the pieces of sequences in the chunk
+    as a packed row of their own (``cu_local`` int64), a sequence continuing from the previous
+    chunk starting from where it stopped. Returns (y, the (N, ...) final states).
     """
     T = seqs[0].shape[1]
+    ckpt = torch.is_grad_enabled() and T > chunk_size
+    run = (lambda *a: checkpoint(step, *a, use_reentrant=False)) if ckpt else step  # noqa: E731
     ys = []
+    if cu_seqlens is None:
+        for t0 in range(0, T, chunk_size):
+            y, state = run(*[s[:, t0:t0 + chunk_size] for s in seqs], state)
+            ys.append(y)
+        return torch.cat(ys, dim=1), state
+    cu = cu_seqlens
+    init = lambda n: zeros(1) if state is None else state[n:n + 1]  # noqa: E731
+    seqs_in = [(n, a, b) for n, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
+    finals, carried = {}, None
     for t0 in range(0, T, chunk_size):
-        args = [s[:, t0:t0 + chunk_size] for s in seqs]
-        if torch.is_grad_enabled() and T > chunk_size:
-            y, state = checkpoint(step, *args, state, use_reentrant=False)
-        else:
-            y, state = step(*args, state)
+        t1 = min(t0 + chunk_size, T)
+        pieces = [(n, a < t0, b) for n, a, b in seqs_in if a < t1 and b > t0]  # (n, continues, end)
+        initial = torch.cat([carried if cont else init(n) for n, cont, _ in pieces])
+        cu_local = torch.tensor([0] + [min(b, t1) - t0 for _, _, b in pieces], dtype=torch.int64)
+        y, fin = run(*[s[:, t0:t1] for s in seqs], initial, cu_local)
+        for i, (n, _, b) in enumerate(pieces):
+            if b <= t1:
+                finals[n] = fin[i:i + 1]
+        carried = fin[-1:]
         ys.append(y)
-    return torch.cat(ys, dim=1), state
+    return torch.cat(ys, dim=1), torch.cat([finals.get(n, init(n)) for n in range(len(cu) - 1)])
