@@ -252,7 +252,7 @@ def _alone(fam, x):
 
 
 def test_families_taking_cu_seqlens():
-    assert {"delta", "gla", "ssd", "scan", "mlstm", "selective_scan"} <= {n for n in registry.families() if registry.get_family(n).packed}
+    assert {"delta", "gla", "ssd", "scan", "mlstm", "selective_scan", "longhorn"} <= {n for n in registry.families() if registry.get_family(n).packed}
 
 
 @pytest.mark.parametrize("name,form", list(_packed_cases()))

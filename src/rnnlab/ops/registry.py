@@ -487,7 +487,7 @@ def _build() -> dict[str, Family]:
         Family("longhorn", "S_t = (1 - eps_t k_t^2) S_{t-1} + eps_t v_t k_t^T (Longhorn's online update)",
                longhorn.longhorn_recurrent, {"chunked": longhorn.longhorn_chunked}, _longhorn_inputs,
                ("q", "k", "v", "beta", "initial_state"), _one_token_or("chunked", "v", "reference"),
-               dispatch=longhorn.longhorn),
+               dispatch=longhorn.longhorn, packed=("chunked",)),
         Family("gsa", "two gated passes over M slots with a softmax between (gated slot attention)",
                gsa.gsa_recurrent, {"chunked": gsa.gsa_chunked}, _gsa_inputs,
                qkv + ("s", "log_g", "initial_state"), _one_token_or("chunked", "q", "reference"), dispatch=gsa.gsa),
