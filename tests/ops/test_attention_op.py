@@ -52,7 +52,7 @@ def test_packed_equals_each_sequence_alone(kw):
 def test_a_nan_stays_in_its_sequence(where, window):
     q, k, v, cu = _inputs(seed=3)
     T, c = q.shape[2], cu.tolist()
-    p = c[3] + 20  # token 20 of the sequence of 37
+    p = c[3] + 21  # token 21 of the sequence of 37: inside a block of 8 queries
     o_ref, _ = _alone(q, k, v, cu, window=window, block_size=8)
     x = dict(q=q, k=k, v=v)
     x[where] = x[where].clone()

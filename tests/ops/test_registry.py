@@ -222,7 +222,7 @@ def test_fla_adapters_map_arguments_onto_fla_signatures(name, monkeypatch):
 # With SMALL chunks (8 or 16 tokens): shorter than a chunk, exactly one chunk (8; 16), several chunks and
 # not aligned (37), length 1, an empty sequence, and boundaries that fall inside chunks.
 LENGTHS = [3, 16, 1, 37, 8, 0, 5]
-NAN_SEQ, NAN_AT = 3, 20  # a NaN at token 20 of the sequence of 37 tokens
+NAN_SEQ, NAN_AT = 3, 21  # a NaN at token 21 of the sequence of 37 tokens: inside a chunk of every family
 
 
 def _packed_cases():
@@ -252,7 +252,7 @@ def _alone(fam, x):
 
 
 def test_families_taking_cu_seqlens():
-    assert {"delta", "gla", "ssd", "scan", "mlstm", "selective_scan", "longhorn"} <= {n for n in registry.families() if registry.get_family(n).packed}
+    assert {"delta", "gla", "ssd", "scan", "mlstm", "selective_scan", "longhorn", "gsa"} <= {n for n in registry.families() if registry.get_family(n).packed}
 
 
 @pytest.mark.parametrize("name,form", list(_packed_cases()))

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "causal_product"]
+__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "causal_product", "rows", "cat_rows"]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
@@ -66,6 +66,16 @@ def _map(fn: Callable, x: Any) -> Any:
         return fn(x)
     items = [_map(fn, a) for a in x]
     return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+
+
+def rows(state: Any, a: int, b: int) -> Any:
+    """Rows a .. b-1 of a state (a tensor or a tuple / NamedTuple of tensors)."""
+    return _map(lambda x: x[a:b], state)
+
+
+def cat_rows(states: list) -> Any:
+    """Concatenate states (tensors or tuples of tensors) along their rows."""
+    return _cat(states)
 
 
 def _cat(states: list) -> Any:
@@ -158,6 +168,9 @@ class ChunkLayout:
             src.extend(list(range(a, b)) + [T] * (m * C - (b - a)))  # T: the fill value
             chunk += m
         self.n_chunks = chunk
+        self.padded_cu = [0]  # the cumulative lengths in the padded row
+        for a, b in zip(cu, cu[1:]):
+            self.padded_cu.append(self.padded_cu[-1] + -(-(b - a) // C) * C)
         self._src = torch.tensor(src, dtype=torch.long, device=device)  # (P,)
         self._pos = torch.tensor(pos, dtype=torch.long, device=device)  # (T,)
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from . import tuning
-from .bounds import check_cu_seqlens, state_rows, token_carry
+from .bounds import cat_rows, check_cu_seqlens, rows, state_rows, token_carry
 from .registry import implementation, select
 
 __all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_loop", "linear_scan_step",
@@ -245,7 +245,8 @@ def over_time_chunks(step, seqs, state, chunk_size=256, cu_seqlens=None, zeros=N
     tensors; returns (the chunks' outputs concatenated along dim 1, the final state).
 
     Packed rows: with ``cu_seqlens`` (a list from :func:`rnnlab.ops.bounds.check_cu_seqlens`; B = 1)
-    ``state`` is the (N, ...) initial states or None (then ``zeros(rows)`` makes them) and the call
+    ``state`` is the (N, ...) initial states (a tensor or a tuple of tensors) or None (then
+    ``zeros(rows)`` makes them) and the call
     is ``y, finals = step(*seq_chunks, initial, cu_local)``: the pieces of sequences in the chunk
     as a packed row of their own (``cu_local`` int64), a sequence continuing from the previous
     chunk starting from where it stopped. Returns (y, the (N, ...) final states).
@@ -260,18 +261,18 @@ def over_time_chunks(step, seqs, state, chunk_size=256, cu_seqlens=None, zeros=N
             ys.append(y)
         return torch.cat(ys, dim=1), state
     cu = cu_seqlens
-    init = lambda n: zeros(1) if state is None else state[n:n + 1]  # noqa: E731
+    init = lambda n: zeros(1) if state is None else rows(state, n, n + 1)  # noqa: E731
     seqs_in = [(n, a, b) for n, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
     finals, carried = {}, None
     for t0 in range(0, T, chunk_size):
         t1 = min(t0 + chunk_size, T)
         pieces = [(n, a < t0, b) for n, a, b in seqs_in if a < t1 and b > t0]  # (n, continues, end)
-        initial = torch.cat([carried if cont else init(n) for n, cont, _ in pieces])
+        initial = cat_rows([carried if cont else init(n) for n, cont, _ in pieces])
         cu_local = torch.tensor([0] + [min(b, t1) - t0 for _, _, b in pieces], dtype=torch.int64)
         y, fin = run(*[s[:, t0:t1] for s in seqs], initial, cu_local)
         for i, (n, _, b) in enumerate(pieces):
             if b <= t1:
-                finals[n] = fin[i:i + 1]
-        carried = fin[-1:]
+                finals[n] = rows(fin, i, i + 1)
+        carried = rows(fin, len(pieces) - 1, len(pieces))
         ys.append(y)
-    return torch.cat(ys, dim=1), torch.cat([finals.get(n, init(n)) for n in range(len(cu) - 1)])
+    return torch.cat(ys, dim=1), cat_rows([finals.get(n, init(n)) for n in range(len(cu) - 1)])
