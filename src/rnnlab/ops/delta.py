@@ -11,6 +11,10 @@ Per head, with a matrix state S (K x V):
 Layout: q, k (B, T, H, K); v (B, T, H, V); state (B, H, K, V). All forms accumulate in float32
 (float64 stays float64) and return o in q's dtype and the final state in the accumulation dtype.
 
+Sequence boundaries: every form but the step takes ``cu_seqlens`` (int64 (N + 1,) cumulative
+lengths of N sequences packed in one row, B = 1; :mod:`rnnlab.ops.bounds`): initial_state is then
+(N, H, K, V) or None and the final state (N, H, K, V); nothing crosses a boundary, not even a NaN.
+
 Forms: :func:`gated_delta_rule_recurrent` (the definition), :func:`gated_delta_rule_chunked`
 (chunkwise parallel, UT transform), :func:`gated_delta_rule_step` (one token) and the dispatch
 :func:`gated_delta_rule` that layers call. In :mod:`rnnlab.ops.registry` this op is three families,

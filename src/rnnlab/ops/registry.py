@@ -86,6 +86,9 @@ class Family:
     # The fast forms that take ``cu_seqlens`` (packed rows; :mod:`rnnlab.ops.bounds`). Not empty:
     # the reference and the dispatcher take it too.
     packed: tuple[str, ...] = ()
+    # Forms in which a non-finite input can reach earlier tokens of its own sequence (FFT
+    # convolutions mix a whole sequence); with cu_seqlens they still keep it out of other sequences.
+    not_causal_in_nonfinite: tuple[str, ...] = ()
 
     def form(self, name: str) -> Callable:
         """The torch implementation of a form: "reference", "step" or a fast form's name."""
@@ -498,10 +501,12 @@ def _build() -> dict[str, Family]:
                dispatch=memory.neural_memory),
         Family("lssl", "h_t = dA h_{t-1} + dB u_t, y_t = C h_t with a dense dA per channel (LSSL)",
                lti.lti_recurrent, {"conv": lti.lti_conv}, _lssl_inputs, ("u", "dA", "dB", "C", "initial_state"),
-               _one_token_or("conv", "u", "reference"), dispatch=lti.lti),
+               _one_token_or("conv", "u", "reference"), dispatch=lti.lti, packed=("conv",),
+               not_causal_in_nonfinite=("conv",)),
         Family("s4d", "h_t = dA * h_{t-1} + dB u_t, y_t = C h_t with a complex diagonal dA (S4D)",
                lti.lti_recurrent, {"conv": lti.lti_conv, "scan": lti.lti_scan}, _s4d_inputs,
-               ("u", "dA", "dB", "C", "initial_state"), _choose_s4d, dispatch=lti.lti),
+               ("u", "dA", "dB", "C", "initial_state"), _choose_s4d, dispatch=lti.lti, packed=("conv", "scan"),
+               not_causal_in_nonfinite=("conv",)),
         Family("newton", "h_t = f(h_{t-1}, x_t) for a block-diagonal LSTM cell (DEER / ParaRNN)",
                _with_cell(newton.rnn_sequential), {"newton": _with_cell(newton.rnn_newton)}, _newton_inputs,
                ("x", "R", "initial_state"), lambda inputs, table: "newton"),
