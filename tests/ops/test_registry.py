@@ -229,7 +229,7 @@ def _packed_cases():
     for name in registry.families():
         fam = registry.get_family(name)
         if fam.packed:
-            for form in ("reference", *fam.packed, "dispatch"):
+            for form in ("reference", *fam.packed, *(["dispatch"] if fam.dispatch is not None else [])):
                 yield pytest.param(name, form, id=f"{name}-{form}")
 
 
@@ -252,7 +252,8 @@ def _alone(fam, x):
 
 
 def test_families_taking_cu_seqlens():
-    assert {"delta", "gla", "ssd", "scan", "mlstm", "selective_scan", "longhorn", "gsa", "lssl", "s4d"} <= {n for n in registry.families() if registry.get_family(n).packed}
+    assert {"delta", "gla", "ssd", "scan", "mlstm", "selective_scan", "longhorn", "gsa", "lssl", "s4d",
+            "newton"} <= {n for n in registry.families() if registry.get_family(n).packed}
 
 
 @pytest.mark.parametrize("name,form", list(_packed_cases()))

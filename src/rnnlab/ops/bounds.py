@@ -22,6 +22,16 @@ Two mechanisms, each written once here:
 :func:`causal_product` is the masked intra-chunk product ``sum_{s <= t} A[t, s] U[s]`` that keeps
 a non-finite value at a later position s out of earlier positions t (a plain ``A @ U`` computes
 ``0 * NaN = NaN`` for them).
+
+Where they are used: reference loops of every family take a token :class:`Carry`
+(:func:`token_carry`); the chunkwise-parallel matrix families (gated delta rule, mLSTM, GSA) use
+:class:`ChunkLayout`; the elementwise scan (family A) is a segmented scan
+(:mod:`rnnlab.ops.scan`: at a sequence's first token ``h_t = a_t h0_n + b_t`` by selection), and
+the ops built on time-chunks of it (selective scan, Longhorn, LTI scan, GSA's blocks) run the
+pieces of the sequences in each time-chunk as a packed row of their own
+(:func:`rnnlab.ops.scan.over_time_chunks`). Softmax attention takes a per-query first key; the
+Newton form zeroes the Jacobian at first tokens. An FFT convolution (LTI) runs sequence by
+sequence.
 """
 from __future__ import annotations
 

@@ -400,8 +400,8 @@ def _lstm_cell(R):
 
 def _with_cell(form):
     @functools.wraps(form)
-    def run(x, R, initial_state):
-        return form(_lstm_cell(R), x, initial_state)
+    def run(x, R, initial_state, cu_seqlens=None):
+        return form(_lstm_cell(R), x, initial_state, cu_seqlens=cu_seqlens)
     return run
 
 
@@ -509,7 +509,7 @@ def _build() -> dict[str, Family]:
                not_causal_in_nonfinite=("conv",)),
         Family("newton", "h_t = f(h_{t-1}, x_t) for a block-diagonal LSTM cell (DEER / ParaRNN)",
                _with_cell(newton.rnn_sequential), {"newton": _with_cell(newton.rnn_newton)}, _newton_inputs,
-               ("x", "R", "initial_state"), lambda inputs, table: "newton"),
+               ("x", "R", "initial_state"), lambda inputs, table: "newton", packed=("newton",)),
         Family("matrix_scan", "h_t = J_t h_{t-1} + r_t with small dense J_t (Newton iterations)",
                _no_state(newton.matrix_scan_recurrent),
                {"chunked": _no_state(newton.matrix_scan_chunked), "loop": _no_state(newton.matrix_scan_loop)},
