@@ -39,7 +39,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "causal_product", "rows", "cat_rows"]
+__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "causal_product", "rows",
+           "cat_rows"]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
