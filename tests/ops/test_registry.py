@@ -10,6 +10,7 @@ import torch
 
 import rnnlab
 from rnnlab.ops import backends, registry, tuning
+from rnnlab.ops.registry import Backend
 
 # Small chunks so that T = 37 spans several chunks, blocks and time-chunks in every family.
 SMALL = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "mlstm.chunk_size": 8,
@@ -234,7 +235,12 @@ def _packed_cases():
 
 
 def _packed_fn(fam, form):
-    return fam.dispatch if form == "dispatch" else fam.form(form)
+    if form == "dispatch":
+        return fam.dispatch
+    if "@" in form:  # a form on another backend: "chunked@compile"
+        form, backend = form.split("@")
+        return registry.implementation(fam.name, form, backend)
+    return fam.form(form)
 
 
 def _alone(fam, x):
@@ -256,7 +262,14 @@ def test_families_taking_cu_seqlens():
             "newton"} <= {n for n in registry.families() if registry.get_family(n).packed}
 
 
-@pytest.mark.parametrize("name,form", list(_packed_cases()))
+def _packed_backend_cases():  # the compiled backend, on the family the suite compiles (compiling is slow)
+    fam = registry.get_family(COMPILE_TESTED)
+    for form in fam.packed:
+        if form in fam.backends.get("compile", Backend("", {}, None)).forms:
+            yield pytest.param(COMPILE_TESTED, f"{form}@compile", id=f"{COMPILE_TESTED}-{form}-compile")
+
+
+@pytest.mark.parametrize("name,form", list(_packed_cases()) + list(_packed_backend_cases()))
 def test_packed_equals_each_sequence_alone(name, form, small_chunks):
     """Outputs, final states (N rows) and the gradients of every input, initial states included."""
     fam = registry.get_family(name)
