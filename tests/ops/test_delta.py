@@ -124,3 +124,32 @@ def test_bad_shapes_name_the_argument():
         gated_delta_rule(q, k, v, log_g, b, None, S0[:1])
     with pytest.raises(ValueError, match="v must"):
         gated_delta_rule(q, k, v[:, :3], log_g, b, None, S0)
+
+
+NAN_CASES = [(gate, beta, where) for gate in GATES for beta in (None, 1.0) for where in ("q", "k", "v", "log_g", "beta")
+             if not (where == "log_g" and gate is None) and not (where == "beta" and beta is None)]
+
+
+@pytest.mark.parametrize("gate,beta,where", NAN_CASES)
+def test_a_nan_never_reaches_earlier_tokens(gate, beta, where):
+    """Masks are selections: a NaN at token 30 leaves tokens 0..29 finite and exact (chunks of 64)."""
+    q, k, v, log_g, b, S0 = make(T=70, gate=gate, beta=beta)
+    args = dict(q=q, k=k, v=v, log_g=log_g, beta=b)
+    clean, _ = gated_delta_rule_recurrent(**args, initial_state=S0)
+    args[where] = args[where].clone()
+    args[where][:, 30] = float("nan")
+    o, S = gated_delta_rule_chunked(**args, initial_state=S0, chunk_size=64)
+    assert torch.isfinite(o[:, :30]).all()
+    torch.testing.assert_close(o[:, :30], clean[:, :30])
+    assert not torch.isfinite(o[:, 30]).all()  # the NaN itself is not hidden
+
+
+def test_cu_seqlens_with_one_token_runs_the_packed_form():
+    """T = 1 with cu_seqlens (a sequence of one token and empty ones) is not the one-row step."""
+    q, k, v, log_g, b, S0 = make(B=1, T=1, gate="scalar", beta=1.0)
+    S0 = torch.randn(3, *S0.shape[1:], dtype=S0.dtype)
+    cu = torch.tensor([0, 0, 1, 1])
+    o, S = gated_delta_rule(q, k, v, log_g, b, None, S0, cu_seqlens=cu)
+    o1, S1 = gated_delta_rule_recurrent(q, k, v, log_g, b, None, S0[1:2])
+    torch.testing.assert_close(o, o1)
+    torch.testing.assert_close(S, torch.cat([S0[:1], S1, S0[2:]]))

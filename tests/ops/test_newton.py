@@ -121,3 +121,15 @@ def test_divergent_newton_falls_back_and_stays_exact():
     with pytest.warns(RuntimeWarning, match="finished sequentially"):
         out, last = rnn_newton(cell, x, h0)
     assert (out - h_seq).abs().max() < 1e-4
+
+
+def test_packed_newton_solve_converges_by_newton_steps():
+    """With cu_seqlens the linearisation restarts at each sequence (J = 0 at its first token), so the
+    Newton iterations converge on their own, without the sequential fallback."""
+    from rnnlab.ops import newton, registry
+    fam = registry.get_family("newton")
+    x = fam.packed_inputs([3, 16, 1, 37, 8, 0, 5], H=2, K=4, V=3, dtype=torch.float64, seed=5)
+    cell = registry._lstm_cell(x["R"])
+    h, info = newton.newton_solve(cell, x["x"], x["initial_state"], cu_seqlens=x["cu_seqlens"])
+    assert info.converged and info.sequential_from is None and info.iterations < 20, info
+    torch.testing.assert_close(h, newton.rnn_sequential(cell, x["x"], x["initial_state"], x["cu_seqlens"])[0])

@@ -10,6 +10,7 @@ import torch
 
 import rnnlab
 from rnnlab.ops import backends, registry, tuning
+from rnnlab.ops.registry import Backend
 
 # Small chunks so that T = 37 spans several chunks, blocks and time-chunks in every family.
 SMALL = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "mlstm.chunk_size": 8,
@@ -190,14 +191,15 @@ def _fake_fla(monkeypatch):
     """A stand-in ``fla`` package with fla's documented signatures, computed by our reference loop."""
     ref = rnnlab.ops.gated_delta_rule_recurrent
 
-    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False):
-        return ref(q, k, v, g, beta, scale, initial_state)
+    def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=False,
+                               cu_seqlens=None):
+        return ref(q, k, v, g, beta, scale, initial_state, cu_seqlens)
 
-    def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False):
-        return ref(q, k, v, g, None, scale, initial_state)
+    def chunk_gla(q, k, v, g, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        return ref(q, k, v, g, None, scale, initial_state, cu_seqlens)
 
-    def chunk_simple_gla(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False):
-        return ref(q, k, v, g, None, scale, initial_state)
+    def chunk_simple_gla(q, k, v, g=None, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        return ref(q, k, v, g, None, scale, initial_state, cu_seqlens)
 
     for mod, fn in (("gated_delta_rule", chunk_gated_delta_rule), ("gla", chunk_gla), ("simple_gla", chunk_simple_gla)):
         m = types.ModuleType(f"fla.ops.{mod}")
@@ -219,3 +221,132 @@ def test_fla_adapters_map_arguments_onto_fla_signatures(name, monkeypatch):
     assert S.dtype == torch.float32
     torch.testing.assert_close(S, S_ref.float())
     assert "CUDA" in backends.fla_check(x)  # CPU tensors: fla is never selected here
+
+
+# -- sequence boundaries (cu_seqlens): packed equals separate ----------------------------------------
+# With SMALL chunks (8 or 16 tokens): shorter than a chunk, exactly one chunk (8; 16), several chunks and
+# not aligned (37), length 1, an empty sequence, and boundaries that fall inside chunks.
+LENGTHS = [3, 16, 1, 37, 8, 0, 5]
+NAN_SEQ, NAN_AT = 3, 21  # a NaN at token 21 of the sequence of 37 tokens: inside a chunk of every family
+
+
+def _packed_cases():
+    for name in registry.families():
+        fam = registry.get_family(name)
+        if fam.packed:
+            for form in ("reference", *fam.packed, *(["dispatch"] if fam.dispatch is not None else [])):
+                yield pytest.param(name, form, id=f"{name}-{form}")
+
+
+def _packed_fn(fam, form):
+    if form == "dispatch":
+        return fam.dispatch
+    if "@" in form:  # a form on another backend: "chunked@compile"
+        form, backend = form.split("@")
+        return registry.implementation(fam.name, form, backend)
+    return fam.form(form)
+
+
+def _alone(fam, x):
+    """Each sequence of the packed inputs x run alone through the reference: (outputs concatenated
+    along time, final states concatenated along rows); differentiable through x."""
+    outs, finals = [], []
+    for xs in registry.unpack_inputs(x):
+        if registry.tensors(xs)[0].shape[1] == 0:  # an empty sequence keeps its initial state
+            finals.append(registry.tensors(xs["initial_state"]))
+            continue
+        o, st = fam.reference(**xs)
+        outs.append(o)
+        finals.append(registry.tensors(st))
+    return torch.cat(outs, dim=1), [torch.cat(parts, dim=0) for parts in zip(*finals)]
+
+
+def test_families_taking_cu_seqlens():
+    assert {"delta", "gla", "ssd", "scan", "mlstm", "selective_scan", "longhorn", "gsa", "lssl", "s4d",
+            "newton"} <= {n for n in registry.families() if registry.get_family(n).packed}
+
+
+def _packed_backend_cases():  # the compiled backend, on the family the suite compiles (compiling is slow)
+    fam = registry.get_family(COMPILE_TESTED)
+    for form in fam.packed:
+        if form in fam.backends.get("compile", Backend("", {}, None)).forms:
+            yield pytest.param(COMPILE_TESTED, f"{form}@compile", id=f"{COMPILE_TESTED}-{form}-compile")
+
+
+@pytest.mark.parametrize("name,form", list(_packed_cases()) + list(_packed_backend_cases()))
+def test_packed_equals_each_sequence_alone(name, form, small_chunks):
+    """Outputs, final states (N rows) and the gradients of every input, initial states included."""
+    fam = registry.get_family(name)
+    x = fam.packed_inputs(LENGTHS, H=2, K=4, V=3, dtype=F64, seed=5)
+    xg, leaves = registry.with_grad(fam, x)
+    out, state = _packed_fn(fam, form)(**xg)
+    want_out, want_state = _alone(fam, xg)
+    got = [out, *registry.tensors(state)]
+    want = [want_out, *want_state]
+    assert [t.shape for t in got] == [t.shape for t in want]
+    assert registry.tensors(state)[0].shape[0] == len(LENGTHS), "one final state per sequence"
+    g = torch.Generator().manual_seed(2)
+    cots = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in got]
+    grads = torch.autograd.grad(sum(_dot(o, c) for o, c in zip(got, cots)), leaves)
+    want_grads = torch.autograd.grad(sum(_dot(o, c) for o, c in zip(want, cots)), leaves)
+    for i, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}/{form}: output {i} (0: o, then the state): {m}")
+    for n, a, b in zip(_names(fam, x), grads, want_grads):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}/{form}: gradient of {n}: {m}")
+    # the sequences' initial states matter (the test above would pass with a shared zero state otherwise)
+    assert all(gr.abs().sum() > 0 for gr in registry.tensors(grads[len(grads) - len(want_state):]))
+
+
+@pytest.mark.parametrize("name,form", list(_packed_cases()))
+def test_a_nan_stays_in_its_sequence(name, form, small_chunks):
+    """A NaN in any input along time, at one token of one sequence: every other sequence's outputs
+    and final state are finite and equal to running it alone; its own earlier tokens too (except
+    in the forms the registry lists as not causal for non-finite values: FFT convolutions)."""
+    fam = registry.get_family(name)
+    x = fam.packed_inputs(LENGTHS, H=2, K=4, V=3, dtype=F64, seed=6)
+    cu = x["cu_seqlens"].tolist()
+    T, p = cu[-1], cu[NAN_SEQ] + NAN_AT
+    with torch.no_grad():
+        want_out, want_state = _alone(fam, x)
+        timed = [n for n, t in x.items() if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (1, T)]
+        assert timed
+        for input_name in timed:
+            y = dict(x)
+            y[input_name] = x[input_name].clone()
+            y[input_name][:, p] = float("nan")
+            out, state = _packed_fn(fam, form)(**y)
+            keep = torch.ones(T, dtype=torch.bool)
+            keep[p:cu[NAN_SEQ + 1]] = False  # the NaN's own sequence from the NaN on
+            ran = registry.select(name, **y)[0] if form == "dispatch" else form
+            if ran in fam.not_causal_in_nonfinite:  # an FFT convolution: the whole sequence is reached
+                keep[cu[NAN_SEQ]:p] = False
+            where = f"{name}/{form}, NaN in {input_name}"
+            assert torch.isfinite(out[:, keep]).all(), f"{where}: a NaN reached another sequence or an earlier token"
+            torch.testing.assert_close(out[:, keep], want_out[:, keep], msg=lambda m: f"{where}: {m}")
+            rows = [n for n in range(len(LENGTHS)) if n != NAN_SEQ]
+            for s, w in zip(registry.tensors(state), want_state):
+                assert torch.isfinite(s[rows]).all(), f"{where}: a NaN reached another sequence's final state"
+                torch.testing.assert_close(s[rows], w[rows], msg=lambda m: f"{where}: final state: {m}")
+            hit = not torch.isfinite(out[:, ~keep]).all() or not all(
+                torch.isfinite(s[NAN_SEQ]).all() for s in registry.tensors(state))
+            assert hit, f"{where}: the NaN had no effect at all on its own sequence"
+
+
+@pytest.mark.parametrize("name,form", list(_packed_cases()))
+def test_bad_cu_seqlens_name_the_argument(name, form):
+    fam = registry.get_family(name)
+    x = fam.packed_inputs([3, 4], H=2, K=4, V=3, dtype=F64)
+    fn = _packed_fn(fam, form)
+    bad = {"int64": torch.tensor([0, 3, 7], dtype=torch.int32), "start at 0": torch.tensor([1, 3, 7]),
+           "non-decreasing": torch.tensor([0, 5, 3, 7]), "end at T = 7": torch.tensor([0, 3, 6]),
+           "1-D": torch.tensor([[0, 3, 7]])}
+    for why, cu in bad.items():
+        with pytest.raises(ValueError, match=f"cu_seqlens must .*{why}"):
+            fn(**{**x, "cu_seqlens": cu})
+    two_rows = {n: (torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (1, 7)
+                    else t) for n, t in x.items()}
+    with pytest.raises(ValueError, match="cu_seqlens needs one packed row \\(B = 1\\), got B = 2"):
+        fn(**two_rows)
+    one_state = {**x, "initial_state": registry._map(lambda t: t[:1], x["initial_state"])}
+    with pytest.raises(ValueError, match="initial_state"):  # N = 2 sequences need 2 initial states
+        fn(**one_state)

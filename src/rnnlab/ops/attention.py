@@ -6,16 +6,24 @@ merged exactly with :func:`merge_attention`, using each part's log-sum-exp of sc
 
 Layout here is head-first, as in ``scaled_dot_product_attention``: q (B, H, T, K), k (B, H, L, K),
 v (B, H, L, V). Key/query *indices* are absolute token positions (int64), used for masking only.
+
+Packed rows (``cu_seqlens``, :mod:`rnnlab.ops.bounds`): positions ``cu_seqlens[n] <= p <
+cu_seqlens[n + 1]`` form sequence n, and a query attends only to keys of its own sequence
+(block-diagonal causal attention). Masks are selections and a non-finite value never reaches a
+query that may not see it.
 """
 from __future__ import annotations
 
 import torch
 
+from .bounds import check_cu_seqlens
+
 __all__ = ["softmax_attention", "merge_attention"]
 
 
 def _attend_block(q, k, v, mask, scale):
-    """Masked attention of one query block with its log-sum-exp. mask (Tq, L) True = allowed."""
+    """Masked attention of one query block with its log-sum-exp. mask (Tq, L) True = allowed, a
+    contiguous range of keys per query (keys sorted by position, every bound an interval)."""
     acc = torch.promote_types(q.dtype, torch.float32)
     if k.shape[2] == 0:  # no key in reach of this block
         B, H, Tq, _ = q.shape
@@ -26,14 +34,23 @@ def _attend_block(q, k, v, mask, scale):
     m = m.masked_fill(torch.isinf(m), 0.0).detach()
     p = torch.exp(s - m)  # masked scores give exactly 0
     den = p.sum(dim=-1)  # (B, H, Tq)
-    o = torch.einsum("bhtl,bhlv->bhtv", p, v.to(acc)) / den.clamp_min(1e-30).unsqueeze(-1)  # (B, H, Tq, V)
+    # p @ v with 0 * NaN kept out: a non-finite value of a key a query may not see must not reach it
+    v = v.to(acc)
+    bad = ~torch.isfinite(v)  # (B, H, L, V)
+    o = torch.einsum("bhtl,bhlv->bhtv", p, v.masked_fill(bad, 0.0)) / den.clamp_min(1e-30).unsqueeze(-1)
+    first = mask.int().argmax(dim=-1)  # (Tq,) the first allowed key
+    last = first + mask.sum(dim=-1)  # (Tq,) one past the last allowed key
+    n_bad = torch.cat([torch.zeros_like(bad[..., :1, :], dtype=torch.long), bad.long().cumsum(dim=-2)], dim=-2)
+    seen_bad = (n_bad.index_select(-2, last) - n_bad.index_select(-2, first)) > 0  # (B, H, Tq, V)
+    o = o.masked_fill(seen_bad, float("nan"))  # (B, H, Tq, V)
     lse = torch.where(den > 0, torch.log(den.clamp_min(1e-30)) + m.squeeze(-1), float("-inf"))
     return o, lse
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
                       k_idx: torch.Tensor, window: int | None = None, min_key: int = 0,
-                      scale: float | None = None, block_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float | None = None, block_size: int = 256,
+                      cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal softmax attention with an optional sliding window, returning the log-sum-exp.
 
     Query ``t`` (absolute index ``q_idx[t]``) attends to key ``j`` iff
@@ -44,20 +61,32 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
     Args:
         q: (B, H, T, K) queries; k: (B, H, L, K) keys; v: (B, H, L, V) values.
         q_idx: (T,) increasing absolute positions of the queries; k_idx: (L,) increasing, of the keys.
+        cu_seqlens: None, or int64 (N + 1,) cumulative lengths of N sequences packed in one row
+            (B = 1) over positions 0 .. q_idx[-1]: a query also needs ``k_idx[j] >= cu_seqlens[n]``
+            for its sequence n (block-diagonal causal attention).
     Returns:
         o (B, H, T, V) in float32 (float64 for float64 inputs) (zeros for a query with no allowed key) and lse (B, H, T)
         (``-inf`` for such a query).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, H, T, _ = q.shape
+    seq_start = None  # (T,) the first position of each query's sequence
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, B, int(q_idx[-1]) + 1 if T else 0)
+        cu = cu_seqlens.to(q_idx.device)
+        seq_start = cu[torch.searchsorted(cu, q_idx, right=True) - 1]
     outs, lses = [], []
     for t0 in range(0, T, block_size):
         qi = q_idx[t0:t0 + block_size]  # (Tq,)
         lo = max(int(qi[0]) - window + 1, min_key) if window is not None else min_key
+        if seq_start is not None:
+            lo = max(lo, int(seq_start[t0]))
         j0 = int(torch.searchsorted(k_idx, torch.tensor(lo, device=k_idx.device)))
         j1 = int(torch.searchsorted(k_idx, qi[-1:], right=True))
         kj = k_idx[j0:j1]  # (Lb,)
         mask = (kj[None, :] <= qi[:, None]) & (kj[None, :] >= min_key)  # (Tq, Lb)
+        if seq_start is not None:
+            mask &= kj[None, :] >= seq_start[t0:t0 + block_size, None]
         if window is not None:
             mask &= (qi[:, None] - kj[None, :]) < window
         o, lse = _attend_block(q[:, :, t0:t0 + block_size], k[:, :, j0:j1], v[:, :, j0:j1], mask, scale)

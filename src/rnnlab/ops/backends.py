@@ -92,33 +92,38 @@ def _state(initial_state):
     return None if initial_state is None else initial_state.float()
 
 
-def fla_gated_delta_rule(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None):
+def fla_gated_delta_rule(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None,
+                         cu_seqlens=None):
     """UNTESTED (CUDA + fla only). The gated delta rule by fla's ``chunk_gated_delta_rule``:
     q, k (B, T, H, K), v (B, T, H, V), log_g None | (B, T, H) (None: no decay, passed as zeros),
     beta (B, T, H), initial_state (B, H, K, V). fla picks its own chunk size (``chunk_size`` is
-    ignored). Returns (o (B, T, H, V) in q's dtype, final_state (B, H, K, V) float32)."""
+    ignored). ``cu_seqlens`` (packed rows, B = 1, initial_state (N, H, K, V)) is fla's own argument of
+    the same name and meaning. Returns (o (B, T, H, V) in q's dtype, final_state (B|N, H, K, V) float32)."""
     from fla.ops.gated_delta_rule import chunk_gated_delta_rule
     g = q.new_zeros(q.shape[:3], dtype=torch.float32) if log_g is None else log_g.float()
     o, S = chunk_gated_delta_rule(q=q, k=k, v=v, g=g, beta=beta.to(q.dtype), scale=scale,
-                                  initial_state=_state(initial_state), output_final_state=True)
+                                  initial_state=_state(initial_state), output_final_state=True,
+                                  cu_seqlens=cu_seqlens)
     return o.to(q.dtype), S.float()
 
 
-def fla_gla(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None):
+def fla_gla(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None,
+            cu_seqlens=None):
     """UNTESTED (CUDA + fla only). Gated linear attention with a vector decay by fla's
     ``chunk_gla``: log_g (B, T, H, K) is fla's ``g`` (log-space forget gates); beta must be None.
     Returns (o (B, T, H, V) in q's dtype, final_state (B, H, K, V) float32)."""
     from fla.ops.gla import chunk_gla
     o, S = chunk_gla(q=q, k=k, v=v, g=log_g.float(), scale=scale, initial_state=_state(initial_state),
-                     output_final_state=True)
+                     output_final_state=True, cu_seqlens=cu_seqlens)
     return o.to(q.dtype), S.float()
 
 
-def fla_simple_gla(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None):
+def fla_simple_gla(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None,
+                   cu_seqlens=None):
     """UNTESTED (CUDA + fla only). Gated linear attention with a scalar decay per head (Mamba-2's
     SSD, RetNet) or none by fla's ``chunk_simple_gla``: log_g None | (B, T, H) is fla's ``g``;
     beta must be None. Returns (o (B, T, H, V) in q's dtype, final_state (B, H, K, V) float32)."""
     from fla.ops.simple_gla import chunk_simple_gla
     o, S = chunk_simple_gla(q=q, k=k, v=v, g=None if log_g is None else log_g.float(), scale=scale,
-                            initial_state=_state(initial_state), output_final_state=True)
+                            initial_state=_state(initial_state), output_final_state=True, cu_seqlens=cu_seqlens)
     return o.to(q.dtype), S.float()

@@ -11,6 +11,10 @@ Per head, with a matrix state S (K x V):
 Layout: q, k (B, T, H, K); v (B, T, H, V); state (B, H, K, V). All forms accumulate in float32
 (float64 stays float64) and return o in q's dtype and the final state in the accumulation dtype.
 
+Sequence boundaries: every form but the step takes ``cu_seqlens`` (int64 (N + 1,) cumulative
+lengths of N sequences packed in one row, B = 1; :mod:`rnnlab.ops.bounds`): initial_state is then
+(N, H, K, V) or None and the final state (N, H, K, V); nothing crosses a boundary, not even a NaN.
+
 Forms: :func:`gated_delta_rule_recurrent` (the definition), :func:`gated_delta_rule_chunked`
 (chunkwise parallel, UT transform), :func:`gated_delta_rule_step` (one token) and the dispatch
 :func:`gated_delta_rule` that layers call. In :mod:`rnnlab.ops.registry` this op is three families,
@@ -25,14 +29,17 @@ from einops import rearrange
 
 from . import tuning
 from .backends import compiled
+from .bounds import ChunkLayout, causal_product, check_cu_seqlens, state_rows, token_carry
 from .registry import implementation, select
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_chunked",
            "gated_delta_rule_chunked_compiled", "gated_delta_rule_step", "check_delta_args"]
 
 
-def check_delta_args(q, k, v, log_g, beta, initial_state) -> None:
-    """Raise ValueError naming the argument whose shape does not fit q (B, T, H, K)."""
+def check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens=None) -> list[int] | None:
+    """Raise ValueError naming the argument whose shape does not fit q (B, T, H, K); with
+    ``cu_seqlens`` (see :mod:`rnnlab.ops.bounds`) B must be 1 and initial_state has N rows.
+    Returns ``cu_seqlens`` as a list of ints (None without)."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be (B, T, H, K); got q {tuple(q.shape)}, k {tuple(k.shape)}")
     B, T, H, K = q.shape
@@ -42,29 +49,41 @@ def check_delta_args(q, k, v, log_g, beta, initial_state) -> None:
         raise ValueError(f"log_g must be None, (B, T, H) or (B, T, H, K) = ({B}, {T}, {H}, {K}); got {tuple(log_g.shape)}")
     if beta is not None and beta.shape != (B, T, H):
         raise ValueError(f"beta must be None or (B, T, H) = ({B}, {T}, {H}), got {tuple(beta.shape)}")
-    if initial_state is not None and initial_state.shape != (B, H, K, v.shape[-1]):
-        raise ValueError(f"initial_state must be (B, H, K, V) = ({B}, {H}, {K}, {v.shape[-1]}), "
+    cu = check_cu_seqlens(cu_seqlens, B, T)
+    R = state_rows(B, cu)
+    if initial_state is not None and initial_state.shape != (R, H, K, v.shape[-1]):
+        rows = "B" if cu is None else "N"
+        raise ValueError(f"initial_state must be ({rows}, H, K, V) = ({R}, {H}, {K}, {v.shape[-1]}), "
                          f"got {tuple(initial_state.shape)}")
+    return cu
 
 
 def _acc(q: torch.Tensor) -> torch.dtype:
     return torch.promote_types(q.dtype, torch.float32)
 
 
-def gated_delta_rule_recurrent(q, k, v, log_g=None, beta=None, scale=None, initial_state=None):
-    """The definition: a loop over time. Returns (o (B, T, H, V), final_state (B, H, K, V))."""
-    check_delta_args(q, k, v, log_g, beta, initial_state)
+def gated_delta_rule_recurrent(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, cu_seqlens=None):
+    """The definition: a loop over time. Returns (o (B, T, H, V), final_state (B, H, K, V)).
+
+    With ``cu_seqlens`` (int64 (N + 1,), B = 1; :mod:`rnnlab.ops.bounds`) the state is reset to
+    sequence n's initial state (row n of ``initial_state`` (N, H, K, V), or zeros) at its first
+    token, and the final state is (N, H, K, V): row n after sequence n's last token."""
+    cu = check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     acc = _acc(q)
     scale = K ** -0.5 if scale is None else scale
-    S = q.new_zeros(B, H, K, v.shape[-1], dtype=acc) if initial_state is None else initial_state.to(acc)
-    outs = []
+    carry = token_carry(cu, None if initial_state is None else initial_state.to(acc),
+                        lambda rows: q.new_zeros(rows, H, K, v.shape[-1], dtype=acc), B, T)
+    S, outs = None, []
     for t in range(T):
+        S = carry.enter(t, S)
         S, o = _step(q[:, t].to(acc), k[:, t].to(acc), v[:, t].to(acc),
                      None if log_g is None else log_g[:, t].to(acc),
                      None if beta is None else beta[:, t].to(acc), scale, S)
+        carry.leave(t, S)
         outs.append(o)
-    return torch.stack(outs, dim=1).to(q.dtype), S  # (B, T, H, V)
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1], dtype=acc)
+    return o.to(q.dtype), carry.final()  # (B, T, H, V), (B|N, H, K, V)
 
 
 def _step(q, k, v, log_g, beta, scale, S):
@@ -114,13 +133,16 @@ def _vector_scores(qc, kc, cum, sub: int):
     out = []
     for xs in (qs, ks):
         diag = torch.einsum("bhnitk,bhnisk,bhnitsk->bhnits", xs, ks, decay)  # (B, H, N, m, c, c)
+        diag = torch.where(tri, diag, 0.0)  # by selection: 0 * NaN of a later token stays out
         off = torch.einsum("bhnijtk,bhnjsk->bhnijts", xs[..., :, None, :, :] * to_ref, k_from_ref)
+        off = torch.where(below[:, :, None, None], off, 0.0)
         blocks = torch.where(eye, diag[..., :, None, :, :], off)  # (B, H, N, I, J, c, c); 0 for J > I
         out.append(rearrange(blocks, "b h n i j t s -> b h n (i t) (j s)"))
     return out[0], out[1]
 
 
-def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None):
+def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None,
+                             cu_seqlens=None):
     """Chunkwise-parallel form (same arguments and results as the reference).
 
     Within a chunk of C tokens, with cumulative log-decays ``c_t`` from the chunk start and the
@@ -132,16 +154,21 @@ def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial
     ``exp`` of a non-positive difference of cumulative log-decays, masked before ``exp``.
     ``chunk_size`` None: the tuning table's ``delta.chunk_size`` (``gla.chunk_size`` for a vector
     decay, cut into sub-chunks of ``gla.sub_chunk``).
+
+    With ``cu_seqlens`` every sequence is padded to whole chunks (:class:`rnnlab.ops.bounds.ChunkLayout`,
+    zero padding is neutral: g = 1, no write) and the state is replaced by the sequence's initial
+    state at its first chunk. Masks are selections (``torch.where``), not products, so a
+    non-finite input never reaches an earlier position or another sequence.
     """
-    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, _intra_chunk)
+    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, _intra_chunk, cu_seqlens)
 
 
 def gated_delta_rule_chunked_compiled(q, k, v, log_g=None, beta=None, scale=None, initial_state=None,
-                                      chunk_size=None):
+                                      chunk_size=None, cu_seqlens=None):
     """:func:`gated_delta_rule_chunked` with its loop-free intra-chunk part (decays, scores, UT
     solve: everything but the pass across chunks) compiled by ``torch.compile`` (the "compile"
     backend). Same arguments and results."""
-    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, compiled(_intra_chunk))
+    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, compiled(_intra_chunk), cu_seqlens)
 
 
 def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int):
@@ -181,7 +208,8 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int):
         decay = torch.exp(diff.masked_fill(~tri_incl, float("-inf")))
         A_qk = (qc @ kc.transpose(-1, -2)) * decay
         A_kk = (kc @ kc.transpose(-1, -2)) * decay
-    A_qk = A_qk * tri_incl
+    # masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN
+    A_qk = torch.where(tri_incl, A_qk, 0.0)
     q_plus = qc * cum.exp()  # (B, H, N, C, K): q_t decayed from the chunk start
     k_plus = kc * cum.exp()
     k_end = (kc * (cum[..., -1:, :] - cum).exp()).transpose(-1, -2)  # (B, H, N, K, C): k_s decayed to the end
@@ -190,36 +218,44 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int):
     if beta is None:
         return vc, None, q_plus, A_qk, g_end, k_end
     b = chunks(beta)[..., None]  # (B, H, N, C, 1)
-    L = torch.eye(C, dtype=q.dtype, device=q.device) + b * (A_kk * tri_strict)  # (B, H, N, C, C)
+    L = torch.eye(C, dtype=q.dtype, device=q.device) + torch.where(tri_strict, b * A_kk, 0.0)  # (B, H, N, C, C)
     UW = torch.linalg.solve_triangular(L, b * torch.cat([vc, k_plus], dim=-1), upper=False,
                                        unitriangular=True)  # (B, H, N, C, V+K): one solve for both
     return UW[..., :V], UW[..., V:], q_plus, A_qk, g_end, k_end
 
 
-def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra):
-    check_delta_args(q, k, v, log_g, beta, initial_state)
+def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_seqlens):
+    cu = check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
     B, T, H, K = q.shape
     V, acc = v.shape[-1], _acc(q)
     scale = K ** -0.5 if scale is None else scale
     vector = log_g is not None and log_g.dim() == 4
     if chunk_size is None:
         chunk_size = tuning.get("gla.chunk_size" if vector else "delta.chunk_size", q.device)
-    cast = lambda x: None if x is None else x.to(acc)  # noqa: E731
-    U_v, W, q_plus, A_qk, g_end, k_end = intra(q.to(acc), k.to(acc), v.to(acc), cast(log_g), cast(beta), chunk_size,
+    layout = None if cu is None else ChunkLayout(cu, chunk_size, q.device)
+    cast = lambda x: None if x is None else (x.to(acc) if layout is None else layout.pad(x.to(acc)))  # noqa: E731
+    U_v, W, q_plus, A_qk, g_end, k_end = intra(cast(q), cast(k), cast(v), cast(log_g), cast(beta), chunk_size,
                                                tuning.get("gla.sub_chunk", q.device))
     # 4. pass the state across chunks
-    S = q.new_zeros(B, H, K, V, dtype=acc) if initial_state is None else initial_state.to(acc)
-    outs = []
     N = U_v.shape[2]
+    zeros = lambda rows: q.new_zeros(rows, H, K, V, dtype=acc)  # noqa: E731
+    init = None if initial_state is None else initial_state.to(acc)
+    carry = layout.carry(init, zeros) if layout is not None else token_carry(None, init, zeros, B, N)
+    S, outs = None, []
     per_chunk = zip(U_v.unbind(2), (W.unbind(2) if W is not None else [None] * N), q_plus.unbind(2),
                     A_qk.unbind(2), g_end.unbind(2), k_end.unbind(2))  # unbind: cheap backward
-    for U, W_n, qp, A, g, ke in per_chunk:
+    for i, (U, W_n, qp, A, g, ke) in enumerate(per_chunk):
+        S = carry.enter(i, S)  # a sequence's first chunk: its initial state
         if W_n is not None:
             U = U - W_n @ S  # (B, H, C, V)
-        outs.append(qp @ S + A @ U)  # (B, H, C, V)
+        outs.append(qp @ S + causal_product(A, U))  # (B, H, C, V)
         S = g[..., None] * S + ke @ U  # (B, H, K, V)
-    o = scale * rearrange(torch.stack(outs, dim=2), "b h n c v -> b (n c) h v")[:, :T]  # (B, T, H, V)
-    return o.to(q.dtype), S
+        carry.leave(i, S)
+    if not outs:  # T = 0
+        return q.new_zeros(B, 0, H, V), carry.final()
+    o = scale * rearrange(torch.stack(outs, dim=2), "b h n c v -> b (n c) h v")  # (B, N*C, H, V)
+    o = o[:, :T] if layout is None else layout.unpad(o)
+    return o.to(q.dtype), carry.final()
 
 
 def one_token(q, k, v, log_g=None, beta=None, scale=None, initial_state=None):
@@ -238,16 +274,21 @@ def _family(log_g, beta) -> str:
     return "gla" if log_g is not None and log_g.dim() == 4 else "ssd"
 
 
-def gated_delta_rule(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None):
+def gated_delta_rule(q, k, v, log_g=None, beta=None, scale=None, initial_state=None, chunk_size=None,
+                     cu_seqlens=None):
     """The gated delta rule; the form and backend come from :func:`rnnlab.ops.registry.select`
     (one token: the step; otherwise the chunked form). Layers call this. See module docstring.
 
-    ``chunk_size`` None: the tuning table's. Returns (o (B, T, H, V) in q's dtype, final_state
-    (B, H, K, V) in float32/float64).
+    ``chunk_size`` None: the tuning table's. ``cu_seqlens`` None, or int64 (N + 1,) cumulative
+    lengths of N sequences packed in one row (B = 1; :mod:`rnnlab.ops.bounds`): initial_state is
+    then (N, H, K, V) or None and the final state (N, H, K, V). Returns (o (B, T, H, V) in q's
+    dtype, final_state (B|N, H, K, V) in float32/float64).
     """
-    check_delta_args(q, k, v, log_g, beta, initial_state)
+    check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
     family = _family(log_g, beta)
-    form, backend = select(family, q=q, k=k, v=v, log_g=log_g, beta=beta, initial_state=initial_state)
+    form, backend = select(family, q=q, k=k, v=v, log_g=log_g, beta=beta, initial_state=initial_state,
+                           cu_seqlens=cu_seqlens)
     if form == "step":
         return one_token(q, k, v, log_g, beta, scale, initial_state)
-    return implementation(family, form, backend)(q, k, v, log_g, beta, scale, initial_state, chunk_size)
+    return implementation(family, form, backend)(q, k, v, log_g, beta, scale, initial_state, chunk_size,
+                                                 cu_seqlens=cu_seqlens)

@@ -11,19 +11,24 @@ The decay 1 - eps k² lies in (0, 1] for beta >= 0, so no forget gate or A matri
 Shapes: v, beta (B, T, D); q, k (B, T, N); state S (B, D, N); o is returned in v's dtype, S in
 float32 or wider. The fast form cuts time into chunks and runs each as a parallel linear scan (the
 (B, T, D, N) decays exist for one chunk at a time).
+
+``cu_seqlens`` (:mod:`rnnlab.ops.bounds`): N sequences packed in one row (B = 1), each from its
+own row of the initial state (N, D, N; None: zeros) to its own row of the final state.
 """
 from __future__ import annotations
 
 import torch
 
 from . import tuning
+from .bounds import check_cu_seqlens, state_rows, token_carry
 from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
 __all__ = ["longhorn", "longhorn_chunked", "longhorn_recurrent"]
 
 
-def _check(q, k, v, beta, initial_state):
+def _check(q, k, v, beta, initial_state, cu_seqlens=None) -> list[int] | None:
+    """Raise ValueError naming the bad argument; return ``cu_seqlens`` as a list (None without)."""
     Bsz, T, D = v.shape
     if beta.shape != v.shape:
         raise ValueError(f"beta must have v's shape (B, T, D) = {tuple(v.shape)}, got {tuple(beta.shape)}")
@@ -31,9 +36,12 @@ def _check(q, k, v, beta, initial_state):
         raise ValueError(f"k must be (B, T, N) with (B, T) = ({Bsz}, {T}), got {tuple(k.shape)}")
     if q.shape != k.shape:
         raise ValueError(f"q must have k's shape {tuple(k.shape)}, got {tuple(q.shape)}")
-    if initial_state is not None and initial_state.shape != (Bsz, D, k.shape[2]):
-        raise ValueError(f"initial_state must be (B, D, N) = ({Bsz}, {D}, {k.shape[2]}), "
+    cu = check_cu_seqlens(cu_seqlens, Bsz, T)
+    R, rows = state_rows(Bsz, cu), ("B" if cu is None else "N")
+    if initial_state is not None and initial_state.shape != (R, D, k.shape[2]):
+        raise ValueError(f"initial_state must be ({rows}, D, N) = ({R}, {D}, {k.shape[2]}), "
                          f"got {tuple(initial_state.shape)}")
+    return cu
 
 
 def _coefficients(k, v, beta):
@@ -44,44 +52,55 @@ def _coefficients(k, v, beta):
     return a, b
 
 
-def longhorn_recurrent(q, k, v, beta, initial_state=None):
-    """The definition: a loop over time. Returns (o (B, T, D) in v's dtype, final_state (B, D, N))."""
-    _check(q, k, v, beta, initial_state)
+def longhorn_recurrent(q, k, v, beta, initial_state=None, cu_seqlens=None):
+    """The definition: a loop over time. Returns (o (B, T, D) in v's dtype, final_state (B, D, N));
+    with ``cu_seqlens`` S is reset to sequence n's initial state (row n, or zeros) at its first
+    token and the final state is (N, D, N)."""
+    cu = _check(q, k, v, beta, initial_state, cu_seqlens)
     acc, dtype = torch.promote_types(v.dtype, torch.float32), v.dtype
     q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
-    S = v.new_zeros(v.shape[0], v.shape[2], k.shape[2]) if initial_state is None else initial_state.to(acc)
-    os = []
+    carry = token_carry(cu, None if initial_state is None else initial_state.to(acc),
+                        lambda rows: v.new_zeros(rows, v.shape[2], k.shape[2]), v.shape[0], v.shape[1])
+    S, os = None, []
     for t in range(v.shape[1]):
+        S = carry.enter(t, S)
         eps = beta[:, t] / (1 + beta[:, t] * (k[:, t] ** 2).sum(-1, keepdim=True))  # (B, D)
         S = (1 - eps[:, :, None] * k[:, t, None] ** 2) * S + (eps * v[:, t])[:, :, None] * k[:, t, None]
+        carry.leave(t, S)
         os.append((S * q[:, t, None]).sum(-1))  # (B, D)
-    return torch.stack(os, dim=1).to(dtype), S
+    return torch.stack(os, dim=1).to(dtype), carry.final()
 
 
-def _chunk(q, k, v, beta, S):
+def _chunk(q, k, v, beta, S, cu_seqlens=None):
     a, b = _coefficients(k, v, beta)
-    Ss, S_last = linear_scan(a, b, S)  # (B, Tc, D, N)
+    Ss, S_last = linear_scan(a, b, S, cu_seqlens=cu_seqlens)  # (B, Tc, D, N)
     return (Ss * q.unsqueeze(-2)).sum(-1), S_last  # (B, Tc, D)
 
 
-def longhorn_chunked(q, k, v, beta, initial_state=None, chunk_size=None):
+def longhorn_chunked(q, k, v, beta, initial_state=None, chunk_size=None, cu_seqlens=None):
     """The update as parallel scans over time-chunks of ``chunk_size`` (None: the tuning table's
-    ``longhorn.time_chunk``); same arguments and results as :func:`longhorn_recurrent`."""
-    _check(q, k, v, beta, initial_state)
+    ``longhorn.time_chunk``); same arguments and results as :func:`longhorn_recurrent` (with
+    ``cu_seqlens`` each time-chunk is a segmented scan over the pieces of sequences in it)."""
+    cu = _check(q, k, v, beta, initial_state, cu_seqlens)
     acc, dtype = torch.promote_types(v.dtype, torch.float32), v.dtype
     chunk_size = chunk_size or tuning.get("longhorn.time_chunk", v.device)
     q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
-    S = v.new_zeros(v.shape[0], v.shape[2], k.shape[2]) if initial_state is None else initial_state.to(acc)
-    o, S = over_time_chunks(_chunk, (q, k, v, beta), S, chunk_size)
+    zeros = lambda rows: v.new_zeros(rows, v.shape[2], k.shape[2])  # noqa: E731
+    init = None if initial_state is None else initial_state.to(acc)
+    if cu is None:
+        o, S = over_time_chunks(_chunk, (q, k, v, beta), zeros(v.shape[0]) if init is None else init, chunk_size)
+    else:
+        o, S = over_time_chunks(_chunk, (q, k, v, beta), init, chunk_size, cu, zeros)
     return o.to(dtype), S
 
 
-def longhorn(q, k, v, beta, initial_state=None, chunk_size=None):
+def longhorn(q, k, v, beta, initial_state=None, chunk_size=None, cu_seqlens=None):
     """Longhorn's update — the form layers call; same arguments and results as
     :func:`longhorn_recurrent`. The form comes from :func:`rnnlab.ops.registry.select`: the
-    recurrence for one token, :func:`longhorn_chunked` otherwise."""
-    _check(q, k, v, beta, initial_state)
-    form, backend = select("longhorn", q=q, k=k, v=v, beta=beta, initial_state=initial_state)
+    recurrence for one token, :func:`longhorn_chunked` otherwise. ``cu_seqlens``: None, or int64
+    (N + 1,) for N sequences packed in one row (B = 1), with initial and final states of N rows."""
+    _check(q, k, v, beta, initial_state, cu_seqlens)
+    form, backend = select("longhorn", q=q, k=k, v=v, beta=beta, initial_state=initial_state, cu_seqlens=cu_seqlens)
     if form == "reference":
-        return longhorn_recurrent(q, k, v, beta, initial_state)
-    return implementation("longhorn", form, backend)(q, k, v, beta, initial_state, chunk_size)
+        return longhorn_recurrent(q, k, v, beta, initial_state, cu_seqlens)
+    return implementation("longhorn", form, backend)(q, k, v, beta, initial_state, chunk_size, cu_seqlens)

@@ -23,6 +23,7 @@ import torch
 
 from . import tuning
 from .registry import implementation, select
+from .bounds import check_cu_seqlens, state_rows, token_carry
 from .scan import linear_scan, over_time_chunks
 
 __all__ = ["hippo_legs", "bilinear", "lti", "lti_conv", "lti_recurrent", "lti_scan"]
@@ -58,7 +59,8 @@ def bilinear(A: torch.Tensor, B: torch.Tensor, dt: torch.Tensor) -> tuple[torch.
     return dA, dB
 
 
-def _check(u, dA, dB, C, initial_state):
+def _check(u, dA, dB, C, initial_state, cu_seqlens=None) -> list[int] | None:
+    """Raise ValueError naming the bad argument; return ``cu_seqlens`` as a list (None without)."""
     if u.dim() != 3:
         raise ValueError(f"u must be (B, T, D), got {tuple(u.shape)}")
     Bsz, T, D = u.shape
@@ -71,8 +73,11 @@ def _check(u, dA, dB, C, initial_state):
     for name, X in (("dB", dB), ("C", C)):
         if X.shape != (D, N):
             raise ValueError(f"{name} must be (D, N) = ({D}, {N}), got {tuple(X.shape)}")
-    if initial_state is not None and initial_state.shape != (Bsz, D, N):
-        raise ValueError(f"initial_state must be (B, D, N) = ({Bsz}, {D}, {N}), got {tuple(initial_state.shape)}")
+    cu = check_cu_seqlens(cu_seqlens, Bsz, T)
+    R, rows = state_rows(Bsz, cu), ("B" if cu is None else "N")
+    if initial_state is not None and initial_state.shape != (R, D, N):
+        raise ValueError(f"initial_state must be ({rows}, D, N) = ({R}, {D}, {N}), got {tuple(initial_state.shape)}")
+    return cu
 
 
 def _cast(acc, *ts):
@@ -91,19 +96,24 @@ def _out(y, dtype):
     return y if y.is_complex() else y.to(dtype)
 
 
-def lti_recurrent(u, dA, dB, C, initial_state=None):
-    """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N))."""
-    _check(u, dA, dB, C, initial_state)
+def lti_recurrent(u, dA, dB, C, initial_state=None, cu_seqlens=None):
+    """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N)); with
+    ``cu_seqlens`` (N sequences packed in one row, B = 1; :mod:`rnnlab.ops.bounds`) h is reset to
+    sequence n's initial state (row n, or zeros) at its first token and the final state is (N, D, N)."""
+    cu = _check(u, dA, dB, C, initial_state, cu_seqlens)
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
-    h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
-    ys = []
+    carry = token_carry(cu, None if initial_state is None else initial_state.to(hdt),
+                        lambda rows: u.new_zeros(rows, *dB.shape, dtype=hdt), u.shape[0], u.shape[1])
+    h, ys = None, []
     for t in range(u.shape[1]):
+        h = carry.enter(t, h)
         Ah = (dA @ h.unsqueeze(-1)).squeeze(-1) if dA.dim() == 3 else dA * h
         h = Ah + dB * u[:, t, :, None]  # (B, D, N)
+        carry.leave(t, h)
         ys.append((C * h).sum(-1))  # (B, D)
-    return _out(torch.stack(ys, dim=1), dtype), h
+    return _out(torch.stack(ys, dim=1), dtype), carry.final()
 
 
 def _powers(dA: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
@@ -158,12 +168,26 @@ def _conv_apply(u, dA, kernels, h0):
     return y, h
 
 
-def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None):
+def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None):
     """Convolution form (same results as :func:`lti_recurrent`). Past ``chunk_size`` tokens (None:
     the tuning table's ``lti.conv_chunk``) it runs on time-chunks of that length with the state
     passed between them and the chunk kernels computed once: the kernel's Krylov vectors take
-    D·N·T memory, so bounding T bounds it; under autograd each chunk is recomputed."""
-    _check(u, dA, dB, C, initial_state)
+    D·N·T memory, so bounding T bounds it; under autograd each chunk is recomputed. With
+    ``cu_seqlens`` it convolves sequence by sequence (one convolution over the packed row would
+    mix them)."""
+    cu = _check(u, dA, dB, C, initial_state, cu_seqlens)
+    if cu is not None:
+        ys, finals = [], []
+        for n, (a, b) in enumerate(zip(cu, cu[1:])):
+            h0 = None if initial_state is None else initial_state[n:n + 1]
+            if b == a:  # an empty sequence keeps its initial state
+                hdt = _state_dtype(torch.promote_types(u.dtype, torch.float32), dA, dB, C, initial_state)
+                finals.append(u.new_zeros(1, *dB.shape, dtype=hdt) if h0 is None else h0.to(hdt))
+                continue
+            y, h = lti_conv(u[:, a:b], dA, dB, C, h0, chunk_size)
+            ys.append(y)
+            finals.append(h)
+        return torch.cat(ys, dim=1), torch.cat(finals)
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
@@ -178,35 +202,45 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None):
     return _out(y, dtype), h.to(hdt)
 
 
-def _scan_chunk(u, h, dA, dB, C):
-    hs, h_last = linear_scan(dA.expand(*u.shape, dA.shape[-1]), dB * u.unsqueeze(-1), h)  # (B, Tc, D, N)
+def _scan_chunk(u, h, dA, dB, C, cu_seqlens=None):
+    hs, h_last = linear_scan(dA.expand(*u.shape, dA.shape[-1]), dB * u.unsqueeze(-1), h,
+                             cu_seqlens=cu_seqlens)  # (B, Tc, D, N)
     return (hs * C).sum(-1), h_last
 
 
-def lti_scan(u, dA, dB, C, initial_state=None, chunk_size=None):
+def lti_scan(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None):
     """Diagonal dA only: the recurrence as parallel scans over time-chunks of ``chunk_size`` (None:
-    the tuning table's ``lti.scan_time_chunk``; family A); same results as :func:`lti_recurrent`."""
-    _check(u, dA, dB, C, initial_state)
+    the tuning table's ``lti.scan_time_chunk``; family A); same results as :func:`lti_recurrent`
+    (with ``cu_seqlens``: segmented scans over the pieces of the sequences in each time-chunk)."""
+    cu = _check(u, dA, dB, C, initial_state, cu_seqlens)
     if dA.dim() != 2:
         raise ValueError(f"lti_scan needs a diagonal dA (D, N), got {tuple(dA.shape)}")
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
-    h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
-    y, h = over_time_chunks(lambda u, h: _scan_chunk(u, h, dA, dB, C), (u,), h,
-                            chunk_size or tuning.get("lti.scan_time_chunk", u.device))
+    zeros = lambda rows: u.new_zeros(rows, *dB.shape, dtype=hdt)  # noqa: E731
+    init = None if initial_state is None else initial_state.to(hdt)
+    chunk_size = chunk_size or tuning.get("lti.scan_time_chunk", u.device)
+    if cu is None:
+        y, h = over_time_chunks(lambda u, h: _scan_chunk(u, h, dA, dB, C), (u,),
+                                zeros(u.shape[0]) if init is None else init, chunk_size)
+    else:
+        y, h = over_time_chunks(lambda u, h, cu: _scan_chunk(u, h, dA, dB, C, cu), (u,), init, chunk_size, cu, zeros)
     return _out(y, dtype), h
 
 
-def lti(u, dA, dB, C, initial_state=None):
+def lti(u, dA, dB, C, initial_state=None, cu_seqlens=None):
     """The LTI state space as layers call it; the form comes from :func:`rnnlab.ops.registry.select`
     (family "lssl" for a dense dA, "s4d" for a diagonal one): one step of the recurrence for one
     token (decoding); for a diagonal dA and small batches (the tuning table's
     ``lti.scan_max_batch``: the scan's work grows with the batch, the convolution's kernel does
     not), chunked scans; the convolution form otherwise.
 
-    Returns (y (B, T, D) in u's dtype, or complex; final_state (B, D, N) in float32 or wider)."""
-    _check(u, dA, dB, C, initial_state)
+    ``cu_seqlens``: None, or int64 (N + 1,) for N sequences packed in one row (B = 1), with
+    initial and final states of N rows.
+
+    Returns (y (B, T, D) in u's dtype, or complex; final_state (B|N, D, N) in float32 or wider)."""
+    _check(u, dA, dB, C, initial_state, cu_seqlens)
     family = "lssl" if dA.dim() == 3 else "s4d"
-    form, backend = select(family, u=u, dA=dA, dB=dB, C=C, initial_state=initial_state)
-    return implementation(family, form, backend)(u, dA, dB, C, initial_state)
+    form, backend = select(family, u=u, dA=dA, dB=dB, C=C, initial_state=initial_state, cu_seqlens=cu_seqlens)
+    return implementation(family, form, backend)(u, dA, dB, C, initial_state, cu_seqlens=cu_seqlens)

@@ -20,6 +20,11 @@ per chunk and passes (C, n, m) between chunks.
 
 Shapes: q, k (B, T, H, K); v (B, T, H, V); log_f, log_i (B, T, H); state (C (B, H, K, V),
 n (B, H, K), m (B, H)). Returns h (B, T, H, V) in q's dtype and the state in float32/float64.
+
+``cu_seqlens`` (:mod:`rnnlab.ops.bounds`): N sequences packed in one row (B = 1), each from its
+own row of the state (N rows; None: zeros) to its own final row. The chunked forms pad each
+sequence to whole chunks with neutral tokens (f = 1, i = 0) and mask by selection, so a
+non-finite value reaches neither an earlier token nor another sequence.
 """
 from __future__ import annotations
 
@@ -27,12 +32,14 @@ import torch
 
 from . import tuning
 from .backends import compiled
+from .bounds import ChunkLayout, causal_product, check_cu_seqlens, state_rows, token_carry
 from .registry import implementation, select
 
 __all__ = ["mlstm", "mlstm_recurrent", "mlstm_parallel", "mlstm_chunked", "mlstm_chunked_compiled", "mlstm_step"]
 
 
-def _check(q, k, v, log_f, log_i, initial_state):
+def _check(q, k, v, log_f, log_i, initial_state, cu_seqlens=None) -> list[int] | None:
+    """Raise ValueError naming the bad argument; return ``cu_seqlens`` as a list (None without)."""
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be (B, T, H, K); got {tuple(q.shape)} and {tuple(k.shape)}")
     B, T, H, K = q.shape
@@ -41,33 +48,39 @@ def _check(q, k, v, log_f, log_i, initial_state):
     for name, g in (("log_f", log_f), ("log_i", log_i)):
         if g.shape != (B, T, H):
             raise ValueError(f"{name} must be (B, T, H) = ({B}, {T}, {H}), got {tuple(g.shape)}")
+    cu = check_cu_seqlens(cu_seqlens, B, T)
+    R, rows = state_rows(B, cu), ("B" if cu is None else "N")
     if initial_state is not None:
         C, n, m = initial_state
-        if C.shape != (B, H, K, v.shape[-1]) or n.shape != (B, H, K) or m.shape != (B, H):
-            raise ValueError(f"initial_state must be (C (B,H,K,V), n (B,H,K), m (B,H)) for B={B}, H={H}, K={K}, "
-                             f"V={v.shape[-1]}; got {tuple(C.shape)}, {tuple(n.shape)}, {tuple(m.shape)}")
+        if C.shape != (R, H, K, v.shape[-1]) or n.shape != (R, H, K) or m.shape != (R, H):
+            raise ValueError(f"initial_state must be (C ({rows},H,K,V), n ({rows},H,K), m ({rows},H)) for {rows}={R}, "
+                             f"H={H}, K={K}, V={v.shape[-1]}; got {tuple(C.shape)}, {tuple(n.shape)}, {tuple(m.shape)}")
+    return cu
 
 
 def _init(q, v, initial_state, acc):
-    B, _, H, K = q.shape
-    if initial_state is None:
-        z = q.new_zeros
-        return z(B, H, K, v.shape[-1], dtype=acc), z(B, H, K, dtype=acc), z(B, H, dtype=acc)
-    return tuple(s.to(acc) for s in initial_state)
+    """(initial state in ``acc`` or None, zeros(rows) -> a zero state)."""
+    _, _, H, K = q.shape
+    z = q.new_zeros
+    zeros = lambda R: (z(R, H, K, v.shape[-1], dtype=acc), z(R, H, K, dtype=acc), z(R, H, dtype=acc))  # noqa: E731
+    return (None if initial_state is None else tuple(s.to(acc) for s in initial_state)), zeros
 
 
-def mlstm_recurrent(q, k, v, log_f, log_i, scale=None, initial_state=None):
-    """The definition: a loop over time. Returns (h (B, T, H, V), (C, n, m))."""
-    _check(q, k, v, log_f, log_i, initial_state)
+def mlstm_recurrent(q, k, v, log_f, log_i, scale=None, initial_state=None, cu_seqlens=None):
+    """The definition: a loop over time. Returns (h (B, T, H, V), (C, n, m)). With ``cu_seqlens``
+    the state is reset to sequence n's initial state (row n, or zeros) at its first token and the
+    final state has N rows."""
+    cu = _check(q, k, v, log_f, log_i, initial_state, cu_seqlens)
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    state = _init(q, v, initial_state, acc)
-    hs = []
+    carry = token_carry(cu, *_init(q, v, initial_state, acc), q.shape[0], q.shape[1])
+    state, hs = None, []
     for t in range(q.shape[1]):
         h, state = _step(q[:, t].to(acc) * scale, k[:, t].to(acc), v[:, t].to(acc), log_f[:, t].to(acc),
-                         log_i[:, t].to(acc), state)
+                         log_i[:, t].to(acc), carry.enter(t, state))
+        carry.leave(t, state)
         hs.append(h)
-    return torch.stack(hs, dim=1).to(q.dtype), state
+    return torch.stack(hs, dim=1).to(q.dtype), carry.final()
 
 
 def _step(q, k, v, log_f, log_i, state):
@@ -97,9 +110,9 @@ def _block(q, k, v, log_f, log_i, state):
     causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
     logw = Fc[..., :, None] - Fc[..., None, :] + log_i[..., None, :] - m[..., :, None]  # (B, H, L, L)
     W = torch.exp(logw.masked_fill(~causal, float("-inf")))  # <= 1 on and below the diagonal
-    S = W * (q @ k.transpose(-1, -2))  # (B, H, L, L)
+    S = torch.where(causal, W * (q @ k.transpose(-1, -2)), 0.0)  # (B, H, L, L); by selection, not 0 * NaN
     carry = torch.exp(Fc + m0[..., None] - m)  # (B, H, L) weight of the incoming state
-    num = S @ v + carry[..., None] * (q @ C0)  # (B, H, L, V)
+    num = causal_product(S, v) + carry[..., None] * (q @ C0)  # (B, H, L, V)
     den = S.sum(-1) + carry * (q @ n0[..., None])[..., 0]  # (B, H, L)
     h = num / torch.maximum(den.abs(), torch.exp(-m))[..., None]
     w_end = W[..., -1, :]  # (B, H, L) weights of each token in the last state
@@ -112,36 +125,48 @@ def _head_first(x, acc):
     return x.to(acc).transpose(1, 2)  # (B, T, H, ...) -> (B, H, T, ...)
 
 
-def mlstm_chunked(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None):
+def mlstm_chunked(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None, cu_seqlens=None):
     """Chunkwise form: :func:`mlstm_parallel` on chunks of ``chunk_size`` (None: the tuning
-    table's ``mlstm.chunk_size``), the state passed along."""
-    return _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, _block)
+    table's ``mlstm.chunk_size``), the state passed along (with ``cu_seqlens``: each sequence
+    padded to whole chunks, its first chunk starting from its own initial state)."""
+    return _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, _block, cu_seqlens)
 
 
-def mlstm_chunked_compiled(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None):
+def mlstm_chunked_compiled(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None,
+                           cu_seqlens=None):
     """:func:`mlstm_chunked` with the loop-free work of one chunk compiled by ``torch.compile``
     (the "compile" backend). Same arguments and results."""
-    return _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, compiled(_block))
+    return _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, compiled(_block), cu_seqlens)
 
 
-def _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, block):
-    _check(q, k, v, log_f, log_i, initial_state)
+def _chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size, block, cu_seqlens):
+    cu = _check(q, k, v, log_f, log_i, initial_state, cu_seqlens)
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     chunk_size = chunk_size or tuning.get("mlstm.chunk_size", q.device)
-    qh, kh, vh, fh, ih = (_head_first(x, acc) for x in (q * scale, k, v, log_f, log_i))
-    state = _init(q, v, initial_state, acc)
-    outs = []
-    for t0 in range(0, q.shape[1], chunk_size):
+    B, T = q.shape[:2]
+    layout = None if cu is None else ChunkLayout(cu, chunk_size, q.device)
+    pad = (lambda x, fill=0.0: x) if layout is None else layout.pad  # padding tokens: f = 1, i = 0
+    qh, kh, vh, fh = (_head_first(pad(x.to(acc)), acc) for x in (q * scale, k, v, log_f))
+    ih = _head_first(pad(log_i.to(acc), float("-inf")), acc)
+    init, zeros = _init(q, v, initial_state, acc)
+    carry = token_carry(None, init, zeros, B, -(-T // chunk_size)) if layout is None else layout.carry(init, zeros)
+    state, outs = None, []
+    for i, t0 in enumerate(range(0, qh.shape[2], chunk_size)):
         sl = slice(t0, t0 + chunk_size)
-        h, state = block(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], fh[:, :, sl], ih[:, :, sl], state)
+        h, state = block(qh[:, :, sl], kh[:, :, sl], vh[:, :, sl], fh[:, :, sl], ih[:, :, sl], carry.enter(i, state))
+        carry.leave(i, state)
         outs.append(h)
-    return torch.cat(outs, dim=2).transpose(1, 2).to(q.dtype), state
+    h = torch.cat(outs, dim=2).transpose(1, 2)  # (B, T or padded, H, V)
+    return (h if layout is None else layout.unpad(h)).to(q.dtype), carry.final()
 
 
-def mlstm_parallel(q, k, v, log_f, log_i, scale=None, initial_state=None):
-    """Quadratic form: all T tokens at once by masked (T x T) products; for short sequences."""
-    return mlstm_chunked(q, k, v, log_f, log_i, scale, initial_state, chunk_size=max(1, q.shape[1]))
+def mlstm_parallel(q, k, v, log_f, log_i, scale=None, initial_state=None, cu_seqlens=None):
+    """Quadratic form: all T tokens at once by masked (T x T) products; for short sequences
+    (with ``cu_seqlens``: each sequence at once, as a chunk of the longest one's length)."""
+    cu = _check(q, k, v, log_f, log_i, initial_state, cu_seqlens)
+    longest = q.shape[1] if cu is None else max(b - a for a, b in zip(cu, cu[1:]))
+    return mlstm_chunked(q, k, v, log_f, log_i, scale, initial_state, max(1, longest), cu_seqlens)
 
 
 def one_token(q, k, v, log_f, log_i, scale=None, initial_state=None):
@@ -150,11 +175,15 @@ def one_token(q, k, v, log_f, log_i, scale=None, initial_state=None):
     return h[:, None], st
 
 
-def mlstm(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None):
+def mlstm(q, k, v, log_f, log_i, scale=None, initial_state=None, chunk_size=None, cu_seqlens=None):
     """The mLSTM (see module docstring); the form and backend come from
-    :func:`rnnlab.ops.registry.select` (one token: the step; otherwise chunks) — layers call this."""
-    _check(q, k, v, log_f, log_i, initial_state)
-    form, backend = select("mlstm", q=q, k=k, v=v, log_f=log_f, log_i=log_i, initial_state=initial_state)
+    :func:`rnnlab.ops.registry.select` (one token: the step; otherwise chunks) — layers call this.
+    ``cu_seqlens``: None, or int64 (N + 1,) for N sequences packed in one row (B = 1), with an
+    initial state of N rows (or None) and a final state of N rows."""
+    _check(q, k, v, log_f, log_i, initial_state, cu_seqlens)
+    form, backend = select("mlstm", q=q, k=k, v=v, log_f=log_f, log_i=log_i, initial_state=initial_state,
+                           cu_seqlens=cu_seqlens)
     if form == "step":
         return one_token(q, k, v, log_f, log_i, scale, initial_state)
-    return implementation("mlstm", form, backend)(q, k, v, log_f, log_i, scale, initial_state, chunk_size)
+    return implementation("mlstm", form, backend)(q, k, v, log_f, log_i, scale, initial_state, chunk_size,
+                                                  cu_seqlens=cu_seqlens)

@@ -16,6 +16,11 @@ closure (e.g. a module's weights); gradients reach them through autograd.
 * :func:`newton_solve` — the iterations alone (no autograd), with a :class:`NewtonInfo` report.
 
 Shapes: x (B, T, ...), initial_state (B, ..., S); h (B, T, ..., S).
+
+``cu_seqlens`` (:mod:`rnnlab.ops.bounds`; :func:`rnn_sequential` and :func:`rnn_newton`): N
+sequences packed in one row (B = 1), initial_state (N, ..., S), final state (N, ..., S). In the
+Newton form a sequence's first step is ``f(h0_n, x_t)`` exactly: its Jacobian is zero and its
+previous state is h0_n by selection, so the linear recurrence and its adjoint restart there.
 """
 from __future__ import annotations
 
@@ -26,6 +31,7 @@ from typing import Callable
 import torch
 
 from . import tuning
+from .bounds import check_cu_seqlens, token_carry
 from .registry import select
 from .scan import linear_scan
 
@@ -59,13 +65,42 @@ class NewtonInfo:
     sequential_from: int | None = None  # steps from here on were finished by the sequential loop
 
 
-def rnn_sequential(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The definition: ``h_t = cell(h_{t-1}, x_t)`` in a loop. Returns (h (B, T, ..., S), h_last)."""
-    h, hs = initial_state, []
-    for x_t in x.unbind(1):  # unbind: each step's backward stays O(1) (indexing would be O(T))
-        h = cell(h, x_t)
+def _check_packed(x: torch.Tensor, initial_state: torch.Tensor, cu_seqlens) -> list[int] | None:
+    cu = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
+    if cu is not None and initial_state.shape[0] != len(cu) - 1:
+        raise ValueError(f"initial_state must have one row per sequence (N = {len(cu) - 1}) with cu_seqlens, "
+                         f"got {tuple(initial_state.shape)}")
+    return cu
+
+
+def rnn_sequential(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor,
+                   cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The definition: ``h_t = cell(h_{t-1}, x_t)`` in a loop. Returns (h (B, T, ..., S), h_last);
+    with ``cu_seqlens`` h is reset to sequence n's initial state (row n) at its first token and
+    h_last has N rows."""
+    cu = _check_packed(x, initial_state, cu_seqlens)
+    carry = token_carry(cu, initial_state, None, x.shape[0], x.shape[1])
+    h, hs = None, []
+    for t, x_t in enumerate(x.unbind(1)):  # unbind: each step's backward stays O(1) (indexing would be O(T))
+        h = cell(carry.enter(t, h), x_t)
+        carry.leave(t, h)
         hs.append(h)
-    return torch.stack(hs, dim=1), h
+    return torch.stack(hs, dim=1), carry.final()
+
+
+class _Starts:
+    """The first tokens of the non-empty sequences of a packed row and their initial states."""
+
+    def __init__(self, cu: list[int], initial_state: torch.Tensor):
+        seqs = [(n, a) for n, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
+        self.pos = torch.tensor([a for _, a in seqs], dtype=torch.long, device=initial_state.device)
+        self.init = initial_state[[n for n, _ in seqs]]  # (k, ..., S)
+        self.rows = {a: self.init[i:i + 1] for i, (_, a) in enumerate(seqs)}
+        lengths = torch.tensor([b - a for a, b in zip(cu, cu[1:]) if b > a], device=initial_state.device)
+        self.guess = self.init.repeat_interleave(lengths, dim=0).unsqueeze(0)  # (1, T, ..., S)
+
+    def zero_at_starts(self, J: torch.Tensor) -> torch.Tensor:
+        return J.index_fill(1, self.pos, 0.0)
 
 
 def _jacobians(cell: Cell, h_prev: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -153,13 +188,17 @@ def matrix_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor, chunk_size: 
     return matrix_scan_loop(J, r, h0) if form == "loop" else matrix_scan_chunked(J, r, h0, chunk_size)
 
 
-def _shift(h: torch.Tensor, h0: torch.Tensor) -> torch.Tensor:
-    return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)  # h_{t-1} for every t
+def _shift(h: torch.Tensor, h0: torch.Tensor, starts: _Starts | None = None) -> torch.Tensor:
+    """h_{t-1} for every t; packed (``starts``): the sequence's initial state at its first token."""
+    if starts is None:
+        return torch.cat([h0.unsqueeze(1), h[:, :-1]], dim=1)
+    prev = torch.cat([starts.init[:1].unsqueeze(1), h[:, :-1]], dim=1)
+    return prev.index_copy(1, starts.pos, starts.init.unsqueeze(0))  # by selection
 
 
-def _residual(cell: Cell, h: torch.Tensor, h0: torch.Tensor, x: torch.Tensor):
+def _residual(cell: Cell, h: torch.Tensor, h0: torch.Tensor, x: torch.Tensor, starts: _Starts | None = None):
     """f = cell(h_{t-1}, x_t) for every t, and max |f - h| (inf when not finite)."""
-    h_prev = _shift(h, h0)
+    h_prev = _shift(h, h0, starts)
     f = cell(h_prev, x)
     res = (f - h).abs().max().item()
     return h_prev, f, res if res == res else float("inf")
@@ -167,7 +206,7 @@ def _residual(cell: Cell, h: torch.Tensor, h0: torch.Tensor, x: torch.Tensor):
 
 @torch.no_grad()
 def newton_solve(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: float | None = None,
-                 max_iters: int = 100) -> tuple[torch.Tensor, NewtonInfo]:
+                 max_iters: int = 100, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, NewtonInfo]:
     """Newton iterations from the guess ``h = h0`` at every step until ``max |h - f(h_prev)| <=
     tol`` (default: 1e-12 in float64, 1e-5 in float32 and below), plus one polishing iteration
     (with quadratic convergence it removes what a long memory would amplify).
@@ -176,23 +215,30 @@ def newton_solve(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: 
     residual overflows or grows over 1000-fold) is replaced by a fixed-point step ``h <- f(h_prev)``, which
     makes at least one more leading step exact; if ``max_iters`` pass without convergence (or two
     Newton steps in a row are rejected), the steps from the first unconverged one on are finished
-    by the sequential loop.
+    by the sequential loop. ``cu_seqlens``: packed rows (see the module docstring).
     """
-    h0 = initial_state
+    cu = _check_packed(x, initial_state, cu_seqlens)
+    starts = None if cu is None else _Starts(cu, initial_state)
+    h0 = initial_state if cu is None else torch.zeros_like(initial_state[:1])  # packed: the starts hold h0
     tol = (1e-12 if h0.dtype == torch.float64 else 1e-5) if tol is None else tol
-    h = h0.unsqueeze(1).expand(-1, x.shape[1], *h0.shape[1:]).clone()  # (B, T, ..., S)
-    h_prev, f, res = _residual(cell, h, h0, x)
+    if starts is None:
+        h = h0.unsqueeze(1).expand(-1, x.shape[1], *h0.shape[1:]).clone()  # (B, T, ..., S)
+    else:
+        h = starts.guess.clone()
+    h_prev, f, res = _residual(cell, h, h0, x, starts)
     polished, picard, streak, it = False, 0, 0, 0
     while it < max_iters and not polished and streak < 2:  # two rejected Newton steps in a row: give up
         polished = res <= tol  # once within tol, one more step (quadratic convergence) and stop
         J = _jacobians(cell, h_prev, x)
+        if starts is not None:  # a first step is f(h0_n, x_t): no dependence on the step before
+            J = starts.zero_at_starts(J)
         r = f - (J @ h_prev.unsqueeze(-1)).squeeze(-1)
         h_new = matrix_scan(J, r, h0)
-        new = _residual(cell, h_new, h0, x)
+        new = _residual(cell, h_new, h0, x, starts)
         it += 1
         if new[2] > 1e3 * max(res, 1.0):  # 1. the Newton step blew up (overflow): fixed-point step instead
             h_new, picard, streak = f, picard + 1, streak + 1
-            new = _residual(cell, h_new, h0, x)
+            new = _residual(cell, h_new, h0, x, starts)
         else:
             streak = 0
         h, (h_prev, f, res) = h_new, new
@@ -201,8 +247,16 @@ def newton_solve(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: 
         bad = (~((f - h).abs() <= tol)).flatten(2).any(-1).any(0)  # (T,), NaN counts as unconverged
         seq_from = int(bad.nonzero()[0, 0])
         start = h0 if seq_from == 0 else h[:, seq_from - 1]
-        h = torch.cat([h[:, :seq_from], rnn_sequential(cell, x[:, seq_from:], start)[0]], dim=1)
-        _, _, res = _residual(cell, h, h0, x)
+        if starts is None:
+            tail = rnn_sequential(cell, x[:, seq_from:], start)[0]
+        else:  # the same loop, restarting at each sequence's first token
+            tail = []
+            for t in range(seq_from, x.shape[1]):
+                start = cell(starts.rows.get(t, start), x[:, t])
+                tail.append(start)
+            tail = torch.stack(tail, dim=1)
+        h = torch.cat([h[:, :seq_from], tail], dim=1)
+        _, _, res = _residual(cell, h, h0, x, starts)
     return h, NewtonInfo(iterations=it, residual=res, converged=res <= tol, picard_steps=picard,
                          sequential_from=seq_from)
 
@@ -225,14 +279,18 @@ class _Adjoint(torch.autograd.Function):
 
 
 def rnn_newton(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: float | None = None,
-               max_iters: int = 100) -> tuple[torch.Tensor, torch.Tensor]:
+               max_iters: int = 100, cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The Newton-parallel form of :func:`rnn_sequential` (same results to the tolerance).
 
     The converged trajectory is re-evaluated once with autograd on (``f(h*_{t-1}, x_t)``, with
     ``h_0`` attached), and the adjoint recurrence is used as its output gradient, so gradients
     reach x, the initial state and the cell's parameters at the cost of one reverse scan.
-    Returns (h (B, T, ..., S), h_last (B, ..., S)).
+    ``cu_seqlens``: packed rows (see the module docstring); h_last then has N rows.
+    Returns (h (B, T, ..., S), h_last (B|N, ..., S)).
     """
+    cu = _check_packed(x, initial_state, cu_seqlens)
+    if cu is not None:
+        return _rnn_newton_packed(cell, x, initial_state, tol, max_iters, cu)
     if x.shape[1] == 1:  # one token (decoding): a single cell call is exact
         h = cell(initial_state, x[:, 0]).unsqueeze(1)
         return h, h[:, -1]
@@ -248,3 +306,25 @@ def rnn_newton(cell: Cell, x: torch.Tensor, initial_state: torch.Tensor, tol: fl
             J = _jacobians(cell, h_prev.detach(), x.detach())
         out = _Adjoint.apply(out, J)
     return out, out[:, -1]
+
+
+def _rnn_newton_packed(cell: Cell, x, initial_state, tol, max_iters, cu: list[int]):
+    """:func:`rnn_newton` on a packed row: the solve restarts at each sequence's first token, the
+    re-evaluation takes h0_n there (with its graph), the adjoint stops there (J = 0)."""
+    h, info = newton_solve(cell, x.detach(), initial_state.detach(), tol, max_iters,
+                           torch.tensor(cu, dtype=torch.int64))
+    if info.sequential_from is not None:
+        warnings.warn(f"rnn_newton did not converge in {info.iterations} iterations; steps "
+                      f"{info.sequential_from}..{x.shape[1] - 1} were finished sequentially", RuntimeWarning)
+    starts = _Starts(cu, initial_state)  # initial_state keeps its graph
+    h_prev = _shift(h, None, starts)
+    out = cell(h_prev, x)
+    if torch.is_grad_enabled() and out.requires_grad:
+        with torch.no_grad():
+            J = starts.zero_at_starts(_jacobians(cell, h_prev.detach(), x.detach()))
+        out = _Adjoint.apply(out, J)
+    carry = token_carry(cu, initial_state, None, 1, x.shape[1])
+    for a, b in zip(cu, cu[1:]):
+        if b > a:
+            carry.leave(b - 1, out[:, b - 1])
+    return out, carry.final()

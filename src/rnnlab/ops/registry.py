@@ -20,6 +20,11 @@ default) and "fla" (flash-linear-attention's CUDA kernels, untested here). Choos
 this device, not installed, not for this family or dtype) is reported once with the reason and
 "torch" runs instead — never an error.
 
+Sequence boundaries: a family whose ``packed`` lists forms takes ``cu_seqlens`` (N sequences packed
+in one row, B = 1; :mod:`rnnlab.ops.bounds`) in its reference, those forms and its dispatcher;
+:meth:`Family.packed_inputs` and :func:`unpack_inputs` let the tests compare a packed row with
+each sequence run alone, for every such family.
+
 Adding a family: write its forms in an op module, add a ``Family(...)`` to :func:`_build` with an
 inputs maker and a ``choose`` rule reading :mod:`rnnlab.ops.tuning` (add any new threshold there,
 with the measurement that set it), and make its dispatcher call :func:`select`. Adding a backend:
@@ -41,7 +46,7 @@ import torch.nn.functional as F
 from . import tuning
 
 __all__ = ["Family", "Backend", "BACKENDS", "families", "get_family", "select", "implementation",
-           "use_backend", "backend_status", "cast", "tensors", "with_grad"]
+           "use_backend", "backend_status", "cast", "tensors", "with_grad", "unpack_inputs"]
 
 BACKENDS = ("torch", "compile", "fla")
 
@@ -78,6 +83,12 @@ class Family:
     step: Callable | None = None  # the one-token form, on inputs with T = 1
     dispatch: Callable | None = None  # the public dispatcher (None: the family has none)
     backends: dict[str, Backend] = field(default_factory=dict)  # beyond "torch"
+    # The fast forms that take ``cu_seqlens`` (packed rows; :mod:`rnnlab.ops.bounds`). Not empty:
+    # the reference and the dispatcher take it too.
+    packed: tuple[str, ...] = ()
+    # Forms in which a non-finite input can reach earlier tokens of its own sequence (FFT
+    # convolutions mix a whole sequence); with cu_seqlens they still keep it out of other sequences.
+    not_causal_in_nonfinite: tuple[str, ...] = ()
 
     def form(self, name: str) -> Callable:
         """The torch implementation of a form: "reference", "step" or a fast form's name."""
@@ -93,6 +104,26 @@ class Family:
         The same seed gives the same values in every dtype (drawn in float64, then rounded)."""
         g = torch.Generator().manual_seed(seed)
         return cast(self.make(B, T, H, K, K if V is None else V, g), dtype)
+
+    def packed_inputs(self, lengths: list[int], H: int = 2, K: int = 4, V: int | None = None,
+                      dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, Any]:
+        """Random inputs of one packed row (B = 1, T = sum(lengths)) holding N = len(lengths)
+        sequences, ``cu_seqlens`` (int64 (N + 1,)) included and the initial state with N rows.
+        The inputs along time are those whose dim 1 follows T; the others (parameters) are shared."""
+        T, N = sum(lengths), len(lengths)
+        x = self.inputs(B=N, T=T, H=H, K=K, V=V, dtype=dtype, seed=seed)
+        longer = self.inputs(B=N, T=T + 1, H=H, K=K, V=V, dtype=dtype, seed=seed)
+        cu = [0]
+        for n in lengths:
+            cu.append(cu[-1] + n)
+        out = {}
+        for name, a in x.items():
+            b = longer[name]
+            if isinstance(a, torch.Tensor) and a.dim() >= 2 and b.shape[1] == T + 1 and a.shape[0] == N:
+                a = torch.cat([a[i:i + 1, cu[i]:cu[i + 1]] for i in range(N)], dim=1)  # (1, T, ...)
+            out[name] = a
+        out["cu_seqlens"] = torch.tensor(cu, dtype=torch.int64)
+        return out
 
 
 # -- nested inputs and outputs (tuples / NamedTuples of tensors) --------------------------------------
@@ -119,6 +150,27 @@ def tensors(x) -> list[torch.Tensor]:
     if isinstance(x, dict):
         x = tuple(x.values())
     return [t for a in x for t in tensors(a)] if isinstance(x, tuple) else []
+
+
+def unpack_inputs(inputs: dict) -> list[dict]:
+    """The inputs of each sequence of a packed row (``inputs`` with ``cu_seqlens``) run alone:
+    B = 1, the sequence's slice of every (1, T, ...) input, row n of the initial state, shared
+    parameters, no ``cu_seqlens``. Slices and views, so gradients flow back to ``inputs``."""
+    cu = inputs["cu_seqlens"].tolist()
+    T = cu[-1]
+    alone = []
+    for n, (a, b) in enumerate(zip(cu, cu[1:])):
+        x = {}
+        for name, t in inputs.items():
+            if name == "cu_seqlens":
+                continue
+            if name == "initial_state":
+                t = None if t is None else _map(lambda s: s[n:n + 1], t)
+            elif isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape[:2] == (1, T):
+                t = t[:, a:b]
+            x[name] = t
+        alone.append(x)
+    return alone
 
 
 def with_grad(family: "Family | str", inputs: dict) -> tuple[dict, list[torch.Tensor]]:
@@ -348,8 +400,8 @@ def _lstm_cell(R):
 
 def _with_cell(form):
     @functools.wraps(form)
-    def run(x, R, initial_state):
-        return form(_lstm_cell(R), x, initial_state)
+    def run(x, R, initial_state, cu_seqlens=None):
+        return form(_lstm_cell(R), x, initial_state, cu_seqlens=cu_seqlens)
     return run
 
 
@@ -363,14 +415,14 @@ def _no_state(form):
 
 # -- the rules choosing a form -------------------------------------------------------------------------
 def _one_token_or(fast: str, main: str, one: str = "step"):
-    def choose(inputs, table):
-        return one if inputs[main].shape[1] == 1 else fast
+    def choose(inputs, table):  # packed rows (cu_seqlens) always take the fast form
+        return one if inputs[main].shape[1] == 1 and inputs.get("cu_seqlens") is None else fast
     return choose
 
 
 def _choose_scan(inputs, table):
     a, b = inputs["a"], inputs["b"]
-    if a.shape[1] == 1:
+    if a.shape[1] == 1 and inputs.get("cu_seqlens") is None:
         return "step"
     lanes = b[:, 0].numel()
     least = table["scan.loop_min_lanes"]
@@ -417,49 +469,58 @@ def _build() -> dict[str, Family]:
                delta.gated_delta_rule_recurrent, {"chunked": delta.gated_delta_rule_chunked}, _delta_inputs,
                qkv + ("log_g", "beta", "initial_state"), _one_token_or("chunked", "q"), delta.one_token,
                delta.gated_delta_rule,
-               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_gated_delta_rule}, bk.fla_check)}),
+               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_gated_delta_rule}, bk.fla_check)},
+               packed=("chunked",)),
         Family("gla", "S_t = Diag(g_t) S_{t-1} + k_t v_t^T with a decay vector g_t over K (GLA, HGRN2)",
                delta.gated_delta_rule_recurrent, {"chunked": delta.gated_delta_rule_chunked}, _gla_inputs,
                qkv + ("log_g", "initial_state"), _one_token_or("chunked", "q"), delta.one_token,
                delta.gated_delta_rule,
-               {"fla": Backend("fla", {"chunked": bk.fla_gla}, bk.fla_check)}),  # no compile: see _compile_check_delta
+               {"fla": Backend("fla", {"chunked": bk.fla_gla}, bk.fla_check)},  # no compile: see _compile_check_delta
+               packed=("chunked",)),
         Family("ssd", "S_t = g_t S_{t-1} + k_t v_t^T with a scalar decay per head (Mamba-2, RetNet)",
                delta.gated_delta_rule_recurrent, {"chunked": delta.gated_delta_rule_chunked}, _ssd_inputs,
                qkv + ("log_g", "initial_state"), _one_token_or("chunked", "q"), delta.one_token,
                delta.gated_delta_rule,
-               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_simple_gla}, bk.fla_check)}),
+               {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_simple_gla}, bk.fla_check)},
+               packed=("chunked",)),
         Family("mlstm", "C_t = f_t C_{t-1} + i_t k_t v_t^T, n_t = f_t n_{t-1} + i_t k_t, stabilised (xLSTM)",
                mlstm.mlstm_recurrent, {"chunked": mlstm.mlstm_chunked, "parallel": mlstm.mlstm_parallel},
                _mlstm_inputs, qkv + ("log_f", "log_i", "initial_state"), _one_token_or("chunked", "q"),
                mlstm.one_token, mlstm.mlstm,
-               {"compile": Backend("compile", {"chunked": mlstm.mlstm_chunked_compiled}, bk.compile_check)}),
+               {"compile": Backend("compile", {"chunked": mlstm.mlstm_chunked_compiled}, bk.compile_check)},
+               packed=("chunked", "parallel")),
         Family("scan", "h_t = a_t * h_{t-1} + b_t elementwise (LRU, minGRU, S4D, Mamba-1 inside)",
                scan.linear_scan_recurrent, {"chunked": scan.linear_scan_chunked, "loop": scan.linear_scan_loop},
-               _scan_inputs, ("a", "b", "initial_state"), _choose_scan, scan.one_token, scan.linear_scan),
+               _scan_inputs, ("a", "b", "initial_state"), _choose_scan, scan.one_token, scan.linear_scan,
+               packed=("chunked", "loop")),
         Family("selective_scan", "h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t + D u_t (Mamba-1)",
                selective_scan.selective_scan_recurrent, {"chunked": selective_scan.selective_scan_chunked},
                _selective_scan_inputs, ("u", "dt", "A", "B", "C", "D", "z", "initial_state"),
-               _one_token_or("chunked", "u", "reference"), dispatch=selective_scan.selective_scan),
+               _one_token_or("chunked", "u", "reference"), dispatch=selective_scan.selective_scan,
+               packed=("chunked",)),
         Family("longhorn", "S_t = (1 - eps_t k_t^2) S_{t-1} + eps_t v_t k_t^T (Longhorn's online update)",
                longhorn.longhorn_recurrent, {"chunked": longhorn.longhorn_chunked}, _longhorn_inputs,
                ("q", "k", "v", "beta", "initial_state"), _one_token_or("chunked", "v", "reference"),
-               dispatch=longhorn.longhorn),
+               dispatch=longhorn.longhorn, packed=("chunked",)),
         Family("gsa", "two gated passes over M slots with a softmax between (gated slot attention)",
                gsa.gsa_recurrent, {"chunked": gsa.gsa_chunked}, _gsa_inputs,
-               qkv + ("s", "log_g", "initial_state"), _one_token_or("chunked", "q", "reference"), dispatch=gsa.gsa),
+               qkv + ("s", "log_g", "initial_state"), _one_token_or("chunked", "q", "reference"), dispatch=gsa.gsa,
+               packed=("chunked",)),
         Family("memory", "M_t = g_t M_{t-1} + S_t, S_t = eta_t S_{t-1} - theta_t grad ||M(k_t) - v_t||^2 (Titans)",
                memory.neural_memory_recurrent, {"chunked": memory.neural_memory_chunked}, _memory_inputs,
                qkv + ("log_g", "log_eta", "theta", "initial_state"), _one_token_or("chunked", "q", "reference"),
                dispatch=memory.neural_memory),
         Family("lssl", "h_t = dA h_{t-1} + dB u_t, y_t = C h_t with a dense dA per channel (LSSL)",
                lti.lti_recurrent, {"conv": lti.lti_conv}, _lssl_inputs, ("u", "dA", "dB", "C", "initial_state"),
-               _one_token_or("conv", "u", "reference"), dispatch=lti.lti),
+               _one_token_or("conv", "u", "reference"), dispatch=lti.lti, packed=("conv",),
+               not_causal_in_nonfinite=("conv",)),
         Family("s4d", "h_t = dA * h_{t-1} + dB u_t, y_t = C h_t with a complex diagonal dA (S4D)",
                lti.lti_recurrent, {"conv": lti.lti_conv, "scan": lti.lti_scan}, _s4d_inputs,
-               ("u", "dA", "dB", "C", "initial_state"), _choose_s4d, dispatch=lti.lti),
+               ("u", "dA", "dB", "C", "initial_state"), _choose_s4d, dispatch=lti.lti, packed=("conv", "scan"),
+               not_causal_in_nonfinite=("conv",)),
         Family("newton", "h_t = f(h_{t-1}, x_t) for a block-diagonal LSTM cell (DEER / ParaRNN)",
                _with_cell(newton.rnn_sequential), {"newton": _with_cell(newton.rnn_newton)}, _newton_inputs,
-               ("x", "R", "initial_state"), lambda inputs, table: "newton"),
+               ("x", "R", "initial_state"), lambda inputs, table: "newton", packed=("newton",)),
         Family("matrix_scan", "h_t = J_t h_{t-1} + r_t with small dense J_t (Newton iterations)",
                _no_state(newton.matrix_scan_recurrent),
                {"chunked": _no_state(newton.matrix_scan_chunked), "loop": _no_state(newton.matrix_scan_loop)},

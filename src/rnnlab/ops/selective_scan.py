@@ -9,6 +9,11 @@ Shapes: u, dt, z (B, T, D); A (D, N); B, C (B, T, N) or (B, T, G, N) with G grou
 D (D,); state h (B, D, N). y is returned in u's dtype, the state in float32 or wider. The
 (B, T, D, N) tensors exist for one time-chunk at a time (and are recomputed in the backward pass),
 never for the whole sequence.
+
+``cu_seqlens`` (:mod:`rnnlab.ops.bounds`): N sequences packed in one row (B = 1), each from its
+own row of the initial state (N, D, N; None: zeros) to its own row of the final state; each
+time-chunk is a segmented linear scan (:func:`rnnlab.ops.scan.linear_scan` with the pieces of
+the sequences in it).
 """
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ import torch
 import torch.nn.functional as F
 
 from . import tuning
+from .bounds import check_cu_seqlens, state_rows, token_carry
 from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent", "selective_scan_step"]
 
 
-def _check(u, dt, A, B, C, D, z, initial_state):
+def _check(u, dt, A, B, C, D, z, initial_state, cu_seqlens=None) -> list[int] | None:
+    """Raise ValueError naming the bad argument; return ``cu_seqlens`` as a list (None without)."""
     Bsz, T, Dm = u.shape
     if dt.shape != u.shape:
         raise ValueError(f"dt must have u's shape (B, T, D) = {tuple(u.shape)}, got {tuple(dt.shape)}")
@@ -38,8 +45,11 @@ def _check(u, dt, A, B, C, D, z, initial_state):
         raise ValueError(f"D must be ({Dm},), got {tuple(D.shape)}")
     if z is not None and z.shape != u.shape:
         raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
-    if initial_state is not None and initial_state.shape != (Bsz, Dm, N):
-        raise ValueError(f"initial_state must be (B, D, N) = ({Bsz}, {Dm}, {N}), got {tuple(initial_state.shape)}")
+    cu = check_cu_seqlens(cu_seqlens, Bsz, T)
+    R, rows = state_rows(Bsz, cu), ("B" if cu is None else "N")
+    if initial_state is not None and initial_state.shape != (R, Dm, N):
+        raise ValueError(f"initial_state must be ({rows}, D, N) = ({R}, {Dm}, {N}), got {tuple(initial_state.shape)}")
+    return cu
 
 
 def _per_channel(X: torch.Tensor, Dm: int) -> torch.Tensor:
@@ -62,19 +72,24 @@ def _finish(y, u, D, z):
     return y
 
 
-def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False):
-    """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N))."""
-    _check(u, dt, A, B, C, D, z, initial_state)
+def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, cu_seqlens=None):
+    """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N)); with
+    ``cu_seqlens`` h is reset to sequence n's initial state (row n, or zeros) at its first token
+    and the final state is (N, D, N)."""
+    cu = _check(u, dt, A, B, C, D, z, initial_state, cu_seqlens)
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     u, dt, A, B, C = (t.to(acc) for t in (u, dt, A, B, C))
     Bc, Cc = _per_channel(B, u.shape[2]), _per_channel(C, u.shape[2])
-    h = u.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
-    ys = []
+    carry = token_carry(cu, None if initial_state is None else initial_state.to(acc),
+                        lambda rows: u.new_zeros(rows, *A.shape), u.shape[0], u.shape[1])
+    h, ys = None, []
     for t in range(u.shape[1]):
+        h = carry.enter(t, h)
         h = _decay(dt[:, t], A, neg_eigval) * h + (dt[:, t] * u[:, t]).unsqueeze(-1) * Bc[:, t]  # (B, D, N)
+        carry.leave(t, h)
         ys.append((h * Cc[:, t]).sum(-1))  # (B, D)
     y = _finish(torch.stack(ys, dim=1), u, None if D is None else D.to(acc), None if z is None else z.to(acc))
-    return y.to(dtype), h
+    return y.to(dtype), carry.final()
 
 
 def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=False):
@@ -84,41 +99,53 @@ def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=F
     return y[:, 0], h
 
 
-def _chunk(u, dt, B, C, h, A, neg_eigval):
-    """One time-chunk on family A: (B, Tc, D), ... , h (B, D, N) -> y without D/z (B, Tc, D), h."""
+def _chunk(u, dt, B, C, h, A, neg_eigval, cu_seqlens=None):
+    """One time-chunk on family A: (B, Tc, D), ... , h (B, D, N) -> y without D/z (B, Tc, D), h
+    (packed: h and the result one row per sequence piece of ``cu_seqlens``)."""
     a = _decay(dt, A, neg_eigval)  # (B, Tc, D, N)
     b = (dt * u).unsqueeze(-1) * _per_channel(B, u.shape[2])  # (B, Tc, D, N)
-    hs, h_last = linear_scan(a, b, h)
+    hs, h_last = linear_scan(a, b, h, cu_seqlens=cu_seqlens)
     return (hs * _per_channel(C, u.shape[2])).sum(-1), h_last  # (B, Tc, D)
 
 
-def selective_scan_chunked(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None):
+def selective_scan_chunked(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None,
+                           cu_seqlens=None):
     """Time-chunked form; same arguments and results as :func:`selective_scan_recurrent`.
 
     Time is cut into chunks of ``chunk_size`` (None: the tuning table's ``selective_scan.time_chunk``);
     each chunk is a parallel linear scan, the state is passed from chunk to chunk, and with
     autograd on each chunk is recomputed in the backward pass (activation checkpointing), so memory
-    is O(B·chunk·D·N) rather than O(B·T·D·N).
+    is O(B·chunk·D·N) rather than O(B·T·D·N). With ``cu_seqlens`` each time-chunk is a segmented
+    scan over the pieces of the sequences in it.
     """
-    _check(u, dt, A, B, C, D, z, initial_state)
+    cu = _check(u, dt, A, B, C, D, z, initial_state, cu_seqlens)
     acc = torch.promote_types(u.dtype, torch.float32)
     chunk_size = chunk_size or tuning.get("selective_scan.time_chunk", u.device)
     u_, dt_, A_, B_, C_ = (t.to(acc) for t in (u, dt, A, B, C))
-    h = u_.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
-    y, h = over_time_chunks(lambda u, dt, B, C, h: _chunk(u, dt, B, C, h, A_, neg_eigval),
-                            (u_, dt_, B_, C_), h, chunk_size)
+    zeros = lambda rows: u_.new_zeros(rows, *A.shape)  # noqa: E731
+    if cu is None:
+        h = zeros(u.shape[0]) if initial_state is None else initial_state.to(acc)
+        y, h = over_time_chunks(lambda u, dt, B, C, h: _chunk(u, dt, B, C, h, A_, neg_eigval),
+                                (u_, dt_, B_, C_), h, chunk_size)
+    else:
+        y, h = over_time_chunks(lambda u, dt, B, C, h, cu: _chunk(u, dt, B, C, h, A_, neg_eigval, cu),
+                                (u_, dt_, B_, C_), None if initial_state is None else initial_state.to(acc),
+                                chunk_size, cu, zeros)
     y = _finish(y, u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
     return y.to(u.dtype), h
 
 
-def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None):
+def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None,
+                   cu_seqlens=None):
     """The selective scan — the form layers call; same arguments and results as
     :func:`selective_scan_recurrent`. The form comes from :func:`rnnlab.ops.registry.select`: the
     recurrence for one token, :func:`selective_scan_chunked` otherwise (``chunk_size`` None: the
-    tuning table's)."""
-    _check(u, dt, A, B, C, D, z, initial_state)
-    form, backend = select("selective_scan", u=u, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state)
+    tuning table's). ``cu_seqlens``: None, or int64 (N + 1,) for N sequences packed in one row
+    (B = 1), with initial and final states of N rows."""
+    _check(u, dt, A, B, C, D, z, initial_state, cu_seqlens)
+    form, backend = select("selective_scan", u=u, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state,
+                           cu_seqlens=cu_seqlens)
     if form == "reference":
-        return selective_scan_recurrent(u, dt, A, B, C, D, z, initial_state, neg_eigval)
+        return selective_scan_recurrent(u, dt, A, B, C, D, z, initial_state, neg_eigval, cu_seqlens)
     return implementation("selective_scan", form, backend)(u, dt, A, B, C, D, z, initial_state, neg_eigval,
-                                                           chunk_size)
+                                                           chunk_size, cu_seqlens)

@@ -1,0 +1,214 @@
+"""Sequence boundaries inside a packed row: ``cu_seqlens``, shared by every op that supports them.
+
+With ``cu_seqlens`` (a 1-D int64 tensor of cumulative lengths ``[0, l_1, l_1 + l_2, ..., T]``,
+N + 1 entries for N sequences) an op's inputs are one packed row (B = 1, T tokens) holding N
+sequences back to back. Sequence n covers positions ``cu_seqlens[n] <= t < cu_seqlens[n + 1]``;
+it starts from row n of ``initial_state`` (N rows in place of B; None: zeros) and ends in row n
+of the final state. Nothing crosses a boundary. Zero-length sequences are allowed: their final
+state is their initial state.
+
+Two mechanisms, each written once here:
+
+* :class:`Carry` hands the state from index to index (tokens in a reference loop, chunks in a
+  chunked form): at the first index of sequence n the state is *replaced* by sequence n's initial
+  state (a selection, so nothing, not even a NaN, carries over from the previous sequence), and
+  at its last index the state is recorded as sequence n's final state. Without ``cu_seqlens`` it
+  is the plain carry of a (B, ...) state from the first index to the last.
+* :class:`ChunkLayout` lays a packed row out so that every sequence starts on a chunk boundary
+  (each sequence padded to a multiple of the chunk size with neutral values), so a chunked form
+  runs unchanged within chunks and only its pass across chunks uses a :class:`Carry`. The waste
+  is at most C - 1 tokens per sequence.
+
+:func:`causal_product` is the masked intra-chunk product ``sum_{s <= t} A[t, s] U[s]`` that keeps
+a non-finite value at a later position s out of earlier positions t (a plain ``A @ U`` computes
+``0 * NaN = NaN`` for them).
+
+Where they are used: reference loops of every family take a token :class:`Carry`
+(:func:`token_carry`); the chunkwise-parallel matrix families (gated delta rule, mLSTM, GSA) use
+:class:`ChunkLayout`; the elementwise scan (family A) is a segmented scan
+(:mod:`rnnlab.ops.scan`: at a sequence's first token ``h_t = a_t h0_n + b_t`` by selection), and
+the ops built on time-chunks of it (selective scan, Longhorn, LTI scan, GSA's blocks) run the
+pieces of the sequences in each time-chunk as a packed row of their own
+(:func:`rnnlab.ops.scan.over_time_chunks`). Softmax attention takes a per-query first key; the
+Newton form zeroes the Jacobian at first tokens. An FFT convolution (LTI) runs sequence by
+sequence.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "causal_product", "rows",
+           "cat_rows"]
+
+
+def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
+    """Validate ``cu_seqlens`` for inputs of batch B and length T; return it as a list of ints
+    (None for None). Raises ValueError naming ``cu_seqlens`` and what was expected."""
+    if cu_seqlens is None:
+        return None
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise ValueError(f"cu_seqlens must be a 1-D int64 tensor, got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype != torch.int64:
+        raise ValueError(f"cu_seqlens must be int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with N + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if B != 1:
+        raise ValueError(f"cu_seqlens needs one packed row (B = 1), got B = {B}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if any(b < a for a, b in zip(cu, cu[1:])):
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {cu}")
+    if cu[-1] != T:
+        raise ValueError(f"cu_seqlens must end at T = {T} (the packed row's length), got {cu[-1]}")
+    return cu
+
+
+def state_rows(B: int, cu: list[int] | None) -> int:
+    """The number of rows of initial and final states: B, or N sequences with ``cu_seqlens``."""
+    return B if cu is None else len(cu) - 1
+
+
+def _map(fn: Callable, x: Any) -> Any:
+    """``fn`` on every tensor of a state (a tensor or a tuple / NamedTuple of tensors)."""
+    if isinstance(x, torch.Tensor):
+        return fn(x)
+    items = [_map(fn, a) for a in x]
+    return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+
+
+def rows(state: Any, a: int, b: int) -> Any:
+    """Rows a .. b-1 of a state (a tensor or a tuple / NamedTuple of tensors)."""
+    return _map(lambda x: x[a:b], state)
+
+
+def cat_rows(states: list) -> Any:
+    """Concatenate states (tensors or tuples of tensors) along their rows."""
+    return _cat(states)
+
+
+def _cat(states: list) -> Any:
+    """Concatenate states along their batch (row) dimension."""
+    first = states[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(states, dim=0)
+    items = [_cat([s[i] for s in states]) for i in range(len(first))]
+    return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
+
+
+class Carry:
+    """The state passed along indices 0 .. n_index - 1 (tokens or chunks) of a row.
+
+    ``starts`` maps the first index of each non-empty sequence to its number, ``ends`` the last
+    index; ``initial`` is the (rows, ...) initial state (a tensor or tuple of tensors) or None and
+    ``zeros(rows)`` makes a zero state. Without ``cu_seqlens`` (``starts`` None) there is one
+    "sequence" of B rows. Use as::
+
+        carry = Carry(...)
+        S = None
+        for i in range(n_index):
+            S = carry.enter(i, S)   # the sequence's initial state at its first index
+            S = ... step ...
+            carry.leave(i, S)       # recorded at its last index
+        final = carry.final()       # (rows, ...)
+    """
+
+    def __init__(self, initial, zeros: Callable[[int], Any], rows: int, n_index: int,
+                 starts: dict[int, int] | None = None, ends: dict[int, int] | None = None):
+        if starts is None:  # no boundaries: one carry of all B rows
+            starts, ends, self._rows = {0: 0}, {n_index - 1: 0}, [rows]
+        else:
+            self._rows = [1] * rows
+        self._initial, self._zeros = initial, zeros
+        self._starts, self._ends = starts, ends
+        self._finals: list = [None] * len(self._rows)
+
+    def _init(self, n: int):
+        if self._initial is None:
+            return self._zeros(self._rows[n])
+        if len(self._rows) == 1:
+            return self._initial
+        return _map(lambda x: x[n:n + 1], self._initial)
+
+    def enter(self, i: int, state):
+        """The state entering index i: sequence n's initial state if n starts at i, else ``state``."""
+        n = self._starts.get(i)
+        return state if n is None else self._init(n)
+
+    def leave(self, i: int, state) -> None:
+        """Record ``state`` as the final state of the sequence ending at index i, if any."""
+        n = self._ends.get(i)
+        if n is not None:
+            self._finals[n] = state
+
+    def final(self):
+        """The final states of all sequences, (rows, ...); a zero-length one keeps its initial state."""
+        finals = [self._init(n) if f is None else f for n, f in enumerate(self._finals)]
+        return finals[0] if len(finals) == 1 else _cat(finals)
+
+
+def token_carry(cu: list[int] | None, initial, zeros: Callable[[int], Any], B: int, T: int) -> Carry:
+    """The :class:`Carry` of a reference loop over the T tokens (``cu`` from :func:`check_cu_seqlens`)."""
+    if cu is None:
+        return Carry(initial, zeros, B, T)
+    seqs = [(n, a, b) for n, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
+    return Carry(initial, zeros, len(cu) - 1, T, {a: n for n, a, _ in seqs}, {b - 1: n for n, _, b in seqs})
+
+
+class ChunkLayout:
+    """A packed row laid out in chunks of C tokens so that every sequence starts a chunk.
+
+    ``cu`` from :func:`check_cu_seqlens`; sequence n of length L_n takes ceil(L_n / C) chunks,
+    padded at its end. ``pad`` maps (1, T, ...) to (1, P, ...) (P = C x the number of chunks),
+    ``unpad`` maps back, and :meth:`carry` gives the :class:`Carry` across chunks.
+    """
+
+    def __init__(self, cu: list[int], C: int, device: torch.device):
+        self.cu, self.C = cu, C
+        T = cu[-1]
+        src, pos, self.starts, self.ends = [], [], {}, {}
+        chunk = 0
+        for n, (a, b) in enumerate(zip(cu, cu[1:])):
+            if b == a:
+                continue
+            m = -(-(b - a) // C)
+            self.starts[chunk], self.ends[chunk + m - 1] = n, n
+            pos.extend(range(len(src), len(src) + b - a))
+            src.extend(list(range(a, b)) + [T] * (m * C - (b - a)))  # T: the fill value
+            chunk += m
+        self.n_chunks = chunk
+        self.padded_cu = [0]  # the cumulative lengths in the padded row
+        for a, b in zip(cu, cu[1:]):
+            self.padded_cu.append(self.padded_cu[-1] + -(-(b - a) // C) * C)
+        self._src = torch.tensor(src, dtype=torch.long, device=device)  # (P,)
+        self._pos = torch.tensor(pos, dtype=torch.long, device=device)  # (T,)
+
+    def pad(self, x: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor | None:
+        """(1, T, ...) -> (1, P, ...): each sequence padded to whole chunks with ``fill``."""
+        if x is None:
+            return None
+        filler = x.new_full((1, 1, *x.shape[2:]), fill)
+        return torch.cat([x, filler], dim=1)[:, self._src]
+
+    def unpad(self, y: torch.Tensor) -> torch.Tensor:
+        """(1, P, ...) -> (1, T, ...): the real tokens back in packed order."""
+        return y[:, self._pos]
+
+    def carry(self, initial, zeros: Callable[[int], Any]) -> Carry:
+        """The :class:`Carry` across the chunks."""
+        return Carry(initial, zeros, len(self.cu) - 1, self.n_chunks, self.starts, self.ends)
+
+
+def causal_product(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
+    """``out[t] = sum_{s <= t} A[t, s] U[s]`` for A (..., C, C) already zero above the diagonal
+    and U (..., C, V): one matmul, with non-finite entries of U kept out of earlier positions.
+
+    ``A @ U`` would give ``0 * NaN = NaN`` at every t < s for a non-finite U[s, v]; here U is
+    zeroed there (by selection) for the product and column v of ``out`` is NaN from t = s on,
+    where the recurrence makes it non-finite anyway.
+    """
+    bad = ~torch.isfinite(U)
+    out = A @ U.masked_fill(bad, 0.0)
+    return out.masked_fill(bad.cumsum(dim=-2) > 0, float("nan"))

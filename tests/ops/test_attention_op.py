@@ -1,0 +1,93 @@
+"""Softmax attention with sequence boundaries (cu_seqlens): block-diagonal causal attention equals
+each sequence attended alone (float64, outputs, log-sum-exps and gradients), and a NaN stays in
+its sequence and never reaches an earlier query."""
+import pytest
+import torch
+
+from rnnlab.ops.attention import softmax_attention
+
+LENGTHS = [3, 16, 1, 37, 8, 0, 5]  # blocks of 8 queries: boundaries inside and on blocks, an empty sequence
+F64 = torch.float64
+
+
+def _inputs(seed=0, H=2, K=4, V=3):
+    g = torch.Generator().manual_seed(seed)
+    T = sum(LENGTHS)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64)  # noqa: E731
+    cu = torch.tensor([0] + torch.tensor(LENGTHS).cumsum(0).tolist(), dtype=torch.int64)
+    return r(1, H, T, K), r(1, H, T, K), r(1, H, T, V), cu
+
+
+def _alone(q, k, v, cu, **kw):
+    outs, lses = [], []
+    for a, b in zip(cu.tolist(), cu.tolist()[1:]):
+        if b > a:
+            idx = torch.arange(b - a)
+            o, lse = softmax_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], idx, idx, **kw)
+            outs.append(o)
+            lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(window=5), dict(block_size=1), dict(block_size=64)])
+def test_packed_equals_each_sequence_alone(kw):
+    kw = {"block_size": 8, **kw}
+    q, k, v, cu = _inputs()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    idx = torch.arange(q.shape[2])
+    o, lse = softmax_attention(*leaves, idx, idx, cu_seqlens=cu, **kw)
+    o_ref, lse_ref = _alone(*leaves, cu, **kw)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(lse, lse_ref)
+    g = torch.Generator().manual_seed(1)
+    cot = torch.randn(o.shape, generator=g, dtype=F64)
+    grads = torch.autograd.grad((o * cot).sum() + lse.sum(), leaves)
+    want = torch.autograd.grad((o_ref * cot).sum() + lse_ref.sum(), leaves)
+    for name, a, b in zip("qkv", grads, want):
+        torch.testing.assert_close(a, b, msg=lambda m: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+@pytest.mark.parametrize("window", [None, 5])
+def test_a_nan_stays_in_its_sequence(where, window):
+    q, k, v, cu = _inputs(seed=3)
+    T, c = q.shape[2], cu.tolist()
+    p = c[3] + 21  # token 21 of the sequence of 37: inside a block of 8 queries
+    o_ref, _ = _alone(q, k, v, cu, window=window, block_size=8)
+    x = dict(q=q, k=k, v=v)
+    x[where] = x[where].clone()
+    x[where][:, :, p] = float("nan")
+    idx = torch.arange(T)
+    o, lse = softmax_attention(x["q"], x["k"], x["v"], idx, idx, window=window, block_size=8, cu_seqlens=cu)
+    keep = torch.ones(T, dtype=torch.bool)
+    keep[p:c[4]] = False
+    assert torch.isfinite(o[:, :, keep]).all(), "a NaN reached another sequence or an earlier query"
+    torch.testing.assert_close(o[:, :, keep], o_ref[:, :, keep])
+    assert not torch.isfinite(o[:, :, p]).all()  # the NaN itself is not hidden
+
+
+def test_a_nan_never_reaches_earlier_queries_without_cu_seqlens():
+    q, k, v, _ = _inputs(seed=4)
+    T = q.shape[2]
+    idx = torch.arange(T)
+    clean, _ = softmax_attention(q, k, v, idx, idx)
+    v = v.clone()
+    v[:, :, 30] = float("nan")
+    o, _ = softmax_attention(q, k, v, idx, idx)  # one block of 256 holds all queries
+    assert torch.isfinite(o[:, :, :30]).all()
+    torch.testing.assert_close(o[:, :, :30], clean[:, :, :30])
+    assert torch.isnan(o[:, :, 30:]).all()
+
+
+def test_bad_cu_seqlens_name_the_argument():
+    q, k, v, cu = _inputs()
+    idx = torch.arange(q.shape[2])
+    decreasing = cu.clone()
+    decreasing[2] = 1
+    for why, bad in {"int64": cu.int(), "start at 0": cu + 1, "end at T": cu[:-1],
+                     "non-decreasing": decreasing}.items():
+        with pytest.raises(ValueError, match=f"cu_seqlens must .*{why}"):
+            softmax_attention(q, k, v, idx, idx, cu_seqlens=bad)
+    with pytest.raises(ValueError, match="B = 1"):
+        softmax_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), idx, idx,
+                          cu_seqlens=cu)
