@@ -256,24 +256,28 @@ def over_time_chunks(step, seqs, state, chunk_size=256, cu_seqlens=None, zeros=N
     ckpt = torch.is_grad_enabled() and T > chunk_size
     run = (lambda *a: checkpoint(step, *a, use_reentrant=False)) if ckpt else step  # noqa: E731
     ys = []
+    # split, not slice: the backward of a split is one concatenation of the chunks' gradients, where
+    # each slice's backward would write its gradient into a zero tensor of the whole (B, T, ...)
+    # input (O(T^2/chunk) memory traffic: Mamba fwd+bwd at T=8192 spent 2.6 of 5.5 s there)
+    pieces = list(zip(*[s.split(chunk_size, dim=1) for s in seqs]))
     if cu_seqlens is None:
-        for t0 in range(0, T, chunk_size):
-            y, state = run(*[s[:, t0:t0 + chunk_size] for s in seqs], state)
+        for chunk in pieces:
+            y, state = run(*chunk, state)
             ys.append(y)
         return torch.cat(ys, dim=1), state
     cu = cu_seqlens
     init = lambda n: zeros(1) if state is None else rows(state, n, n + 1)  # noqa: E731
     seqs_in = [(n, a, b) for n, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
     finals, carried = {}, None
-    for t0 in range(0, T, chunk_size):
+    for t0, chunk in zip(range(0, T, chunk_size), pieces):
         t1 = min(t0 + chunk_size, T)
-        pieces = [(n, a < t0, b) for n, a, b in seqs_in if a < t1 and b > t0]  # (n, continues, end)
-        initial = cat_rows([carried if cont else init(n) for n, cont, _ in pieces])
-        cu_local = torch.tensor([0] + [min(b, t1) - t0 for _, _, b in pieces], dtype=torch.int64)
-        y, fin = run(*[s[:, t0:t1] for s in seqs], initial, cu_local)
-        for i, (n, _, b) in enumerate(pieces):
+        here = [(n, a < t0, b) for n, a, b in seqs_in if a < t1 and b > t0]  # (n, continues, end)
+        initial = cat_rows([carried if cont else init(n) for n, cont, _ in here])
+        cu_local = torch.tensor([0] + [min(b, t1) - t0 for _, _, b in here], dtype=torch.int64)
+        y, fin = run(*chunk, initial, cu_local)
+        for i, (n, _, b) in enumerate(here):
             if b <= t1:
                 finals[n] = rows(fin, i, i + 1)
-        carried = rows(fin, len(pieces) - 1, len(pieces))
+        carried = rows(fin, len(here) - 1, len(here))
         ys.append(y)
     return torch.cat(ys, dim=1), cat_rows([finals.get(n, init(n)) for n in range(len(cu) - 1)])
