@@ -153,3 +153,26 @@ def test_cu_seqlens_with_one_token_runs_the_packed_form():
     o1, S1 = gated_delta_rule_recurrent(q, k, v, log_g, b, None, S0[1:2])
     torch.testing.assert_close(o, o1)
     torch.testing.assert_close(S, torch.cat([S0[:1], S1, S0[2:]]))
+
+
+@pytest.mark.parametrize("vector", [False, True])
+def test_blocks_of_tokens_equal_one_call(vector):
+    """Long rows run in blocks (tuning 'delta.block_tokens'): outputs, state and gradients equal the loop."""
+    from rnnlab.ops import tuning
+    from rnnlab.ops.delta import gated_delta_rule_chunked, gated_delta_rule_recurrent
+    g = torch.Generator().manual_seed(3)
+    B, T, H, K, V = 2, 150, 2, 8, 6
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
+    q, k, v = r(B, T, H, K), torch.nn.functional.normalize(r(B, T, H, K), dim=-1), r(B, T, H, V)
+    log_g = torch.nn.functional.logsigmoid(r(B, T, H, K) if vector else r(B, T, H)) / 4
+    beta, S0 = torch.rand(B, T, H, generator=g, dtype=torch.float64), r(B, H, K, V)
+    ins = [t.requires_grad_() for t in (q, k, v, log_g, beta, S0)]
+    o1, s1 = gated_delta_rule_recurrent(*ins[:5], initial_state=ins[5])
+    g1 = torch.autograd.grad((o1.sum() + s1.sum()), ins)
+    with tuning.override(cpu={"delta.block_tokens": 40}, cuda={"delta.block_tokens": 40}):
+        o2, s2 = gated_delta_rule_chunked(*ins[:5], initial_state=ins[5], chunk_size=16)
+    g2 = torch.autograd.grad((o2.sum() + s2.sum()), ins)
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(s2, s1)
+    for a, b in zip(g2, g1):
+        torch.testing.assert_close(a, b)

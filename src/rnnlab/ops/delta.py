@@ -226,6 +226,9 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int):
 
 def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_seqlens):
     cu = check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
+    block = tuning.get("delta.block_tokens", q.device)
+    if cu is None and block is not None and q.shape[1] > block:  # long rows: blocks one after another
+        return _in_blocks(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, block)
     B, T, H, K = q.shape
     V, acc = v.shape[-1], _acc(q)
     scale = K ** -0.5 if scale is None else scale
@@ -256,6 +259,22 @@ def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_s
     o = scale * rearrange(torch.stack(outs, dim=2), "b h n c v -> b (n c) h v")  # (B, N*C, H, V)
     o = o[:, :T] if layout is None else layout.unpad(o)
     return o.to(q.dtype), carry.final()
+
+
+def _in_blocks(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, block):
+    """:func:`_chunked` over consecutive blocks of ``block`` tokens, the state passed from one to
+    the next (a multiple of the chunk size, so the chunks are those of one call). Inputs are split,
+    not sliced: a slice's backward would fill a zero tensor of the whole input per block."""
+    vector = log_g is not None and log_g.dim() == 4
+    C = chunk_size or tuning.get("gla.chunk_size" if vector else "delta.chunk_size", q.device)
+    block = max(C, block // C * C)
+    parts = [x.split(block, dim=1) if x is not None else [None] * -(-q.shape[1] // block)
+             for x in (q, k, v, log_g, beta)]
+    S, outs = initial_state, []
+    for qb, kb, vb, gb, bb in zip(*parts):
+        o, S = _chunked(qb, kb, vb, gb, bb, scale, S, C, intra, None)
+        outs.append(o)
+    return torch.cat(outs, dim=1), S
 
 
 def one_token(q, k, v, log_g=None, beta=None, scale=None, initial_state=None):
