@@ -16,7 +16,7 @@ import rnnlab
 
 pytestmark = pytest.mark.slow
 
-STEPS = 30
+STEPS = 120
 
 
 def _args(text, out):
@@ -27,19 +27,22 @@ def _args(text, out):
 
 def _start(args):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    started = time.time()
-    p = subprocess.Popen([sys.executable, "-m", "rnnlab", *args], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.PIPE, text=True)
-    p.started = started
-    return p
+    return subprocess.Popen([sys.executable, "-m", "rnnlab", *args], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _latest_step(out):
+    latest = out / "checkpoints" / "latest"
+    return int(latest.read_text().strip()[5:]) if latest.is_file() else -1
 
 
 def _wait_training(out, proc, timeout=120):
-    """Until this process has logged a step (so it is past start-up and has a checkpoint)."""
+    """Until this process has saved a checkpoint past the one it started from (so it is in the
+    training loop, not starting up)."""
+    start = max(_latest_step(out), 0)
     t0 = time.time()
     while time.time() - t0 < timeout and proc.poll() is None:
-        m = out / "metrics.jsonl"
-        if m.is_file() and m.stat().st_size > 0 and m.stat().st_mtime > proc.started:
+        if _latest_step(out) > start:
             return
         time.sleep(0.01)
 
