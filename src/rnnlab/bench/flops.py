@@ -5,7 +5,7 @@ FLOPs count 2 per multiply-add of every contraction (matmul, einsum) and 1 per e
 multiply or add that the algorithm does per element; exps, masks, softmax and reductions that do
 not scale with a matrix dimension are not counted.
 
-**A layer's floor** (:func:`layer_flops`, forward): ``2 · params · B·T`` (every parameter is used
+**A layer's floor** (:func:`layer_flops`, forward; defined in :mod:`rnnlab.flops`, shared with the trainer's MFU): ``2 · params · B·T`` (every parameter is used
 once per token in one multiply-add: projections, short convolutions, recurrent matrices) plus the
 mixing FLOPs:
 
@@ -39,47 +39,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-from torch import nn
+from ..flops import attention_pairs, layer_flops
 
 __all__ = ["layer_flops", "kernel_flops", "KERNEL_CASES", "FORMULAS", "attention_pairs"]
-
-# FLOPs per state element per token (recurrent mixers) where the default 4 does not fit
-_STATE_FLOPS = {"deltanet": 6, "gated_deltanet": 6}
-
-
-def attention_pairs(T: int, window: int | None = None, sinks: int = 0) -> int:
-    """(query, key) pairs a causal attention over T tokens scores: ``sum_t min(t+1, window+sinks)``
-    (all ``T(T+1)/2`` without a window)."""
-    if window is None:
-        return T * (T + 1) // 2
-    span = window + sinks
-    full = min(T, span)  # queries t < span see t+1 keys, the rest see span keys
-    return full * (full + 1) // 2 + (T - full) * span
-
-
-def _unique_params(module: nn.Module) -> int:
-    seen, n = set(), 0
-    for p in module.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            n += p.numel()
-    return n
-
-
-def layer_flops(layer: nn.Module, name: str, B: int, T: int) -> dict[str, float]:
-    """The forward floor of mixer ``layer`` (registry name ``name``) on a (B, T, D) input:
-    ``{"proj": ..., "mix": ..., "total": ...}`` in FLOPs (see the module docstring)."""
-    proj = 2.0 * _unique_params(layer) * B * T
-    c = layer.config
-    if not getattr(layer, "recurrent", True):  # softmax attention (full, window, sinks)
-        mix = 4.0 * B * c.num_heads * c.head_dim * attention_pairs(T, c.window, c.sinks or 0)
-    else:
-        floats = layer.state_size(1, torch.float32) / 4
-        per = _STATE_FLOPS.get(name, 2 * c.d_state + 2 if name == "lssl" else 4)
-        mix = float(per) * B * T * floats
-    return {"proj": proj, "mix": mix, "total": proj + mix}
-
 
 def _chunks(T: int, C: int) -> int:
     return -(-T // C)

@@ -17,13 +17,9 @@ from typing import Callable
 
 import torch
 
+from ..flops import matmul_peak, sync  # noqa: F401 (part of this module's interface)
+
 __all__ = ["Timing", "Budget", "sync", "timeit", "peak_memory", "matmul_peak", "bandwidth", "load_average"]
-
-
-def sync(device: torch.device) -> None:
-    """Wait for queued kernels on ``device`` (a no-op on CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
@@ -114,23 +110,6 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
         live += e.nbytes()
         peak = max(peak, live)
     return peak
-
-
-def matmul_peak(device: torch.device, dtype: torch.dtype, sizes=(1024, 2048), repeats: int = 5) -> float:
-    """The machine's matrix-multiply peak in FLOP/s: the best over ``sizes`` (square ``torch.mm``
-    of n x n matrices in ``dtype``, 2 n^3 FLOPs) and ``repeats`` calls, after a warm-up call."""
-    best = 0.0
-    for n in sizes:
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        torch.mm(a, b)
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            sync(device)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - t0))
-    return best
 
 
 def bandwidth(device: torch.device, dtype: torch.dtype = torch.float32, nbytes: int = 256 * 2 ** 20,

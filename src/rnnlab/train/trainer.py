@@ -26,7 +26,7 @@ from tqdm import tqdm
 from . import distributed as D
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, run_exists, save_checkpoint
 from .evaluate import evaluate, plot_losses
-from .flops import flops_per_token, matmul_peak
+from ..flops import matmul_peak, model_flops_per_token
 
 __all__ = ["TrainConfig", "train", "RunExistsError", "NonFiniteLossError"]
 
@@ -214,7 +214,7 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
         save(0)  # the initial weights: from here on a run can always be resumed
 
     # 3. The loop: one host sync per step (loss, scored tokens and gradient norm together).
-    flops_tok = flops_per_token(model, c.seq_len)
+    flops_tok = model_flops_per_token(model, c.seq_len)
     peak = matmul_peak(e.device, torch.bfloat16 if c.autocast == "bf16" else torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     net.train()
