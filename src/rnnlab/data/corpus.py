@@ -23,7 +23,7 @@ def text_files(paths: list[str]) -> list[Path]:
     for item in paths:
         hits = glob.glob(item, recursive=True) if any(c in item for c in "*?[") else [item]
         if not hits:
-            raise FileNotFoundError(f"--data {item!r} matches no file")
+            raise FileNotFoundError(f"text path {item!r} matches no file")
         for h in hits:
             p = Path(h)
             if p.is_dir():
@@ -31,7 +31,7 @@ def text_files(paths: list[str]) -> list[Path]:
             elif p.is_file():
                 out.append(p)
             else:
-                raise FileNotFoundError(f"--data {h!r} is not a file or directory")
+                raise FileNotFoundError(f"text path {h!r} is not a file or directory")
     return sorted(set(out))
 
 
