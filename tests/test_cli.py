@@ -76,8 +76,8 @@ def test_train_config_file_preset_and_flags(tmp_path, text, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["--layout", "nosuch"], "unknown mixer 'nosuch'"),
     (["--layout", "attention(foo=1)"], "has no option"),
-    (["--steps", "0"], "steps must be"),
-    (["--batch-size", "6", "--grad-accum", "4"], "multiple of grad_accum"),
+    (["--steps", "0"], "--steps must be"),
+    (["--batch-size", "6", "--grad-accum", "4"], "multiple of --grad-accum"),
     (["--data", "/no/such/file"], "/no/such/file"),
     (["--config", "/no/such.toml"], "--config"),
 ])
@@ -119,7 +119,7 @@ def test_convert_round_trip(tmp_path):
 
 @pytest.mark.parametrize("argv, match", [
     (["train", "--layout", "nosuch", "--out", "x", "--steps", "1"], "unknown mixer"),
-    (["generate", "--model", "/nonexistent/dir"], "config.json"),
+    (["generate", "--model", "/nonexistent/dir", "--prompt", "x"], "config.json"),
     (["train", "--data", "/nonexistent/*.txt", "--out", "x"], "matches no file"),
 ])
 def test_errors_are_one_line(argv, match, capsys):
@@ -172,3 +172,99 @@ def test_console_command_exits_zero(tmp_path, text):
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rnnlab"]
     p = subprocess.run(cmd + ["data", "prepare", text, "--out", str(tmp_path / "d")], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+def _console(*args, cwd=None, env=None):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = Path(sys.executable).parent / "rnnlab"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "rnnlab"]
+    return subprocess.run(cmd + list(args), capture_output=True, text=True, cwd=cwd, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_console_script_exit_codes_json_and_logs(tmp_path, text):
+    """Success exits 0 with results on stdout (--json: one JSON document); logs to a pipe have no
+    carriage-return progress bars; --quiet prints no progress at all."""
+    run = tmp_path / "run"
+    p = _console("train", "--layout", "gla", "--n-layers", "1", "--d-model", "16", "--seq-len", "16",
+                 "--batch-size", "2", "--steps", "20", "--eval-every", "10", "--data", text, "--out", str(run), "--json")
+    assert p.returncode == 0, p.stderr
+    res = json.loads(p.stdout)
+    assert res["step"] == 20 and res["val_bits"] > 0
+    assert "\r" not in p.stderr and "step 2/20" in p.stderr and "bits per token" in p.stderr
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert abs(rows[-1]["bits"] - rows[-1]["loss"] / 0.6931471805599453) < 1e-9
+    q = _console("eval", "--model", str(run), "--windows", "1", "--lengths", "1", "--quiet", "--json")
+    assert q.returncode == 0, q.stderr
+    assert json.loads(q.stdout)["train_seq_len"] == 16  # the run's own length and data, from run.json
+    g = _console("generate", "--model", str(run), "--prompt", "the", "--max-new-tokens", "3", "--temperature", "0")
+    assert g.returncode == 0 and g.stdout.startswith(g.stdout.strip()[:1]) and g.stderr == ""
+    v = _console("--version")
+    assert v.returncode == 0 and v.stdout.startswith(f"rnnlab {rnnlab.__version__}")
+    h = _console("bench", "ops", "--help")
+    assert h.returncode == 0 and "--quick" in h.stdout and "--families" in h.stdout
+
+
+def test_train_is_reproducible_with_a_seed(tmp_path, text):
+    def weights(name, seed):
+        main(["train", "--layout", "gated_deltanet,swa(window=8)", "--n-layers", "2", "--d-model", "16",
+              "--seq-len", "16", "--batch-size", "2", "--steps", "3", "--eval-every", "0", "--data", text,
+              "--seed", str(seed), "--out", str(tmp_path / name), "--quiet"])
+        return rnnlab.load_model(tmp_path / name).state_dict()
+    a, b, c = weights("a", 7), weights("b", 7), weights("c", 8)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_every_flag_has_help_and_its_default(capsys):
+    from rnnlab.cli import build_parser
+    import argparse
+
+    def parsers(p, name="rnnlab"):
+        yield name, p
+        for action in p._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from parsers(sub, f"{name} {sub_name}")
+    seen = 0
+    for name, p in parsers(build_parser()):
+        if name != "rnnlab" and name.count(" ") == 1 and name != "rnnlab data":
+            assert p.epilog and "examples:" in p.epilog, f"{name} has no examples"
+        for action in p._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)):
+                continue
+            seen += 1
+            assert action.help and len(action.help) > 8, f"{name} {action.option_strings or action.dest}: no help"
+            shown = p.formatter_class(prog=name)._get_help_string(action)
+            if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+                assert "default" in shown.lower(), f"{name} {action.option_strings}: no default in its help"
+    assert seen > 60
+
+
+def test_prompt_escapes_keep_non_ascii():
+    from rnnlab.cli import _decode_escapes
+    assert _decode_escapes("caf\u00e9 \u4e2d\\n\\tx") == "caf\u00e9 \u4e2d\n\tx"
+
+
+def test_files_follow_the_umask_and_stale_temporaries_go(tmp_path, text):
+    import os
+    import stat
+    run = tmp_path / "run"
+    args = ["train", "--layout", "gla", "--n-layers", "1", "--d-model", "16", "--seq-len", "16", "--batch-size", "2",
+            "--eval-every", "0", "--data", text, "--out", str(run), "--quiet"]
+    old = os.umask(0o022)
+    try:
+        main(args + ["--steps", "2"])
+        (run / ".tmp-killed-run.json").write_text("{")
+        (run / "checkpoints" / ".tmp-step_00000003-x").mkdir()
+        main(args + ["--steps", "3", "--resume"])
+    finally:
+        os.umask(old)
+    assert not list(run.glob(".tmp-*")) and not list((run / "checkpoints").glob(".tmp-*"))
+    for f in [run / "metrics.jsonl", run / "run.json", run / "loss.png", run / "checkpoints" / "latest",
+              *(run / "checkpoints" / "step_00000003").iterdir()]:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE((run / "checkpoints" / "step_00000003").stat().st_mode) == 0o755

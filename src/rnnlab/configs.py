@@ -16,7 +16,8 @@ import types
 import typing
 from typing import Any
 
-__all__ = ["field_docs", "add_flags", "apply", "flag_values", "load_toml"]
+__all__ = ["field_docs", "add_flags", "apply", "flag_values", "load_toml", "Parser", "HelpFormatter", "int_at_least", "float_in",
+           "name_flags", "parse_device"]
 
 
 @functools.lru_cache(maxsize=None)
@@ -120,3 +121,92 @@ def load_toml(path: str) -> dict[str, Any]:
         raise FileNotFoundError(f"--config {path!r}: no such file") from None
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"--config {path!r} is not valid TOML: {e}") from None
+
+
+# -- the command line's parser and value types -------------------------------------------------------
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help as written (descriptions and epilogs keep their lines), each option's default appended
+    unless its help already names it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if ("default" in text.lower() or action.default in (None, False, argparse.SUPPRESS)
+                or not action.option_strings or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line on stderr (exit status 2): the command, the
+    flag and what was expected, and where the help is — no usage block to scroll past. Help shows
+    every option's default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (options: {self.prog} --help)\n")
+
+
+def _bounded(kind: type, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool, what: str):
+    def convert(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        ok = value == value and abs(value) != float("inf")  # finite (not NaN, not inf)
+        if lo is not None:
+            ok = ok and (value > lo if lo_open else value >= lo)
+        if hi is not None:
+            ok = ok and (value < hi if hi_open else value <= hi)
+        if not ok:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    convert.__name__ = what
+    return convert
+
+
+def int_at_least(lo: int):
+    """An argparse ``type``: an int >= ``lo``."""
+    return _bounded(int, lo, None, False, False, f"an integer >= {lo}")
+
+
+def float_in(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    """An argparse ``type``: a finite float within the bounds given (``*_open``: bound excluded)."""
+    if lo is None and hi is None:
+        what = "a finite number"
+    else:
+        left = "" if lo is None else f"{'(' if lo_open else '['}{lo}"
+        right = "" if hi is None else f"{hi}{')' if hi_open else ']'}"
+        what = f"a number in {left or '(-inf'}, {right or 'inf)'}"
+    return _bounded(float, lo, hi, lo_open, hi_open, what)
+
+
+def name_flags(message: str, fields: typing.Iterable[str]) -> str:
+    """``message`` with each of ``fields`` written as its command-line flag (``min_lr`` ->
+    ``--min-lr``): an error raised by a dataclass then names the flag the user typed."""
+    for name in sorted(set(fields), key=len, reverse=True):
+        message = re.sub(rf"(?<![\w-]){re.escape(name)}(?!\w)", _flag(name), message)
+    return message
+
+
+def parse_device(name: str | None, flag: str = "--device"):
+    """``torch.device`` for a ``--device`` value (None: cuda if available, else cpu), refusing
+    names torch does not know and devices this machine does not have, with an error naming ``flag``."""
+    import torch
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError, TypeError):
+        raise ValueError(f"{flag} {name!r} is not a device name; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{flag} {name}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"{flag} {name}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{flag} {name}: MPS is not available on this machine")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{flag} {name}: rnnlab runs on cpu, cuda or mps, not {dev.type}")
+    return dev

@@ -20,6 +20,7 @@ import time
 import torch
 
 from . import report
+from ..configs import Parser, int_at_least
 from ..models.hf import from_hf
 
 _SIZES = {  # a small but not toy model: d_model 256, 4 layers
@@ -68,16 +69,21 @@ def run(arch: str, Ts: list[int], decode_tokens: int, d_model: int, n_layers: in
     return rows
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="rnnlab bench hf", description=__doc__.split("\n\n")[0])
-    p.add_argument("--archs", nargs="+", default=["mamba", "mamba2"], choices=sorted(_SIZES))
-    p.add_argument("--T", nargs="+", type=int, default=[1024, 4096], help="prefill lengths")
-    p.add_argument("--decode-tokens", type=int, default=128)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+def build_parser() -> Parser:
+    p = Parser(prog="rnnlab bench hf", description=__doc__.split("\n\n")[0])
+    p.add_argument("--archs", nargs="+", default=["mamba", "mamba2"], choices=sorted(_SIZES), help="architectures to compare")
+    p.add_argument("--T", nargs="+", type=int_at_least(1), default=[1024, 4096], help="prefill lengths")
+    p.add_argument("--decode-tokens", type=int_at_least(1), default=128, help="tokens decoded one at a time")
+    p.add_argument("--d-model", type=int_at_least(1), default=256, help="model width")
+    p.add_argument("--n-layers", type=int_at_least(1), default=4, help="layers")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls; the median is reported")
     p.add_argument("--quick", action="store_true", help="T=256, 16 decode tokens, 1 repeat")
     p.add_argument("--json", help="also write the results to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.quick:
         a.T, a.decode_tokens, a.repeats = [256], 16, 1

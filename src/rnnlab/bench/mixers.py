@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import report
+from ..configs import Parser, int_at_least
 from .. import Stream, build_model
 from ..models.registry import mixers
 
@@ -51,17 +52,22 @@ def run(name: str, d_model: int, n_layers: int, batch: int, T: int, repeats: int
                 prefill_tok_s=batch * T / prefill, decode_ms_per_token=decode * 1e3)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="rnnlab bench mixers", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="rnnlab bench mixers", description=__doc__.split("\n\n")[0])
     p.add_argument("--mixers", nargs="+", default=None, help="default: every registered mixer")
-    p.add_argument("--d-model", type=int, default=128)
-    p.add_argument("--n-layers", type=int, default=2)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--T", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--decode-tokens", type=int, default=32)
+    p.add_argument("--d-model", type=int_at_least(1), default=128, help="model width")
+    p.add_argument("--n-layers", type=int_at_least(1), default=2, help="layers of each model")
+    p.add_argument("--batch", type=int_at_least(1), default=8, help="batch size B")
+    p.add_argument("--T", type=int_at_least(1), default=256, help="tokens per sequence")
+    p.add_argument("--repeats", type=int_at_least(1), default=2, help="timed calls; the median is reported")
+    p.add_argument("--decode-tokens", type=int_at_least(1), default=32, help="tokens decoded one at a time")
     p.add_argument("--quick", action="store_true", help="d_model 32, batch 2, T 32, 1 repeat, 4 decode tokens")
     p.add_argument("--json", help="also write the results to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = build_parser()
     a = p.parse_args(argv)
     names = a.mixers or mixers()
     unknown = sorted(set(names) - set(mixers()))

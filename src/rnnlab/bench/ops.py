@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import report
+from ..configs import Parser, int_at_least
 from ..ops import registry
 
 
@@ -111,20 +112,25 @@ def _print_row(r):
           f"{speedup} {sdpa / fast:8.2f}x", flush=True)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="rnnlab bench ops", description=__doc__.split("\n\n")[0])
+def build_parser() -> Parser:
+    p = Parser(prog="rnnlab bench ops", description=__doc__.split("\n\n")[0])
     names = registry.families()
-    p.add_argument("--families", nargs="+", default=names, choices=names)
+    p.add_argument("--families", nargs="+", default=names, choices=names, help="op families to time")
     p.add_argument("--backend", default="torch", choices=registry.BACKENDS,
                    help="backend to prefer for the fast forms (where a family lacks it: torch, reported)")
-    p.add_argument("--T", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
-    p.add_argument("--B", type=int, default=1)
-    p.add_argument("--H", type=int, default=8)
-    p.add_argument("--K", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--ref-max-T", type=int, default=4096, help="time reference loops only up to this T")
+    p.add_argument("--T", nargs="+", type=int_at_least(1), default=[512, 1024, 2048, 4096, 8192, 16384], help="sequence lengths")
+    p.add_argument("--B", type=int_at_least(1), default=1, help="batch size")
+    p.add_argument("--H", type=int_at_least(1), default=8, help="heads")
+    p.add_argument("--K", type=int_at_least(1), default=64, help="head dimension (keys and values)")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls; the median is reported")
+    p.add_argument("--ref-max-T", type=int_at_least(1), default=4096, help="time reference loops only up to this T")
     p.add_argument("--quick", action="store_true", help="T = 256, 512; reference up to 512; 1 repeat")
     p.add_argument("--json", help="also write the results to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.quick:
         a.T, a.ref_max_T, a.repeats = [256, 512], 512, 1

@@ -25,6 +25,7 @@ import time
 import torch
 
 from . import report
+from ..configs import Parser, int_at_least
 from ..models.registry import build_mixer
 from ..ops import newton_solve
 
@@ -78,16 +79,21 @@ def run(name: str, T: int, d_model: int, heads: int | None, repeats: int, seed: 
                 max_abs_diff=(outs["seq"] - outs["newton"]).abs().max().item())
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(prog="rnnlab bench rnn", description=__doc__.split("\n\n")[0])
-    p.add_argument("--T", nargs="+", type=int, default=_DEFAULT_T, help="sequence lengths")
+def build_parser() -> Parser:
+    p = Parser(prog="rnnlab bench rnn", description=__doc__.split("\n\n")[0])
+    p.add_argument("--T", nargs="+", type=int_at_least(1), default=_DEFAULT_T, help="sequence lengths")
     p.add_argument("--mixers", nargs="+", default=["lstm", "gru"], choices=["lstm", "gru"])
-    p.add_argument("--d-model", type=int, default=128, help="model width = hidden width")
-    p.add_argument("--heads", type=int, default=None, help="recurrence blocks (default: d_model, diagonal)")
-    p.add_argument("--repeats", type=int, default=2, help="timed rounds per form")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--d-model", type=int_at_least(1), default=128, help="model width = hidden width")
+    p.add_argument("--heads", type=int_at_least(1), default=None, help="recurrence blocks (default: d_model, diagonal)")
+    p.add_argument("--repeats", type=int_at_least(1), default=2, help="timed rounds per form")
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--quick", action="store_true", help="T = 512 1024, d_model 32, one timed round")
     p.add_argument("--json", help="also write the results to this file")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = build_parser()
     a = p.parse_args(argv)
     if a.quick:
         a.T, a.d_model, a.repeats = [512, 1024], 32, 1

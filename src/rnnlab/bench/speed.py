@@ -46,6 +46,7 @@ from . import report
 from .flops import layer_flops
 from .measure import Budget, bandwidth, load_average, matmul_peak, peak_memory, timeit
 from .plot import loglog
+from ..configs import Parser, int_at_least, parse_device
 from ..models.registry import build_mixer, make_config, mixers, options_help
 
 MODES = ("models", "layers", "decode", "efficiency", "peers")
@@ -251,31 +252,30 @@ def run_layers(ctx: Ctx):
 
 # -- the command -------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rnnlab bench speed", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="rnnlab bench speed", description=__doc__.split("\n\n")[0])
     p.add_argument("mode", choices=MODES, help="what to measure (see below)")
     p.add_argument("--mixers", nargs="+", help="models/layers: the mixers (default: every registered one; "
                                                "attention always runs as the reference)")
-    p.add_argument("--T", nargs="+", type=int, help="sequence lengths (default: models/efficiency 512..16384, "
+    p.add_argument("--T", nargs="+", type=int_at_least(1), help="sequence lengths (default: models/efficiency 512..16384, "
                                                      "layers 512..32768, peers 512..4096)")
-    p.add_argument("--contexts", nargs="+", type=int, help="decode: context lengths (default 1024..65536)")
+    p.add_argument("--contexts", nargs="+", type=int_at_least(1), help="decode: context lengths (default 1024..65536)")
     p.add_argument("--layouts", nargs="+", help="decode: model layouts (default: gated_deltanet, mamba2, "
                                                 "gated_deltanet*3,swa(window=1024,sinks=4), attention)")
     p.add_argument("--families", nargs="+", help="efficiency: kernel cases (default: all)")
     p.add_argument("--peers", nargs="+", help="peers: which peers (default: all)")
-    p.add_argument("--d-model", type=int, default=None, help="model / layer width (default 512; --quick 64)")
-    p.add_argument("--n-layers", type=int, default=None, help="layers of a model (default 6; --quick 2)")
-    p.add_argument("--head-dim", type=int, default=None, help="head dimension (default 64; --quick 32)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--steps", type=int, default=None, help="decode: timed single-token steps (default 32)")
-    p.add_argument("--prefill-chunk", type=int, default=None, help="decode: prefill chunk length (default 2048)")
-    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    p.add_argument("--repeats", type=int, default=None, help="timed calls after the warm-up; median (default 3)")
+    p.add_argument("--d-model", type=int_at_least(1), default=None, help="model / layer width (default 512; --quick 64)")
+    p.add_argument("--n-layers", type=int_at_least(1), default=None, help="layers of a model (default 6; --quick 2)")
+    p.add_argument("--head-dim", type=int_at_least(1), default=None, help="head dimension (default 64; --quick 32)")
+    p.add_argument("--batch", type=int_at_least(1), default=1, help="batch size B")
+    p.add_argument("--steps", type=int_at_least(1), default=None, help="decode: timed single-token steps (default 32)")
+    p.add_argument("--prefill-chunk", type=int_at_least(1), default=None, help="decode: prefill chunk length (default 2048)")
+    p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
+    p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed calls after the warm-up; median (default 3)")
     p.add_argument("--budget-s", type=float, default=20.0, help="stop a mixer at the T where one call passes "
                                                                 "this many seconds (default 20)")
     p.add_argument("--budget-gb", type=float, default=None, help="... or its measured peak memory (layers) or "
                                                                  "state (decode) passes this many GB (default: none)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and activation dtype")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--quick", action="store_true", help="smoke run: d_model 64, 2 layers, head dim 32, T 128 and "
                                                         "256, 1 repeat, small peak measurements")
@@ -332,7 +332,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     _resolve(p, a)
     if a.threads:
         torch.set_num_threads(a.threads)
-    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = parse_device(a.device)
     dtype = getattr(torch, a.dtype)
     load = load_average()
     ctx = Ctx(a, device, dtype, Budget(a.budget_s, a.budget_gb),

@@ -17,21 +17,43 @@ def stdlib_files() -> list[Path]:
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts and "dist-packages" not in p.parts)
 
 
+def _is_binary(path: Path) -> bool:
+    """A file whose first 8 KiB hold a NUL byte (the test git uses) is not text."""
+    try:
+        with open(path, "rb") as f:
+            return b"\0" in f.read(8192)
+    except OSError:
+        return True
+
+
 def text_files(paths: list[str]) -> list[Path]:
-    """Expand files, directories (all files below) and glob patterns to a sorted list of files."""
+    """Expand files, directories and glob patterns to a sorted list of text files.
+
+    Below a directory, hidden files and directories (``.git``, ``.venv``, ...) and binary files are
+    left out; a file named directly must be text. Raises FileNotFoundError for a path that matches
+    nothing and ValueError for a binary file named directly or a path that yields no text file.
+    """
     out: list[Path] = []
     for item in paths:
         hits = glob.glob(item, recursive=True) if any(c in item for c in "*?[") else [item]
         if not hits:
             raise FileNotFoundError(f"text path {item!r} matches no file")
+        found = []
         for h in hits:
             p = Path(h)
             if p.is_dir():
-                out += [f for f in p.rglob("*") if f.is_file()]
+                found += [f for f in p.rglob("*") if f.is_file() and not any(part.startswith(".") for part in
+                                                                             f.relative_to(p).parts)
+                          and not _is_binary(f)]
             elif p.is_file():
-                out.append(p)
+                if _is_binary(p):
+                    raise ValueError(f"text path {h!r} is a binary file, not text")
+                found.append(p)
             else:
                 raise FileNotFoundError(f"text path {h!r} is not a file or directory")
+        if not found:
+            raise ValueError(f"text path {item!r} holds no text file (hidden and binary files are left out)")
+        out += found
     return sorted(set(out))
 
 

@@ -243,7 +243,11 @@ def prepare_corpus(paths: list[str] | None, out_dir: str | os.PathLike, tokenize
     files = stdlib_files() if paths is None else text_files([str(p) for p in paths])
     out_abs = out.resolve()
     files = [f for f in files if out_abs != f.resolve().parent and out_abs not in f.resolve().parents]
-    pieces = _plan(files, float(val_fraction), max_bytes)
+    try:
+        pieces = _plan(files, float(val_fraction), max_bytes)
+    except ValueError as e:
+        where = "the standard library's source" if paths is None else ", ".join(repr(str(p)) for p in paths)
+        raise ValueError(f"{where}: {e}") from None
     _prepare_out_dir(out)
 
     writers = {s: _ShardWriter(out, s, dtype, shard_tokens) for s in _SPLITS}

@@ -257,7 +257,12 @@ def _exportable(arch: _Arch, model: LM) -> bool:
 
 
 def load_tokenizer(path: str | os.PathLike):
-    """The directory's ``tokenizer.json`` as an :class:`rnnlab.data.HFTokenizer`, else the byte tokenizer."""
+    """The ``tokenizer.json`` of a model directory as an :class:`rnnlab.data.HFTokenizer` (for a
+    checkpoint ``RUN/checkpoints/step_N``, the run's), else the byte tokenizer."""
     from ..data.tokenizer import ByteTokenizer, HFTokenizer
-    file = Path(path) / "tokenizer.json"
-    return HFTokenizer(file) if file.is_file() else ByteTokenizer()
+    d = Path(path)
+    places = [d] + ([d.parent.parent] if d.parent.name == "checkpoints" else [])
+    for file in (p / "tokenizer.json" for p in places):
+        if file.is_file():
+            return HFTokenizer(file)
+    return ByteTokenizer()

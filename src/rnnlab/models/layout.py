@@ -57,8 +57,8 @@ def parse_layout(layout: str, n_layers: int, d_model: int) -> tuple[BlockSpec, .
     """
     if not isinstance(layout, str) or not layout.strip():
         raise ValueError(f"layout must be a non-empty string such as 'gated_deltanet*3,attention', got {layout!r}")
-    if n_layers < 1:
-        raise ValueError(f"n_layers must be >= 1, got {n_layers}")
+    if not isinstance(n_layers, int) or n_layers < 1:
+        raise ValueError(f"n_layers must be an int >= 1, got {n_layers!r}")
     pattern: list[BlockSpec] = []
     for item in _split_top(layout):
         m = _ITEM.match(item)
@@ -66,6 +66,11 @@ def parse_layout(layout: str, n_layers: int, d_model: int) -> tuple[BlockSpec, .
             raise ValueError(f"cannot parse layout item {item.strip()!r} in {layout!r}; "
                              "expected name, name(opt=value,...) or item*n")
         name, opts_text, times = m.group(1), m.group(2), int(m.group(3) or 1)
+        if times < 1:
+            raise ValueError(f"layout item {item.strip()!r} repeats its block {times} times; write item*n with n >= 1")
+        if len(pattern) + times > n_layers:
+            raise ValueError(f"layout {layout!r} has more blocks than n_layers = {n_layers}; "
+                             "raise n_layers or shorten the layout (it is cycled over n_layers blocks)")
         options: dict[str, Any] = {}
         for kv in _split_top(opts_text) if opts_text and opts_text.strip() else []:
             if "=" not in kv:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -53,8 +54,14 @@ class LMConfig:
     blocks: tuple[BlockSpec, ...] = field(init=False, repr=False)  # derived: one spec per block
 
     def __post_init__(self) -> None:
-        if self.vocab_size < 1 or self.d_model < 1:
-            raise ValueError(f"vocab_size and d_model must be positive, got {self.vocab_size}, {self.d_model}")
+        for name in ("vocab_size", "d_model", "n_layers"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
+        if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
+            raise ValueError(f"d_ff must be an int >= 1 or None, got {self.d_ff!r}")
+        for name in ("norm_eps", "init_std"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
         if self.mlp not in ("swiglu", "gelu"):
             raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
         if self.d_ff is None:
@@ -270,19 +277,38 @@ class LM(nn.Module):
         cfg_path = os.path.join(directory, "config.json")
         if not os.path.isfile(cfg_path):
             raise FileNotFoundError(f"{directory!s} holds no config.json: not a saved rnnlab model")
-        with open(cfg_path) as f:
-            meta = json.load(f)
-        if meta.get("model_type") != "rnnlab.LM":
-            raise ValueError(f"{cfg_path} is not an rnnlab model config (model_type={meta.get('model_type')!r})")
+        try:
+            with open(cfg_path) as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+        if not isinstance(meta, dict) or meta.get("model_type") != "rnnlab.LM":
+            kind = meta.get("model_type") if isinstance(meta, dict) else type(meta).__name__
+            raise ValueError(f"{cfg_path} is not an rnnlab model config (model_type={kind!r})")
         if meta.get("format_version", 0) > FORMAT_VERSION:
             raise ValueError(f"{cfg_path} has format version {meta['format_version']}; this rnnlab reads <= {FORMAT_VERSION}")
-        model = cls(LMConfig(**meta["config"]))
-        sd = load_file(os.path.join(directory, "model.safetensors"), device=str(device or "cpu"))
-        if model.config.tie_embeddings:
+        try:
+            config = LMConfig(**meta["config"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{cfg_path}: invalid model config ({e})") from None
+        weights = os.path.join(directory, "model.safetensors")
+        try:
+            sd = load_file(weights, device=str(device or "cpu"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{directory!s} holds config.json but no model.safetensors") from None
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{weights} cannot be read: truncated or not a safetensors file ({e})") from None
+        model = cls(config)
+        if model.config.tie_embeddings and "embed.weight" in sd:
             sd["lm_head.weight"] = sd["embed.weight"]
-        missing, unexpected = model.load_state_dict(sd, strict=False)
-        if missing or unexpected:
-            raise ValueError(f"weights in {directory!s} do not fit the config: missing {missing}, unexpected {unexpected}")
+        own = model.state_dict()
+        missing, unexpected = sorted(set(own) - set(sd)), sorted(set(sd) - set(own))
+        wrong = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+        if missing or unexpected or wrong:
+            detail = "; ".join(f"{what} {names[:3]}{' ...' if len(names) > 3 else ''}" for what, names in
+                               (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if names)
+            raise ValueError(f"{weights} does not fit {cfg_path} ({detail}): the files come from different models")
+        model.load_state_dict(sd)
         return model.to(device) if device is not None else model
 
 

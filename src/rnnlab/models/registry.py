@@ -219,6 +219,11 @@ def make_config(name: str, d_model: int, **options: Any) -> MixerConfig:
     unknown = set(options) - names
     if unknown:
         raise OptionError(f"mixer {name!r} has no option(s) {sorted(unknown)}; its options are {sorted(names - {'d_model'})}")
+    from ..configs import apply
+    try:
+        options = apply(spec.config, options, f"mixer {name!r}")
+    except ValueError as e:  # a value of the wrong type: an OptionError, like an unknown name
+        raise OptionError(str(e)) from None
     return spec.config(d_model=d_model, **options)
 
 

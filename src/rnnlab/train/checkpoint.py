@@ -31,7 +31,7 @@ import torch
 from ..models.lm import FORMAT_VERSION, LMConfig, atomic_write
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "run_exists", "CHECKPOINT_KIND"]
+           "run_exists", "remove_stale_temp", "CHECKPOINT_KIND"]
 
 CHECKPOINT_KIND = "rnnlab.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -93,6 +93,17 @@ def run_exists(run_dir: str | os.PathLike) -> bool:
     return (d / "checkpoints" / "latest").is_file() or (d / "metrics.jsonl").is_file()
 
 
+def remove_stale_temp(run_dir: str | os.PathLike) -> list[Path]:
+    """Remove the ``.tmp-*`` files and directories that killed processes left in a run directory
+    and its ``checkpoints/`` (call it only when no process is writing the run). Returns them."""
+    gone = []
+    for d in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        for stale in d.glob(".tmp-*") if d.is_dir() else ():
+            shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+            gone.append(stale)
+    return gone
+
+
 def save_checkpoint(run_dir: str | os.PathLike, step: int, config: LMConfig, model_state: dict[str, torch.Tensor],
                     trainer_state: dict, keep_last: int | None = None) -> Path:
     """Write checkpoint ``step`` of a run and make it the latest; returns its directory.
@@ -107,6 +118,9 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, config: LMConfig, mod
     root.mkdir(parents=True, exist_ok=True)
     name = _step_name(step)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-{name}-"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; give the directory the mode mkdir would
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()
                    if not (config.tie_embeddings and k == "lm_head.weight")}
@@ -116,6 +130,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, config: LMConfig, mod
         torch.save(trainer_state, tmp / "trainer.pt")
         files = {}
         for f in _FILES:
+            os.chmod(tmp / f, 0o666 & ~umask)  # safetensors writes 0600: give the files the mode open() would
             with open(tmp / f, "rb+") as fh:
                 os.fsync(fh.fileno())
             files[f] = {"bytes": (tmp / f).stat().st_size, "sha256": _sha256(tmp / f)}

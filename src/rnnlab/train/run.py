@@ -22,7 +22,8 @@ from ..configs import apply, load_toml
 from ..models.lm import LMConfig
 from .trainer import TrainConfig
 
-__all__ = ["DataConfig", "PRESETS", "MODEL_FIELDS", "RunSpec", "resolve", "open_data", "make_sources"]
+__all__ = ["DataConfig", "PRESETS", "MODEL_FIELDS", "RunSpec", "resolve", "open_data", "make_sources", "read_run",
+           "check_fits", "training_bytes"]
 
 
 MODEL_FIELDS = ("layout", "n_layers", "d_model", "mlp", "d_ff", "mixer_mlp", "norm_eps", "tie_embeddings", "init_std")
@@ -39,8 +40,9 @@ class DataConfig:
     seed: int = 0  # seed of the model's initialisation and of the order of training windows
 
     def __post_init__(self) -> None:
-        if self.max_bytes < 0 or self.eval_batches < 1:
-            raise ValueError(f"max_bytes must be >= 0 and eval_batches >= 1, got {self.max_bytes}, {self.eval_batches}")
+        for name, lo in (("max_bytes", 0), ("eval_batches", 1), ("seed", 0)):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < lo:
+                raise ValueError(f"{name} must be an int >= {lo}, got {getattr(self, name)!r}")
 
 
 # Presets set model and training sizes; anything can still be overridden by a file or a flag.
@@ -99,17 +101,20 @@ def _is_prepared(paths: list[str]) -> bool:
 
 
 def open_data(d: DataConfig, cache_dir: str | Path, is_main: bool = True, barrier: Callable[[], None] = lambda: None,
-              reuse: bool = False):
+              reuse: bool = False, progress: bool | None = None):
     """(train, validation) :class:`~rnnlab.data.TokenData`: a prepared directory is opened as it is;
     text is tokenised into ``cache_dir`` (by the main process) and memory-mapped; with ``reuse``
-    (a resumed run) an existing cache is kept."""
+    (a resumed run) an existing cache is kept. ``progress``: a bar while tokenising (None: on a
+    terminal)."""
+    import sys
     from ..data import TokenData, prepare_corpus
     if _is_prepared(d.data):
         src = Path(d.data[0])
     else:
         src = Path(cache_dir)
         if is_main and not (reuse and (src / "meta.json").is_file()):
-            prepare_corpus(d.data or None, src, tokenizer=d.tokenizer, max_bytes=d.max_bytes or None)
+            show = progress if progress is not None else sys.stderr.isatty()
+            prepare_corpus(d.data or None, src, tokenizer=d.tokenizer, max_bytes=d.max_bytes or None, progress=show)
         barrier()
     return TokenData.open(src, "train"), TokenData.open(src, "val")
 
@@ -121,3 +126,79 @@ def make_sources(train_data, val_data, t: TrainConfig, seed: int, rank: int = 0,
     from ..data import RandomWindows, SequentialWindows
     train_src = RandomWindows(train_data, t.micro_batch_size, t.seq_len, seed=seed, rank=rank, world_size=world_size)
     return train_src, lambda: SequentialWindows(val_data, t.micro_batch_size, t.seq_len, max_batches=eval_batches)
+
+
+def read_run(run_dir: str | Path) -> dict:
+    """The ``run.json`` of a training run: its data settings, sequence length and tokenizer."""
+    import json
+    path = Path(run_dir) / "run.json"
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_dir}: no run.json (not a directory made by `rnnlab train`)") from None
+    except ValueError as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(run, dict) or not isinstance(run.get("data"), dict):
+        raise ValueError(f"{path} has no [data] settings: not a run.json written by `rnnlab train`")
+    return run
+
+
+def training_bytes(m: LMConfig, t: TrainConfig) -> tuple[int, int, int]:
+    """A rough estimate of what one training step holds in memory: ``(parameters, bytes for the
+    weights, their gradients and AdamW moments (16 per parameter, float32), bytes of activations
+    kept for the backward pass)``. Parameters are counted exactly (each kind of block is built once
+    on the meta device); activations are taken as (12·D + 3·d_ff) floats per token per block plus
+    three copies of the logits, which is within a small factor for every mixer."""
+    import torch
+    from ..models.lm import Block
+    from ..models.registry import get_spec
+    kinds: dict[tuple, int] = {}
+    for spec in m.blocks:  # blocks that differ only in their depth option have the same size
+        depth = None if spec.name == "mlp" else get_spec(spec.name).depth_option
+        key = (spec.name, tuple(o for o in spec.options if o[0] != depth))
+        kinds[key] = kinds.get(key, 0) + 1
+    n = m.vocab_size * m.d_model * (1 if m.tie_embeddings else 2) + m.d_model
+    with torch.device("meta"):
+        for (name, options), count in kinds.items():
+            from ..models.layout import BlockSpec
+            n += count * sum(p.numel() for p in Block(BlockSpec(name, options), m).parameters())
+    tokens = t.micro_batch_size * t.seq_len
+    act = 4 * tokens * (m.n_layers * (12 * m.d_model + 3 * m.d_ff) + 3 * m.vocab_size)
+    return n, 16 * n, act
+
+
+def _memory_of(device) -> int | None:
+    import os
+    import torch
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    if device.type == "cpu":
+        try:
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):  # no sysconf (Windows): no check
+            return None
+    return None
+
+
+def check_fits(m: LMConfig, t: TrainConfig, train_data, val_data, device) -> None:
+    """Refuse, before any training, a run whose data is shorter than one window or whose estimated
+    memory (:func:`training_bytes`) exceeds the device's: the errors name the flags to change."""
+    need = t.seq_len + 1
+    for name, data in (("training", train_data), ("validation", val_data)):
+        if len(data) < need:
+            raise ValueError(f"--seq-len {t.seq_len}: the {name} split has {len(data):,} tokens, but one window needs "
+                             f"seq_len + 1 = {need:,}; lower --seq-len or give more text with --data")
+    total = _memory_of(device)
+    if total is None:
+        return
+    n, state, act = training_bytes(m, t)
+    gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+    if state > total:
+        raise ValueError(f"--d-model {m.d_model}, --n-layers {m.n_layers}, --layout {m.layout!r}: the model has "
+                         f"{n:,} parameters; their weights, gradients and AdamW moments need about {gib(state)}, "
+                         f"more than the {gib(total)} of this {device.type} device")
+    if state + act > total:
+        raise ValueError(f"--batch-size {t.batch_size} (--grad-accum {t.grad_accum}) x --seq-len {t.seq_len}: the "
+                         f"activations of one micro-batch need about {gib(act)} besides {gib(state)} for the model, "
+                         f"more than the {gib(total)} of this {device.type} device; lower --batch-size or "
+                         "--seq-len, or raise --grad-accum")

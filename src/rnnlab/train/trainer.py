@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -76,8 +77,13 @@ class TrainConfig:
             raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
-        if not self.lr > 0 or self.min_lr < 0:
-            raise ValueError(f"lr must be > 0 and min_lr >= 0, got lr={self.lr}, min_lr={self.min_lr}")
+        for name, lo, hi in (("lr", 0, None), ("min_lr", None, None), ("weight_decay", None, None),
+                             ("grad_clip", None, None), ("max_seconds", None, None), ("beta1", None, 1), ("beta2", None, 1)):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0 and (lo is None or v > lo)
+                    and (hi is None or v < hi)):
+                bound = "> 0" if lo is not None else ">= 0" if hi is None else "in [0, 1)"
+                raise ValueError(f"{name} must be a finite number {bound}, got {v!r}")
         if self.resume and not self.out_dir:
             raise ValueError("resume needs out_dir (the run to continue)")
 
@@ -130,7 +136,7 @@ def _check_resumable(model: nn.Module, config_saved, out: Path) -> None:
 
 def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], config: TrainConfig, *,
           val_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]] | None = None,
-          progress: bool = True) -> dict:
+          progress: bool | None = None) -> dict:
     """Train ``model`` (an :class:`rnnlab.LM`) on ``batches`` and return the last step's metrics.
 
     ``batches`` yields ``(x, y)`` int64 (b, T) micro-batches, y = -100 where not scored, with
@@ -139,6 +145,9 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     ``state_dict``/``load_state_dict`` its position is checkpointed, so a resumed run sees the data
     an uninterrupted run would; otherwise a resumed run skips the batches already consumed.
     ``val_batches`` makes a fresh finite iterable of validation batches for each evaluation.
+    ``progress``: True draws a progress bar on stderr, False prints nothing, None (default) draws
+    the bar when stderr is a terminal and otherwise logs a plain line every tenth of the run.
+    Losses are shown in bits per token (``metrics.jsonl`` keeps ``loss`` in nats beside ``bits``).
 
     With ``config.out_dir``: checkpoints of the initial weights (step 0), every ``save_every`` steps,
     at the end and on SIGINT/SIGTERM; ``metrics.jsonl`` (one line per step, each step once across resumes) and
@@ -218,8 +227,11 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     peak = matmul_peak(e.device, torch.bfloat16 if c.autocast == "bf16" else torch.float32)
     params = [p for p in model.parameters() if p.requires_grad]
     net.train()
-    bar = tqdm(total=c.steps, initial=step, disable=not (progress and e.is_main), desc="train", unit="step",
-               dynamic_ncols=True)
+    show = e.is_main and progress is not False
+    use_bar = show and (progress is True or sys.stderr.isatty())
+    bar = tqdm(total=c.steps, initial=step, disable=not use_bar, desc="train", unit="step", dynamic_ncols=True)
+    say = bar.write if use_bar else (lambda text: print(text, file=sys.stderr, flush=True)) if show else (lambda text: None)
+    log_every = max(1, c.steps // 10)
     t_start, start_step, last_ckpt = time.time(), step, None
     tokens_per_step = c.batch_size * c.seq_len
     row: dict = {"step": step}
@@ -260,7 +272,7 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
             tok_s = tokens_per_step * (step - start_step) / max(elapsed, 1e-9)
             loss_ema = loss if loss_ema is None else 0.95 * loss_ema + 0.05 * loss
             mfu = tok_s * flops_tok / peak
-            row = {"step": step, "loss": loss, "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s, "mfu": mfu,
+            row = {"step": step, "loss": loss, "bits": loss / math.log(2), "lr": lr, "grad_norm": gnorm, "tokens_per_s": tok_s, "mfu": mfu,
                    "seconds": elapsed}
             out_of_time = c.max_seconds > 0 and elapsed > c.max_seconds
             last = step == c.steps or out_of_time or stop.received is not None
@@ -268,13 +280,16 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 if e.is_main or c.parallel == "fsdp":  # FSDP's forward gathers weights: every rank runs it
                     ev = evaluate(model, val_batches(), autocast=c.autocast if c.autocast != "none" else None)
                     row.update(val_loss=ev["loss"], val_bits=ev["bits"])
-                    bar.write(f"step {step}: train {loss_ema / math.log(2):.4f}, validation {ev['bits']:.4f} bits per token")
+                    say(f"step {step}: train {loss_ema / math.log(2):.4f}, validation {ev['bits']:.4f} bits per token")
                 D.barrier()
             history.append(row)
             if metrics_file is not None:
                 metrics_file.write(json.dumps(row) + "\n")
-            bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
+            bar.set_postfix(bits=f"{loss_ema / math.log(2):.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{100 * mfu:.1f}%")
             bar.update(1)
+            if show and not use_bar and step % log_every == 0 and "val_bits" not in row:
+                say(f"step {step}/{c.steps}: train {loss_ema / math.log(2):.4f} bits per token, {tok_s:,.0f} tokens/s, "
+                    f"MFU {100 * mfu:.1f}%, {elapsed:.0f} s")
             if out is not None and ((c.save_every and step % c.save_every == 0) or last):
                 last_ckpt = save(step)
             if last:
