@@ -131,6 +131,7 @@ CASES: list[tuple[list[str], str]] = [
     # train: devices
     (T + ["--device", "foo"], "--device"),
     (T + ["--device", "cuda:abc"], "--device"),
+    *([(T + ["--device", "cuda"], "--device")] if not torch.cuda.is_available() else []),
     # train: data
     (T + ["--data", "/no/such/file"], "/no/such/file"),
     (T + ["--data", "{empty}"], "empty.txt"),

@@ -105,7 +105,8 @@ def get_batch(data: torch.Tensor, batch_size: int, seq_len: int,
               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Random windows of ``data`` (N,): inputs and next-token targets, each (B, T) int64."""
     if len(data) < seq_len + 2:
-        raise ValueError(f"the data ({len(data)} tokens) is shorter than seq_len + 1 = {seq_len + 1}")
+        raise ValueError(f"the data has {len(data)} tokens; random windows of seq_len = {seq_len} need at least "
+                         f"seq_len + 2 = {seq_len + 2}")
     starts = torch.randint(0, len(data) - seq_len - 1, (batch_size,), generator=generator)
     idx = starts[:, None] + torch.arange(seq_len + 1)[None, :]  # (B, T+1)
     seqs = data[idx].long()
