@@ -268,3 +268,19 @@ def test_files_follow_the_umask_and_stale_temporaries_go(tmp_path, text):
               *(run / "checkpoints" / "step_00000003").iterdir()]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     assert stat.S_IMODE((run / "checkpoints" / "step_00000003").stat().st_mode) == 0o755
+
+
+def test_resume_in_another_process_and_prefix_cache(tmp_path, text):
+    run = tmp_path / "run"
+    main(["train", "--layout", "gated_deltanet,swa(window=8)", "--n-layers", "2", "--d-model", "16", "--seq-len", "16",
+          "--batch-size", "2", "--steps", "2", "--eval-every", "0", "--data", text, "--out", str(run), "--quiet"])
+    gen = ["generate", "--model", str(run), "--temperature", "0", "--max-new-tokens"]
+    whole = _console(*gen, "12", "--prompt", "the quick")
+    first = _console(*gen, "5", "--prompt", "the quick", "--state-out", str(tmp_path / "s.safetensors"))
+    rest = _console(*gen, "7", "--state-in", str(tmp_path / "s.safetensors"))
+    assert whole.returncode == first.returncode == rest.returncode == 0, rest.stderr
+    assert first.stdout.rstrip("\n") + rest.stdout.rstrip("\n") == whole.stdout.rstrip("\n")
+    cached = [_console(*gen, "6", "--prefix", "the quick brown", "--prefix-cache", str(tmp_path / "pc"),
+                       "--prompt", " fox") for _ in range(2)]
+    assert "stored in" in cached[0].stderr and "loaded from" in cached[1].stderr
+    assert cached[0].stdout == cached[1].stdout and len(list((tmp_path / "pc").iterdir())) == 1

@@ -110,3 +110,79 @@ def test_every_mixer_state_survives_a_file(name, tmp_path):
     y, _ = layer(x[:, 7:], s)
     y2, _ = layer(x[:, 7:], s2)
     torch.testing.assert_close(y2, y)
+
+
+def test_state_refuses_other_weights_of_the_same_config(tmp_path):
+    model = _model()
+    _, state = model(torch.randint(0, 256, (1, 5)))
+    rnnlab.save_state(state, tmp_path / "s.safetensors", model=model)
+    twin = _model()  # same config, same seed: same weights -> accepted
+    assert rnnlab.load_state(tmp_path / "s.safetensors", model=twin).seen == 5
+    with torch.no_grad():
+        next(twin.parameters()).add_(1e-3)  # one weight nudged: refused
+    with pytest.raises(StateError, match="other weights"):
+        rnnlab.load_state(tmp_path / "s.safetensors", model=twin)
+    layer = rnnlab.build_mixer("gla", d_model=32)
+    _, s = layer(torch.randn(1, 4, 32))
+    rnnlab.save_state(s, tmp_path / "m.safetensors", model=layer)
+    with pytest.raises(StateError, match="other weights"):
+        rnnlab.load_state(tmp_path / "m.safetensors", model=rnnlab.build_mixer("gla", d_model=32))
+
+
+def test_states_round_trip_through_bfloat16_on_request(tmp_path):
+    torch.manual_seed(0)
+    model = rnnlab.build_model(layout="gated_deltanet,swa(window=4)", n_layers=2, d_model=32)
+    tokens = torch.randint(0, 256, (1, 12))
+    _, state = model(tokens[:, :8])
+    rnnlab.save_state(state, tmp_path / "h.safetensors", model=model, dtype=torch.bfloat16)
+    rnnlab.save_state(state, tmp_path / "f.safetensors", model=model)
+    as_saved = rnnlab.load_state(tmp_path / "h.safetensors", model=model)
+    assert as_saved.nbytes * 2 == state.nbytes
+    assert {t.dtype for s in as_saved.layers for t in s.tensors().values() if t.is_floating_point()} == {torch.bfloat16}
+    back = rnnlab.load_state(tmp_path / "h.safetensors", model=model, dtype=torch.float32)
+    for s0, s1 in zip(state.layers, back.layers):
+        for k, t in s0.tensors().items():
+            assert s1.tensors()[k].dtype == t.dtype
+            torch.testing.assert_close(s1.tensors()[k], t, rtol=1e-2, atol=1e-2)
+    a, _ = model(tokens[:, 8:], state)
+    b, _ = model(tokens[:, 8:], back)
+    torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+
+
+def test_forks_are_independent_and_equal_the_original():
+    torch.manual_seed(0)
+    model = rnnlab.build_model(layout="gated_deltanet,attention", n_layers=2, d_model=32).eval()
+    s = rnnlab.Stream(model)
+    s.feed(torch.randint(0, 256, (1, 9)))
+    f = s.fork()
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    from_fork = torch.stack(list(f.sample(6, temperature=1.0, generator=g1)))
+    assert s.state.seen == 9  # sampling the fork left the original where it was
+    from_orig = torch.stack(list(s.sample(6, temperature=1.0, generator=g2)))
+    assert torch.equal(from_fork, from_orig) and f.state.seen == s.state.seen == 15
+    other = s.fork()
+    other.feed(torch.tensor([[1, 2, 3]]))
+    assert s.state.seen == 15 and other.state.seen == 18
+    for a, b in zip(s.state.layers, other.state.layers):
+        assert all(t.data_ptr() != other_t.data_ptr() for t, other_t in zip(a.tensors().values(), b.tensors().values())
+                   if t.numel())
+
+
+def test_prefix_cache_reads_a_prefix_once(tmp_path):
+    torch.manual_seed(0)
+    model = rnnlab.build_model(layout="gated_deltanet,swa(window=8)", n_layers=2, d_model=32).eval()
+    prefix, question = torch.randint(0, 256, (1, 40)), torch.randint(0, 256, (1, 5))
+    cache = rnnlab.PrefixCache(tmp_path / "cache", model)
+    first = cache.stream(prefix)
+    calls = []
+    model.register_forward_pre_hook(lambda m, args: calls.append(args[0].shape[1]))
+    second = cache.stream(prefix)
+    assert first.hit is False and second.hit is True and calls == []  # loaded, not recomputed
+    first.feed(question)
+    second.feed(question)
+    whole = rnnlab.Stream(model)
+    whole.feed(torch.cat([prefix, question], 1))
+    assert torch.equal(second.logits, first.logits)  # the cached state is the computed one, bit for bit
+    torch.testing.assert_close(second.logits, whole.logits)
+    other = rnnlab.build_model(layout="gated_deltanet,swa(window=8)", n_layers=2, d_model=32)
+    assert rnnlab.PrefixCache(tmp_path / "cache", other).path(prefix) != cache.path(prefix)

@@ -6,12 +6,12 @@ trained in parallel over the sequence and run as RNNs at inference. Every mixer 
 """
 from . import ops
 from .data.tokenizer import ByteTokenizer
-from .inference import Stream, generate, load_state, save_state
+from .inference import PrefixCache, Stream, generate, load_state, save_state
 from .layers.state import State, StateError
 from .models import LM, LMConfig, ModelState, build_mixer, build_model, load_model, mixers
 from .models.hf import from_hf, to_hf
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "ByteTokenizer", "Stream", "generate", "load_state", "save_state", "State", "StateError",
+__all__ = ["ops", "ByteTokenizer", "Stream", "PrefixCache", "generate", "load_state", "save_state", "State", "StateError",
            "LM", "LMConfig", "ModelState", "build_mixer", "build_model", "load_model", "mixers", "from_hf", "to_hf", "__version__"]

@@ -240,10 +240,12 @@ def _decode_escapes(text: str) -> str:
 
 
 def cmd_generate(a) -> str:
-    from . import Stream, load_model
+    from . import PrefixCache, Stream, load_model
     from .models.hf import load_tokenizer
-    if not a.prompt and not a.state_in:
+    if not a.prompt and not a.prefix and not a.state_in:
         raise ValueError("--prompt: give the text to continue (or --state-in FILE to continue a saved stream)")
+    if a.prefix_cache and not a.prefix:
+        raise ValueError("--prefix-cache stores the state after --prefix TEXT; give --prefix")
     if a.state_out:
         target = Path(a.state_out)
         if target.is_dir():
@@ -253,8 +255,20 @@ def cmd_generate(a) -> str:
     device = parse_device(a.device)
     model = load_model(a.model, device=device).eval()
     tok = load_tokenizer(a.model)
-    stream = Stream.load(model, a.state_in) if a.state_in else Stream(model)
+    prefix = _decode_escapes(a.prefix) if a.escapes else a.prefix
     prompt = _decode_escapes(a.prompt) if a.escapes else a.prompt
+    if a.state_in:
+        stream = Stream.load(model, a.state_in)
+        if prefix:
+            stream.feed(tok(prefix).to(device))
+    elif prefix and a.prefix_cache:
+        stream = PrefixCache(_dir_arg(a.prefix_cache, "--prefix-cache"), model).stream(tok(prefix))
+        print(f"[prefix of {stream.state.seen} tokens {'loaded from' if stream.hit else 'stored in'} "
+              f"{a.prefix_cache}]", file=sys.stderr)
+    else:
+        stream = Stream(model)
+        if prefix:
+            stream.feed(tok(prefix).to(device))
     if prompt:
         stream.feed(tok(prompt).to(device))
     g = torch.Generator(device=device).manual_seed(a.seed)
@@ -272,7 +286,7 @@ def cmd_generate(a) -> str:
         sys.stdout.write(text[-1])
     sys.stdout.write("\n")
     if a.state_out:
-        stream.save(a.state_out)
+        stream.save(a.state_out, dtype=getattr(torch, a.state_dtype) if a.state_dtype else None)
         print(f"[state after {stream.state.seen} tokens, {stream.state.nbytes:,} bytes -> {a.state_out}]",
               file=sys.stderr)
     return "".join(text)
@@ -476,7 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "state can be saved (--state-out) and continued later (--state-in).",
                                               epilog=_examples("rnnlab generate --model runs/a --prompt 'def main():'",
                                         "rnnlab generate --model runs/a --prompt 'x = ' --temperature 0 --state-out s.safetensors",
-                                        "rnnlab generate --model runs/a --state-in s.safetensors --max-new-tokens 50"))
+                                        "rnnlab generate --model runs/a --state-in s.safetensors --max-new-tokens 50",
+                                        "rnnlab generate --model runs/a --prefix-cache cache/ --prefix \"$(cat doc.txt)\" "
+                                        "--prompt 'Summary:'"))
     s.add_argument("--model", required=True, help="a run directory, a checkpoint or a saved model")
     s.add_argument("--prompt", default="", help="text to feed before sampling (needed unless --state-in is given)")
     s.add_argument("--escapes", action="store_true", help="interpret backslash escapes such as \\n in --prompt")
@@ -488,6 +504,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the sampler (default: 0)")
     s.add_argument("--state-in", help="continue the stream saved in this state file")
     s.add_argument("--state-out", help="save the stream's state to this file afterwards (atomically)")
+    s.add_argument("--state-dtype", choices=["float32", "bfloat16"], help="store the --state-out state in this "
+                                                                        "dtype (default: as computed)")
+    s.add_argument("--prefix", default="", help="text read before --prompt whose state --prefix-cache keeps "
+                                                "(a system prompt, a document)")
+    s.add_argument("--prefix-cache", help="directory of states after prefixes: the --prefix is read once, later "
+                                          "runs with the same --prefix and model resume from its state")
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     _outputs(s, progress=False)
 

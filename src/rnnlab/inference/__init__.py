@@ -1,5 +1,5 @@
 """Generation, streaming, state save/load."""
-from .generate import Stream, generate, sample_next
+from .generate import PrefixCache, Stream, generate, sample_next
 from .state_io import load_state, save_state
 
-__all__ = ["Stream", "generate", "sample_next", "load_state", "save_state"]
+__all__ = ["Stream", "PrefixCache", "generate", "sample_next", "load_state", "save_state"]

@@ -1,13 +1,17 @@
 """Streaming generation: prefill once, then one O(1) step per token for recurrent models."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from ..models.lm import LM, ModelState
 
-__all__ = ["generate", "sample_next", "Stream"]
+__all__ = ["generate", "sample_next", "Stream", "PrefixCache"]
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
@@ -54,6 +58,7 @@ class Stream:
     def __init__(self, model: LM, state: ModelState | None = None):
         self.model, self.state = model, state
         self.logits: torch.Tensor | None = None  # (B, V) logits after the last token, None before any
+        self.hit: bool | None = None  # from PrefixCache.stream: whether the prefix came from the cache
 
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
@@ -85,20 +90,74 @@ class Stream:
                 if bool(done.all()):
                     return
 
-    def save(self, path: str) -> None:
-        """Save the stream (its state and last logits, see :func:`rnnlab.save_state`) atomically."""
+    def fork(self) -> "Stream":
+        """An independent copy of the stream: its state and last logits are copied, so feeding or
+        sampling one never changes the other (a shared prefix computed once, many continuations)."""
+        state = None if self.state is None else ModelState(
+            tuple(None if s is None else dataclasses.replace(s, **{k: t.clone() for k, t in s.tensors().items()})
+                  for s in self.state.layers), self.state.seen)
+        copy = Stream(self.model, state)
+        copy.logits = None if self.logits is None else self.logits.clone()
+        return copy
+
+    def save(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Save the stream (its state and last logits, see :func:`rnnlab.save_state`) atomically;
+        ``dtype`` (e.g. torch.bfloat16) stores the state's floating tensors cast to it."""
         from .state_io import save_state
         if self.state is None:
             raise RuntimeError("nothing to save: the stream has seen no token")
-        save_state(self.state, path, model=self.model, extra={"logits": self.logits})
+        save_state(self.state, path, model=self.model, extra={"logits": self.logits}, dtype=dtype)
 
     @classmethod
-    def load(cls, model: LM, path: str) -> "Stream":
-        """A stream resumed from :meth:`save`: sampling continues exactly where it stopped."""
+    def load(cls, model: LM, path: str, dtype: torch.dtype | None = None) -> "Stream":
+        """A stream resumed from :meth:`save`: sampling continues exactly where it stopped.
+        ``dtype`` casts the state's floating tensors (None: as saved)."""
         from .state_io import load_extra, load_state
-        stream = cls(model, load_state(path, model=model))
+        device = next(model.parameters()).device
+        stream = cls(model, load_state(path, model=model, device=device, dtype=dtype))
         logits = load_extra(path, "logits")
-        stream.logits = None if logits is None else logits.to(next(model.parameters()).device)
+        stream.logits = None if logits is None else logits.to(device)
+        return stream
+
+
+class PrefixCache:
+    """States after shared prefixes (a system prompt, a document), kept in a directory: the prefix
+    is read once by the model, and every later stream that starts with it resumes from its state.
+
+    Entries are keyed by the SHA-256 of the model's weights fingerprint and the prefix's token ids,
+    so another model (or other weights) never hits a stale entry; each is a stream file written
+    atomically, so concurrent users see whole entries or none.
+
+    >>> cache = PrefixCache("prefixes/", model)          # doctest: +SKIP
+    >>> s = cache.stream(tok(system_prompt))             # computed once, then loaded
+    >>> s.feed(tok(question)); answer = list(s.sample(100))
+    """
+
+    def __init__(self, directory: str | os.PathLike, model: LM):
+        self.directory, self.model = Path(directory), model
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"prefix cache {str(directory)!r} is a file; expected a directory")
+
+    def path(self, tokens: torch.Tensor) -> Path:
+        """The file of the entry for ``tokens`` (T,) or (1, T)."""
+        from .state_io import weights_fingerprint
+        ids = tokens.reshape(-1).to("cpu", torch.int64).numpy().tobytes()
+        key = hashlib.sha256(weights_fingerprint(self.model).encode() + ids).hexdigest()[:32]
+        return self.directory / f"{key}.safetensors"
+
+    def stream(self, tokens: torch.Tensor) -> Stream:
+        """A new stream positioned after ``tokens`` (T,) or (1, T): loaded from the cache when the
+        entry exists (``hit`` is True), else computed and stored."""
+        file = self.path(tokens)
+        if file.is_file():
+            stream = Stream.load(self.model, str(file))
+            stream.hit = True
+            return stream
+        stream = Stream(self.model)
+        stream.feed(tokens.to(next(self.model.parameters()).device))
+        self.directory.mkdir(parents=True, exist_ok=True)
+        stream.save(str(file))
+        stream.hit = False
         return stream
 
 

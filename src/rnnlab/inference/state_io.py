@@ -1,11 +1,14 @@
 """Saving and loading states: safetensors tensors + JSON metadata, written atomically.
 
 The metadata records the format version, what the state belongs to (a whole model, with its
-config, or a single mixer, with its name and config), the state class of each layer, integer
-fields (such as tokens seen) and the dtype. Loading checks all of it against the model given.
+config, or a single mixer, with its name and config), a SHA-256 fingerprint of the owner's weights,
+the state class of each layer, integer fields (such as tokens seen) and the dtype. Loading checks
+all of it against the model given: a state is refused by a model of the same config but other
+weights (files of format 1, written before the fingerprint existed, load unchecked).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import asdict
@@ -18,9 +21,27 @@ from ..layers.base import Mixer
 from ..layers.state import State, StateError
 from ..models.lm import LM, ModelState, atomic_write
 
-__all__ = ["save_state", "load_state", "load_extra", "STATE_FORMAT_VERSION"]
+__all__ = ["save_state", "load_state", "load_extra", "weights_fingerprint", "STATE_FORMAT_VERSION"]
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
+
+
+def weights_fingerprint(model: LM | Mixer) -> str:
+    """SHA-256 of ``model``'s config and every tensor of its state dict (names, dtypes, shapes and
+    bytes). Cached on the model until one of its tensors changes (in-place updates included)."""
+    key = tuple((t.data_ptr(), t._version) for t in (*model.parameters(), *model.buffers()))
+    cached = model.__dict__.get("_rnnlab_fingerprint")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    sd = model.state_dict()
+    h = hashlib.sha256(json.dumps(_owner(model), sort_keys=True, default=str).encode())
+    for name, t in sd.items():
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    digest = h.hexdigest()
+    model.__dict__["_rnnlab_fingerprint"] = (key, digest)
+    return digest
 
 
 def _owner(model: LM | Mixer) -> dict:
@@ -32,9 +53,11 @@ def _owner(model: LM | Mixer) -> dict:
 
 
 def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | Mixer,
-               extra: dict[str, torch.Tensor] | None = None) -> None:
+               extra: dict[str, torch.Tensor] | None = None, dtype: torch.dtype | None = None) -> None:
     """Write ``state`` (of ``model``, a whole LM or one mixer) to ``path`` (safetensors), atomically.
-    ``extra`` tensors are stored beside it under ``extra.<name>`` (e.g. a stream's last logits)."""
+    ``extra`` tensors are stored beside it under ``extra.<name>`` (e.g. a stream's last logits).
+    ``dtype`` (e.g. ``torch.bfloat16``) stores the floating tensors cast to it (half the bytes);
+    :func:`load_state` casts back on request."""
     owner = _owner(model)
     if owner["kind"] == "model":
         if not isinstance(state, ModelState):
@@ -48,13 +71,13 @@ def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | M
     for i, s in enumerate(layers):
         classes.append(None if s is None else type(s).__name__)
         scalars.append({} if s is None else s.scalars())
-        for name, t in ({} if s is None else s.tensors()).items():
+        for name, t in ({} if s is None else (s.to(dtype=dtype) if dtype else s).tensors()).items():
             tensors[f"layers.{i}.{name}"] = t.detach().contiguous().cpu()
     for name, t in (extra or {}).items():
         tensors[f"extra.{name}"] = t.detach().contiguous().cpu()
     dtypes = sorted({str(t.dtype) for t in tensors.values()})
-    meta = {"format_version": STATE_FORMAT_VERSION, **owner, "classes": classes, "scalars": scalars,
-            "tokens_seen": seen, "dtype": dtypes}
+    meta = {"format_version": STATE_FORMAT_VERSION, **owner, "weights_sha256": weights_fingerprint(model),
+            "classes": classes, "scalars": scalars, "tokens_seen": seen, "dtype": dtypes}
     atomic_write(path, lambda p: save_file(tensors, p, metadata={"rnnlab_state": json.dumps(meta)}))
 
 
@@ -72,11 +95,13 @@ def load_extra(path: str | os.PathLike, name: str, device=None) -> torch.Tensor 
         return f.get_tensor(key) if key in f.keys() else None
 
 
-def load_state(path: str | os.PathLike, model: LM | Mixer, device=None) -> ModelState | State:
-    """Read a state written by :func:`save_state` for ``model``; checks that it belongs to it.
+def load_state(path: str | os.PathLike, model: LM | Mixer, device=None,
+               dtype: torch.dtype | None = None) -> ModelState | State:
+    """Read a state written by :func:`save_state` for ``model``; checks that it belongs to it (its
+    config and the fingerprint of its weights). ``dtype`` casts the floating tensors (None: as saved).
 
-    Raises FileNotFoundError, or StateError for a corrupted file, another model's state or a shape
-    that does not fit.
+    Raises FileNotFoundError, or StateError for a corrupted file, another model's state (another
+    config or other weights) or a shape that does not fit.
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no state file at {path!s}")
@@ -88,7 +113,10 @@ def load_state(path: str | os.PathLike, model: LM | Mixer, device=None) -> Model
         raise StateError(f"{path!s} is not a readable state file (corrupted or not safetensors): {e}") from None
     if raw is None:
         raise StateError(f"{path!s} is a safetensors file but holds no rnnlab state metadata")
-    meta = json.loads(raw)
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise StateError(f"{path!s}: its rnnlab state metadata is not valid JSON (corrupted file)") from None
     if meta.get("format_version", 0) > STATE_FORMAT_VERSION:
         raise StateError(f"{path!s} has state format {meta['format_version']}; this rnnlab reads <= {STATE_FORMAT_VERSION}")
     owner = _owner(model)
@@ -99,6 +127,12 @@ def load_state(path: str | os.PathLike, model: LM | Mixer, device=None) -> Model
         diff = {k: (meta["config"].get(k), v) for k, v in json.loads(json.dumps(owner["config"])).items()
                 if meta["config"].get(k) != v}
         raise StateError(f"{path!s} was saved from a model with another config (saved vs this model: {diff})")
+    if "weights_sha256" in meta and meta["weights_sha256"] != weights_fingerprint(model):
+        raise StateError(f"{path!s} was saved from a model with the same config but other weights; a state only "
+                         "continues the weights that made it (load those weights, or start a new stream)")
+    if dtype is not None:
+        tensors = {k: t.to(dtype) if t.is_floating_point() and k.startswith("layers.") else t
+                   for k, t in tensors.items()}
     ref = model.init_state(1, device="meta") if owner["kind"] == "model" else ModelState((model.init_state(1, device="meta"),), 0)
     layers = []
     for i, (cls_name, scal, r) in enumerate(zip(meta["classes"], meta["scalars"], ref.layers)):
