@@ -85,7 +85,7 @@ class TitansState(State):
     conv_q: torch.Tensor  # (B, W-1, D) last inputs of the q conv
     conv_k: torch.Tensor  # (B, W-1, D)
     conv_v: torch.Tensor  # (B, W-1, D)
-    pos: int  # tokens of the current mini-batch already seen
+    pos: torch.Tensor  # (B,) int64: tokens of each row's current mini-batch already seen
 
 
 class Titans(Mixer):
@@ -131,7 +131,8 @@ class Titans(Mixer):
         zeros = [torch.zeros_like(t) for t in w]
         second = (w[1], zeros[1], w[1]) if len(w) == 2 else (None, None, None)
         return TitansState(w[0], zeros[0], w[0], *second, *(conv.init_state(batch_size, device, dt)
-                                                           for conv in (self.q_conv, self.k_conv, self.v_conv)), 0)
+                                                           for conv in (self.q_conv, self.k_conv, self.v_conv)),
+                           torch.zeros(batch_size, dtype=torch.long, device=device))
 
     def mix(self, x, state):
         c = self.config
