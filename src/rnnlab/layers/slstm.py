@@ -208,8 +208,9 @@ class SLSTM(Mixer):
         log_n0 = torch.where(seen, m0 + torch.log(torch.where(seen, n0, ones)), torch.full_like(n0, -1e30))
         s = rnn_newton(self.cell_normalised, u, torch.cat([h0, r0, log_n0], dim=-1),
                        cu_seqlens=cu_seqlens)[0]  # (B, T, H, 3K)
-        spans = [(0, u.shape[1], slice(None))] if cu_seqlens is None else [
-            (a, b, slice(n, n + 1)) for n, (a, b) in enumerate(zip(cu_seqlens.tolist(), cu_seqlens.tolist()[1:]))]
+        cu = None if cu_seqlens is None else cu_seqlens.tolist()
+        spans = [(0, u.shape[1], slice(None))] if cu is None else [
+            (a, b, slice(n, n + 1)) for n, (a, b) in enumerate(zip(cu, cu[1:]))]
         finals = [self._last_step(u[:, a:b], s[:, a:b], h0[r], c0[r], n0[r], m0[r]) for a, b, r in spans]
         return s, tuple(torch.cat(parts, dim=0) for parts in zip(*finals))
 

@@ -27,7 +27,9 @@ a non-finite value at a later position s out of earlier positions t (a plain ``A
 
 Where they are used: reference loops of every family take a token :class:`Carry`
 (:func:`token_carry`); the chunkwise-parallel matrix families (gated delta rule, mLSTM, GSA) use
-:class:`ChunkLayout`; the elementwise scan (family A) is a segmented scan
+:class:`ChunkLayout`; Titans' memory carries its state across mini-batch segments that never
+cross a boundary (a :class:`Carry` over segments); the layers' short convolutions use
+:class:`PrefixLayout`; the elementwise scan (family A) is a segmented scan
 (:mod:`rnnlab.ops.scan`: at a sequence's first token ``h_t = a_t h0_n + b_t`` by selection), and
 the ops built on time-chunks of it (selective scan, Longhorn, LTI scan, GSA's blocks) run the
 pieces of the sequences in each time-chunk as a packed row of their own
@@ -232,7 +234,7 @@ class PrefixLayout:
 
     def pad(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """state (N, width, ...), x (1, T, ...) -> (1, N·width + T, ...)."""
-        return torch.cat([state.reshape(1, -1, *state.shape[2:]), x], dim=1)[:, self._src]
+        return torch.cat([state.reshape(1, state.shape[0] * self.width, *state.shape[2:]), x], dim=1)[:, self._src]
 
 
 def causal_product(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:
