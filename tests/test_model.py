@@ -1,4 +1,5 @@
 """The language model: layouts, forward contract, save/load, sampling, learning a copy task."""
+import dataclasses
 import json
 
 import pytest
@@ -163,3 +164,43 @@ def test_hgrn2_lower_bounds_rise_with_depth(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = rnnlab.load_model(tmp_path)
     assert [b.mixer.config.lower_bound for b in loaded.blocks] == [0.0, 0.25, 0.5, 0.75]
+
+
+@pytest.mark.parametrize("layout, lengths", [
+    ("gated_deltanet,mamba(d_state=4),aaren,titans(chunk_size=4),mlp", [5, 1, 17, 9]),  # recurrent: any lengths
+    ("mamba2(d_state=8,head_dim=16),swa(window=4,sinks=1),attention", [6, 6, 6]),  # attention: equal lengths
+])
+def test_packed_model_equals_each_sequence_alone(layout, lengths):
+    """model(tokens, state, cu_seqlens): the logits and final state rows of a packed row equal
+    each sequence run alone from its own initial state (float64)."""
+    torch.manual_seed(0)
+    model = rnnlab.build_model(layout=layout, n_layers=5, d_model=32).double()
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    tokens = torch.randint(0, 260, (1, sum(lengths)))
+    # per-sequence initial states: the states after different prompts (equal lengths: one `seen`)
+    prompts = torch.randint(0, 260, (len(lengths), 4))
+    _, s0 = model(prompts)
+    logits, s = model(tokens, s0, cu_seqlens=cu)
+    assert s.seen == s0.seen + max(lengths)
+    for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        row = rnnlab.models.lm.ModelState(tuple(None if ls is None else dataclasses.replace(
+            ls, **{k: t[n:n + 1] for k, t in ls.tensors().items()}) for ls in s0.layers), s0.seen)
+        want, s_n = model(tokens[:, a:b], row)
+        torch.testing.assert_close(logits[:, a:b], want, rtol=1e-10, atol=1e-10)
+        for got_layer, want_layer in zip(s.layers, s_n.layers):
+            if got_layer is None:
+                continue
+            for k, t in want_layer.tensors().items():
+                torch.testing.assert_close(got_layer.tensors()[k][n:n + 1], t, rtol=1e-10, atol=1e-10)
+
+
+def test_packed_model_checks_cu_seqlens_and_state_rows():
+    model = rnnlab.build_model(layout="gated_deltanet", n_layers=1, d_model=32)
+    tokens = torch.randint(0, 260, (1, 7))
+    with pytest.raises(ValueError, match="cu_seqlens must end at T = 7"):
+        model(tokens, cu_seqlens=torch.tensor([0, 3, 6]))
+    with pytest.raises(ValueError, match=r"cu_seqlens needs one packed row \(B = 1\)"):
+        model(tokens.repeat(2, 1), cu_seqlens=torch.tensor([0, 3, 7]))
+    _, s3 = model(torch.randint(0, 260, (3, 2)))
+    with pytest.raises(StateError, match="layer 0"):  # 3 state rows for 2 sequences
+        model(tokens, s3, cu_seqlens=torch.tensor([0, 3, 7]))

@@ -98,7 +98,8 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", rnnlab.mixers())
 def test_every_mixer_state_survives_a_file(name, tmp_path):
     """Save after 7 tokens, load, continue: the same outputs as continuing from the live state
-    (covers scalar fields such as Titans' position in its mini-batch, and None fields)."""
+    (covers scalar fields such as attention's token count, integer tensors such as Titans' per-row
+    position in its mini-batch, and None fields)."""
     from rnnlab.models.registry import REGISTRY
     torch.manual_seed(0)
     layer = rnnlab.build_mixer(name, d_model=32, **REGISTRY[name].tiny)

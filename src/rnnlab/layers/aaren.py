@@ -33,8 +33,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..ops import linear_scan
-from .base import Mixer, MixerConfig
+from ..ops.scan import linear_scan, running_max
+from .base import Mixer, MixerConfig, state_batch
 from .common import normal_linears_
 from .state import State
 
@@ -93,27 +93,25 @@ class Aaren(Mixer):
                           u=torch.zeros(batch_size, c.num_heads, device=device, dtype=dt),
                           w=torch.zeros(batch_size, c.num_heads, c.head_dim, device=device, dtype=dt))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
-        B, T, _ = x.shape
         acc = torch.promote_types(x.dtype, torch.float32)
         if state is None:
-            state = self.init_state(B, x.device, acc)
+            state = self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         k = rearrange(self.k_proj(x), "b t (h k) -> b t h k", k=c.head_dim).to(acc)  # (B, T, H, K)
         v = rearrange(self.v_proj(x), "b t (h k) -> b t h k", k=c.head_dim).to(acc)  # (B, T, H, K)
         # 1. scores of the learned queries
         s = torch.einsum("bthk,hk->bth", k, self.query.to(acc)) / math.sqrt(c.head_dim)  # (B, T, H)
         # 2. running max, continuing the state's (the output does not depend on it: no gradient)
-        m0 = state.m.to(acc)
-        m = torch.maximum(torch.cummax(s.detach(), dim=1).values, m0[:, None])  # (B, T, H)
-        m_prev = torch.cat([m0[:, None], m[:, :-1]], dim=1)  # (B, T, H)
+        m, m_prev, m_last = running_max(s.detach(), state.m.to(acc), cu_seqlens)  # (B, T, H) x2, (B, H)
         # 3. rescale the old sums to the new max, add the new term: a linear scan over (w, u)
         a = torch.exp(m_prev - m)  # (B, T, H), 0 at the very first token (m_prev = -inf)
         p = torch.exp(s - m)  # (B, T, H), <= 1
         b = torch.cat([p[..., None] * v, p[..., None]], dim=-1)  # (B, T, H, K+1)
         wu0 = torch.cat([state.w.to(acc), state.u.to(acc)[..., None]], dim=-1)  # (B, H, K+1)
-        wu, wu_last = linear_scan(a[..., None].expand_as(b), b, initial_state=wu0)  # (B, T, H, K+1)
+        wu, wu_last = linear_scan(a[..., None].expand_as(b), b, initial_state=wu0,
+                                  cu_seqlens=cu_seqlens)  # (B, T, H, K+1), (B, H, K+1)
         # 4. read out the attention and project
         o = wu[..., :-1] / wu[..., -1:]  # (B, T, H, K)
         y = self.o_proj(rearrange(o, "b t h k -> b t (h k)").to(x.dtype))  # (B, T, D)
-        return y, AarenState(m=m[:, -1], u=wu_last[..., -1], w=wu_last[..., :-1])
+        return y, AarenState(m=m_last, u=wu_last[..., -1], w=wu_last[..., :-1])

@@ -10,6 +10,11 @@ heads (Ainslie et al. 2023). The state is the KV cache.
   Attention to the sinks and to the window is computed separately and merged by log-sum-exp, so a
   long prefill equals token-by-token streaming exactly (the chunking law).
 
+Packed rows (``cu_seqlens``): the sequences must have one length l (the KV cache has one length and
+one position for all its rows), and then run as the batch (N, l) they form: attention stays
+inside each sequence and RoPE positions restart at each (at the position of its initial state);
+other lengths raise a ValueError.
+
 Keys are cached *before* rotation and rotated at each call with positions relative to the start of
 the cache, so positions stay bounded however long a windowed stream runs.
 
@@ -107,7 +112,16 @@ class Attention(Mixer):
                                     dtype=dtype or torch.float32)
         return AttentionState(k=empty(), v=empty(), sink_k=empty(), sink_v=empty(), seen=0)
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
+        if cu_seqlens is not None:  # N packed sequences of one length l: the batch (N, l) they form
+            lengths = cu_seqlens.diff()  # (N,)
+            if (lengths != lengths[0]).any():
+                raise ValueError(f"cu_seqlens: {type(self).__name__} packs sequences of equal length only (its state, "
+                                 f"the KV cache, has one length and position for all rows); got lengths "
+                                 f"{lengths.tolist()}")
+            N, (_, T, D) = lengths.numel(), x.shape
+            y, state = self.mix(x.reshape(N, T // N, D), state)  # (N, l, D)
+            return y.reshape(1, T, D), state
         c = self.config
         B, T, _ = x.shape
         if state is None:

@@ -17,10 +17,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..ops.bounds import check_cu_seqlens, state_rows
 from .common import NORM_TYPES
 from .state import State, StateError
 
-__all__ = ["MixerConfig", "Mixer", "check_tokens_input"]
+__all__ = ["MixerConfig", "Mixer", "check_tokens_input", "state_batch"]
 
 
 @dataclass
@@ -32,6 +33,11 @@ class MixerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.d_model, int) or self.d_model < 1:
             raise ValueError(f"d_model must be a positive int, got {self.d_model!r}")
+
+
+def state_batch(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
+    """Rows of a mixer's state for input ``x`` (B, T, D): B, or N sequences with ``cu_seqlens``."""
+    return x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
 
 
 def _param_dtype(module: nn.Module) -> torch.dtype | None:
@@ -70,8 +76,11 @@ class Mixer(nn.Module):
         """The state before the first token, for ``batch_size`` sequences."""
         raise NotImplementedError
 
-    def mix(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State]:
-        """(B, T, D), state -> (B, T, D), new state. Arguments are already checked."""
+    def mix(self, x: torch.Tensor, state: State | None,
+            cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """(B, T, D), state -> (B, T, D), new state. Arguments are already checked; with
+        ``cu_seqlens`` (N sequences packed in one row) ``state`` and the new state have N rows
+        (:func:`state_batch`)."""
         raise NotImplementedError
 
     def reset_parameters(self) -> None:
@@ -102,15 +111,26 @@ class Mixer(nn.Module):
         return names & set(params)
 
     # -- the contract ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """Mix ``x`` (B, T, D) given the ``state`` after the previous tokens (None = start).
 
         Returns ``y`` (B, T, D) and the state after the last token of ``x``.
+
+        ``cu_seqlens``: None, or int64 (N + 1,) cumulative lengths ``[0, l_1, l_1 + l_2, ..., T]``
+        of N sequences packed in one row (B = 1). Each sequence starts from its own row of
+        ``state`` (N rows; None: the initial state) and ends in its own row of the returned state;
+        nothing crosses a boundary (:mod:`rnnlab.ops.bounds`).
         """
         self.check_input(x)
+        cu = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
         if state is not None:
-            self.check_state(state, x.shape[0])
-        return self.mix(x, state)
+            rows = state_rows(x.shape[0], cu)
+            if cu is not None and isinstance(state, State) and state.batch_size != rows:
+                raise StateError(f"state has {state.batch_size} rows, but cu_seqlens holds N = {rows} sequences: "
+                                 "the state needs one row (initial state) per sequence")
+            self.check_state(state, rows)
+        return self.mix(x, state, cu_seqlens)
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise a ValueError/TypeError naming ``x`` unless it is a (B, T, d_model) float tensor."""
@@ -130,7 +150,8 @@ class Mixer(nn.Module):
                             "(or run under torch.autocast)")
 
     def check_state(self, state: State, batch_size: int) -> None:
-        """Raise :class:`StateError` unless ``state`` belongs to this mixer and batch size."""
+        """Raise :class:`StateError` unless ``state`` belongs to this mixer and batch size (the
+        number of sequences with ``cu_seqlens``)."""
         if not isinstance(state, State):
             raise StateError(f"state must be a {self.state_cls.__name__} or None, got {type(state).__name__}")
         refs = self.__dict__.setdefault("_state_refs", {})  # shapes depend on the config only: built once

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import normal_linears_
 from .linear_attention import MatrixState
 
@@ -78,14 +78,14 @@ class Based(Mixer):
         return MatrixState(S=torch.zeros(batch_size, c.num_heads, Fx, c.d_model // c.num_heads + 1,
                                          device=device, dtype=dtype or torch.float32))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads).to(acc)  # noqa: E731
         q, k = taylor_features(heads(self.q_proj(x))), taylor_features(heads(self.k_proj(x)))  # (B, T, H, 1+F+F²)
         v = heads(self.v_proj(x))
         v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, T, H, V+1): last column sums φ(k)
-        o, S = gated_delta_rule(q, k, v, scale=1.0, initial_state=st.S)
+        o, S = gated_delta_rule(q, k, v, scale=1.0, initial_state=st.S, cu_seqlens=cu_seqlens)
         o = o[..., :-1] / (o[..., -1:] + c.eps)
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.bounds import PrefixLayout
+
 __all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope", "NORM_TYPES", "xavier_linears_",
            "normal_linears_", "default_init_", "reset_norms_"]
 
@@ -39,7 +41,10 @@ class GatedRMSNorm(RMSNorm):
 class ShortConv(nn.Module):
     """Causal depthwise 1-D convolution of width W over time, with its last W-1 inputs as state.
 
-    ``y, conv_state = conv(x, conv_state)``: x (B, T, C) -> y (B, T, C); conv_state (B, W-1, C).
+    ``y, conv_state = conv(x, conv_state, cu_seqlens=None)``: x (B, T, C) -> y (B, T, C);
+    conv_state (B, W-1, C). With ``cu_seqlens`` (N sequences packed in one row, B = 1, already
+    checked) conv_state has N rows and each sequence's window sees only its own state and inputs
+    (:class:`rnnlab.ops.bounds.PrefixLayout`).
     """
 
     def __init__(self, channels: int, width: int = 4, bias: bool = False, activation: bool = True):
@@ -57,24 +62,34 @@ class ShortConv(nn.Module):
         return torch.zeros(batch_size, self.width - 1, self.conv.in_channels, device=device,
                            dtype=dtype or torch.float32)
 
-    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, C = x.shape
+        W1 = self.width - 1
+        cu = None if cu_seqlens is None else cu_seqlens.tolist()
         if conv_state is None:
-            conv_state = self.init_state(B, x.device, x.dtype)
-        xp = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, W-1+T, C)
-        if T <= 16:  # decoding: a multiply-add over the window is ~10x faster than conv1d's call here
-            y = (xp.unfold(1, self.width, 1) * self.conv.weight[:, 0]).sum(-1)  # (B, T, C)
+            conv_state = self.init_state(B if cu is None else len(cu) - 1, x.device, x.dtype)
+        if cu is None:
+            xp = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, W-1+T, C)
+            return self._conv(xp), xp[:, xp.shape[1] - W1:]
+        layout = PrefixLayout(cu, W1, x.device)
+        xp = layout.pad(conv_state.to(x.dtype), x)  # (1, N(W-1)+T, C): each sequence after its own state
+        return self._conv(xp)[:, layout.out], xp[0, layout.last]  # (1, T, C), (N, W-1, C)
+
+    def _conv(self, xp: torch.Tensor) -> torch.Tensor:
+        """The valid convolution (and SiLU) of xp (B, W-1+n, C): (B, n, C)."""
+        n, C = xp.shape[1] - (self.width - 1), xp.shape[2]
+        if n <= 16:  # decoding: a multiply-add over the window is ~10x faster than conv1d's call here
+            y = (xp.unfold(1, self.width, 1) * self.conv.weight[:, 0]).sum(-1)  # (B, n, C)
             if self.conv.bias is not None:
                 y = y + self.conv.bias
-        elif x.device.type == "cpu":  # the same convolution as a channels-last conv2d: no transposed copies
-            x4 = xp.unsqueeze(1).permute(0, 3, 1, 2)  # (B, C, 1, W-1+T) viewing (B, W-1+T, C) memory
-            y = F.conv2d(x4, self.conv.weight.unsqueeze(2), self.conv.bias, groups=C)  # (B, C, 1, T) channels-last
-            y = y.permute(0, 2, 3, 1).squeeze(1)  # (B, T, C), contiguous
+        elif xp.device.type == "cpu":  # the same convolution as a channels-last conv2d: no transposed copies
+            x4 = xp.unsqueeze(1).permute(0, 3, 1, 2)  # (B, C, 1, W-1+n) viewing (B, W-1+n, C) memory
+            y = F.conv2d(x4, self.conv.weight.unsqueeze(2), self.conv.bias, groups=C)  # (B, C, 1, n) channels-last
+            y = y.permute(0, 2, 3, 1).squeeze(1)  # (B, n, C), contiguous
         else:
-            y = self.conv(xp.transpose(1, 2)).transpose(1, 2)  # (B, T, C)
-        if self.activation:
-            y = F.silu(y)
-        return y, xp[:, xp.shape[1] - (self.width - 1):]
+            y = self.conv(xp.transpose(1, 2)).transpose(1, 2)  # (B, n, C)
+        return F.silu(y) if self.activation else y
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:

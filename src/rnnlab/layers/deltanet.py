@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import GatedRMSNorm, RMSNorm, ShortConv, default_init_, xavier_linears_
 from .state import State
 
@@ -125,13 +125,13 @@ class DeltaNet(Mixer):
         """Per-head output norm: o (B, T, H, V) -> (B, T, H, V)."""
         return self.o_norm(o)
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
-        st = state or self.init_state(x.shape[0], x.device, torch.promote_types(x.dtype, torch.float32))
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, torch.promote_types(x.dtype, torch.float32))
         # 1. projections through the short convolutions (SiLU)
-        q, cq = self.q_conv(self.q_proj(x), st.conv_q)  # (B, T, H*K)
-        k, ck = self.k_conv(self.k_proj(x), st.conv_k)
-        v, cv = self.v_conv(self.v_proj(x), st.conv_v)  # (B, T, H*V)
+        q, cq = self.q_conv(self.q_proj(x), st.conv_q, cu_seqlens)  # (B, T, H*K)
+        k, ck = self.k_conv(self.k_proj(x), st.conv_k, cu_seqlens)
+        v, cv = self.v_conv(self.v_proj(x), st.conv_v, cu_seqlens)  # (B, T, H*V)
         acc = torch.promote_types(x.dtype, torch.float32)
         q = F.normalize(rearrange(q, "b t (h k) -> b t h k", h=c.num_heads).to(acc), dim=-1)  # (B, T, H, K)
         k = F.normalize(rearrange(k, "b t (h k) -> b t h k", h=c.num_heads).to(acc), dim=-1)
@@ -141,7 +141,7 @@ class DeltaNet(Mixer):
         # 3. the delta rule (decayed in Gated DeltaNet)
         log_g = self.decay(x)
         o, S = gated_delta_rule(q, k, v, log_g=None if log_g is None else log_g.to(acc), beta=beta,
-                                initial_state=st.S)
+                                initial_state=st.S, cu_seqlens=cu_seqlens)
         # 4. output norm (and gate), projection
         y = self.o_proj(rearrange(self.output(o, x), "b t h v -> b t (h v)").to(x.dtype))  # (B, T, D)
         return y, DeltaNetState(S=S, conv_q=cq, conv_k=ck, conv_v=cv)

@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import RMSNorm, reset_norms_, xavier_linears_
 from .linear_attention import MatrixState
 
@@ -104,14 +104,14 @@ class GLA(Mixer):
         return MatrixState(S=torch.zeros(batch_size, c.num_heads, c.key_dim // c.num_heads,
                                          c.value_dim // c.num_heads, device=device, dtype=dtype or torch.float32))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads).to(acc)  # noqa: E731
         q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))  # (B, T, H, K|V)
         log_g = F.logsigmoid(heads(self.gk_proj(x))) / c.gate_logit_normalizer  # (B, T, H, K)
-        o, S = gated_delta_rule(q, k, v, log_g=log_g, initial_state=st.S)
+        o, S = gated_delta_rule(q, k, v, log_g=log_g, initial_state=st.S, cu_seqlens=cu_seqlens)
         o = self.g_norm(o) * F.silu(heads(self.g_proj(x)))  # (B, T, H, V)
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)
 
@@ -143,14 +143,14 @@ class HGRN2(Mixer):
         return MatrixState(S=torch.zeros(batch_size, c.num_heads, c.expand_ratio, c.d_model // c.num_heads,
                                          device=device, dtype=dtype or torch.float32))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads).to(acc)  # noqa: E731
         q = F.silu(heads(self.q_proj(x)))  # (B, T, H, K)
         f = c.lower_bound + (1 - c.lower_bound) * torch.sigmoid(heads(self.f_proj(x)))  # forget gate in (β, 1)
         k, log_g = 1 - f, torch.log(f)  # key = 1 - forget
-        o, S = gated_delta_rule(q, k, heads(self.i_proj(x)), log_g=log_g, initial_state=st.S)
+        o, S = gated_delta_rule(q, k, heads(self.i_proj(x)), log_g=log_g, initial_state=st.S, cu_seqlens=cu_seqlens)
         o = self.g_norm(rearrange(o, "b t h v -> b t (h v)"))  # (B, T, D)
         return self.o_proj(o.to(x.dtype)), MatrixState(S=S)

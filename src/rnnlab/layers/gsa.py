@@ -90,7 +90,7 @@ class GSA(Mixer):
         return GSAState(keys=torch.zeros(shape, device=device, dtype=dt),
                         values=torch.zeros(shape, device=device, dtype=dt))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
         heads = lambda t, d: rearrange(t, "b t (h d) -> b t h d", d=d)  # noqa: E731
@@ -103,7 +103,7 @@ class GSA(Mixer):
         s = -torch.expm1(log_g)  # 1 - α, exact for α near 1
         # 3. two gated passes with a softmax over slots
         init = None if state is None else (state.keys, state.values)
-        o, (keys, values) = gsa(q, k, v, s, log_g, init)  # (B, T, H, V)
+        o, (keys, values) = gsa(q, k, v, s, log_g, init, cu_seqlens=cu_seqlens)  # (B, T, H, V)
         # 4. RMSNorm(silu(o)) over the full width, output projection
         o = self.g_norm(F.silu(rearrange(o, "b t h d -> b t (h d)")).to(x.dtype))  # (B, T, D)
         return self.o_proj(o), GSAState(keys=keys, values=values)

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import RMSNorm, default_init_
 from .state import State
 
@@ -104,20 +104,20 @@ class LinearAttention(Mixer):
         return MatrixState(S=torch.zeros(batch_size, c.num_heads, c.head_dim, V, device=device,
                                          dtype=dtype or torch.float32))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         phi = _FEATURE_MAPS[c.feature_map]
         q = phi(rearrange(self.q_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc))  # (B, T, H, K)
         k = phi(rearrange(self.k_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc))
         v = rearrange(self.v_proj(x), "b t (h v) -> b t h v", h=c.num_heads).to(acc)  # (B, T, H, V)
         if c.normalize:  # 1. a column of ones accumulates z = sum φ(k)
             v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, T, H, V+1)
-            o, S = gated_delta_rule(q, k, v, scale=1.0, initial_state=st.S)
+            o, S = gated_delta_rule(q, k, v, scale=1.0, initial_state=st.S, cu_seqlens=cu_seqlens)
             o = o[..., :-1] / (o[..., -1:] + c.eps)  # 2. divide by φ(q)·z
         else:
-            o, S = gated_delta_rule(q, k, v, initial_state=st.S)
+            o, S = gated_delta_rule(q, k, v, initial_state=st.S, cu_seqlens=cu_seqlens)
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)
 
 
@@ -161,15 +161,16 @@ class RetNet(Mixer):
         return MatrixState(S=torch.zeros(batch_size, c.num_heads, c.head_dim, c.head_dim * c.value_factor,
                                          device=device, dtype=dtype or torch.float32))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         q = rearrange(self.q_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc)  # (B, T, H, K)
         k = rearrange(self.k_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc)
         v = rearrange(self.v_proj(x), "b t (h v) -> b t h v", h=c.num_heads).to(acc)  # (B, T, H, V)
         log_g = self.log_decay(acc, x.device).expand(*x.shape[:2], c.num_heads)  # (B, T, H)
-        o, S = gated_delta_rule(q, k, v, log_g=log_g, initial_state=st.S)  # k scaled by K^-1/2 via scale
+        o, S = gated_delta_rule(q, k, v, log_g=log_g, initial_state=st.S,
+                                cu_seqlens=cu_seqlens)  # k scaled by K^-1/2 via scale
         g = rearrange(self.g_proj(x), "b t (h v) -> b t h v", h=c.num_heads)
         o = self.g_norm(o) * F.silu(g.to(acc))  # group norm per head, swish gate
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.longhorn import longhorn
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import ShortConv, default_init_
 from .state import State
 
@@ -93,17 +93,17 @@ class Longhorn(Mixer):
         return LonghornState(S=torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=dt),
                              conv=self.conv1d.init_state(batch_size, device, dt))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         # 1. expand to x and z; causal conv + SiLU on x
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
-        xs, conv = self.conv1d(xs, st.conv)
+        xs, conv = self.conv1d(xs, st.conv, cu_seqlens)
         # 2. data-dependent step size beta and the key/query of the online learner
         dt, k, q = self.x_proj(xs).split([c.dt_rank, c.d_state, c.d_state], dim=-1)  # (B, T, R), (B, T, N) x2
         beta = torch.sigmoid(self.dt_head(dt).to(acc))  # (B, T, E)
         # 3. the closed-form online update, D skip and the SiLU(z) gate
-        y, S = longhorn(q.to(acc), k.to(acc), xs.to(acc), beta, st.S)  # (B, T, E)
+        y, S = longhorn(q.to(acc), k.to(acc), xs.to(acc), beta, st.S, cu_seqlens=cu_seqlens)  # (B, T, E)
         y = (y + self.D.to(acc) * xs.to(acc)) * F.silu(z.to(acc))
         return self.out_proj(y.to(x.dtype)), LonghornState(S=S, conv=conv)  # (B, T, D)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..ops.scan import linear_scan
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .state import State
 
 __all__ = ["LRUConfig", "LRUState", "LRU"]
@@ -94,14 +94,14 @@ class LRU(Mixer):
         cdt = torch.complex128 if dtype == torch.float64 else torch.complex64
         return LRUState(h=torch.zeros(batch_size, self.config.d_state, device=device, dtype=cdt))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         acc = torch.promote_types(x.dtype, torch.float32)
         cdt = torch.complex128 if acc == torch.float64 else torch.complex64
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         xf = x.to(acc)
         lam = torch.exp(torch.complex(-torch.exp(self.nu_log.to(acc)), torch.exp(self.theta_log.to(acc))))  # (N,)
         Bm = torch.complex(self.B_re.to(acc), self.B_im.to(acc)) * torch.exp(self.gamma_log.to(acc))[:, None]
         Bx = xf.to(cdt) @ Bm.T  # (B, T, N): γ ⊙ (B x_t)
-        h, h_last = linear_scan(lam.expand_as(Bx), Bx, st.h.to(cdt))  # (B, T, N)
+        h, h_last = linear_scan(lam.expand_as(Bx), Bx, st.h.to(cdt), cu_seqlens=cu_seqlens)  # (B, T, N)
         y = (h @ torch.complex(self.C_re.to(acc), self.C_im.to(acc)).T).real + self.D.to(acc) * xf  # (B, T, D)
         return y.to(x.dtype), LRUState(h=h_last)

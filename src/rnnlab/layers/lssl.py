@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lti import bilinear, hippo_legs, lti
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .state import State
 
 __all__ = ["LSSLConfig", "LSSLState", "LSSL"]
@@ -112,13 +112,13 @@ class LSSL(Mixer):
             self.__dict__["_cache"] = cached
         return cached[1]
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         xf = x.to(acc)
         dA, dB = self._discretised(acc)  # 1. (D, N, N), (D, N)
         # 2. the dense state space: convolution for a sequence, recurrence for one token
-        y, h = lti(xf, dA, dB, self.C.to(acc), st.h)  # (B, T, D)
+        y, h = lti(xf, dA, dB, self.C.to(acc), st.h, cu_seqlens=cu_seqlens)  # (B, T, D)
         # 3. D skip, GELU, output GLU
         y = F.glu(self.out_proj(F.gelu(y + self.D.to(acc) * xf).to(x.dtype)), dim=-1)  # (B, T, D)
         return y, LSSLState(h=h)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.selective_scan import selective_scan
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import ShortConv, default_init_
 from .state import State
 
@@ -106,17 +106,17 @@ class Mamba(Mixer):
         return MambaState(h=torch.zeros(batch_size, c.d_inner, c.d_state, device=device, dtype=dt),
                           conv=self.conv1d.init_state(batch_size, device, dt))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         # 1. expand to x and z; causal conv + SiLU on x
         xs, z = self.in_proj(x).chunk(2, dim=-1)  # (B, T, E) each
-        xs, conv = self.conv1d(xs, st.conv)
+        xs, conv = self.conv1d(xs, st.conv, cu_seqlens)
         # 2. data-dependent dt, B, C
         dt, Bm, Cm = self.x_proj(xs).split([c.dt_rank, c.d_state, c.d_state], dim=-1)
         dt = F.softplus(self.dt_proj(dt).to(acc))  # (B, T, E)
         # 3. selective scan with A = -exp(A_log), D skip and the SiLU(z) gate
         y, h = selective_scan(xs.to(acc), dt, -torch.exp(self.A_log.to(acc)), Bm.to(acc), Cm.to(acc),
-                              self.D.to(acc), z.to(acc), st.h, neg_eigval=c.allow_neg_eigval)
+                              self.D.to(acc), z.to(acc), st.h, neg_eigval=c.allow_neg_eigval, cu_seqlens=cu_seqlens)
         return self.out_proj(y.to(x.dtype)), MambaState(h=h, conv=conv)  # (B, T, D)

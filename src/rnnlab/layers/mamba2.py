@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import ShortConv, default_init_
 from .state import State
 
@@ -117,14 +117,14 @@ class Mamba2(Mixer):
         yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
         return rearrange(yg, "b t g e -> b t (g e)") * self.norm.weight.to(y.dtype)
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         E, H, GN = c.d_inner, c.num_heads, c.n_groups * c.d_state
         # 1. one projection for z, (x, B, C) and dt; conv + SiLU over x, B, C
         z, xBC, dt = self.in_proj(x).split([E, E + 2 * GN, H], dim=-1)
-        xBC, conv = self.conv1d(xBC, st.conv)
+        xBC, conv = self.conv1d(xBC, st.conv, cu_seqlens)
         xs, Bm, Cm = xBC.to(acc).split([E, GN, GN], dim=-1)
         xs = rearrange(xs, "b t (h p) -> b t h p", h=H)  # (B, T, H, P)
         Bm = rearrange(Bm, "b t (g n) -> b t g n", g=c.n_groups).repeat_interleave(H // c.n_groups, dim=2)
@@ -133,7 +133,8 @@ class Mamba2(Mixer):
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         log_g = dt * -torch.exp(self.A_log.to(acc))  # (B, T, H)
         # 3. SSD as gated linear attention: q = C, k = B, v = dt·x
-        y, S = gated_delta_rule(Cm, Bm, xs * dt[..., None], log_g=log_g, scale=1.0, initial_state=st.S)
+        y, S = gated_delta_rule(Cm, Bm, xs * dt[..., None], log_g=log_g, scale=1.0, initial_state=st.S,
+                                cu_seqlens=cu_seqlens)  # (B, T, H, P)
         y = y + self.D.to(acc)[:, None] * xs  # (B, T, H, P)
         # 4. gated RMSNorm and the output projection
         y = self._gated_norm(rearrange(y, "b t h p -> b t (h p)"), z.to(acc))

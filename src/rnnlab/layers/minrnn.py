@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import linear_scan
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import default_init_
 from .state import State
 
@@ -114,14 +114,13 @@ class MinGRU(Mixer):
         log_b = -F.softplus(-gate) + log_g(hidden)  # log z + log g(h~)
         return log_a, log_b
 
-    def mix(self, x, state):
-        B, T, _ = x.shape
+    def mix(self, x, state, cu_seqlens=None):
         acc = torch.promote_types(x.dtype, torch.float32)
-        h0 = (state.h if state is not None else self.init_state(B, x.device, acc).h).to(acc)
+        h0 = (state.h if state is not None else self.init_state(state_batch(x, cu_seqlens), x.device, acc).h).to(acc)
         # 1. gates and candidate from x alone, as logs of the scan coefficients
         log_a, log_b = self.log_coefficients(self.in_proj(x).to(acc))  # (B, T, E) each
         # 2. the linear recurrence h_t = a_t h_{t-1} + b_t (a in (0, 1), b > 0)
-        h, h_last = linear_scan(log_a.exp(), log_b.exp(), initial_state=h0)  # (B, T, E), (B, E)
+        h, h_last = linear_scan(log_a.exp(), log_b.exp(), initial_state=h0, cu_seqlens=cu_seqlens)  # (B, T, E), (B, E)
         # 3. back to the model width
         y = self.out_proj(h.to(x.dtype))  # (B, T, D)
         return y, self.state_cls(h=h_last)

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.mlstm import mlstm
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import ShortConv
 from .state import State
 
@@ -108,20 +108,21 @@ class MLSTM(Mixer):
         return MLSTMState(C=z(c.num_heads, K, K), n=z(c.num_heads, K), m=z(c.num_heads),
                           conv=self.conv.init_state(batch_size, device, dt))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         # 1. up-projection; conv + swish on the q/k path
         xm, z = self.up_proj(x).chunk(2, dim=-1)  # (B, T, E) each
-        xc, conv = self.conv(xm, st.conv)
+        xc, conv = self.conv(xm, st.conv, cu_seqlens)
         q, k, v = self.q_proj(xc), self.k_proj(xc), self.v_proj(xm)
         # 2. gates from [q, k, v]: exponential input gate, sigmoid forget gate (log space)
         qkv = torch.cat([q, k, v], dim=-1)
         log_i = self.igate(qkv).to(acc)  # (B, T, H)
         log_f = F.logsigmoid(self.fgate(qkv).to(acc))
         heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads).to(acc)  # noqa: E731
-        h, (C, n, m) = mlstm(heads(q), heads(k), heads(v), log_f, log_i, initial_state=(st.C, st.n, st.m))
+        h, (C, n, m) = mlstm(heads(q), heads(k), heads(v), log_f, log_i, initial_state=(st.C, st.n, st.m),
+                             cu_seqlens=cu_seqlens)  # (B, T, H, K)
         # 3. per-head layer norm, learnable skip, output gate, down-projection
         h = F.layer_norm(h, h.shape[-1:], eps=c.norm_eps)  # (B, T, H, K)
         h = rearrange(h, "b t h d -> b t (h d)") * self.norm_weight.to(acc) + self.skip.to(acc) * xc.to(acc)

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..ops import rnn_newton, rnn_sequential
 from ..ops.newton import check_newton_block
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .state import State
 
 __all__ = ["LSTMConfig", "GRUConfig", "LSTMState", "GRUState", "LSTM", "GRU", "lstm_cell", "gru_cell"]
@@ -156,22 +156,25 @@ class LSTM(Mixer):
     def cell(self, s, u):
         return lstm_cell(s, u, self.R.to(u.dtype))
 
-    def recurrence_inputs(self, x: torch.Tensor, state: State | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def recurrence_inputs(self, x: torch.Tensor, state: State | None = None,
+                          cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The ops-level problem of this layer: the cell inputs ``u = W x + b`` (B, T, H, G, K) and
-        the start state (B, H, S), in the accumulation dtype (``cell(s, u)`` is the step)."""
+        the start state (B, H, S) (N rows with ``cu_seqlens``), in the accumulation dtype
+        (``cell(s, u)`` is the step)."""
         acc = torch.promote_types(x.dtype, torch.float32)
-        s0 = self._to_vec(state if state is not None else self.init_state(x.shape[0], x.device, acc)).to(acc)
+        st = state if state is not None else self.init_state(state_batch(x, cu_seqlens), x.device, acc)
+        s0 = self._to_vec(st).to(acc)
         u = rearrange(self.in_proj(x).to(acc), "b t (g h k) -> b t h g k", g=self.num_gates, h=self.config.num_heads)
         return u, s0
 
     # -- the contract ---------------------------------------------------------------------------------
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         # 1. input terms of all gates at once
-        u, s0 = self.recurrence_inputs(x, state)  # (B, T, H, G, K), (B, H, S)
+        u, s0 = self.recurrence_inputs(x, state, cu_seqlens)  # (B, T, H, G, K), (B, H, S)
         # 2. the recurrence, sequential or by Newton iterations (same trajectory), in float32+
         run = rnn_newton if self.config.parallel else rnn_sequential
         with torch.autocast(x.device.type, enabled=False):
-            s, s_last = run(self.cell, u, s0)  # (B, T, H, S), (B, H, S)
+            s, s_last = run(self.cell, u, s0, cu_seqlens=cu_seqlens)  # (B, T, H, S), (B, H, S)
         # 3. hidden states back to the model width
         h = rearrange(self._readout(s), "b t h k -> b t (h k)")  # (B, T, E)
         return self.out_proj(h.to(x.dtype)), self._from_vec(s_last)

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lti import lti
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .state import State
 
 __all__ = ["S4DConfig", "S4DState", "S4D"]
@@ -99,9 +99,9 @@ class S4D(Mixer):
         return S4DState(h=torch.zeros(batch_size, self.config.d_model, self.config.d_state // 2,
                                       device=device, dtype=cdt))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         xf = x.to(acc)
         # 1. zero-order hold: dA = exp(dt A), dB = (dA - 1) / A
         A = torch.complex(-torch.exp(self.log_A_real.to(acc)), self.A_imag.to(acc))  # (D, N/2)
@@ -109,7 +109,7 @@ class S4D(Mixer):
         dA, dB = torch.exp(dtA), (torch.exp(dtA) - 1) / A
         # 2. the complex diagonal state space: convolution for a sequence, recurrence for one token
         C = torch.complex(self.C_re.to(acc), self.C_im.to(acc))  # (D, N/2)
-        y, h_last = lti(xf, dA, dB, C, st.h)  # (B, T, D) complex
+        y, h_last = lti(xf, dA, dB, C, st.h, cu_seqlens=cu_seqlens)  # (B, T, D) complex
         # 3. y = 2 Re(C h) + D x, GELU, output GLU
         y = 2 * y.real + self.D.to(acc) * xf
         y = F.glu(self.out_proj(F.gelu(y).to(x.dtype)), dim=-1)  # (B, T, D)

@@ -45,7 +45,7 @@ from torch import nn
 
 from ..ops import rnn_newton, rnn_sequential
 from ..ops.newton import check_newton_block
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import ShortConv
 from .state import State
 
@@ -168,15 +168,14 @@ class SLSTM(Mixer):
     def cell_normalised(self, s, u):
         return slstm_cell_normalised(s, u, self.R.to(u.dtype))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
-        B = x.shape[0]
         acc = torch.promote_types(x.dtype, torch.float32)
         if state is None:
-            state = self.init_state(B, x.device, acc)
+            state = self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         # 1. the causal conv (+ SiLU) feeds the i and f gates; z and o see x itself
         if self.conv is not None:
-            xc, conv = self.conv(x, state.conv)  # (B, T, D)
+            xc, conv = self.conv(x, state.conv, cu_seqlens)  # (B, T, D)
         else:
             xc, conv = x, state.conv
         xh = rearrange(x, "b t (h k) -> b t h k", h=c.num_heads).to(acc)  # (B, T, H, K)
@@ -187,33 +186,47 @@ class SLSTM(Mixer):
         h0, c0, n0, m0 = (t.to(acc) for t in (state.h, state.c, state.n, state.m))
         with torch.autocast(x.device.type, enabled=False):  # the recurrence in float32 (or float64)
             if c.parallel:
-                s, (c1, n1, m1) = self._newton(u, h0, c0, n0, m0)  # (B, T, H, 3K)
+                s, (h1, c1, n1, m1) = self._newton(u, h0, c0, n0, m0, cu_seqlens)  # (B, T, H, 3K)
             else:
-                s, s_last = rnn_sequential(self.cell, u, torch.cat([h0, c0, n0, m0], dim=-1))  # (B, T, H, 4K)
-                _, c1, n1, m1 = (t.clone() for t in s_last.split(c.head_dim, dim=-1))
+                s, s_last = rnn_sequential(self.cell, u, torch.cat([h0, c0, n0, m0], dim=-1),
+                                           cu_seqlens=cu_seqlens)  # (B, T, H, 4K), (B, H, 4K)
+                h1, c1, n1, m1 = (t.clone() for t in s_last.split(c.head_dim, dim=-1))
         h = s[..., : c.head_dim]  # (B, T, H, K)
         # 3. per-head LayerNorm of h (GroupNorm with one group per head)
         y = F.layer_norm(h, (c.head_dim,), eps=c.norm_eps)
         y = rearrange(y, "b t h k -> b t (h k)") * (1 + self.norm_weight.to(acc))  # (B, T, D)
-        return y.to(x.dtype), SLSTMState(h=h[:, -1].clone(), c=c1, n=n1, m=m1, conv=conv)
+        return y.to(x.dtype), SLSTMState(h=h1, c=c1, n=n1, m=m1, conv=conv)
 
-    def _newton(self, u, h0, c0, n0, m0):
-        """Newton-parallel form: iterate on [h, c/n, log n], then recover the stabilised (c, n, m)
-        of the last step exactly: unrolled, ``m_T = max_j (i~_j + sum_{l>j} log σ(f~_l))`` (and
-        ``m_0 + sum_l log σ(f~_l)`` once a token has been seen), ``n_T = exp(log n_T - m_T)``,
-        ``c_T = (c/n)_T n_T``."""
+    def _newton(self, u, h0, c0, n0, m0, cu_seqlens=None):
+        """Newton-parallel form: iterate on [h, c/n, log n], then recover each sequence's last
+        stabilised (h, c, n, m) (:meth:`_last_step`). With ``cu_seqlens`` the initial states
+        have one row per sequence."""
         seen = n0 > 0
         ones = torch.ones_like(n0)
         r0 = torch.where(seen, c0 / torch.where(seen, n0, ones), torch.zeros_like(c0))
         # n = 0 (log n = -inf) as a finite sentinel: exp(sentinel - x) is exactly 0
         log_n0 = torch.where(seen, m0 + torch.log(torch.where(seen, n0, ones)), torch.full_like(n0, -1e30))
-        s = rnn_newton(self.cell_normalised, u, torch.cat([h0, r0, log_n0], dim=-1))[0]  # (B, T, H, 3K)
+        s = rnn_newton(self.cell_normalised, u, torch.cat([h0, r0, log_n0], dim=-1),
+                       cu_seqlens=cu_seqlens)[0]  # (B, T, H, 3K)
+        cu = None if cu_seqlens is None else cu_seqlens.tolist()
+        spans = [(0, u.shape[1], slice(None))] if cu is None else [
+            (a, b, slice(n, n + 1)) for n, (a, b) in enumerate(zip(cu, cu[1:]))]
+        finals = [self._last_step(u[:, a:b], s[:, a:b], h0[r], c0[r], n0[r], m0[r]) for a, b, r in spans]
+        return s, tuple(torch.cat(parts, dim=0) for parts in zip(*finals))
+
+    def _last_step(self, u, s, h0, c0, n0, m0):
+        """The stabilised (h, c, n, m) after the tokens of u (B, L, H, 4, K) with Newton's
+        trajectory s (B, L, H, 3K) from (h0, c0, n0, m0) (B, H, K) each: unrolled,
+        ``m_L = max_j (i~_j + sum_{l>j} log σ(f~_l))`` (and ``m_0 + sum_l log σ(f~_l)`` once a
+        token has been seen), ``n_L = exp(log n_L - m_L)``, ``c_L = (c/n)_L n_L``."""
+        if s.shape[1] == 0:  # an empty sequence keeps its initial state
+            return h0, c0, n0, m0
         K = self.config.head_dim
-        h_prev = torch.cat([h0[:, None], s[:, :-1, :, :K]], dim=1)  # (B, T, H, K)
+        h_prev = torch.cat([h0[:, None], s[:, :-1, :, :K]], dim=1)  # (B, L, H, K)
         gates = u[..., :2, :] + torch.einsum("bthk,hkgj->bthgj", h_prev, self.R[:, :, :2].to(u.dtype))
-        i_raw, log_f = gates[..., 0, :], F.logsigmoid(gates[..., 1, :])  # (B, T, H, K)
+        i_raw, log_f = gates[..., 0, :], F.logsigmoid(gates[..., 1, :])  # (B, L, H, K)
         from_j = log_f.flip(1).cumsum(1).flip(1)  # sum_{l >= j} log f_l
         m1 = (i_raw + from_j - log_f).amax(dim=1)  # (B, H, K)
-        m1 = torch.where(seen, torch.maximum(m1, m0 + from_j[:, 0]), m1)
+        m1 = torch.where(n0 > 0, torch.maximum(m1, m0 + from_j[:, 0]), m1)
         n1 = torch.exp(s[:, -1, :, 2 * K:] - m1)
-        return s, (s[:, -1, :, K:2 * K] * n1, n1, m1)
+        return s[:, -1, :, :K], s[:, -1, :, K:2 * K] * n1, n1, m1

@@ -41,7 +41,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.memory import MemoryState, neural_memory
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, state_batch
 from .common import GatedRMSNorm, ShortConv, default_init_, normal_linears_
 from .state import State
 
@@ -85,7 +85,7 @@ class TitansState(State):
     conv_q: torch.Tensor  # (B, W-1, D) last inputs of the q conv
     conv_k: torch.Tensor  # (B, W-1, D)
     conv_v: torch.Tensor  # (B, W-1, D)
-    pos: int  # tokens of the current mini-batch already seen
+    pos: torch.Tensor  # (B,) int64: tokens of each row's current mini-batch already seen
 
 
 class Titans(Mixer):
@@ -131,17 +131,18 @@ class Titans(Mixer):
         zeros = [torch.zeros_like(t) for t in w]
         second = (w[1], zeros[1], w[1]) if len(w) == 2 else (None, None, None)
         return TitansState(w[0], zeros[0], w[0], *second, *(conv.init_state(batch_size, device, dt)
-                                                           for conv in (self.q_conv, self.k_conv, self.v_conv)), 0)
+                                                           for conv in (self.q_conv, self.k_conv, self.v_conv)),
+                           torch.zeros(batch_size, dtype=torch.long, device=device))
 
-    def mix(self, x, state):
+    def mix(self, x, state, cu_seqlens=None):
         c = self.config
         acc = torch.promote_types(x.dtype, torch.float32)
-        st = state or self.init_state(x.shape[0], x.device, acc)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
         heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads)  # noqa: E731
         # 1. q, k, v: projection, causal conv + SiLU; q and k L2-normalised per head
-        q, conv_q = self.q_conv(self.q_proj(x), st.conv_q)
-        k, conv_k = self.k_conv(self.k_proj(x), st.conv_k)
-        v, conv_v = self.v_conv(self.v_proj(x), st.conv_v)
+        q, conv_q = self.q_conv(self.q_proj(x), st.conv_q, cu_seqlens)
+        k, conv_k = self.k_conv(self.k_proj(x), st.conv_k, cu_seqlens)
+        v, conv_v = self.v_conv(self.v_proj(x), st.conv_v, cu_seqlens)
         q, k, v = F.normalize(heads(q), dim=-1), F.normalize(heads(k), dim=-1), heads(v)  # (B, T, H, K)
         # 2. data-dependent forgetting α, momentum decay η and step size θ per token and head
         a_logit, eta_logit, th_logit = (self.gate_proj(x).to(acc) + self.gate_bias.to(acc)).chunk(3, dim=-1)
@@ -153,7 +154,8 @@ class Titans(Mixer):
         pick = lambda part: tuple(getattr(st, f"{part}_{i}") for i in range(n))  # noqa: E731
         init = MemoryState(pick("memory"), pick("momentum"), pick("anchor"), st.pos)
         base = tuple(w.to(acc) for w in self.memory_init) if c.forget_to_init else None
-        o, ms = neural_memory(q, k, v, log_g, log_eta, theta, init, chunk_size=c.chunk_size, base=base)  # (B, T, H, K)
+        o, ms = neural_memory(q, k, v, log_g, log_eta, theta, init, chunk_size=c.chunk_size, base=base,
+                              cu_seqlens=cu_seqlens)  # (B, T, H, K)
         # 4. per-head norm, gate by a linear layer, output projection
         o = self.o_norm(o.to(x.dtype), heads(self.g_proj(x)))
         out = self.o_proj(rearrange(o, "b t h d -> b t (h d)"))  # (B, T, D)

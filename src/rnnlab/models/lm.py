@@ -1,8 +1,9 @@
 """The language model: embedding -> blocks (norm -> mixer -> residual, norm -> MLP -> residual)
 -> norm -> tied output head.
 
-``logits, state = model(tokens, state=None)``: tokens (B, T) int64 -> logits (B, T, V) and a
-:class:`ModelState` (one state per block plus the count of tokens seen). The model obeys the
+``logits, state = model(tokens, state=None, cu_seqlens=None)``: tokens (B, T) int64 -> logits
+(B, T, V) and a :class:`ModelState` (one state per block plus the count of tokens seen); with
+``cu_seqlens`` one row packs several sequences, each with its own state row. The model obeys the
 chunking law of its mixers: feeding a sequence in pieces, passing the state, equals one call.
 
 Parameters: each mixer initialises its own (as its paper's reference does) and names those that
@@ -26,6 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..layers.base import Mixer, check_tokens_input
+from ..ops.bounds import check_cu_seqlens, state_rows
 from ..layers.common import NORM_TYPES, RMSNorm
 from ..layers.state import State, StateError
 from .layout import BlockSpec, parse_layout
@@ -79,7 +81,7 @@ class ModelState:
     """The state of a whole model: one state per block (None for MLP-only blocks) and a counter."""
 
     layers: tuple[State | None, ...]
-    seen: int  # tokens seen so far
+    seen: int  # tokens seen so far (after a packed call: by its longest sequence)
 
     @property
     def nbytes(self) -> int:
@@ -124,9 +126,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if has_mlp else None
         self.mlp = MLP(config.d_model, config.d_ff, config.mlp) if has_mlp else None
 
-    def forward(self, x: torch.Tensor, state: State | None) -> tuple[torch.Tensor, State | None]:
-        if self.mixer is not None:  # LM.forward has checked the tokens and the whole state: no second check here
-            y, state = self.mixer.mix(self.mixer_norm(x), state)
+    def forward(self, x: torch.Tensor, state: State | None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
+        if self.mixer is not None:  # LM.forward has checked the tokens, cu_seqlens and the whole state
+            y, state = self.mixer.mix(self.mixer_norm(x), state, cu_seqlens)
             x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -237,19 +240,27 @@ class LM(nn.Module):
             except StateError as e:
                 raise StateError(f"layer {i} ({b.name}): {e}") from None
 
-    def forward(self, tokens: torch.Tensor, state: ModelState | None = None) -> tuple[torch.Tensor, ModelState]:
-        """tokens (B, T) -> logits (B, T, vocab_size), state after the last token."""
+    def forward(self, tokens: torch.Tensor, state: ModelState | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+        """tokens (B, T) -> logits (B, T, vocab_size), state after the last token.
+
+        ``cu_seqlens``: None, or int64 (N + 1,) cumulative lengths of N sequences packed in one row
+        (B = 1), passed to every mixer: each sequence starts from its own row of ``state`` (N rows;
+        None: the initial state), ends in its own row of the returned state, and sees nothing of
+        the others (:meth:`rnnlab.layers.base.Mixer.forward`)."""
         check_tokens_input(tokens, self.config.vocab_size)
         B, T = tokens.shape
+        cu = check_cu_seqlens(cu_seqlens, B, T)
         if state is not None:
-            self.check_state(state, B)
+            self.check_state(state, state_rows(B, cu))
         x = self.embed(tokens.long())  # (B, T, D)
         new = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.layers[i])
+            x, s = block(x, None if state is None else state.layers[i], cu_seqlens)
             new.append(s)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
-        return logits, ModelState(tuple(new), (0 if state is None else state.seen) + T)
+        longest = T if cu is None else max(b - a for a, b in zip(cu, cu[1:]))
+        return logits, ModelState(tuple(new), (0 if state is None else state.seen) + longest)
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:

@@ -18,6 +18,8 @@ Two mechanisms, each written once here:
   (each sequence padded to a multiple of the chunk size with neutral values), so a chunked form
   runs unchanged within chunks and only its pass across chunks uses a :class:`Carry`. The waste
   is at most C - 1 tokens per sequence.
+* :class:`PrefixLayout` puts each sequence of a packed row after its own ``width`` rows of state,
+  for causal convolutions whose state is their last inputs (short convolutions).
 
 :func:`causal_product` is the masked intra-chunk product ``sum_{s <= t} A[t, s] U[s]`` that keeps
 a non-finite value at a later position s out of earlier positions t (a plain ``A @ U`` computes
@@ -25,7 +27,9 @@ a non-finite value at a later position s out of earlier positions t (a plain ``A
 
 Where they are used: reference loops of every family take a token :class:`Carry`
 (:func:`token_carry`); the chunkwise-parallel matrix families (gated delta rule, mLSTM, GSA) use
-:class:`ChunkLayout`; the elementwise scan (family A) is a segmented scan
+:class:`ChunkLayout`; Titans' memory carries its state across mini-batch segments that never
+cross a boundary (a :class:`Carry` over segments); the layers' short convolutions use
+:class:`PrefixLayout`; the elementwise scan (family A) is a segmented scan
 (:mod:`rnnlab.ops.scan`: at a sequence's first token ``h_t = a_t h0_n + b_t`` by selection), and
 the ops built on time-chunks of it (selective scan, Longhorn, LTI scan, GSA's blocks) run the
 pieces of the sequences in each time-chunk as a packed row of their own
@@ -39,8 +43,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "causal_product", "rows",
-           "cat_rows"]
+__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "PrefixLayout", "causal_product",
+           "rows", "cat_rows"]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
@@ -199,6 +203,38 @@ class ChunkLayout:
     def carry(self, initial, zeros: Callable[[int], Any]) -> Carry:
         """The :class:`Carry` across the chunks."""
         return Carry(initial, zeros, len(self.cu) - 1, self.n_chunks, self.starts, self.ends)
+
+
+class PrefixLayout:
+    """A packed row laid out with each sequence preceded by its own ``width`` rows of state: the
+    layout of a causal convolution of window ``width + 1`` whose state is its last ``width`` inputs.
+
+    ``cu`` from :func:`check_cu_seqlens` (N sequences, T tokens). :meth:`pad` maps the state
+    (N, width, ...) and the row (1, T, ...) to (1, N·width + T, ...); a valid convolution over it
+    gives N·width + T - width outputs, of which :attr:`out` (T,) are the tokens' (no window
+    reaches into another sequence), and :attr:`last` (N, width) indexes each sequence's last
+    ``width`` rows of the padded row: its final state (its initial state for an empty sequence).
+    """
+
+    def __init__(self, cu: list[int], width: int, device: torch.device):
+        N, T = len(cu) - 1, cu[-1]
+        lengths = torch.tensor([b - a for a, b in zip(cu, cu[1:])], device=device)  # (N,)
+        seq = torch.repeat_interleave(torch.arange(N, device=device), lengths)  # (T,) each token's sequence
+        t = torch.arange(T, device=device)
+        starts = torch.tensor(cu[:-1], device=device)  # (N,)
+        i = torch.arange(width, device=device)
+        n = torch.arange(N, device=device)
+        state_at = (starts + n * width)[:, None] + i  # (N, width) padded positions of the state rows
+        src = torch.empty(N * width + T, dtype=torch.long, device=device)  # (N·width + T,)
+        src[t + (seq + 1) * width] = N * width + t  # tokens, after their sequence's state rows
+        src[state_at.flatten()] = (n[:, None] * width + i).flatten()
+        self._src, self.width = src, width
+        self.out = t + seq * width  # (T,)
+        self.last = (torch.tensor(cu[1:], device=device) + n * width)[:, None] + i  # (N, width)
+
+    def pad(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """state (N, width, ...), x (1, T, ...) -> (1, N·width + T, ...)."""
+        return torch.cat([state.reshape(1, state.shape[0] * self.width, *state.shape[2:]), x], dim=1)[:, self._src]
 
 
 def causal_product(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

@@ -137,10 +137,17 @@ def _map(fn, x):
 
 
 def cast(inputs: dict, dtype: torch.dtype) -> dict:
-    """``inputs`` with every real tensor (nested ones included) in ``dtype`` and every complex one
-    in the matching complex dtype (complex128 for float64, else complex64)."""
+    """``inputs`` with every real floating tensor (nested ones included) in ``dtype`` and every
+    complex one in the matching complex dtype (complex128 for float64, else complex64); integer
+    tensors unchanged."""
     cplx = torch.complex128 if dtype == torch.float64 else torch.complex64
-    return {n: _map(lambda t: t.to(cplx if t.is_complex() else dtype), a) for n, a in inputs.items()}
+    return {n: _map(lambda t: t if _is_int(t) else t.to(cplx if t.is_complex() else dtype), a)
+            for n, a in inputs.items()}
+
+
+def _is_int(t: torch.Tensor) -> bool:
+    """An integer tensor (a position, a count): never cast, never differentiated."""
+    return not (t.is_floating_point() or t.is_complex())
 
 
 def tensors(x) -> list[torch.Tensor]:
@@ -174,12 +181,15 @@ def unpack_inputs(inputs: dict) -> list[dict]:
 
 
 def with_grad(family: "Family | str", inputs: dict) -> tuple[dict, list[torch.Tensor]]:
-    """A copy of ``inputs`` whose differentiable entries (nested ones included) are fresh leaves
-    requiring grad, and the list of those leaves."""
+    """A copy of ``inputs`` whose differentiable entries (nested floating tensors included; integer
+    tensors such as positions stay as they are) are fresh leaves requiring grad, and the list of
+    those leaves."""
     fam = get_family(family) if isinstance(family, str) else family
     leaves = []
 
     def leaf(t):
+        if _is_int(t):
+            return t
         t = t.detach().clone().requires_grad_()
         leaves.append(t)
         return t
@@ -341,7 +351,7 @@ def _memory_inputs(B, T, H, K, V, g):  # Titans' 2-layer MLP memory (F = 2K), mi
     r, u = _gen(g)
     w = lambda: (r(B, H, 2 * K, K) * K ** -0.5, r(B, H, V, 2 * K) * (2 * K) ** -0.5)  # noqa: E731
     momentum = tuple(0.1 * m for m in w())
-    pos = int(torch.randint(0, 16, (1,), generator=g))
+    pos = torch.randint(0, 16, (B,), generator=g)  # (B,) int64: each row at its own place in its mini-batch
     return dict(q=F.normalize(r(B, T, H, K), dim=-1), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, V),
                 log_g=F.logsigmoid(r(B, T, H) + 5), log_eta=F.logsigmoid(r(B, T, H) + 2), theta=0.05 * u(B, T, H),
                 initial_state=MemoryState(w(), momentum, w(), pos), chunk_size=16)
@@ -509,7 +519,7 @@ def _build() -> dict[str, Family]:
         Family("memory", "M_t = g_t M_{t-1} + S_t, S_t = eta_t S_{t-1} - theta_t grad ||M(k_t) - v_t||^2 (Titans)",
                memory.neural_memory_recurrent, {"chunked": memory.neural_memory_chunked}, _memory_inputs,
                qkv + ("log_g", "log_eta", "theta", "initial_state"), _one_token_or("chunked", "q", "reference"),
-               dispatch=memory.neural_memory),
+               dispatch=memory.neural_memory, packed=("chunked",)),
         Family("lssl", "h_t = dA h_{t-1} + dB u_t, y_t = C h_t with a dense dA per channel (LSSL)",
                lti.lti_recurrent, {"conv": lti.lti_conv}, _lssl_inputs, ("u", "dA", "dB", "C", "initial_state"),
                _one_token_or("conv", "u", "reference"), dispatch=lti.lti, packed=("conv",),

@@ -22,7 +22,7 @@ from .bounds import cat_rows, check_cu_seqlens, rows, state_rows, token_carry
 from .registry import implementation, select
 
 __all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_loop", "linear_scan_step",
-           "over_time_chunks"]
+           "over_time_chunks", "running_max"]
 
 
 def _check(a, b, initial_state, cu_seqlens=None) -> list[int] | None:
@@ -281,3 +281,27 @@ def over_time_chunks(step, seqs, state, chunk_size=256, cu_seqlens=None, zeros=N
         carried = rows(fin, len(here) - 1, len(here))
         ys.append(y)
     return torch.cat(ys, dim=1), cat_rows([finals.get(n, init(n)) for n in range(len(cu) - 1)])
+
+
+def running_max(x, initial_state, cu_seqlens=None):
+    """``m_t = max(m_{t-1}, x_t)`` along dim 1 from ``m_0 = initial_state`` (a stabiliser, e.g. of
+    a softmax computed as a scan). x: (B, T, ...) real; initial_state: (B, ...), or (N, ...) with
+    ``cu_seqlens`` (N sequences packed in one row, B = 1; each starts from its own row).
+
+    Returns (m (B, T, ...), the maximum entering each token m_{t-1} (B, T, ...), the final maximum
+    (B|N, ...)). A NaN stays in its own sequence (from its token on, as in ``torch.cummax``).
+    """
+    cu = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
+    rows_ = (state_rows(x.shape[0], cu),) + x.shape[2:]
+    if initial_state.shape != rows_:
+        raise ValueError(f"initial_state must be ({'B' if cu is None else 'N'}, ...) = {rows_}, "
+                         f"got {tuple(initial_state.shape)}")
+    spans = [(0, x.shape[1], initial_state)] if cu is None else [
+        (a, b, initial_state[n:n + 1]) for n, (a, b) in enumerate(zip(cu, cu[1:]))]
+    ms, entering, finals = [], [], []
+    for a, b, m0 in spans:  # one sequence (or all B rows) at a time
+        m = torch.maximum(torch.cummax(x[:, a:b], dim=1).values, m0[:, None])  # (B, b-a, ...)
+        ms.append(m)
+        entering.append(torch.cat([m0[:, None], m], dim=1)[:, :-1])
+        finals.append(torch.cat([m0[:, None], m], dim=1)[:, -1])  # an empty sequence keeps m0
+    return torch.cat(ms, dim=1), torch.cat(entering, dim=1), torch.cat(finals, dim=0)
