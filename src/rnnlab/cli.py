@@ -135,7 +135,7 @@ def cmd_train(a) -> dict:
             if tok_file is not None and not (out / "tokenizer.json").exists():
                 shutil.copyfile(tok_file, out / "tokenizer.json")
         batches, val = make_sources(train_data, val_data, cfg, data_cfg.seed, e.rank, e.world_size,
-                                    data_cfg.eval_batches)
+                                    data_cfg.eval_batches, boundaries=data_cfg.packing == "documents")
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)

@@ -13,7 +13,7 @@ import torch
 
 from .shards import TokenData
 
-__all__ = ["BatchSource", "RandomWindows", "SequentialWindows", "IGNORE_INDEX"]
+__all__ = ["BatchSource", "RandomWindows", "SequentialWindows", "IGNORE_INDEX", "document_bounds"]
 
 IGNORE_INDEX = -100  # target id of positions that are not scored (cross_entropy's ignore_index)
 
@@ -55,6 +55,14 @@ def _check_rank(rank, world_size) -> tuple[int, int]:
     return rank, world_size
 
 
+def _check_boundaries(boundaries: bool, data) -> bool:
+    if not isinstance(boundaries, bool):
+        raise ValueError(f"boundaries must be True or False, got {boundaries!r}")
+    if boundaries and data.eod_id is None:
+        raise ValueError("boundaries=True needs data with an end-of-document token (eod_id); this data has none")
+    return boundaries
+
+
 def _check_state(state, kind: str, expected: dict) -> None:
     if not isinstance(state, dict) or state.get("sampler") != kind:
         got = state.get("sampler") if isinstance(state, dict) else type(state).__name__
@@ -63,6 +71,19 @@ def _check_state(state, kind: str, expected: dict) -> None:
         if state.get(key) != want:
             raise ValueError(f"state was saved with {key}={state.get(key)!r} but this {kind} has {key}={want!r}; "
                              f"a run resumes on the same data and shapes (start a new sampler to change them)")
+
+
+def document_bounds(x: torch.Tensor, eod_id: int) -> torch.Tensor:
+    """``cu_seqlens`` (N + 1,) int64 of the rows of ``x`` (b, T) flattened into one packed row of
+    b·T tokens: a sequence starts at every row start and after every ``eod_id`` token, so no state
+    crosses a row's edge or a document's end. (The end-of-document token itself closes its
+    document: it is the last input of one sequence.)"""
+    b, T = x.shape
+    after_eod = torch.zeros_like(x, dtype=torch.bool)
+    after_eod[:, 1:] = x[:, :-1] == eod_id  # (b, T): a document starts here
+    after_eod[:, 0] = True
+    starts = after_eod.reshape(-1).nonzero().reshape(-1)  # (N,)
+    return torch.cat([starts, torch.tensor([b * T])]).to(torch.int64)
 
 
 class RandomWindows:
@@ -74,15 +95,19 @@ class RandomWindows:
         seq_len: T, the tokens per row.
         seed: seeds this sampler's own ``torch.Generator`` (the global RNG is not touched).
         rank, world_size: this process's slice of the global batch.
+        boundaries: also yield the documents' boundaries (see :func:`document_bounds`), so the
+            model reads each document from a fresh state; False: documents run into each other.
 
     Yields ``(x, y)``, each (batch_size // world_size, T) int64, ``y`` = ``x`` shifted by one token
-    (every position scored). Every rank draws the same global batch and keeps rows
+    (every position scored); with ``boundaries``, ``(x, y, cu_seqlens)``. Every rank draws the same global batch and keeps rows
     ``[rank * b, (rank + 1) * b)``, so the ranks' union is the single-process batch and a run can
     resume under a different world size. Infinite.
     """
 
-    def __init__(self, data, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+    def __init__(self, data, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 boundaries: bool = False):
         self.data = _as_token_data(data)
+        self.boundaries = _check_boundaries(boundaries, self.data)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.seq_len = _positive_int("seq_len", seq_len)
         self.rank, self.world_size = _check_rank(rank, world_size)
@@ -108,9 +133,10 @@ class RandomWindows:
             self._gen.set_state(before)  # a failed read does not advance the stream
             raise
         self.batches += 1
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        return (x, y, document_bounds(x, self.data.eod_id)) if self.boundaries else (x, y)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         while True:
             yield self.next_batch()
 
@@ -138,7 +164,8 @@ class SequentialWindows:
     Window i has inputs tokens ``[i*T, i*T + T)`` and targets ``[i*T + 1, i*T + T + 1)``, so every
     token but the first is scored exactly once. The last window is padded (inputs with ``eod_id``
     or 0, targets with -100). Batches hold ``batch_size`` consecutive windows; the last may hold
-    fewer rows. ``max_batches`` keeps the first batches only. With ``world_size > 1`` rank r takes
+    fewer rows. ``max_batches`` keeps the first batches only. ``boundaries`` adds ``cu_seqlens``
+    as :class:`RandomWindows` does. With ``world_size > 1`` rank r takes
     batches r, r + world_size, ... (the union over ranks is the single-process pass).
 
     ``iter()`` continues from the current position (0, or what ``load_state_dict`` set); a pass that
@@ -146,8 +173,9 @@ class SequentialWindows:
     """
 
     def __init__(self, data, batch_size: int, seq_len: int, max_batches: int | None = None,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, boundaries: bool = False):
         self.data = _as_token_data(data)
+        self.boundaries = _check_boundaries(boundaries, self.data)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.seq_len = _positive_int("seq_len", seq_len)
         if max_batches is not None:
@@ -187,7 +215,7 @@ class SequentialWindows:
             w = self.data.window(i * T, min(T + 1, n - i * T))
             x[row, :len(w) - 1] = w[:-1]
             y[row, :len(w) - 1] = w[1:]
-        return x, y
+        return (x, y, document_bounds(x, self.data.eod_id)) if self.boundaries else (x, y)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         ks = self._global_batches()

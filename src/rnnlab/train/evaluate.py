@@ -15,27 +15,39 @@ from torch import nn
 
 from ..models.lm import atomic_write
 
-__all__ = ["evaluate", "loss_by_position", "plot_losses", "plot_loss_by_position"]
+__all__ = ["evaluate", "batch_logits", "loss_by_position", "plot_losses", "plot_loss_by_position"]
 
 
 def _autocast(device: torch.device, autocast: str | None):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast == "bf16")
 
 
+def batch_logits(model: nn.Module, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, T, V) of ``model`` on tokens ``x`` (B, T); with ``cu_seqlens`` (the boundaries of
+    the rows flattened into one packed row, as :func:`rnnlab.data.document_bounds` makes them)
+    the rows are run as one packed row and no state crosses a boundary."""
+    if cu_seqlens is None:
+        return model(x)[0]
+    B, T = x.shape
+    logits, _ = model(x.reshape(1, B * T), cu_seqlens=cu_seqlens)  # (1, B·T, V)
+    return logits.reshape(B, T, -1)
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...]],
              autocast: str | None = None) -> dict:
     """Mean loss of ``model`` over the scored targets (``y != -100``) of ``batches``, a finite
-    iterable of ``(x, y)`` (B, T) int64 pairs. Returns ``{"loss", "bits", "tokens"}``."""
+    iterable of ``(x, y)`` (B, T) int64 pairs, or ``(x, y, cu_seqlens)`` for rows of packed
+    documents (see :func:`batch_logits`). Returns ``{"loss", "bits", "tokens"}``."""
     was = model.training
     model.eval()
     device = next(model.parameters()).device
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = torch.zeros((), dtype=torch.int64, device=device)
-    for x, y in batches:
+    for x, y, *bounds in batches:
         x, y = x.to(device), y.to(device)
         with _autocast(device, autocast):
-            logits, _ = model(x)
+            logits = batch_logits(model, x, bounds[0].to(device) if bounds else None)
         total += F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
         count += (y != -100).sum()
     model.train(was)

@@ -38,8 +38,11 @@ class DataConfig:
     max_bytes: int = 20_000_000  # read at most this many bytes of text for training (0 = all)
     eval_batches: int = 8  # validation batches per evaluation (batches of train.batch_size / grad_accum sequences)
     seed: int = 0  # seed of the model's initialisation and of the order of training windows
+    packing: str = "concat"  # "documents": each document in a window starts from a fresh state (cu_seqlens); "concat": documents run into each other
 
     def __post_init__(self) -> None:
+        if self.packing not in ("concat", "documents"):
+            raise ValueError(f"packing must be 'concat' or 'documents', got {self.packing!r}")
         for name, lo in (("max_bytes", 0), ("eval_batches", 1), ("seed", 0)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {getattr(self, name)!r}")
@@ -120,12 +123,15 @@ def open_data(d: DataConfig, cache_dir: str | Path, is_main: bool = True, barrie
 
 
 def make_sources(train_data, val_data, t: TrainConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 eval_batches: int = 8) -> tuple[Any, Callable[[], Iterable]]:
+                 eval_batches: int = 8, boundaries: bool = False) -> tuple[Any, Callable[[], Iterable]]:
     """The training batch source (this rank's share of random windows) and a factory of the
-    validation pass (the first ``eval_batches`` batches of consecutive windows)."""
+    validation pass (the first ``eval_batches`` batches of consecutive windows); ``boundaries``
+    keeps documents apart in both (DataConfig.packing = "documents")."""
     from ..data import RandomWindows, SequentialWindows
-    train_src = RandomWindows(train_data, t.micro_batch_size, t.seq_len, seed=seed, rank=rank, world_size=world_size)
-    return train_src, lambda: SequentialWindows(val_data, t.micro_batch_size, t.seq_len, max_batches=eval_batches)
+    train_src = RandomWindows(train_data, t.micro_batch_size, t.seq_len, seed=seed, rank=rank, world_size=world_size,
+                              boundaries=boundaries)
+    return train_src, lambda: SequentialWindows(val_data, t.micro_batch_size, t.seq_len, max_batches=eval_batches,
+                                                boundaries=boundaries)
 
 
 def read_run(run_dir: str | Path) -> dict:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from . import distributed as D
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, run_exists, save_checkpoint
-from .evaluate import evaluate, plot_losses
+from .evaluate import batch_logits, evaluate, plot_losses
 from ..flops import matmul_peak, model_flops_per_token
 
 __all__ = ["TrainConfig", "train", "RunExistsError", "NonFiniteLossError"]
@@ -139,7 +139,8 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
           progress: bool | None = None) -> dict:
     """Train ``model`` (an :class:`rnnlab.LM`) on ``batches`` and return the last step's metrics.
 
-    ``batches`` yields ``(x, y)`` int64 (b, T) micro-batches, y = -100 where not scored, with
+    ``batches`` yields ``(x, y)`` int64 (b, T) micro-batches, y = -100 where not scored (or
+    ``(x, y, cu_seqlens)`` for rows of packed documents kept apart, see :func:`batch_logits`), with
     b = ``config.batch_size / (grad_accum · world_size)``; under ``torchrun`` each process passes its
     own share of the global batch (e.g. ``RandomWindows(..., rank=r, world_size=w)``). When it has
     ``state_dict``/``load_state_dict`` its position is checkpointed, so a resumed run sees the data
@@ -240,16 +241,15 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
             lr = lr_at(step, c)
             for group in opt.param_groups:
                 group["lr"] = lr
-            parts = [next(it) for _ in range(c.grad_accum)]
-            parts = [(x.to(e.device, non_blocking=True), y.to(e.device, non_blocking=True)) for x, y in parts]
-            scored = D.all_reduce_sum(sum((y != -100).sum() for _, y in parts).to(torch.float32))
+            parts = [tuple(t.to(e.device, non_blocking=True) for t in next(it)) for _ in range(c.grad_accum)]
+            scored = D.all_reduce_sum(sum((p[1] != -100).sum() for p in parts).to(torch.float32))
             denom = scored.clamp(min=1) / e.world_size  # DDP averages gradients over processes
             loss_sum = torch.zeros((), device=e.device)
-            for i, (x, y) in enumerate(parts):
+            for i, (x, y, *bounds) in enumerate(parts):
                 last_micro = i == len(parts) - 1
                 _sync_grads(net, last_micro)
                 with torch.autocast(e.device.type, dtype=torch.bfloat16, enabled=c.autocast == "bf16"):
-                    logits, _ = net(x)
+                    logits = batch_logits(net, x, bounds[0] if bounds else None)
                 part = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100, reduction="sum")
                 (part / denom).backward()
                 loss_sum += part.detach()
