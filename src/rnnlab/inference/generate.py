@@ -61,13 +61,30 @@ class Stream:
         self.hit: bool | None = None  # from PrefixCache.stream: whether the prefix came from the cache
 
     @torch.no_grad()
-    def feed(self, tokens: torch.Tensor, chunk_size: int = 2048) -> torch.Tensor:
-        """Feed tokens (B, T) (or (T,)), in pieces of ``chunk_size``; returns the last logits (B, V)."""
+    def feed(self, tokens: torch.Tensor | list[torch.Tensor], chunk_size: int = 2048) -> torch.Tensor:
+        """Feed tokens (B, T) (or (T,)), in pieces of ``chunk_size``; returns the last logits (B, V).
+
+        A list of N prompts of different lengths (each (T_i,)) is prefilled together as one packed
+        row (``cu_seqlens``, one call): the stream then holds N rows, each as if its prompt had been
+        fed alone, and :meth:`sample` decodes them as one batch. An existing state must have N rows.
+        """
+        if isinstance(tokens, (list, tuple)):
+            return self._feed_ragged(list(tokens))
         if tokens.dim() == 1:
             tokens = tokens[None]
         for t0 in range(0, tokens.shape[1], chunk_size):
             out, self.state = self.model(tokens[:, t0:t0 + chunk_size], self.state)
             self.logits = out[:, -1]
+        return self.logits
+
+    def _feed_ragged(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        if not prompts or any(not isinstance(p, torch.Tensor) or p.dim() != 1 or p.numel() == 0 for p in prompts):
+            raise ValueError("tokens: a list of prompts must hold 1-D tensors of at least one token each")
+        lengths = torch.tensor([len(p) for p in prompts])
+        cu = torch.cat([torch.zeros(1, dtype=torch.int64), lengths.cumsum(0)])  # (N + 1,)
+        packed = torch.cat(prompts).to(next(self.model.parameters()).device)[None]  # (1, sum T_i)
+        out, self.state = self.model(packed, self.state, cu_seqlens=cu.to(packed.device))  # (1, sum T_i, V)
+        self.logits = out[0, cu[1:].to(out.device) - 1]  # (N, V): after each prompt's last token
         return self.logits
 
     @torch.no_grad()

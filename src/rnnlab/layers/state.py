@@ -84,6 +84,42 @@ class State:
         kw.update(scalars)
         return cls(**kw)
 
+    # -- rows ----------------------------------------------------------------------------------
+    def select(self, rows: "torch.Tensor | list[int] | slice") -> "State":
+        """The state of the sequences ``rows`` (indices along the batch dimension, or a slice)."""
+        pick = (lambda t: t[rows]) if isinstance(rows, slice) else (
+            lambda t: t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device)))
+        return dataclasses.replace(self, **{k: pick(v) for k, v in self.tensors().items()})
+
+    def split(self, sizes: int | list[int] = 1) -> list["State"]:
+        """The state cut along the batch into pieces of ``sizes`` rows (an int: equal pieces)."""
+        bounds, n = [], 0
+        for size in ([sizes] * -(-self.batch_size // sizes) if isinstance(sizes, int) else sizes):
+            bounds.append(slice(n, min(n + size, self.batch_size)))
+            n += size
+        if n < self.batch_size or (not isinstance(sizes, int) and n != self.batch_size):
+            raise StateError(f"split sizes {sizes} do not add up to the batch size {self.batch_size}")
+        return [self.select(b) for b in bounds]
+
+    @classmethod
+    def cat(cls, states: "list[State]") -> "State":
+        """One state whose rows are those of ``states`` in order (same class, same shapes but the
+        batch; integer fields, such as a shared position, must agree)."""
+        if not states:
+            raise StateError("State.cat needs at least one state")
+        first = states[0]
+        for i, st in enumerate(states):
+            if type(st) is not type(first):
+                raise StateError(f"State.cat: state {i} is a {type(st).__name__}, state 0 a {type(first).__name__}")
+            if st.scalars() != first.scalars():
+                raise StateError(f"State.cat: state {i} has {st.scalars()}, state 0 {first.scalars()}; "
+                                 f"{type(first).__name__} rows must share these to share a batch")
+        try:
+            tensors = {k: torch.cat([st.tensors()[k] for st in states]) for k in first.tensors()}
+        except RuntimeError as e:
+            raise StateError(f"State.cat: the {type(first).__name__} states differ in shape beyond the batch ({e})") from None
+        return dataclasses.replace(first, **tensors)
+
     def check_like(self, ref: "State", where: str = "state") -> None:
         """Raise :class:`StateError` unless this state has the type and shapes of ``ref``
         (dimensions listed in ``variable_dims`` may differ)."""

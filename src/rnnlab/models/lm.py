@@ -96,6 +96,25 @@ class ModelState:
         """A copy cut from the autograd graph."""
         return ModelState(tuple(None if s is None else s.detach() for s in self.layers), self.seen)
 
+    def select(self, rows) -> "ModelState":
+        """The state of the sequences ``rows`` (batch indices or a slice), every layer alike."""
+        return ModelState(tuple(None if s is None else s.select(rows) for s in self.layers), self.seen)
+
+    def split(self, sizes: int | list[int] = 1) -> list["ModelState"]:
+        """The state cut along the batch into pieces of ``sizes`` rows (an int: equal pieces)."""
+        parts = [None if s is None else s.split(sizes) for s in self.layers]
+        n = len(next(p for p in parts if p is not None)) if any(p is not None for p in parts) else 0
+        return [ModelState(tuple(None if p is None else p[i] for p in parts), self.seen) for i in range(n)]
+
+    @staticmethod
+    def cat(states: list["ModelState"]) -> "ModelState":
+        """One state whose rows are those of ``states`` in order; ``seen`` is the largest of theirs."""
+        if not states:
+            raise StateError("ModelState.cat needs at least one state")
+        layers = tuple(None if group[0] is None else type(group[0]).cat(list(group))
+                       for group in zip(*(st.layers for st in states)))
+        return ModelState(layers, max(st.seen for st in states))
+
 
 class MLP(nn.Module):
     """SwiGLU (``down(silu(gate(x)) * up(x))``) or GELU MLP: (B, T, D) -> (B, T, D)."""
