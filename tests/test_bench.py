@@ -99,6 +99,17 @@ def test_speed_decode(tmp_path, capsys):
     assert rows[("attention(num_heads=2)", 48)]["state_bytes"] > rows[("attention(num_heads=2)", 16)]["state_bytes"]
 
 
+def test_speed_ragged(tmp_path, capsys):
+    last, _ = _speed(["ragged", "--quick", "--layouts", "mingru", "gla", "--prompts", "1", "3", "--T", "24",
+                      "--repeats", "1"], tmp_path, capsys)
+    rows = {(r["model"], r["prompts"]): r for r in last["results"]}
+    assert set(rows) == {("mingru", 1), ("mingru", 3), ("gla", 1), ("gla", 3)}
+    r = rows[("gla", 3)]
+    assert r["tokens"] <= r["padded_tokens"] == 3 * max(0, r["padded_tokens"] // 3) and r["tokens"] >= 3
+    assert all(r[k] > 0 for k in ("packed_ms", "padded_ms", "one_by_one_ms"))
+    assert r["fastest"] in ("packed", "padded", "one_by_one")
+
+
 def test_speed_efficiency(tmp_path, capsys):
     last, _ = _speed(["efficiency", "--quick", "--families", "delta_vector", "mlstm", "scan", "sdpa", "--T", "64"],
                      tmp_path, capsys)

@@ -19,7 +19,9 @@ JSON line):
 * ``efficiency``: achieved FLOP/s of the chunked kernels of the op registry as a fraction of the
   matmul peak (:mod:`rnnlab.bench.speed_kernels`);
 * ``peers``: rnnlab beside other implementations that run here, outputs checked first
-  (:mod:`rnnlab.bench.speed_peers`).
+  (:mod:`rnnlab.bench.speed_peers`);
+* ``ragged``: prefill of N prompts of different lengths packed in one row, padded, and one by one
+  (:mod:`rnnlab.bench.speed_ragged`).
 
 Width: mixers get ``num_heads = d_model / head_dim`` and ``head_dim`` wherever their config has
 those options (Mamba-2: ``head_dim``); other options keep their defaults. Timing: one warm-up
@@ -49,7 +51,7 @@ from .plot import loglog
 from ..configs import Parser, int_at_least, parse_device
 from ..models.registry import build_mixer, make_config, mixers, options_help
 
-MODES = ("models", "layers", "decode", "efficiency", "peers")
+MODES = ("models", "layers", "decode", "efficiency", "peers", "ragged")
 _POW2 = lambda lo, hi: [2 ** i for i in range(lo, hi + 1)]  # noqa: E731
 _DEFAULT_T = {"models": _POW2(9, 14), "layers": _POW2(9, 15), "efficiency": _POW2(9, 14), "peers": _POW2(9, 12)}
 LOAD_WARN = 0.5
@@ -259,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--T", nargs="+", type=int_at_least(1), help="sequence lengths (default: models/efficiency 512..16384, "
                                                      "layers 512..32768, peers 512..4096)")
     p.add_argument("--contexts", nargs="+", type=int_at_least(1), help="decode: context lengths (default 1024..65536)")
-    p.add_argument("--layouts", nargs="+", help="decode: model layouts (default: gated_deltanet, mamba2, "
+    p.add_argument("--prompts", nargs="+", type=int_at_least(1), help="ragged: numbers of prompts (default 1 2 4 8 16 32)")
+    p.add_argument("--layouts", nargs="+", help="decode, ragged: model layouts (default: gated_deltanet, mamba2, "
                                                 "gated_deltanet*3,swa(window=1024,sinks=4), attention)")
     p.add_argument("--families", nargs="+", help="efficiency: kernel cases (default: all)")
     p.add_argument("--peers", nargs="+", help="peers: which peers (default: all)")
@@ -352,6 +355,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     elif a.mode == "efficiency":
         from .speed_kernels import run_efficiency
         out = run_efficiency(ctx)
+    elif a.mode == "ragged":
+        from .speed_ragged import run_ragged
+        out = run_ragged(ctx)
     else:
         from .speed_peers import run_peers
         out = run_peers(ctx)
