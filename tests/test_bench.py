@@ -174,3 +174,22 @@ def test_speed_bad_arguments(capsys):
         with pytest.raises(SystemExit):
             speed.main(argv)
         assert flag in capsys.readouterr().err
+
+
+def test_stream_100k_tokens_in_bounded_memory(tmp_path, capsys):
+    from rnnlab.bench import stream
+    rows = stream.main(["--tokens", "100000", "--at", "10000", "--chunk", "10000", "--d-model", "16", "--n-layers", "2",
+                        "--layouts", "mingru", "mingru,swa(window=64,sinks=4)", "attention", "--max-gb", "0.002",
+                        "--json", str(tmp_path / "s.json")])
+    by = {}
+    for r in rows:
+        by.setdefault(r["model"], []).append(r)
+    for lay in ("mingru", "mingru,swa(window=64,sinks=4)"):
+        first, last = by[lay]
+        assert (first["tokens"], last["tokens"]) == (10_000, 100_000) and last["status"] == "ok"
+        assert first["state_bytes"] == last["state_bytes"]  # a constant-size state
+        assert last["rss_bytes"] - first["rss_bytes"] < 64 * 2**20  # and memory that does not grow with it
+    att = by["attention"][-1]
+    assert att["status"].startswith("over budget") and att["tokens"] < 100_000  # the KV cache grows until stopped
+    assert (tmp_path / "s.png").stat().st_size > 1000
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "stream"

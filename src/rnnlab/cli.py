@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -295,7 +296,8 @@ def cmd_generate(a) -> str:
 # -- bench / convert --------------------------------------------------------------------------------
 BENCHES = {"ops": "kernels of every op family, reference vs fast forms", "hf": "rnnlab vs transformers on the same weights",
            "rnn": "LSTM/GRU: Newton solve vs the loop", "mixers": "every mixer: train step, prefill, decode",
-           "speed": "models | layers | decode | efficiency | peers, side by side with attention"}
+           "speed": "models | layers | decode | efficiency | peers | ragged, side by side with attention",
+           "stream": "a million tokens through one stream: tokens/s, state and memory"}
 
 
 def cmd_bench(a, rest: list[str]):
@@ -567,10 +569,13 @@ def main(argv: list[str] | None = None):
     handlers = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                 "convert": cmd_convert, "demo": cmd_demo, "data": cmd_data}
     as_json = getattr(a, "json", False) is True
-    name = f"rnnlab {a.cmd}" + (f" {a.data_cmd}" if a.cmd == "data" else "")
+    name = f"rnnlab {a.cmd}" + (f" {a.data_cmd}" if a.cmd == "data" else f" {a.what}" if a.cmd == "bench" else "")
     try:
         with contextlib.redirect_stdout(sys.stderr) if as_json else contextlib.nullcontext():
             result = cmd_bench(a, rest) if a.cmd == "bench" else handlers[a.cmd](a)
+    except BrokenPipeError:  # the reader of stdout went away (`rnnlab ... | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(141) from None
     except (*_USER_ERRORS, StateError, CheckpointError) as e:
         # bad flags, values and files: one line that names them; anything else is a bug and keeps its traceback
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
