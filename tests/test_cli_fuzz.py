@@ -193,6 +193,10 @@ CASES: list[tuple[list[str], str]] = [
     (G + ["--state-in", "{other_state}"], "other_state.safetensors"),
     (G + ["--state-out", "no/such/dir/s.safetensors"], "--state-out"),
     (G + ["--state-out", "{emptydir}"], "--state-out"),
+    (G + ["--read-twice"], "--read-twice"),
+    (G + ["--prefix-cache", "pc"], "--prefix-cache"),
+    (G + ["--prefix", "x", "--prefix-cache", "{a_file}"], "a_file"),
+    (G + ["--state-dtype", "float16"], "--state-dtype"),
     (["generate", "--model", "{truncated}", "--prompt", "hi"], "truncated"),
     (["generate", "--model", "{foreign}", "--prompt", "hi"], "foreign"),
     # data prepare

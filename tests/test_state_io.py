@@ -187,3 +187,15 @@ def test_prefix_cache_reads_a_prefix_once(tmp_path):
     torch.testing.assert_close(second.logits, whole.logits)
     other = rnnlab.build_model(layout="gated_deltanet,swa(window=8)", n_layers=2, d_model=32)
     assert rnnlab.PrefixCache(tmp_path / "cache", other).path(prefix) != cache.path(prefix)
+
+
+def test_jrt_prompt_layout():
+    from rnnlab.inference import jrt_prompt
+    ctx, q, sep = torch.tensor([5, 6, 7]), torch.tensor([1, 2]), torch.tensor([0])
+    assert jrt_prompt(ctx, q).tolist() == [5, 6, 7, 5, 6, 7, 1, 2]
+    assert jrt_prompt(ctx, q, repeats=3, separator=sep).tolist() == [5, 6, 7, 0, 5, 6, 7, 0, 5, 6, 7, 1, 2]
+    assert jrt_prompt(ctx, q, repeats=1).tolist() == [5, 6, 7, 1, 2]
+    batch = jrt_prompt(torch.tensor([[5, 6], [7, 8]]), torch.tensor([[1], [2]]), separator=sep)
+    assert batch.tolist() == [[5, 6, 0, 5, 6, 1], [7, 8, 0, 7, 8, 2]]
+    with pytest.raises(ValueError, match="repeats"):
+        jrt_prompt(ctx, q, repeats=0)

@@ -257,6 +257,10 @@ def cmd_generate(a) -> str:
     model = load_model(a.model, device=device).eval()
     tok = load_tokenizer(a.model)
     prefix = _decode_escapes(a.prefix) if a.escapes else a.prefix
+    if a.read_twice and not prefix:
+        raise ValueError("--read-twice repeats the context given with --prefix; give --prefix")
+    if a.read_twice:  # JRT prompting: the context read twice, the question once
+        prefix = prefix + "\n" + prefix
     prompt = _decode_escapes(a.prompt) if a.escapes else a.prompt
     if a.state_in:
         stream = Stream.load(model, a.state_in)
@@ -510,6 +514,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         "dtype (default: as computed)")
     s.add_argument("--prefix", default="", help="text read before --prompt whose state --prefix-cache keeps "
                                                 "(a system prompt, a document)")
+    s.add_argument("--read-twice", action="store_true", help="JRT prompting: read the --prefix context twice "
+                                                            "(joined by a newline) before --prompt")
     s.add_argument("--prefix-cache", help="directory of states after prefixes: the --prefix is read once, later "
                                           "runs with the same --prefix and model resume from its state")
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
