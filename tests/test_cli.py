@@ -284,3 +284,5 @@ def test_resume_in_another_process_and_prefix_cache(tmp_path, text):
                        "--prompt", " fox") for _ in range(2)]
     assert "stored in" in cached[0].stderr and "loaded from" in cached[1].stderr
     assert cached[0].stdout == cached[1].stdout and len(list((tmp_path / "pc").iterdir())) == 1
+    policy = _console(*gen, "4", "--prompt", "the quick brown fox", "--cache", "sinks=2,window=4")
+    assert policy.returncode == 0 and policy.stdout.strip()

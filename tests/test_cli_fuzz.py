@@ -194,6 +194,8 @@ CASES: list[tuple[list[str], str]] = [
     (G + ["--state-out", "no/such/dir/s.safetensors"], "--state-out"),
     (G + ["--state-out", "{emptydir}"], "--state-out"),
     (G + ["--read-twice"], "--read-twice"),
+    (G + ["--cache", "ring=3"], "--cache"),
+    (E + ["--cache", "window=0"], "--cache"),
     (G + ["--prefix-cache", "pc"], "--prefix-cache"),
     (G + ["--prefix", "x", "--prefix-cache", "{a_file}"], "a_file"),
     (G + ["--state-dtype", "float16"], "--state-dtype"),

@@ -169,6 +169,10 @@ def cmd_eval(a) -> dict:
     out = _dir_arg(a.out, "--out") if a.out else None
     device = parse_device(a.device)
     model = load_model(a.model, device=device).eval()
+    if a.cache:
+        from .inference.cache import with_cache
+        with _as_flags(["cache"]):
+            model = with_cache(model, a.cache)
     run = Path(a.model)
     recorded = read_run(run) if (run / "run.json").is_file() else {}
     if a.data is None and (run / "data" / "meta.json").is_file():
@@ -255,6 +259,10 @@ def cmd_generate(a) -> str:
             raise ValueError(f"--state-out {a.state_out}: the directory {target.parent} does not exist")
     device = parse_device(a.device)
     model = load_model(a.model, device=device).eval()
+    if a.cache:
+        from .inference.cache import with_cache
+        with _as_flags(["cache"]):
+            model = with_cache(model, a.cache)
     tok = load_tokenizer(a.model)
     prefix = _decode_escapes(a.prefix) if a.escapes else a.prefix
     if a.read_twice and not prefix:
@@ -465,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--windows", type=int_at_least(1), default=16, help="random validation windows per length (default: 16)")
     s.add_argument("--batch-size", type=int_at_least(1), default=4, help="windows per forward pass (default: 4)")
     s.add_argument("--seed", type=int_at_least(0), default=1234, help="seed of the window positions (default: 1234)")
+    s.add_argument("--cache", help="evaluate the attention layers under a KV-cache policy: full, window=W or "
+                                   "sinks=S,window=W (default: as trained)")
     s.add_argument("--out", help="directory for eval.json and loss_by_position.png (default: the model directory)")
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     _outputs(s)
@@ -514,6 +524,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                         "dtype (default: as computed)")
     s.add_argument("--prefix", default="", help="text read before --prompt whose state --prefix-cache keeps "
                                                 "(a system prompt, a document)")
+    s.add_argument("--cache", help="KV-cache policy of the attention layers while streaming: full, window=W or "
+                                   "sinks=S,window=W (StreamingLLM; default: as trained)")
     s.add_argument("--read-twice", action="store_true", help="JRT prompting: read the --prefix context twice "
                                                             "(joined by a newline) before --prompt")
     s.add_argument("--prefix-cache", help="directory of states after prefixes: the --prefix is read once, later "

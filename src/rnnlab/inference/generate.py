@@ -53,9 +53,16 @@ class Stream:
     >>> s.feed(tok("def main():"))              # prefill once
     >>> text = tok.decode(torch.stack(list(s.sample(50)), 1)[0])
     >>> s.save("conversation.safetensors")   # later: Stream.load(model, path).sample(50)
+
+    ``cache`` streams the attention layers under a KV-cache policy chosen now, not at training
+    (``"full"``, ``"window=W"``, ``"sinks=S,window=W"``; see :mod:`rnnlab.inference.cache`);
+    ``stream.model`` is then that view of the model.
     """
 
-    def __init__(self, model: LM, state: ModelState | None = None):
+    def __init__(self, model: LM, state: ModelState | None = None, cache=None):
+        if cache is not None:  # a KV-cache policy for the attention layers: "sinks=4,window=1024", ...
+            from .cache import with_cache
+            model = with_cache(model, cache)
         self.model, self.state = model, state
         self.logits: torch.Tensor | None = None  # (B, V) logits after the last token, None before any
         self.hit: bool | None = None  # from PrefixCache.stream: whether the prefix came from the cache
