@@ -355,8 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("bench", help="benchmarks: ops (kernels), hf (vs transformers), rnn (Newton vs loop), "
                                      "mixers (every mixer: train step, prefill, decode), speed (models | layers | "
-                                     "decode | efficiency | peers, side by side with attention)", add_help=False)
-    s.add_argument("what", choices=["ops", "hf", "rnn", "mixers", "speed"],
+                                     "decode | efficiency | peers, side by side with attention), tasks (synthetic task sweeps: "
+                                     "MQAR, state tracking, passkey, JRT)", add_help=False)
+    s.add_argument("what", choices=["ops", "hf", "rnn", "mixers", "speed", "tasks"],
                    help="which benchmark; `rnnlab bench WHAT --help` shows its options")
 
     s = sub.add_parser("convert", help="convert Hugging Face checkpoints from/to rnnlab")
