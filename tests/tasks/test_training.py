@@ -41,9 +41,10 @@ def test_every_mixer_trains_a_step_on_every_task(name, one_thread):
         assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters())), (name, config)
 
 
-def _cell(setting, mixer, d_model, lr, **preset):
-    p = bench.Preset(mixers=(mixer,), d_models=(d_model,), lrs=(lr,), seeds=(0,), settings=(setting,), **preset)
-    return bench.Cell(setting, mixer, d_model, lr, 0), p
+def _cell(setting, mixer, d_model, lr, steps, **preset):
+    p = bench.Preset(mixers=(mixer,), d_models=(d_model,), lrs=(lr,), seeds=(0,), settings=(setting,), steps=steps,
+                     **preset)
+    return bench.Cell(setting, mixer, d_model, lr, 0, steps), p
 
 
 def test_two_layer_attention_solves_small_mqar(tmp_path, one_thread):
@@ -52,7 +53,7 @@ def test_two_layer_attention_solves_small_mqar(tmp_path, one_thread):
     cell, p = _cell(setting, "attention", 64, 3e-3, n_layers=2, steps=1500, batch_size=64, warmup=20, eval_every=100,
                     val_examples=256, test_examples=512, target=0.95)
     row = bench.run_cell(cell, p, tmp_path / "run", torch.device("cpu"), keep_checkpoints=False)
-    assert row["early_stop"] and row["steps"] < p.steps  # stopped at the target, before the budget
+    assert row["early_stop"] and row["steps"] < cell.steps  # stopped at the target, before the budget
     assert row["tests"]["test"]["accuracy"] >= 0.9
 
 

@@ -84,6 +84,9 @@ class Setting:
     family: str  # one of FAMILIES
     train: TaskConfig  # training (and validation) batches come from this config
     tests: tuple[tuple[str, float, TaskConfig], ...]  # (label, x for the plots, config) per test set
+    mixers: tuple[str, ...] = ()  # the mixers this setting trains (empty: the preset's); --mixers overrides
+    d_models: tuple[int, ...] = ()  # the widths this setting trains (empty: the preset's); --d-models overrides
+    steps: int = 0  # this setting's step budget per cell (0: the preset's); --steps overrides
 
 
 @dataclass(frozen=True)
@@ -156,6 +159,12 @@ def induction_settings(seq_len: int, n_symbols: int, multiples=(1, 4)) -> list[S
     return [Setting(f"induction-T{seq_len}", "induction", c, tests)]
 
 
+def only(settings: list[Setting], mixers: tuple[str, ...] = (), d_models: tuple[int, ...] = (),
+         steps: int = 0) -> list[Setting]:
+    """The settings with their own mixers, widths and step budget (empty / 0: the preset's)."""
+    return [replace(s, mixers=mixers, d_models=d_models, steps=steps) for s in settings]
+
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         mixers=("attention", "gated_deltanet"), d_models=(32,), lrs=(3e-3,), seeds=(0,), n_layers=2, steps=8,
@@ -164,12 +173,13 @@ PRESETS: dict[str, Preset] = {
                        + passkey_settings(12, (1, 2), key_len=2) + setdisj_settings(2, 4, 8)[:2]
                        + copy_settings(8, 2, 4) + induction_settings(8, 4, (1, 2)))),
     "cpu-small": Preset(
-        mixers=("attention", "gated_deltanet", "mamba2", "gla", "deltanet", "deltanet(allow_neg_eigval=True)",
-                "mamba", "mamba(allow_neg_eigval=True)"),
-        d_models=(32, 64, 128), lrs=(3e-3,), seeds=(0,), n_layers=2, steps=600, batch_size=32, warmup=30,
-        eval_every=100, val_examples=128, test_examples=256,
-        settings=tuple(mqar_settings([(64, 8), (128, 16)], 256) + state_settings(["parity"], (3, 40))
-                       + passkey_settings(64) + setdisj_settings(4, 16, 64))),
+        mixers=("attention", "gated_deltanet", "mamba2"), d_models=(64,), lrs=(3e-3,), seeds=(0,), n_layers=2,
+        steps=600, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
+        settings=tuple(
+            only(mqar_settings([(64, 8)], 64), ("attention", "gated_deltanet", "mamba2", "gla"), (32, 64), 1500)
+            + only(state_settings(["parity"]), ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
+                                                "mamba(allow_neg_eigval=True)"), (32,))
+            + passkey_settings(64) + setdisj_settings(4, 16, 64))),
     "gpu": Preset(
         mixers=tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
                                   "mamba(allow_neg_eigval=True)"),
@@ -191,11 +201,12 @@ class Cell:
     d_model: int
     lr: float
     seed: int
+    steps: int  # optimiser steps at most
 
     def key(self, p: Preset) -> str:
         """Everything that decides the cell's result, as one string (the resume key)."""
         return json.dumps(dict(setting=self.setting.name, mixer=self.mixer, d_model=self.d_model, lr=self.lr,
-                               seed=self.seed, n_layers=p.n_layers, steps=p.steps, batch_size=p.batch_size,
+                               seed=self.seed, n_layers=p.n_layers, steps=self.steps, batch_size=p.batch_size,
                                target=p.target), sort_keys=True)
 
     def dirname(self) -> str:
@@ -230,18 +241,19 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     if checkpoint is None and run_dir.exists():  # killed before its first checkpoint: start afresh
         shutil.rmtree(run_dir)
     step = int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else 0
+    budget = cell.steps
     t0 = time.time()
     while True:
-        goal = min(p.steps, step + p.eval_every) if step < p.steps else step
+        goal = min(budget, step + p.eval_every) if step < budget else step
         config = TrainConfig(steps=goal, batch_size=p.batch_size, seq_len=s.train.seq_len, lr=cell.lr, min_lr=cell.lr,
-                             warmup=min(p.warmup, p.steps), eval_every=0, save_every=0, keep_last=1,
+                             warmup=min(p.warmup, budget), eval_every=0, save_every=0, keep_last=1,
                              out_dir=str(run_dir), resume=checkpoint is not None or step > 0)
         result = train(model, batches, config, progress=False)
         if result["interrupted"]:
             raise KeyboardInterrupt(f"cell {cell.dirname()} interrupted at step {result['step']} (checkpoint saved)")
         step = result["step"]
         val_accuracy = evaluate_task(model, val_x, val_y, _eval_batch(s.train.seq_len))["accuracy"]
-        if val_accuracy >= p.target or step >= p.steps:
+        if val_accuracy >= p.target or step >= budget:
             break
     seconds = time.time() - t0
     tests = {}
@@ -408,15 +420,8 @@ def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, 
         p.error(f"--steps must be >= 1, got {a.steps}")
     if a.target is not None and not 0 < a.target <= 1:
         p.error(f"--target must be in (0, 1], got {a.target}")
-    preset = replace(preset, mixers=tuple(a.mixers or preset.mixers), d_models=tuple(a.d_models or preset.d_models),
-                     lrs=tuple(a.lr or preset.lrs), seeds=tuple(preset.seeds if a.seeds is None else a.seeds),
-                     steps=a.steps or preset.steps, target=a.target or preset.target)
-    for mixer in preset.mixers:
-        for d in preset.d_models:
-            try:
-                parse_layout(layout_for(mixer, preset), 1, d)
-            except (ValueError, TypeError, KeyError) as e:
-                p.error(f"--mixers: {mixer!r} at d_model {d}: {e}")
+    preset = replace(preset, lrs=tuple(a.lr or preset.lrs), seeds=tuple(preset.seeds if a.seeds is None else a.seeds),
+                     target=a.target or preset.target)
     settings = list(preset.settings)
     if a.tasks:
         names = {s.name for s in settings}
@@ -427,8 +432,14 @@ def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, 
         settings = [s for s in settings if s.name in a.tasks or s.family in a.tasks]
         if not settings:
             p.error(f"--tasks {' '.join(a.tasks)}: preset {a.preset} has no such settings")
-    cells = [Cell(s, m, d, lr, seed) for s in settings for m in preset.mixers for d in preset.d_models
+    cells = [Cell(s, m, d, lr, seed, a.steps or s.steps or preset.steps) for s in settings
+             for m in (a.mixers or s.mixers or preset.mixers) for d in (a.d_models or s.d_models or preset.d_models)
              for lr in preset.lrs for seed in preset.seeds]
+    for mixer, d in sorted({(c.mixer, c.d_model) for c in cells}):
+        try:
+            parse_layout(layout_for(mixer, preset), 1, d)
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--mixers: {mixer!r} at d_model {d}: {e}")
     return preset, cells
 
 
@@ -453,7 +464,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.list:
         for c in cells:
-            print(c.dirname())
+            print(f"{c.dirname()}  (at most {c.steps} steps)")
         print(f"{len(cells)} cells")
         return []
     out.mkdir(parents=True, exist_ok=True)
