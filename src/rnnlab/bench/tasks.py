@@ -1,11 +1,11 @@
 """``rnnlab bench tasks``: train small models on the synthetic tasks and score them.
 
 A sweep is a grid of cells, one per (task setting, mixer, d_model, learning rate, seed). Each cell
-builds a ``--n-layers`` model of one mixer with the setting's vocabulary, trains it with
-:func:`rnnlab.train.train` on fresh batches of the task (AdamW, linear warmup then a constant
-learning rate) for at most ``--steps`` steps, checks the accuracy on a validation set every
-``--eval-every`` steps and stops as soon as it reaches ``--target``, then scores the model on the
-setting's test sets (:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored positions,
+builds a model of the preset's ``n_layers`` blocks of one mixer with the setting's vocabulary,
+trains it with :func:`rnnlab.train.train` on fresh batches of the task (AdamW, linear warmup then
+a constant learning rate, so that stopping early is the same run cut short) for at most
+``--steps`` steps, checks the accuracy on a validation set every ``eval_every`` steps and stops as
+soon as it reaches ``--target``, then scores the model on the setting's test sets (:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored positions,
 exact match per example). The test sets are the same for every cell of a setting.
 
 The settings (``--tasks`` picks families or setting names; the preset gives the sizes):
@@ -32,16 +32,17 @@ removed once the cell is scored unless ``--keep-checkpoints``).
 Presets:
 
 * ``tiny``: a smoke run of every family (d_model 32, 8 steps): seconds; the tests run it;
-* ``cpu-small``: the findings at small scale on a 2-core CPU, meant for under 30 minutes:
-  MQAR ordering by state size (attention, Gated DeltaNet, Mamba-2, GLA at d_model 32-128),
-  parity with and without negative eigenvalues (DeltaNet, Mamba), passkey 64 -> 1024 tokens,
-  set disjointness with and without JRT;
+* ``cpu-small``: the findings at small scale on a 2-core CPU, meant for under 30 minutes on a
+  quiet machine (21 cells): MQAR (T 64, 8 pairs, vocabulary 64) for attention, Gated DeltaNet
+  and Mamba-2 at d_model 32 and 64 (ordering by state size), parity with and without negative
+  eigenvalues (DeltaNet, Mamba), passkey 64 -> 1024 tokens, set disjointness short/long first
+  with and without JRT (attention, Gated DeltaNet);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
   20,000 steps of 256 examples per cell; every state-tracking group; passkey 512 -> 8192; set
-  disjointness; selective copying over 4096 tokens; induction heads 256 -> 1024. Thousands of
-  cells: days of one GPU; split it with ``--mixers`` / ``--tasks`` over several machines (each
-  with its own ``--out``).
+  disjointness; selective copying over 4096 tokens; induction heads 256 -> 1024. That is 22,032 cells of
+  up to 20,000 steps (``--list`` counts them): run slices of it with ``--mixers`` / ``--tasks`` /
+  ``--lr`` / ``--seeds``, on several machines each with its own ``--out``.
 
 ``rnnlab bench tasks --preset cpu-small [--mixers attention mamba2 ...] [--tasks mqar state ...]
 [--lr 1e-3 3e-3] [--seeds 0 1] [--steps N] [--out DIR]``
@@ -176,10 +177,11 @@ PRESETS: dict[str, Preset] = {
         mixers=("attention", "gated_deltanet", "mamba2"), d_models=(64,), lrs=(3e-3,), seeds=(0,), n_layers=2,
         steps=600, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
         settings=tuple(
-            only(mqar_settings([(64, 8)], 64), ("attention", "gated_deltanet", "mamba2", "gla"), (32, 64), 1500)
+            only(mqar_settings([(64, 8)], 64), ("attention", "gated_deltanet", "mamba2"), (32, 64), 1200)
             + only(state_settings(["parity"]), ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
                                                 "mamba(allow_neg_eigval=True)"), (32,))
-            + passkey_settings(64) + setdisj_settings(4, 16, 64))),
+            + only(passkey_settings(64), ("attention", "gated_deltanet", "mamba2"), (64,), 400)
+            + only(setdisj_settings(4, 16, 64), ("attention", "gated_deltanet"), (64,), 400))),
     "gpu": Preset(
         mixers=tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
                                   "mamba(allow_neg_eigval=True)"),
@@ -205,9 +207,11 @@ class Cell:
 
     def key(self, p: Preset) -> str:
         """Everything that decides the cell's result, as one string (the resume key)."""
-        return json.dumps(dict(setting=self.setting.name, mixer=self.mixer, d_model=self.d_model, lr=self.lr,
-                               seed=self.seed, n_layers=p.n_layers, steps=self.steps, batch_size=p.batch_size,
-                               target=p.target), sort_keys=True)
+        return json.dumps(dict(setting=self.setting.name, task=repr(self.setting.train), mixer=self.mixer,
+                               d_model=self.d_model, lr=self.lr, seed=self.seed, steps=self.steps,
+                               n_layers=p.n_layers, batch_size=p.batch_size, warmup=p.warmup, eval_every=p.eval_every,
+                               val_examples=p.val_examples, target=p.target, tiny_options=p.tiny_options),
+                          sort_keys=True)
 
     def dirname(self) -> str:
         """A file-system friendly name of the cell."""
