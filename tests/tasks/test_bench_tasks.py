@@ -54,10 +54,14 @@ def test_interrupted_cell_continues_from_its_checkpoint(tmp_path, capsys):
         ["--preset", "tiny", "--tasks", "copy", "--mixers", "attention"]))
     cell = cells[0]
     run_dir = tmp_path / "run"
-    bench.run_cell(bench.replace(cell, steps=4), preset, run_dir, bench.torch.device("cpu"), keep_checkpoints=True)
+    first, second = [], []
+    bench.run_cell(bench.replace(cell, steps=4), preset, run_dir, bench.torch.device("cpu"), keep_checkpoints=True,
+                   progress=first.append)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
-    row = bench.run_cell(cell, preset, run_dir, bench.torch.device("cpu"), keep_checkpoints=False)
+    row = bench.run_cell(cell, preset, run_dir, bench.torch.device("cpu"), keep_checkpoints=False,
+                         progress=second.append)
     assert row["steps"] == cell.steps == 8
+    assert sum(first) == 4 and second[0] == 4 and sum(second) == 8  # the progress bar counts resumed steps once
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))  # each step once, across the two calls
 

@@ -59,6 +59,7 @@ import statistics
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -232,9 +233,11 @@ def _eval_batch(seq_len: int) -> int:
     return max(1, 16384 // seq_len)
 
 
-def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_checkpoints: bool) -> dict:
+def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_checkpoints: bool,
+             progress: Callable[[int], None] = lambda steps: None) -> dict:
     """Train one cell (continuing its run directory's checkpoint if it has one), score it and
-    return its result row."""
+    return its result row. ``progress(n)`` is told of every ``n`` steps of the cell's budget done
+    (or skipped by the early stop): ``cell.steps`` in all."""
     s = cell.setting
     torch.manual_seed(cell.seed)
     model = build_model(layout=layout_for(cell.mixer, p), n_layers=p.n_layers, d_model=cell.d_model,
@@ -246,6 +249,7 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
         shutil.rmtree(run_dir)
     step = int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else 0
     budget = cell.steps
+    progress(step)
     t0 = time.time()
     while True:
         goal = min(budget, step + p.eval_every) if step < budget else step
@@ -255,11 +259,13 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
         result = train(model, batches, config, progress=False)
         if result["interrupted"]:
             raise KeyboardInterrupt(f"cell {cell.dirname()} interrupted at step {result['step']} (checkpoint saved)")
+        progress(result["step"] - step)
         step = result["step"]
         val_accuracy = evaluate_task(model, val_x, val_y, _eval_batch(s.train.seq_len))["accuracy"]
         if val_accuracy >= p.target or step >= budget:
             break
     seconds = time.time() - t0
+    progress(budget - step)
     tests = {}
     for label, x, config in s.tests:
         inputs, targets = generate(config, p.test_examples, derive_seed("test", s.name, label))
@@ -399,23 +405,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-models", nargs="+", type=int, help="model widths (default: the preset's)")
     p.add_argument("--lr", nargs="+", type=float, help="peak learning rates (default: the preset's)")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
-    p.add_argument("--steps", type=int, help="optimiser steps per cell at most (default: the preset's)")
+    p.add_argument("--steps", type=int, help="optimiser steps per cell at most (default: each setting's budget in "
+                                             "the preset)")
     p.add_argument("--target", type=float, help="stop a cell at this validation accuracy (default: the preset's)")
     p.add_argument("--out", help="results directory (default runs/bench/tasks_<preset>)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models are many tiny "
                                                           "ops, which run fastest on one thread)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's final checkpoint")
-    p.add_argument("--list", action="store_true", help="print the preset's settings and cells, train nothing")
+    p.add_argument("--list", action="store_true", help="print the sweep's cells with their step budgets, train nothing")
     return p
 
 
 def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, list[Cell]]:
     """The preset with the flags applied and the sweep's cells; bad flags end in ``p.error``."""
     preset = PRESETS[a.preset]
-    for flag, values in (("--d-models", a.d_models), ("--seeds", a.seeds)):
-        if values is not None and any(v < (1 if flag == "--d-models" else 0) for v in values):
-            p.error(f"{flag} must be {'>= 1' if flag == '--d-models' else '>= 0'}, got {values}")
+    if a.d_models is not None and min(a.d_models) < 1:
+        p.error(f"--d-models must be >= 1, got {a.d_models}")
+    if a.seeds is not None and min(a.seeds) < 0:
+        p.error(f"--seeds must be >= 0, got {a.seeds}")
     if a.lr is not None and any(not v > 0 for v in a.lr):
         p.error(f"--lr must be > 0, got {a.lr}")
     if a.threads < 1:
@@ -448,16 +456,10 @@ def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, 
 
 
 def _read_results(path: Path) -> dict[str, dict]:
-    """The finished cells of a results.jsonl, by key (a torn last line, if any, is dropped)."""
-    done = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            done[row["cell"]] = row
-    return done
+    """The finished cells of a results.jsonl (written whole each time, never torn), by key."""
+    if not path.is_file():
+        return {}
+    return {row["cell"]: row for row in map(json.loads, path.read_text().splitlines())}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -488,18 +490,18 @@ def _sweep(a: argparse.Namespace, preset: Preset, cells: list[Cell], out: Path, 
     print(f"rnnlab bench tasks --preset {a.preset}: {len(cells)} cells ({len(cells) - len(todo)} already in "
           f"{results_path}), {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     from tqdm import tqdm
-    bar = tqdm(total=len(cells), initial=len(cells) - len(todo), desc="bench tasks", unit="cell", dynamic_ncols=True)
+    bar = tqdm(total=sum(c.steps for c in cells), initial=sum(c.steps for c in cells if c.key(preset) in done),
+               desc="bench tasks", unit="step", dynamic_ncols=True)  # budgets: an early stop skips the rest
     try:
-        for cell in todo:
-            bar.set_postfix_str(cell.dirname(), refresh=True)
-            row = run_cell(cell, preset, out / "runs" / cell.dirname(), device, a.keep_checkpoints)
+        for i, cell in enumerate(todo):
+            bar.set_postfix_str(f"cell {len(cells) - len(todo) + i + 1}/{len(cells)} {cell.dirname()}", refresh=True)
+            row = run_cell(cell, preset, out / "runs" / cell.dirname(), device, a.keep_checkpoints, bar.update)
             row["cell"] = cell.key(preset)
             done[row["cell"]] = row
             lines = "".join(json.dumps(r) + "\n" for r in done.values())
             atomic_write(results_path, lambda tmp: Path(tmp).write_text(lines))
             bar.write(f"{cell.dirname()}: {row['steps']} steps, "
                       + ", ".join(f"{k} {t['accuracy']:.3f}" for k, t in row["tests"].items()))
-            bar.update(1)
     except KeyboardInterrupt as e:
         bar.close()
         raise SystemExit(f"rnnlab bench tasks: {e or 'interrupted'}; run the same command again to continue") from None
