@@ -14,25 +14,28 @@ def _last_json(text: str) -> dict:
 
 def test_tiny_preset_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     out = tmp_path / "sweep"
-    argv = ["bench", "tasks", "--preset", "tiny", "--tasks", "mqar", "state", "setdisj", "--out", str(out)]
+    argv = ["bench", "tasks", "--preset", "tiny", "--out", str(out)]
     cli(argv)
     first = _last_json(capsys.readouterr().out)
     assert first["bench"] == "tasks" and first["preset"] == "tiny"
     best = first["results"]
-    assert {(b["setting"], b["mixer"]) for b in best} == {
-        (s, m) for s in ("mqar-T16-kv2", "state-parity", "setdisj-short-first", "setdisj-long-first")
-        for m in ("attention", "gated_deltanet")}
+    settings = ("mqar-T16-kv2", "state-parity", "passkey-T12", "setdisj-short-first", "setdisj-long-first",
+                "copy-R8-N2", "induction-T8")
+    assert {(b["setting"], b["mixer"]) for b in best} == {(s, m) for s in settings for m in ("attention", "gated_deltanet")}
     for b in best:
         assert b["best_lr"] == 3e-3 and 0 <= b["score"] <= 1 and b["state_bytes"] > 0
         assert all(0 <= t["accuracy"] <= 1 for t in b["tests"].values())
+    state = {(b["mixer"], b["setting"]): b["state_bytes"] for b in best}
+    assert len({v for (m, _), v in state.items() if m == "gated_deltanet"}) == 1  # fixed size
+    assert state["attention", "mqar-T16-kv2"] > state["attention", "passkey-T12"]  # the KV cache grows with T
     parity = [b for b in best if b["setting"] == "state-parity"]
     assert all(set(b["tests"]) == {"2-8", "9-16"} for b in parity)  # state tracking: training and longer lengths
 
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 8
+    assert len(lines) == 14
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 10  # one row per (cell, test set): the parity cells have two
+    assert len(rows) == 20  # one row per (cell, test set): parity, passkey and induction have two each
     assert json.loads((out / "results.json").read_text())["best"] == best
     assert (out / "tasks.png").read_bytes()[:4] == b"\x89PNG"
     assert not any((out / "runs").glob("*/checkpoints"))  # removed once each cell was scored

@@ -151,11 +151,13 @@ def setdisj_settings(short_len: int, long_len: int, n_elements: int) -> list[Set
 
 
 def copy_settings(region_len: int, n_tokens: int, n_symbols: int) -> list[Setting]:
+    """Selective copying of ``n_tokens`` out of ``region_len`` positions, tested at the same setting."""
     c = SelectiveCopyConfig(region_len, n_tokens, n_symbols)
     return [Setting(f"copy-R{region_len}-N{n_tokens}", "copy", c, (("test", c.seq_len, c),))]
 
 
 def induction_settings(seq_len: int, n_symbols: int, multiples=(1, 4)) -> list[Setting]:
+    """Induction heads trained at ``seq_len``, tested at each multiple of it."""
     c = InductionConfig(seq_len, n_symbols)
     tests = tuple((f"{m}x", m * seq_len, replace(c, seq_len=m * seq_len)) for m in multiples)
     return [Setting(f"induction-T{seq_len}", "induction", c, tests)]
@@ -307,6 +309,7 @@ def best_rows(rows: list[dict]) -> list[dict]:
 
 
 def print_table(best: list[dict]) -> None:
+    """One line per (setting, mixer, d_model): best learning rate, steps, state bytes, test accuracies."""
     print(f"\n{'setting':26} {'mixer':34} {'d':>4} {'best lr':>8} {'steps':>6} {'state B':>10} | accuracy per test set")
     for b in best:
         tests = "  ".join(f"{label} {t['accuracy']:.3f}" for label, t in b["tests"].items())
@@ -395,6 +398,7 @@ def plot(path: Path, best: list[dict], title: str) -> None:
 
 # -- the command --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
+    """The command's flags (the module docstring is its epilog)."""
     p = argparse.ArgumentParser(prog="rnnlab bench tasks", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="the sweep's scale (default cpu-small)")
@@ -463,6 +467,7 @@ def _read_results(path: Path) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """``rnnlab bench tasks [flags]``: run (or continue) the sweep; returns the best-learning-rate rows."""
     parser = build_parser()
     a = parser.parse_args(argv)
     preset, cells = resolve(parser, a)
@@ -521,6 +526,7 @@ def _sweep(a: argparse.Namespace, preset: Preset, cells: list[Cell], out: Path, 
 
 
 def _preset_json(p: Preset) -> dict:
+    """The preset as JSON, its settings by name."""
     d = {k: v for k, v in p.__dict__.items() if k != "settings"}
     d["settings"] = [s.name for s in p.settings]
     return d

@@ -77,7 +77,9 @@ class TaskBatches:
         return batch
 
     def state_dict(self) -> dict:
+        """The position in the stream: ``{"index": batches handed out so far}``."""
         return {"index": self.index}
 
     def load_state_dict(self, state: dict) -> None:
+        """Continue from a position saved by :meth:`state_dict`."""
         self.index = int(state["index"])
