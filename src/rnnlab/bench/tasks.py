@@ -340,7 +340,7 @@ def plot(path: Path, best: list[dict], title: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     panels = []  # (title, xlabel, {line: [(x, y)]}, x tick labels or None)
     mqar = [b for b in best if b["family"] == "mqar"]
@@ -381,6 +381,10 @@ def plot(path: Path, best: list[dict], title: str) -> None:
             ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.3, label=label)
         if ticks is None:
             ax.set_xscale("log", base=2)
+            xs = sorted({x for points in series.values() for x, _ in points})
+            if len(xs) <= 12:  # label the measured x values themselves (e.g. length 40, d_model 32)
+                ax.set_xticks(xs)
+                ax.xaxis.set_minor_formatter(NullFormatter())
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
         else:
             ax.set_xticks(range(len(ticks)), ticks, rotation=20, fontsize=7)
