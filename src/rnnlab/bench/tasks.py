@@ -35,8 +35,8 @@ Presets:
 * ``cpu-small``: the findings at small scale on a 2-core CPU, meant for under 30 minutes on a
   quiet machine (21 cells): MQAR (T 64, 8 pairs, vocabulary 64) for attention, Gated DeltaNet
   and Mamba-2 at d_model 32 and 64 (ordering by state size), parity with and without negative
-  eigenvalues (DeltaNet, Mamba), passkey 64 -> 1024 tokens, set disjointness short/long first
-  with and without JRT (attention, Gated DeltaNet);
+  eigenvalues (DeltaNet, Mamba), passkey 64 -> 1024 tokens, set disjointness (sets of 2 and 8 of
+  32 elements, d_model 32) short/long first with and without JRT (attention, Gated DeltaNet);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
   20,000 steps of 256 examples per cell; every state-tracking group; passkey 512 -> 8192; set
@@ -184,7 +184,7 @@ PRESETS: dict[str, Preset] = {
             + only(state_settings(["parity"]), ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
                                                 "mamba(allow_neg_eigval=True)"), (32,))
             + only(passkey_settings(64), ("attention", "gated_deltanet", "mamba2"), (64,), 400)
-            + only(setdisj_settings(4, 16, 64), ("attention", "gated_deltanet"), (64,), 400))),
+            + only(setdisj_settings(2, 8, 32), ("attention", "gated_deltanet"), (32,), 800))),
     "gpu": Preset(
         mixers=tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
                                   "mamba(allow_neg_eigval=True)"),
