@@ -6,8 +6,8 @@ import torch
 
 from rnnlab.tasks import (IGNORE, InductionConfig, MQARConfig, PasskeyConfig, SelectiveCopyConfig,
                           SetDisjointnessConfig, StateTrackingConfig, TaskBatches, accuracy, exact_match, generate)
-from rnnlab.tasks.mqar import STANDARD_SETTINGS
-from rnnlab.tasks.state_tracking import GROUPS
+from rnnlab.tasks.recall import STANDARD_SETTINGS
+from rnnlab.tasks.tracking import GROUPS
 
 CONFIGS = [
     MQARConfig(seq_len=64, kv_pairs=8, vocab_size=128),

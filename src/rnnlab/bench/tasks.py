@@ -71,8 +71,8 @@ from ..models.registry import REGISTRY, mixers
 from ..tasks import (InductionConfig, MQARConfig, PasskeyConfig, SelectiveCopyConfig, SetDisjointnessConfig,
                      StateTrackingConfig, TaskBatches, TaskConfig, evaluate_task, generate)
 from ..tasks.common import derive_seed
-from ..tasks.mqar import STANDARD_SETTINGS
-from ..tasks.state_tracking import GROUPS
+from ..tasks.recall import STANDARD_SETTINGS
+from ..tasks.tracking import GROUPS
 from ..train import TrainConfig, latest_checkpoint, train
 
 FAMILIES = ("mqar", "state", "passkey", "setdisj", "copy", "induction")

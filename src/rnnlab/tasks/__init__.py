@@ -4,11 +4,13 @@ Every task has a frozen dataclass config (with ``seq_len`` and ``vocab_size``) a
 ``task(config, n, generator) -> (inputs, targets)``, both (n, T) int64, targets -100 where nothing
 is scored; :func:`generate` calls the right one for any config. Families:
 
-* recall: :func:`mqar` (Zoology's multi-query associative recall);
-* state tracking: :func:`state_tracking` (parity, mod 3 / mod 5 sums, S3 / S5 products);
-* length extrapolation: :func:`passkey`;
-* order and prompting: :func:`set_disjointness` (short or long set first, read once or twice);
-* Mamba's synthetic tasks: :func:`selective_copy`, :func:`induction_heads`.
+* recall (``recall.py``): :func:`mqar` (Zoology's multi-query associative recall);
+* state tracking (``tracking.py``): :func:`state_tracking` (parity, mod 3 / mod 5 sums, S3 / S5
+  products);
+* length extrapolation (``extrapolation.py``): :func:`passkey`;
+* order and prompting (``order.py``): :func:`set_disjointness` (short or long set first, read
+  once or twice);
+* the Mamba paper's synthetic tasks (``copying.py``): :func:`selective_copy`, :func:`induction_heads`.
 
 :class:`TaskBatches` feeds a task to :func:`rnnlab.train.train`; :func:`evaluate_task` scores a
 model (accuracy over scored positions, exact match per example). ``rnnlab bench tasks`` sweeps
@@ -22,11 +24,11 @@ import torch
 
 from .common import IGNORE, check_int, derive_seed
 from .copying import InductionConfig, SelectiveCopyConfig, induction_heads, selective_copy
-from .mqar import MQARConfig, mqar
-from .passkey import PasskeyConfig, passkey
+from .extrapolation import PasskeyConfig, passkey
+from .order import SetDisjointnessConfig, set_disjointness
+from .recall import MQARConfig, mqar
 from .scoring import accuracy, evaluate_task, exact_match, predict
-from .set_disjointness import SetDisjointnessConfig, set_disjointness
-from .state_tracking import StateTrackingConfig, state_tracking
+from .tracking import StateTrackingConfig, state_tracking
 
 __all__ = ["IGNORE", "TaskConfig", "GENERATORS", "generate", "TaskBatches", "MQARConfig", "mqar",
            "StateTrackingConfig", "state_tracking", "PasskeyConfig", "passkey", "SetDisjointnessConfig",
