@@ -21,7 +21,8 @@ def test_tiny_preset_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     best = first["results"]
     settings = ("mqar-T16-kv2", "state-parity", "passkey-T12", "setdisj-short-first", "setdisj-long-first",
                 "copy-R8-N2", "induction-T8")
-    assert {(b["setting"], b["mixer"]) for b in best} == {(s, m) for s in settings for m in ("attention", "gated_deltanet")}
+    mixers = ("attention", "gated_deltanet")
+    assert {(b["setting"], b["mixer"]) for b in best} == {(s, m) for s in settings for m in mixers}
     for b in best:
         assert b["best_lr"] == 3e-3 and 0 <= b["score"] <= 1 and b["state_bytes"] > 0
         assert all(0 <= t["accuracy"] <= 1 for t in b["tests"].values())

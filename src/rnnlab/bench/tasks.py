@@ -5,8 +5,9 @@ builds a model of the preset's ``n_layers`` blocks of one mixer with the setting
 trains it with :func:`rnnlab.train.train` on fresh batches of the task (AdamW, linear warmup then
 a constant learning rate, so that stopping early is the same run cut short) for at most
 ``--steps`` steps, checks the accuracy on a validation set every ``eval_every`` steps and stops as
-soon as it reaches ``--target``, then scores the model on the setting's test sets (:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored positions,
-exact match per example). The test sets are the same for every cell of a setting.
+soon as it reaches ``--target``, then scores the model on the setting's test sets
+(:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored positions, exact match per example).
+The test sets are the same for every cell of a setting.
 
 The settings (``--tasks`` picks families or setting names; the preset gives the sizes):
 
@@ -32,17 +33,19 @@ removed once the cell is scored unless ``--keep-checkpoints``).
 Presets:
 
 * ``tiny``: a smoke run of every family (d_model 32, 8 steps): seconds; the tests run it;
-* ``cpu-small``: the findings at small scale on a 2-core CPU, meant for under 30 minutes on a
-  quiet machine (21 cells): MQAR (T 64, 8 pairs, vocabulary 64) for attention, Gated DeltaNet
-  and Mamba-2 at d_model 32 and 64 (ordering by state size), parity with and without negative
-  eigenvalues (DeltaNet, Mamba), passkey 64 -> 1024 tokens, set disjointness (sets of 2 and 8 of
-  32 elements, d_model 32) short/long first with and without JRT (attention, Gated DeltaNet);
+* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 30
+  minutes (extrapolated from single cells measured on this host): MQAR (T 64, 8 pairs,
+  vocabulary 64, up to 1200 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
+  (widen it with ``--tasks mqar --d-models 32 64 128``), parity with and without negative
+  eigenvalues (DeltaNet, Mamba; d_model 32), passkey 64 -> 1024 tokens, set disjointness (sets
+  of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
+  d_model 32);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
   20,000 steps of 256 examples per cell; every state-tracking group; passkey 512 -> 8192; set
-  disjointness; selective copying over 4096 tokens; induction heads 256 -> 1024. That is 22,032 cells of
-  up to 20,000 steps (``--list`` counts them): run slices of it with ``--mixers`` / ``--tasks`` /
-  ``--lr`` / ``--seeds``, on several machines each with its own ``--out``.
+  disjointness; selective copying over 4096 tokens; induction heads 256 -> 1024. That is 22,032
+  cells (``--list`` counts them): run slices of it with ``--mixers`` / ``--tasks`` / ``--lr`` /
+  ``--seeds``, on several machines each with its own ``--out``.
 
 ``rnnlab bench tasks --preset cpu-small [--mixers attention mamba2 ...] [--tasks mqar state ...]
 [--lr 1e-3 3e-3] [--seeds 0 1] [--steps N] [--out DIR]``
@@ -178,13 +181,13 @@ PRESETS: dict[str, Preset] = {
                        + copy_settings(8, 2, 4) + induction_settings(8, 4, (1, 2)))),
     "cpu-small": Preset(
         mixers=("attention", "gated_deltanet", "mamba2"), d_models=(64,), lrs=(3e-3,), seeds=(0,), n_layers=2,
-        steps=600, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
+        steps=400, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
         settings=tuple(
-            only(mqar_settings([(64, 8)], 64), ("attention", "gated_deltanet", "mamba2"), (32, 64), 1200)
+            only(mqar_settings([(64, 8)], 64), steps=1200)
             + only(state_settings(["parity"]), ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
                                                 "mamba(allow_neg_eigval=True)"), (32,))
-            + only(passkey_settings(64), ("attention", "gated_deltanet", "mamba2"), (64,), 400)
-            + only(setdisj_settings(2, 8, 32), ("attention", "gated_deltanet"), (32,), 800))),
+            + passkey_settings(64)
+            + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
     "gpu": Preset(
         mixers=tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
                                   "mamba(allow_neg_eigval=True)"),
@@ -405,7 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command's flags (the module docstring is its epilog)."""
     p = argparse.ArgumentParser(prog="rnnlab bench tasks", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small", help="the sweep's scale (default cpu-small)")
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                   help="the sweep's scale (default cpu-small)")
     p.add_argument("--mixers", nargs="+", help="layout items, e.g. attention 'deltanet(allow_neg_eigval=True)' "
                                                "(default: the preset's)")
     p.add_argument("--tasks", nargs="+", help=f"families ({', '.join(FAMILIES)}) or setting names "
