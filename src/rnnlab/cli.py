@@ -309,7 +309,8 @@ def cmd_generate(a) -> str:
 BENCHES = {"ops": "kernels of every op family, reference vs fast forms", "hf": "rnnlab vs transformers on the same weights",
            "rnn": "LSTM/GRU: Newton solve vs the loop", "mixers": "every mixer: train step, prefill, decode",
            "speed": "models | layers | decode | efficiency | peers | ragged, side by side with attention",
-           "stream": "a million tokens through one stream: tokens/s, state and memory"}
+           "stream": "a million tokens through one stream: tokens/s, state and memory",
+           "tasks": "synthetic task sweeps: MQAR, state tracking, passkey, set disjointness and JRT, copying"}
 
 
 def cmd_bench(a, rest: list[str]):

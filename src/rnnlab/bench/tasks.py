@@ -1,0 +1,544 @@
+"""``rnnlab bench tasks``: train small models on the synthetic tasks and score them.
+
+A sweep is a grid of cells, one per (task setting, mixer, d_model, learning rate, seed). Each cell
+builds a model of the preset's ``n_layers`` blocks of one mixer with the setting's vocabulary,
+trains it with :func:`rnnlab.train.train` on fresh batches of the task (AdamW, linear warmup then
+a constant learning rate, so that stopping early is the same run cut short) for at most
+``--steps`` steps, checks the accuracy on a validation set every ``eval_every`` steps and stops as
+soon as it reaches ``--target``, then scores the model on the setting's test sets
+(:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored positions, exact match per example).
+The test sets are the same for every cell of a setting.
+
+The settings (``--tasks`` picks families or setting names; the preset gives the sizes):
+
+* ``mqar``: Zoology's MQAR at several (seq_len, kv_pairs); tested at the trained setting;
+* ``state``: running parity / sums mod 3 and 5 / products in S3 and S5, trained on lengths 3-40,
+  tested on the training lengths and on 41-64, 65-128 and 129-256;
+* ``passkey``: trained at one length, tested at 1x, 2x, 4x, 8x and 16x that length;
+* ``setdisj``: set disjointness, short set first or long set first, read once or twice (JRT);
+* ``copy`` and ``induction``: the Mamba paper's selective copying and induction heads (induction
+  also tested at 4x its training length).
+
+Per (setting, mixer, d_model) the best learning rate is the one with the highest accuracy,
+averaged over seeds and over the setting's test sets. Outputs in ``--out`` (default
+``runs/bench/tasks_<preset>``): ``results.jsonl`` (one line per finished cell: a rerun skips
+those, so an interrupted sweep continues where it stopped; a cell cut short continues from its
+last checkpoint), ``results.csv`` (one row per cell and test set), ``results.json`` (every cell
+and the best-learning-rate summary), ``tasks.png`` (MQAR accuracy against d_model and against
+the model's state bytes, state tracking accuracy against length, passkey accuracy against
+length, set disjointness per variant), a table on stdout and a final JSON line. Each cell's
+training run lives in ``runs/<cell>/`` (``metrics.jsonl``, ``loss.png``; its checkpoints are
+removed once the cell is scored unless ``--keep-checkpoints``).
+
+Presets:
+
+* ``tiny``: a smoke run of every family (d_model 32, 8 steps): seconds; the tests run it;
+* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 30
+  minutes (extrapolated from single cells measured on this host): MQAR (T 64, 8 pairs,
+  vocabulary 64, up to 1200 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
+  (widen it with ``--tasks mqar --d-models 32 64 128``), parity with and without negative
+  eigenvalues (DeltaNet, Mamba; d_model 32), passkey 64 -> 1024 tokens, set disjointness (sets
+  of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
+  d_model 32);
+* ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
+  registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
+  20,000 steps of 256 examples per cell; every state-tracking group; passkey 512 -> 8192; set
+  disjointness; selective copying over 4096 tokens; induction heads 256 -> 1024. That is 22,032
+  cells (``--list`` counts them): run slices of it with ``--mixers`` / ``--tasks`` / ``--lr`` /
+  ``--seeds``, on several machines each with its own ``--out``.
+
+``rnnlab bench tasks --preset cpu-small [--mixers attention mamba2 ...] [--tasks mqar state ...]
+[--lr 1e-3 3e-3] [--seeds 0 1] [--steps N] [--out DIR]``
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import re
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import report
+from .. import build_model
+from ..configs import Parser, float_in
+from ..models.layout import parse_layout
+from ..models.lm import atomic_write
+from ..models.registry import REGISTRY, mixers
+from ..tasks import (InductionConfig, MQARConfig, PasskeyConfig, SelectiveCopyConfig, SetDisjointnessConfig,
+                     StateTrackingConfig, TaskBatches, TaskConfig, evaluate_task, generate)
+from ..tasks.common import derive_seed
+from ..tasks.recall import STANDARD_SETTINGS
+from ..tasks.tracking import GROUPS
+from ..train import TrainConfig, latest_checkpoint, train
+
+FAMILIES = ("mqar", "state", "passkey", "setdisj", "copy", "induction")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One task setting of a sweep: what to train on and what to test on."""
+
+    name: str  # e.g. "mqar-T64-kv4": unique within a preset, part of each cell's key
+    family: str  # one of FAMILIES
+    train: TaskConfig  # training (and validation) batches come from this config
+    tests: tuple[tuple[str, float, TaskConfig], ...]  # (label, x for the plots, config) per test set
+    mixers: tuple[str, ...] = ()  # the mixers this setting trains (empty: the preset's); --mixers overrides
+    d_models: tuple[int, ...] = ()  # the widths this setting trains (empty: the preset's); --d-models overrides
+    steps: int = 0  # this setting's step budget per cell (0: the preset's); --steps overrides
+
+
+@dataclass(frozen=True)
+class Preset:
+    """The scale of a sweep; flags override the grid and the step budget."""
+
+    mixers: tuple[str, ...]  # layout items trained by default, e.g. "deltanet(allow_neg_eigval=True)"
+    d_models: tuple[int, ...]  # model widths
+    lrs: tuple[float, ...]  # peak learning rates
+    seeds: tuple[int, ...]  # seeds (model initialisation and training batches)
+    settings: tuple[Setting, ...]  # the task settings
+    n_layers: int = 2  # blocks per model
+    steps: int = 2000  # optimiser steps per cell at most
+    batch_size: int = 64  # examples per step
+    warmup: int = 50  # steps of linear warmup
+    eval_every: int = 100  # steps between validation checks (early stop)
+    val_examples: int = 256  # examples in the validation set
+    test_examples: int = 512  # examples per test set
+    target: float = 0.99  # stop a cell once its validation accuracy reaches this
+    tiny_options: bool = False  # bare mixer names get the registry's tiny options (for d_model 32)
+
+
+# -- settings -----------------------------------------------------------------------------------------
+def mqar_settings(pairs, vocab_size: int) -> list[Setting]:
+    """MQAR at each (seq_len, kv_pairs), tested at the same setting."""
+    out = []
+    for T, P in pairs:
+        c = MQARConfig(seq_len=T, kv_pairs=P, vocab_size=vocab_size)
+        out.append(Setting(f"mqar-T{T}-kv{P}", "mqar", c, (("test", T, c),)))
+    return out
+
+
+def state_settings(groups, train=(3, 40), buckets=((41, 64), (65, 128), (129, 256))) -> list[Setting]:
+    """One setting per group: trained on lengths ``train``, tested there and on each bucket."""
+    out = []
+    for group in groups:
+        c = StateTrackingConfig(group, *train)
+        tests = [(f"{train[0]}-{train[1]}", train[1], c)]
+        tests += [(f"{lo}-{hi}", hi, StateTrackingConfig(group, lo, hi)) for lo, hi in buckets]
+        out.append(Setting(f"state-{group}", "state", c, tuple(tests)))
+    return out
+
+
+def passkey_settings(seq_len: int, multiples=(1, 2, 4, 8, 16), key_len: int = 4) -> list[Setting]:
+    """Passkey trained at ``seq_len``, tested at each multiple of it."""
+    c = PasskeyConfig(seq_len=seq_len, key_len=key_len)
+    tests = tuple((f"{m}x", m * seq_len, replace(c, seq_len=m * seq_len)) for m in multiples)
+    return [Setting(f"passkey-T{seq_len}", "passkey", c, tests)]
+
+
+def setdisj_settings(short_len: int, long_len: int, n_elements: int) -> list[Setting]:
+    """Set disjointness in its four variants: short or long set first, read once or twice."""
+    out = []
+    for jrt in (False, True):
+        for short_first in (True, False):
+            c = SetDisjointnessConfig(short_len, long_len, n_elements, short_first=short_first, jrt=jrt)
+            name = f"setdisj-{'short' if short_first else 'long'}-first{'-jrt' if jrt else ''}"
+            out.append(Setting(name, "setdisj", c, (("test", c.seq_len, c),)))
+    return out
+
+
+def copy_settings(region_len: int, n_tokens: int, n_symbols: int) -> list[Setting]:
+    """Selective copying of ``n_tokens`` out of ``region_len`` positions, tested at the same setting."""
+    c = SelectiveCopyConfig(region_len, n_tokens, n_symbols)
+    return [Setting(f"copy-R{region_len}-N{n_tokens}", "copy", c, (("test", c.seq_len, c),))]
+
+
+def induction_settings(seq_len: int, n_symbols: int, multiples=(1, 4)) -> list[Setting]:
+    """Induction heads trained at ``seq_len``, tested at each multiple of it."""
+    c = InductionConfig(seq_len, n_symbols)
+    tests = tuple((f"{m}x", m * seq_len, replace(c, seq_len=m * seq_len)) for m in multiples)
+    return [Setting(f"induction-T{seq_len}", "induction", c, tests)]
+
+
+def only(settings: list[Setting], mixers: tuple[str, ...] = (), d_models: tuple[int, ...] = (),
+         steps: int = 0) -> list[Setting]:
+    """The settings with their own mixers, widths and step budget (empty / 0: the preset's)."""
+    return [replace(s, mixers=mixers, d_models=d_models, steps=steps) for s in settings]
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset(
+        mixers=("attention", "gated_deltanet"), d_models=(32,), lrs=(3e-3,), seeds=(0,), n_layers=2, steps=8,
+        batch_size=8, warmup=2, eval_every=4, val_examples=16, test_examples=16, tiny_options=True,
+        settings=tuple(mqar_settings([(16, 2)], 32) + state_settings(["parity"], (2, 8), ((9, 16),))
+                       + passkey_settings(12, (1, 2), key_len=2) + setdisj_settings(2, 4, 8)[:2]
+                       + copy_settings(8, 2, 4) + induction_settings(8, 4, (1, 2)))),
+    "cpu-small": Preset(
+        mixers=("attention", "gated_deltanet", "mamba2"), d_models=(64,), lrs=(3e-3,), seeds=(0,), n_layers=2,
+        steps=400, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
+        settings=tuple(
+            only(mqar_settings([(64, 8)], 64), steps=1200)
+            + only(state_settings(["parity"]), ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
+                                                "mamba(allow_neg_eigval=True)"), (32,))
+            + passkey_settings(64)
+            + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
+    "gpu": Preset(
+        mixers=tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
+                                  "mamba(allow_neg_eigval=True)"),
+        d_models=(64, 128, 256, 512), lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), n_layers=2, steps=20000,
+        batch_size=256, warmup=500, eval_every=500, val_examples=1000, test_examples=3000,
+        settings=tuple(mqar_settings(STANDARD_SETTINGS, 8192) + state_settings(GROUPS) + passkey_settings(512)
+                       + setdisj_settings(16, 64, 256) + copy_settings(4096, 16, 16)
+                       + induction_settings(256, 16))),
+}
+
+
+# -- one cell ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cell:
+    """One trained model of the sweep."""
+
+    setting: Setting
+    mixer: str  # the layout item as given
+    d_model: int
+    lr: float
+    seed: int
+    steps: int  # optimiser steps at most
+
+    def key(self, p: Preset) -> str:
+        """Everything that decides the cell's result, as one string (the resume key)."""
+        return json.dumps(dict(setting=self.setting.name, task=repr(self.setting.train), mixer=self.mixer,
+                               d_model=self.d_model, lr=self.lr, seed=self.seed, steps=self.steps,
+                               n_layers=p.n_layers, batch_size=p.batch_size, warmup=p.warmup, eval_every=p.eval_every,
+                               val_examples=p.val_examples, target=p.target, tiny_options=p.tiny_options),
+                          sort_keys=True)
+
+    def dirname(self) -> str:
+        """A file-system friendly name of the cell."""
+        mixer = re.sub(r"[^A-Za-z0-9_.=-]+", "_", self.mixer).strip("_")
+        return f"{self.setting.name}__{mixer}__d{self.d_model}__lr{self.lr:g}__s{self.seed}"
+
+
+def layout_for(mixer: str, p: Preset) -> str:
+    """The model layout of a mixer item: itself, or with the registry's tiny options for a bare
+    name when the preset asks for them."""
+    if p.tiny_options and mixer in REGISTRY and REGISTRY[mixer].tiny:
+        return f"{mixer}({','.join(f'{k}={v!r}' for k, v in REGISTRY[mixer].tiny.items())})"
+    return mixer
+
+
+def _eval_batch(seq_len: int) -> int:
+    """Rows per evaluation forward pass: about 16k tokens."""
+    return max(1, 16384 // seq_len)
+
+
+def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_checkpoints: bool,
+             progress: Callable[[int], None] = lambda steps: None) -> dict:
+    """Train one cell (continuing its run directory's checkpoint if it has one), score it and
+    return its result row. ``progress(n)`` is told of every ``n`` steps of the cell's budget done
+    (or skipped by the early stop): ``cell.steps`` in all."""
+    s = cell.setting
+    torch.manual_seed(cell.seed)
+    model = build_model(layout=layout_for(cell.mixer, p), n_layers=p.n_layers, d_model=cell.d_model,
+                        vocab_size=s.train.vocab_size).to(device)
+    batches = TaskBatches(s.train, p.batch_size, cell.seed)
+    val_x, val_y = generate(s.train, p.val_examples, derive_seed("val", s.name))
+    checkpoint = latest_checkpoint(run_dir) if run_dir.exists() else None
+    if checkpoint is None and run_dir.exists():  # killed before its first checkpoint: start afresh
+        shutil.rmtree(run_dir)
+    step = int(checkpoint.name.removeprefix("step_")) if checkpoint is not None else 0
+    budget = cell.steps
+    progress(step)
+    t0 = time.time()
+    while True:
+        goal = min(budget, step + p.eval_every) if step < budget else step
+        config = TrainConfig(steps=goal, batch_size=p.batch_size, seq_len=s.train.seq_len, lr=cell.lr, min_lr=cell.lr,
+                             warmup=min(p.warmup, budget), eval_every=0, save_every=0, keep_last=1,
+                             out_dir=str(run_dir), resume=checkpoint is not None or step > 0)
+        result = train(model, batches, config, progress=False)
+        if result["interrupted"]:
+            raise KeyboardInterrupt(f"cell {cell.dirname()} interrupted at step {result['step']} (checkpoint saved)")
+        progress(result["step"] - step)
+        step = result["step"]
+        val_accuracy = evaluate_task(model, val_x, val_y, _eval_batch(s.train.seq_len))["accuracy"]
+        if val_accuracy >= p.target or step >= budget:
+            break
+    seconds = time.time() - t0
+    progress(budget - step)
+    tests = {}
+    for label, x, config in s.tests:
+        inputs, targets = generate(config, p.test_examples, derive_seed("test", s.name, label))
+        tests[label] = dict(x=x, **evaluate_task(model, inputs, targets, _eval_batch(config.seq_len)))
+    with torch.no_grad():
+        _, state = model(generate(s.train, 1, 0)[0].to(device))
+    if not keep_checkpoints:
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+    return dict(setting=s.name, family=s.family, mixer=cell.mixer, d_model=cell.d_model, lr=cell.lr, seed=cell.seed,
+                steps=step, early_stop=val_accuracy >= p.target, val_accuracy=val_accuracy,
+                loss=result.get("loss"), params=model.num_params(), state_bytes=state.nbytes,
+                train_seconds=seconds, tests=tests)
+
+
+# -- summaries ----------------------------------------------------------------------------------------
+def score(row: dict) -> float:
+    """A cell's accuracy averaged over its test sets."""
+    return statistics.fmean(t["accuracy"] for t in row["tests"].values())
+
+
+def best_rows(rows: list[dict]) -> list[dict]:
+    """Per (setting, mixer, d_model): the learning rate with the best seed-averaged score, with its
+    test accuracies averaged over seeds."""
+    groups: dict[tuple, dict[float, list[dict]]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["mixer"], r["d_model"]), {}).setdefault(r["lr"], []).append(r)
+    out = []
+    for (setting, mixer, d_model), by_lr in groups.items():
+        lr, runs = max(by_lr.items(), key=lambda kv: statistics.fmean(score(r) for r in kv[1]))
+        tests = {label: dict(x=runs[0]["tests"][label]["x"],
+                             accuracy=statistics.fmean(r["tests"][label]["accuracy"] for r in runs),
+                             exact_match=statistics.fmean(r["tests"][label]["exact_match"] for r in runs))
+                 for label in runs[0]["tests"]}
+        out.append(dict(setting=setting, family=runs[0]["family"], mixer=mixer, d_model=d_model, best_lr=lr,
+                        seeds=len(runs), score=statistics.fmean(score(r) for r in runs),
+                        steps=statistics.fmean(r["steps"] for r in runs), state_bytes=runs[0]["state_bytes"],
+                        params=runs[0]["params"], lrs_tried=sorted(by_lr), tests=tests))
+    return out
+
+
+def print_table(best: list[dict]) -> None:
+    """One line per (setting, mixer, d_model): best learning rate, steps, state bytes, test accuracies."""
+    print(f"\n{'setting':26} {'mixer':34} {'d':>4} {'best lr':>8} {'steps':>6} {'state B':>10} | accuracy per test set")
+    for b in best:
+        tests = "  ".join(f"{label} {t['accuracy']:.3f}" for label, t in b["tests"].items())
+        print(f"{b['setting']:26} {b['mixer']:34} {b['d_model']:4d} {b['best_lr']:8.0e} {b['steps']:6.0f} "
+              f"{b['state_bytes']:10,d} | {tests}")
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """One row per (cell, test set)."""
+    fields = ["setting", "family", "mixer", "d_model", "lr", "seed", "steps", "early_stop", "val_accuracy", "params",
+              "state_bytes", "train_seconds", "test", "x", "accuracy", "exact_match"]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        for label, t in r["tests"].items():
+            w.writerow({**r, "test": label, "x": t["x"], "accuracy": t["accuracy"], "exact_match": t["exact_match"]})
+    atomic_write(path, lambda tmp: Path(tmp).write_text(buf.getvalue()))
+
+
+def _label(b: dict, widths: set[int]) -> str:
+    return b["mixer"] if len(widths) == 1 else f"{b['mixer']} d{b['d_model']}"
+
+
+def plot(path: Path, best: list[dict], title: str) -> None:
+    """The PNG: MQAR accuracy vs d_model and vs state bytes (the hardest MQAR setting run), state
+    tracking and passkey accuracy vs length, set disjointness per variant; one line per mixer."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    panels = []  # (title, xlabel, {line: [(x, y)]}, x tick labels or None)
+    mqar = [b for b in best if b["family"] == "mqar"]
+    if mqar:
+        hardest = max({b["setting"] for b in mqar}, key=lambda s: tuple(int(v) for v in re.findall(r"\d+", s))[::-1])
+        rows = [b for b in mqar if b["setting"] == hardest]
+        for xkey, xlabel in (("d_model", "d_model"), ("state_bytes", "state bytes per sequence")):
+            series: dict[str, list] = {}
+            for b in rows:
+                series.setdefault(b["mixer"], []).append((b[xkey], b["score"]))
+            panels.append((f"{hardest}: accuracy vs {xlabel}", xlabel, series, None))
+    for family, xlabel in (("state", "length (upper end of the test range)"), ("passkey", "length (tokens)"),
+                           ("induction", "length (tokens)")):
+        for setting in sorted({b["setting"] for b in best if b["family"] == family}):
+            rows = [b for b in best if b["setting"] == setting]
+            widths = {b["d_model"] for b in rows}
+            series = {_label(b, widths): [(t["x"], t["accuracy"]) for t in b["tests"].values()] for b in rows}
+            panels.append((f"{setting}: accuracy vs length", xlabel, series, None))
+    for family in ("setdisj", "copy"):
+        rows = [b for b in best if b["family"] == family]
+        if rows:
+            names = sorted({b["setting"] for b in rows})
+            widths = {b["d_model"] for b in rows}
+            series = {}
+            for b in rows:
+                series.setdefault(_label(b, widths), []).append((names.index(b["setting"]), b["score"]))
+            panels.append((f"{family}: accuracy per setting", "", series, names))
+    if not panels:
+        return
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (panel, xlabel, series, ticks) in zip(axes.flat, panels):
+        for label, points in sorted(series.items()):
+            xs, ys = zip(*sorted(points))
+            ax.plot(xs, ys, marker="o", markersize=3, linewidth=1.3, label=label)
+        if ticks is None:
+            ax.set_xscale("log", base=2)
+            xs = sorted({x for points in series.values() for x, _ in points})
+            if len(xs) <= 12:  # label the measured x values themselves (e.g. length 40, d_model 32)
+                ax.set_xticks(xs)
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        else:
+            ax.set_xticks(range(len(ticks)), ticks, rotation=20, fontsize=7)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("accuracy")
+        ax.set_title(panel, fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
+
+
+# -- the command --------------------------------------------------------------------------------------
+def build_parser() -> Parser:
+    """The command's flags (the module docstring is its epilog)."""
+    p = Parser(prog="rnnlab bench tasks", description=__doc__.split("\n\n")[0], epilog=__doc__)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu-small",
+                   help="the sweep's scale (default cpu-small)")
+    p.add_argument("--mixers", nargs="+", help="layout items, e.g. attention 'deltanet(allow_neg_eigval=True)' "
+                                               "(default: the preset's)")
+    p.add_argument("--tasks", nargs="+", help=f"families ({', '.join(FAMILIES)}) or setting names "
+                                              "(default: all of the preset's)")
+    p.add_argument("--d-models", nargs="+", type=int, help="model widths (default: the preset's)")
+    p.add_argument("--lr", nargs="+", type=float_in(0, lo_open=True), help="peak learning rates (default: the preset's)")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
+    p.add_argument("--steps", type=int, help="optimiser steps per cell at most (default: each setting's budget in "
+                                             "the preset)")
+    p.add_argument("--target", type=float_in(0, 1, lo_open=True), help="stop a cell at this validation accuracy (default: the preset's)")
+    p.add_argument("--out", help="results directory (default runs/bench/tasks_<preset>)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models are many tiny "
+                                                          "ops, which run fastest on one thread)")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's final checkpoint")
+    p.add_argument("--list", action="store_true", help="print the sweep's cells with their step budgets, train nothing")
+    return p
+
+
+def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, list[Cell]]:
+    """The preset with the flags applied and the sweep's cells; bad flags end in ``p.error``."""
+    preset = PRESETS[a.preset]
+    if a.d_models is not None and min(a.d_models) < 1:
+        p.error(f"--d-models must be >= 1, got {a.d_models}")
+    if a.seeds is not None and min(a.seeds) < 0:
+        p.error(f"--seeds must be >= 0, got {a.seeds}")
+    if a.lr is not None and any(not v > 0 for v in a.lr):
+        p.error(f"--lr must be > 0, got {a.lr}")
+    if a.threads < 1:
+        p.error(f"--threads must be >= 1, got {a.threads}")
+    if a.steps is not None and a.steps < 1:
+        p.error(f"--steps must be >= 1, got {a.steps}")
+    if a.target is not None and not 0 < a.target <= 1:
+        p.error(f"--target must be in (0, 1], got {a.target}")
+    preset = replace(preset, lrs=tuple(a.lr or preset.lrs), seeds=tuple(preset.seeds if a.seeds is None else a.seeds),
+                     target=a.target or preset.target)
+    settings = list(preset.settings)
+    if a.tasks:
+        names = {s.name for s in settings}
+        unknown = sorted(set(a.tasks) - names - set(FAMILIES))
+        if unknown:
+            p.error(f"--tasks: unknown {unknown}; families: {', '.join(FAMILIES)}; settings of preset "
+                    f"{a.preset}: {', '.join(sorted(names))}")
+        settings = [s for s in settings if s.name in a.tasks or s.family in a.tasks]
+        if not settings:
+            p.error(f"--tasks {' '.join(a.tasks)}: preset {a.preset} has no such settings")
+    cells = [Cell(s, m, d, lr, seed, a.steps or s.steps or preset.steps) for s in settings
+             for m in (a.mixers or s.mixers or preset.mixers) for d in (a.d_models or s.d_models or preset.d_models)
+             for lr in preset.lrs for seed in preset.seeds]
+    for mixer, d in sorted({(c.mixer, c.d_model) for c in cells}):
+        try:
+            parse_layout(layout_for(mixer, preset), 1, d)
+        except (ValueError, TypeError, KeyError) as e:
+            p.error(f"--mixers: {mixer!r} at d_model {d}: {e}")
+    return preset, cells
+
+
+def _read_results(path: Path) -> dict[str, dict]:
+    """The finished cells of a results.jsonl (written whole each time, never torn), by key."""
+    if not path.is_file():
+        return {}
+    return {row["cell"]: row for row in map(json.loads, path.read_text().splitlines())}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """``rnnlab bench tasks [flags]``: run (or continue) the sweep; returns the best-learning-rate rows."""
+    parser = build_parser()
+    a = parser.parse_args(argv)
+    preset, cells = resolve(parser, a)
+    out = Path(a.out or f"runs/bench/tasks_{a.preset}")
+    device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if a.list:
+        for c in cells:
+            print(f"{c.dirname()}  (at most {c.steps} steps)")
+        print(f"{len(cells)} cells")
+        return []
+    out.mkdir(parents=True, exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(a.threads)
+    try:
+        return _sweep(a, preset, cells, out, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep(a: argparse.Namespace, preset: Preset, cells: list[Cell], out: Path, device: torch.device) -> list[dict]:
+    """Run the cells not yet in ``out/results.jsonl``, then write the table, CSV, JSON and PNG."""
+    results_path = out / "results.jsonl"
+    done = _read_results(results_path)
+    todo = [c for c in cells if c.key(preset) not in done]
+    print(f"rnnlab bench tasks --preset {a.preset}: {len(cells)} cells ({len(cells) - len(todo)} already in "
+          f"{results_path}), {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    from tqdm import tqdm
+    bar = tqdm(total=sum(c.steps for c in cells), initial=sum(c.steps for c in cells if c.key(preset) in done),
+               desc="bench tasks", unit="step", dynamic_ncols=True)  # budgets: an early stop skips the rest
+    try:
+        for i, cell in enumerate(todo):
+            bar.set_postfix_str(f"cell {len(cells) - len(todo) + i + 1}/{len(cells)} {cell.dirname()}", refresh=True)
+            row = run_cell(cell, preset, out / "runs" / cell.dirname(), device, a.keep_checkpoints, bar.update)
+            row["cell"] = cell.key(preset)
+            done[row["cell"]] = row
+            lines = "".join(json.dumps(r) + "\n" for r in done.values())
+            atomic_write(results_path, lambda tmp: Path(tmp).write_text(lines))
+            bar.write(f"{cell.dirname()}: {row['steps']} steps, "
+                      + ", ".join(f"{k} {t['accuracy']:.3f}" for k, t in row["tests"].items()))
+    except KeyboardInterrupt as e:
+        bar.close()
+        raise SystemExit(f"rnnlab bench tasks: {e or 'interrupted'}; run the same command again to continue") from None
+    bar.close()
+    keys = {c.key(preset) for c in cells}
+    rows = [r for k, r in done.items() if k in keys]
+    best = best_rows(rows)
+    print_table(best)
+    write_csv(out / "results.csv", rows)
+    extra = dict(preset=a.preset, device=str(device), torch=torch.__version__, out=str(out),
+                 csv=str(out / "results.csv"), json=str(out / "results.json"), png=str(out / "tasks.png"))
+    payload = {"bench": "tasks", **extra, "preset_config": _preset_json(preset), "cells": rows, "best": best}
+    atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
+    plot(out / "tasks.png", best, f"rnnlab bench tasks --preset {a.preset} (best learning rate per point)")
+    report("tasks", best, None, **extra)
+    return best
+
+
+def _preset_json(p: Preset) -> dict:
+    """The preset as JSON, its settings by name."""
+    d = {k: v for k, v in p.__dict__.items() if k != "settings"}
+    d["settings"] = [s.name for s in p.settings]
+    return d
+
+
+if __name__ == "__main__":
+    main()
