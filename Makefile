@@ -15,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test,plot,hf]"
+	$(BIN)/python -m pip install -q -e ".[test,plot,hf,serve]"
 	touch $(STAMP)
 
 demo: $(STAMP)
