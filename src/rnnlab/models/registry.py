@@ -16,6 +16,7 @@ from ..layers.minrnn import MinGRU, MinGRUConfig, MinLSTM, MinLSTMConfig
 from ..layers.rnn import GRU, LSTM, GRUConfig, LSTMConfig
 from ..layers.slstm import SLSTM, SLSTMConfig
 from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
+from ..layers.hgrn import HGRN, HGRNConfig
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
@@ -167,7 +168,12 @@ _register(MixerSpec(
     "Gu et al. 2021 (LSSL)", "D·N floats",
     tiny=dict(d_state=8)))
 
-# -- nonlinear and minimal RNNs: mingru, minlstm, lstm, gru, slstm, aaren ---------------------------
+# -- elementwise, nonlinear and minimal RNNs: hgrn, mingru, minlstm, lstm, gru, slstm, aaren --------
+_register(MixerSpec(
+    "hgrn", HGRN, HGRNConfig,
+    "HGRN: elementwise gated linear recurrence, forget gate with a lower bound rising with depth, gated norm",
+    "Qin et al. 2023 (HGRN)", "E floats (E = expand_ratio·D)",
+    tiny=dict(), depth_option="lower_bound"))
 _register(MixerSpec(
     "mingru", MinGRU, MinGRUConfig,
     "minGRU: GRU with input-only gates, h = (1-z)h + z g(W x); coefficients from their logs, linear scan",
