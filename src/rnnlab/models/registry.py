@@ -15,6 +15,7 @@ from ..layers.aaren import Aaren, AarenConfig
 from ..layers.minrnn import MinGRU, MinGRUConfig, MinLSTM, MinLSTMConfig
 from ..layers.rnn import GRU, LSTM, GRUConfig, LSTMConfig
 from ..layers.slstm import SLSTM, SLSTMConfig
+from ..layers.gateloop import GateLoop, GateLoopConfig
 from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
 from ..layers.hgrn import HGRN, HGRNConfig
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
@@ -95,6 +96,11 @@ _register(MixerSpec(
     "gla", GLA, GLAConfig,
     "gated linear attention: low-rank data-dependent vector decay (τ=16), output gate, per-head norm",
     "Yang et al. 2023 (GLA)", "H·K·V floats",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "gateloop", GateLoop, GateLoopConfig,
+    "linear attention with a data-controlled complex gate per key channel (decay and rotation)",
+    "Katsch 2023 (GateLoop)", "2·H·K·V floats (complex, K = V = D/H)",
     tiny=dict(num_heads=2)))
 _register(MixerSpec(
     "hgrn2", HGRN2, HGRN2Config,
