@@ -17,6 +17,7 @@ from ..layers.rnn import GRU, LSTM, GRUConfig, LSTMConfig
 from ..layers.slstm import SLSTM, SLSTMConfig
 from ..layers.gateloop import GateLoop, GateLoopConfig
 from ..layers.gla import GLA, GLAConfig, HGRN2, HGRN2Config
+from ..layers.griffin import RGLRU, RGLRUConfig
 from ..layers.hgrn import HGRN, HGRNConfig
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
@@ -147,7 +148,7 @@ _register(MixerSpec(
     "Behrouz et al. 2024 (Titans)", "3·H·2·F·K (MLP) or 3·H·K² (linear) + 3·(W-1)·D floats",
     tiny=dict(num_heads=2, chunk_size=4)))
 
-# -- state-space models: mamba, mamba2, s4d, lssl, lru ----------------------------------------------
+# -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl ------------------------------------
 _register(MixerSpec(
     "mamba", Mamba, MambaConfig,
     "selective SSM (S6): data-dependent dt, B, C; conv + SiLU gate; option negative eigenvalues",
@@ -163,6 +164,11 @@ _register(MixerSpec(
     "Linear Recurrent Unit: complex diagonal, exponential parametrisation, ring init, γ normalisation",
     "Orvieto et al. 2023 (LRU)", "N complex = 2N floats",
     tiny=dict(d_state=16)))
+_register(MixerSpec(
+    "rg_lru", RGLRU, RGLRUConfig,
+    "Griffin/Hawk recurrent block: conv + Real-Gated LRU (a_t = a^(8 r_t), sqrt(1-a_t²) input norm) ⊙ GeLU branch",
+    "De et al. 2024 (Griffin)", "E + (W-1)·E + 1 floats (E = lru_width)",
+    tiny=dict(num_heads=2)))
 _register(MixerSpec(
     "s4d", S4D, S4DConfig,
     "diagonal SSM with HiPPO-derived init (S4D-Lin or S4D-Real), learned step, zero-order hold",
