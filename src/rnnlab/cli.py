@@ -317,7 +317,7 @@ def cmd_serve(a) -> dict:
     from .serve.app import create_app
     key = a.api_key or os.environ.get("RNNLAB_API_KEY") or None
     with _as_flags(["api_key", *flag_values(a, ServeConfig)]):
-        cfg = ServeConfig(**flag_values(a, ServeConfig), api_key=key)
+        cfg = ServeConfig(**{**flag_values(a, ServeConfig), "api_key": key})
     _dir_arg(cfg.sessions_dir, "--sessions-dir")
     if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {a.host} without an API key: anyone who reaches it can use the model "

@@ -135,8 +135,13 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, e: RequestValidationError):
-        first = e.errors()[0]
+        errors = e.errors()
+        first = errors[0]
         loc = [str(x) for x in first["loc"] if x != "body"]
+        for other in errors[1:]:  # a union's members report one error each: name the field they share
+            theirs = [str(x) for x in other["loc"] if x != "body"]
+            if theirs[:1] == loc[:1]:
+                loc = [a for a, b in zip(loc, theirs) if a == b]
         param = ".".join(loc) or None
         if first["type"] == "json_invalid":
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"
@@ -159,7 +164,7 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
         given = request.headers.get("authorization", "")
         scheme, _, key = given.partition(" ")
         if scheme.lower() != "bearer" or not secrets.compare_digest(key.strip().encode(), config.api_key.encode()):
-            raise ApiError(401, "a valid API key is needed: send the header 'Authorization: Bearer KEY'",
+            raise ApiError(401, "authorization: a valid API key is needed; send the header 'Authorization: Bearer KEY'",
                            "authentication_error", "authorization")
 
     @app.get("/health")
