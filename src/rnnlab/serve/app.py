@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..data.tokenizer import ByteTokenizer
 from ..models.hf import load_tokenizer
 from ..models.lm import LM, load_model
 from .config import ServeConfig
@@ -104,7 +105,7 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
     config = config or ServeConfig()
     if isinstance(model, LM):
         name, lm = config.model_name or "rnnlab", model
-        tok = tokenizer or load_tokenizer(".")
+        tok = tokenizer or ByteTokenizer()
     else:
         name, lm = config.model_name or Path(model).resolve().name, load_model(model)
         tok = tokenizer or load_tokenizer(model)
@@ -131,7 +132,11 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
 
     @app.exception_handler(SessionError)
     async def _session_error(_req, e: SessionError):
-        return _error(e.status, str(e), e.kind, str(e).split(":")[0])
+        return _error(e.status, str(e), e.kind, e.param)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_req, e: Exception):  # a bug or a failing disk: still a JSON error
+        return _error(500, f"internal error: {type(e).__name__}: {e}", "server_error", None)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_req, e: RequestValidationError):
@@ -179,6 +184,11 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
                                             "owned_by": "rnnlab", "layout": lm.config.layout,
                                             "batch_rows": engine.max_batch}]}
 
+    def take_slot() -> None:
+        if not in_flight.take():
+            raise ApiError(429, f"the server is answering max_concurrent={config.max_concurrent} requests; "
+                                "retry later", "rate_limit_error", None)
+
     def encode(text: str, param: str) -> list[int]:
         ids = tok.encode(text)
         if len(ids) > config.max_prompt_tokens:
@@ -217,9 +227,7 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
             raise ApiError(400, "stop: at most 4 non-empty strings", param="stop")
         stops += [CHAT_STOP] if chat else []
         ids = encode(text, param)
-        if not in_flight.take():
-            raise ApiError(429, f"the server is answering max_concurrent={config.max_concurrent} requests; "
-                                "retry later", "rate_limit_error", None)
+        take_slot()
         session = None
         try:
             if req.session is not None:
@@ -268,21 +276,23 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
             raise ApiError(400, "fork: give prefix or fork, not both", param="fork")
         ids = encode(req.prefix, "prefix") if req.prefix else []
         sid = store.new_id()
-        if req.fork is not None:
-            source = await run_in_threadpool(store.get, req.fork, "fork")
-            state, logits = source.state, source.logits
-        elif ids:
-            if not in_flight.take():
-                raise ApiError(429, f"the server is answering max_concurrent={config.max_concurrent} requests; "
-                                    "retry later", "rate_limit_error", None)
-            try:
-                result = await run_job(ids, None, None, [])
-            finally:
-                in_flight.give()
-            state, logits = result.state, result.logits
-        else:
-            state, logits = store.empty()
-        session = await run_in_threadpool(store.put, sid, state, logits)
+        try:
+            if req.fork is not None:
+                source = await run_in_threadpool(store.get, req.fork, "fork")
+                state, logits = source.state, source.logits
+            elif ids:
+                take_slot()
+                try:
+                    result = await run_job(ids, None, None, [])
+                finally:
+                    in_flight.give()
+                state, logits = result.state, result.logits
+            else:
+                state, logits = store.empty()
+            session = await run_in_threadpool(store.put, sid, state, logits)
+        except BaseException:
+            store.abandon(sid)
+            raise
         return session.info()
 
     @v1.get("/sessions/{session_id}")

@@ -29,11 +29,12 @@ _ID = re.compile(r"^[A-Za-z0-9_-]{16,64}$")
 
 
 class SessionError(Exception):
-    """A session request that cannot be served; ``status`` is the HTTP status to answer with."""
+    """A session request that cannot be served: ``status`` is the HTTP status to answer with,
+    ``kind`` the error type and ``param`` the request field that named the session."""
 
-    def __init__(self, message: str, status: int, kind: str):
-        super().__init__(message)
-        self.status, self.kind = status, kind
+    def __init__(self, message: str, status: int, kind: str, param: str):
+        super().__init__(f"{param}: {message}")
+        self.status, self.kind, self.param = status, kind, param
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class SessionStore:
         self.max_sessions, self.cache_size = max_sessions, cache_size
         self._cache: OrderedDict[str, Session] = OrderedDict()
         self._busy: set[str] = set()
+        self._creating: set[str] = set()  # ids handed out by new_id whose first state is not yet stored
         self._lock = threading.Lock()
 
     def _path(self, session_id: str) -> Path:
@@ -71,19 +73,29 @@ class SessionStore:
 
     def _check_id(self, session_id: str, param: str = "session") -> None:
         if not isinstance(session_id, str) or not _ID.match(session_id) or not self._path(session_id).is_file():
-            raise SessionError(f"{param}: no session {session_id!r} (create one with POST /v1/sessions)", 404,
-                               "not_found_error")
+            raise SessionError(f"no session {session_id!r} (create one with POST /v1/sessions)", 404,
+                               "not_found_error", param)
 
     def count(self) -> int:
         """Sessions on disk."""
         return sum(1 for _ in self.directory.glob("*.safetensors"))
 
     def new_id(self) -> str:
-        """A fresh unguessable id; refused when ``max_sessions`` sessions exist already."""
-        if self.count() >= self.max_sessions:
-            raise SessionError(f"the server holds max_sessions={self.max_sessions} sessions; delete some "
-                               "(DELETE /v1/sessions/ID) before creating more", 429, "rate_limit_error")
-        return secrets.token_urlsafe(24)
+        """A fresh unguessable id, reserved until :meth:`put` stores it or :meth:`abandon` gives it
+        up; refused when ``max_sessions`` sessions exist or are being created."""
+        with self._lock:
+            if self.count() + len(self._creating) >= self.max_sessions:
+                raise SessionError(f"the server holds max_sessions={self.max_sessions} sessions; delete some "
+                                   "(DELETE /v1/sessions/ID) before creating more", 429, "rate_limit_error",
+                                   "max_sessions")
+            session_id = secrets.token_urlsafe(24)
+            self._creating.add(session_id)
+            return session_id
+
+    def abandon(self, session_id: str) -> None:
+        """Give up the id reserved by :meth:`new_id` (its session could not be created)."""
+        with self._lock:
+            self._creating.discard(session_id)
 
     def empty(self) -> tuple[ModelState, None]:
         """The state and logits of a conversation that has seen no token."""
@@ -109,6 +121,7 @@ class SessionStore:
         extra = {} if logits is None else {"logits": logits}
         save_state(state, self._path(session_id), model=self.model, extra=extra)
         self._remember(session)
+        self.abandon(session_id)  # a reserved id is now a stored session
         return session
 
     def delete(self, session_id: str) -> None:
@@ -116,8 +129,8 @@ class SessionStore:
         self._check_id(session_id, "session_id")
         with self._lock:
             if session_id in self._busy:
-                raise SessionError(f"session_id: session {session_id!r} is answering a request; delete it after",
-                                   409, "conflict_error")
+                raise SessionError(f"session {session_id!r} is answering a request; delete it after",
+                                   409, "conflict_error", "session_id")
             self._cache.pop(session_id, None)
             self._path(session_id).unlink(missing_ok=True)
 
@@ -127,8 +140,8 @@ class SessionStore:
         self._check_id(session_id)
         with self._lock:
             if session_id in self._busy:
-                raise SessionError(f"session: session {session_id!r} is answering another request; "
-                                   "send one turn at a time", 409, "conflict_error")
+                raise SessionError(f"session {session_id!r} is answering another request; "
+                                   "send one turn at a time", 409, "conflict_error", "session")
             self._busy.add(session_id)
 
     def release(self, session_id: str) -> None:
