@@ -123,3 +123,13 @@ def test_concurrent_http_requests_equal_each_alone(make_client, model_dir):
         t.join()
     for prompt, n in prompts.items():
         assert out[prompt]["choices"][0]["text"] == TOK.decode(_alone(model, "", prompt, n)), prompt
+
+
+def test_streamed_text_holds_back_what_may_become_a_stop_string():
+    job = Job([], None, None, 1, 0.0, None, torch.Generator(), ["world", "!?"], lambda _t: None, lambda _r: None)
+    assert job.safe("hello wor") == len("hello ")
+    assert job.safe("hello!") == len("hello")
+    assert job.safe("hello a\ufffd") == len("hello a")  # an unfinished character waits too
+    assert job.safe("plain") == 5
+    job.ids = TOK.encode("say hello world and more")
+    assert job.text(TOK.decode) == ("say hello ", True)

@@ -109,6 +109,8 @@ def test_malformed_bodies(make_client):
         r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert 400 <= r.status_code < 500, (raw, r.text)
         assert "error" in r.json()
+    r = c.post("/v1/completions", content=b'{"prompt": "a"}', headers={"content-type": "text/plain"})
+    assert "Content-Type: application/json" in _err(r, 400)["message"]
     _err(c.get("/v1/nothing"), 404)
     assert 400 <= c.put("/v1/completions", json={"prompt": "a"}).status_code < 500
 
@@ -152,8 +154,9 @@ def test_bad_serve_flags(model_dir, tmp_path, capsys):
     import rnnlab.cli as cli
     (tmp_path / "f").write_text("x")
     for argv in (["--max-batch", "0"], ["--default-max-tokens", "50", "--max-tokens", "10"],
-                 ["--sessions-dir", str(tmp_path / "f")]):
+                 ["--sessions-dir", str(tmp_path / "f")], ["--port", "0"], ["--model", str(tmp_path / "nosuch")]):
         with pytest.raises(SystemExit) as e:
             cli.main(["serve", "--model", str(model_dir), *argv])
         assert e.value.code == 2
-        assert argv[0] in capsys.readouterr().err
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and argv[0 if argv[0] != "--model" else 1] in err

@@ -153,7 +153,8 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
         elif first["type"] == "extra_forbidden":
             message = f"{param}: unknown field"
         elif not loc:
-            message = f"the request body: {first['msg']} (expected a JSON object)"
+            message = (f"the request body must be a JSON object sent with 'Content-Type: application/json' "
+                       f"({first['msg']})")
         else:
             message = f"{param}: {first['msg']}"
         return _error(400, message, "invalid_request_error", param)
