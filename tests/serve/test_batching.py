@@ -133,3 +133,19 @@ def test_streamed_text_holds_back_what_may_become_a_stop_string():
     assert job.safe("plain") == 5
     job.ids = TOK.encode("say hello world and more")
     assert job.text(TOK.decode) == ("say hello ", True)
+
+
+def test_a_failing_job_leaves_the_running_batch_alone():
+    model = _model()
+    results, left = {}, threading.Semaphore(0)
+    engine = Engine(model, TOK.decode, eos_id=None, max_batch=4)
+    good = _job(model, "", "steady", 12, results, then=left.release)
+    bad = _job(model, "", "bad", 3, results, then=left.release)
+    bad.prompt = [10 ** 6]  # a token outside the model's vocabulary
+    good.on_text = lambda _t, first=[True]: (engine.submit(bad) if first[0] else None, first.__setitem__(0, False))
+    engine.submit(good)
+    engine.start()
+    assert left.acquire(timeout=60) and left.acquire(timeout=60)
+    engine.stop()
+    assert results[("", "bad")].finish_reason == "error" and "token ids" in results[("", "bad")].error
+    assert results[("", "steady")].text == TOK.decode(_alone(model, "", "steady", 12))

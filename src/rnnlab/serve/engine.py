@@ -138,16 +138,17 @@ class Engine:
                     room = self.max_batch - len(self._jobs)
                     joining = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))] \
                         if not self._stopping else []
-                try:
-                    if joining:
+                if joining:
+                    try:
                         self._join(joining)
-                    if self._jobs:
+                    except Exception as e:  # e.g. a token the model does not know: only these jobs fail
+                        self._fail_all(joining, e)
+                if self._jobs:
+                    try:
                         self._step()
-                except Exception as e:  # a failure of the model: end the jobs concerned, keep serving
-                    for job in [*joining, *self._jobs]:
-                        if id(job) not in self._done:
-                            self._fail(job, f"{type(e).__name__}: {e}")
-                    self._jobs, self._state, self._logits = [], None, None
+                    except Exception as e:  # a failure of the model: end the batch's jobs, keep serving
+                        self._fail_all(self._jobs, e)
+                        self._jobs, self._state, self._logits = [], None, None
                 self._done.clear()
 
     def _join(self, jobs: list[Job]) -> None:
@@ -163,21 +164,21 @@ class Engine:
             stream = Stream(self.model, start)
             stream.feed([torch.tensor(j.prompt, dtype=torch.long) for j in fed])
             rows = {id(j): (stream.state.select([i]), stream.logits[i:i + 1]) for i, j in enumerate(fed)}
+        staying = [j for j in jobs if j.max_tokens > 0]
+        if staying:  # the batch changes only once every new row is ready
+            states = [rows.get(id(j), (j.state, j.logits))[0] for j in staying]
+            logits = [rows.get(id(j), (j.state, j.logits))[1] for j in staying]
+            self._state = ModelState.cat(([self._state] if self._jobs else []) + states)
+            self._logits = torch.cat(([self._logits] if self._jobs else []) + logits)
+            self._jobs = self._jobs + staying
         for j in jobs:
-            state, logits = rows.get(id(j), (j.state, j.logits))
-            if j.max_tokens == 0:
-                self._finish_new(j, state, logits)
-                continue
-            self._jobs.append(j)
-            self._state = state if self._state is None else ModelState.cat([self._state, state])
-            self._logits = logits if self._logits is None else torch.cat([self._logits, logits])
+            if j.max_tokens == 0:  # only read: the conversation's state after its prompt
+                state, logits = rows.get(id(j), (j.state, j.logits))
+                self._done.add(id(j))
+                j.on_done(Result("", "length", len(j.prompt), 0, replace(state, seen=j.seen), logits))
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
-
-    def _finish_new(self, job: Job, state: ModelState, logits: torch.Tensor) -> None:
-        self._done.add(id(job))
-        job.on_done(Result("", "length", len(job.prompt), 0, replace(state, seen=job.seen), logits))
 
     def _step(self) -> None:
         """Sample one token for every row, feed them in one call, and let finished jobs leave."""
@@ -212,6 +213,11 @@ class Engine:
             self._jobs = [self._jobs[i] for i in keep]
             self._state = self._state.select(keep) if keep else None
             self._logits = self._logits[keep] if keep else None
+
+    def _fail_all(self, jobs: list[Job], error: Exception) -> None:
+        for job in jobs:
+            if id(job) not in self._done:
+                self._fail(job, f"{type(error).__name__}: {error}")
 
     def _fail(self, job: Job, message: str) -> None:
         job.on_done(Result("", "error", len(job.prompt), len(job.ids), None, None, error=message))
