@@ -106,3 +106,15 @@ def test_memory_cache_is_bounded_and_files_are_the_truth(make_client):
     state = store.get(ids[0]).state
     assert isinstance(state, rnnlab.ModelState) and state.layers[0].batch_size == 1
     assert torch.isfinite(store.get(ids[0]).logits).all()
+
+
+def test_streamed_turn_stores_the_session(make_client):
+    c = make_client()
+    sid = c.post("/v1/sessions", json={"prefix": "ab"}).json()["id"]
+    r = c.post("/v1/completions", json={"prompt": "cd", "max_tokens": 4, "temperature": 0, "session": sid,
+                                        "stream": True})
+    assert r.status_code == 200 and r.text.endswith("data: [DONE]\n\n")
+    assert '"session": "%s"' % sid in r.text
+    assert c.get(f"/v1/sessions/{sid}").json()["tokens_seen"] == 2 + 2 + 4
+    again = c.post("/v1/completions", json={"prompt": "e", "max_tokens": 1, "session": sid})
+    assert again.status_code == 200  # the streamed turn released the session
