@@ -254,13 +254,15 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
                    "usage": _usage(result)}
             return out | ({"session": session.id} if session is not None else {})
 
+        # the job runs as its own task: a client that goes away neither stops it half-way nor frees its
+        # session before the new state is stored
+        pieces: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(run_job(ids, req, session, stops,
+                                             on_text=pieces.put_nowait if req.stream else None))
+        task.add_done_callback(lambda t: (_release(store, session, in_flight), t.cancelled() or t.exception()))
         if not req.stream:
-            try:
-                return body(await run_job(ids, req, session, stops))
-            finally:
-                _release(store, session, in_flight)
-        return StreamingResponse(_events(run_job, ids, req, session, stops, rid, kind, name, chat, store,
-                                         in_flight), media_type="text/event-stream")
+            return body(await asyncio.shield(task))
+        return StreamingResponse(_events(task, pieces, session, rid, kind, name, chat), media_type="text/event-stream")
 
     @v1.post("/completions")
     async def completions(req: CompletionRequest):
@@ -338,10 +340,10 @@ def _usage(result: Result) -> dict:
             "total_tokens": result.prompt_tokens + result.completion_tokens}
 
 
-async def _events(run_job, ids, req, session, stops, rid, kind, name, chat, store, in_flight):
-    """The server-sent events of a streamed completion: a ``data: {...}`` chunk per piece of text,
-    a last chunk with ``finish_reason`` and ``usage``, then ``data: [DONE]``."""
-    pieces: asyncio.Queue = asyncio.Queue()
+async def _events(task: asyncio.Task, pieces: asyncio.Queue, session, rid: str, kind: str, name: str, chat: bool):
+    """The server-sent events of the streamed completion ``task`` whose text arrives in ``pieces``:
+    a ``data: {...}`` chunk per piece, a last chunk with ``finish_reason`` and ``usage``, then
+    ``data: [DONE]``."""
     created = int(time.time())
 
     def chunk(choice: dict, **more) -> str:
@@ -352,29 +354,22 @@ async def _events(run_job, ids, req, session, stops, rid, kind, name, chat, stor
         return ({"delta": {"content": text} if text else {}, "finish_reason": finish} if chat else
                 {"text": text, "logprobs": None, "finish_reason": finish})
 
-    task = asyncio.ensure_future(run_job(ids, req, session, stops, on_text=pieces.put_nowait))
-    try:
-        if chat:
-            yield chunk({"delta": {"role": "assistant"}, "finish_reason": None})
-        while True:
-            getter = asyncio.ensure_future(pieces.get())
-            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
-            if getter.done():
-                yield chunk(piece(getter.result()))
-                continue
+    if chat:
+        yield chunk({"delta": {"role": "assistant"}, "finish_reason": None})
+    while True:
+        getter = asyncio.ensure_future(pieces.get())
+        await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if not getter.done():
             getter.cancel()
             break
-        while not pieces.empty():
-            yield chunk(piece(pieces.get_nowait()))
-        try:
-            result = task.result()
-        except ApiError as e:
-            yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind, "param": e.param}}) + "\n\n"
-        else:
-            more = {"usage": _usage(result)} | ({"session": session.id} if session is not None else {})
-            yield chunk(piece("", result.finish_reason), **more)
-        yield "data: [DONE]\n\n"
-    finally:
-        if not task.done():
-            await asyncio.shield(task)
-        _release(store, session, in_flight)
+        yield chunk(piece(getter.result()))
+    while not pieces.empty():
+        yield chunk(piece(pieces.get_nowait()))
+    try:
+        result = task.result()
+    except ApiError as e:
+        yield "data: " + json.dumps({"error": {"message": e.message, "type": e.kind, "param": e.param}}) + "\n\n"
+    else:
+        more = {"usage": _usage(result)} | ({"session": session.id} if session is not None else {})
+        yield chunk(piece("", result.finish_reason), **more)
+    yield "data: [DONE]\n\n"

@@ -12,7 +12,7 @@ class ServeConfig:
     that exceeds it with a 4xx JSON error naming it."""
 
     sessions_dir: str = "sessions"  # directory of the session state files (created if missing)
-    api_key: str | None = field(default=None, repr=False)  # when set, every endpoint but /health needs 'Authorization: Bearer KEY'
+    api_key: str | None = field(default=None, repr=False)  # if set, all but /health need 'Authorization: Bearer KEY'
     model_name: str | None = None  # the model id reported by /v1/models; None = the model directory's name
     max_prompt_tokens: int = 8192  # most tokens a request's prompt (or messages, or session prefix) may have
     max_tokens: int = 1024  # largest max_tokens a request may ask for
