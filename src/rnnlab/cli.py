@@ -1,4 +1,4 @@
-"""The ``rnnlab`` command: list | train | eval | generate | data | bench | convert | demo.
+"""The ``rnnlab`` command: list | train | eval | generate | serve | data | bench | convert | demo.
 
 Exit status: 0 on success; 2 for a usage or input error, with one line on stderr that names the
 flag or file and what was expected; 1 for an unexpected failure, with its traceback; 130 when
@@ -305,6 +305,30 @@ def cmd_generate(a) -> str:
     return "".join(text)
 
 
+# -- serve ----------------------------------------------------------------------------------------
+def cmd_serve(a) -> dict:
+    from .configs import flag_values
+    from .serve.config import ServeConfig
+    try:
+        import fastapi  # noqa: F401  (the serve extra)
+        import uvicorn
+    except ImportError as e:
+        raise ValueError(f"rnnlab serve needs the serve extra ({e.name} is missing): pip install 'rnnlab[serve]'") from None
+    from .serve.app import create_app
+    key = a.api_key or os.environ.get("RNNLAB_API_KEY") or None
+    with _as_flags(["api_key", *flag_values(a, ServeConfig)]):
+        cfg = ServeConfig(**{**flag_values(a, ServeConfig), "api_key": key})
+    _dir_arg(cfg.sessions_dir, "--sessions-dir")
+    if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:
+        print(f"warning: serving on {a.host} without an API key: anyone who reaches it can use the model "
+              "(set --api-key or RNNLAB_API_KEY)", file=sys.stderr)
+    app = create_app(a.model, cfg)
+    print(f"serving {a.model} on http://{a.host}:{a.port} (sessions in {cfg.sessions_dir}"
+          f"{', API key required' if key else ''})", file=sys.stderr)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    return {"model": str(a.model), "host": a.host, "port": a.port}
+
+
 # -- bench / convert --------------------------------------------------------------------------------
 BENCHES = {"ops": "kernels of every op family, reference vs fast forms", "hf": "rnnlab vs transformers on the same weights",
            "rnn": "LSTM/GRU: Newton solve vs the loop", "mixers": "every mixer: train step, prefill, decode",
@@ -419,6 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .configs import add_flags
     from .models.lm import LMConfig
+    from .serve.config import ServeConfig
     from .train.run import MODEL_FIELDS, PRESETS, DataConfig
     from .train.trainer import TrainConfig
     p = Parser(prog="rnnlab", description="Recurrent sequence models: train, run, measure.",
@@ -534,6 +559,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     _outputs(s, progress=False)
 
+    s = sub.add_parser("serve", help="an OpenAI-compatible HTTP server whose conversations are states saved on disk",
+                       description="Serve a model over HTTP: /v1/completions and /v1/chat/completions "
+                                   "(OpenAI-compatible, with streaming), and sessions (/v1/sessions) whose "
+                                   "conversations are states written to --sessions-dir after every turn, so a "
+                                   "turn reads only its new tokens and sessions survive restarts. Needs the "
+                                   "serve extra: pip install 'rnnlab[serve]'.",
+                       epilog=_examples("rnnlab serve --model runs/a",
+                                        "rnnlab serve --model runs/a --port 8080 --sessions-dir /var/lib/rnnlab/sessions",
+                                        "RNNLAB_API_KEY=secret rnnlab serve --model runs/a --host 0.0.0.0 --max-batch 16"))
+    s.add_argument("--model", required=True, help="a run directory, a checkpoint or a saved model")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    s.add_argument("--port", type=int_at_least(1), default=8000, help="port to listen on (default: 8000)")
+    s.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                                     "(default: the RNNLAB_API_KEY environment variable, else none)")
+    add_flags(s.add_argument_group("limits and sessions (rnnlab.serve.ServeConfig)"), ServeConfig, skip=("api_key",))
+
     s = sub.add_parser("bench", add_help=False, help="benchmarks: " + "; ".join(f"{k} ({v})" for k, v in BENCHES.items()),
                        description="Benchmarks; each prints a table and writes JSON (and PNG plots).",
                        epilog=_examples("rnnlab bench speed models --quick", "rnnlab bench ops --help"))
@@ -586,7 +627,7 @@ def main(argv: list[str] | None = None):
     if rest and a.cmd != "bench":
         p._subparsers._group_actions[0].choices[a.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
-                "convert": cmd_convert, "demo": cmd_demo, "data": cmd_data}
+                "convert": cmd_convert, "demo": cmd_demo, "data": cmd_data, "serve": cmd_serve}
     as_json = getattr(a, "json", False) is True
     name = f"rnnlab {a.cmd}" + (f" {a.data_cmd}" if a.cmd == "data" else f" {a.what}" if a.cmd == "bench" else "")
     try:
