@@ -53,6 +53,7 @@ Presets:
 from __future__ import annotations
 
 import argparse
+import sys
 import csv
 import io
 import json
@@ -504,7 +505,8 @@ def _sweep(a: argparse.Namespace, preset: Preset, cells: list[Cell], out: Path, 
           f"{results_path}), {device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     from tqdm import tqdm
     bar = tqdm(total=sum(c.steps for c in cells), initial=sum(c.steps for c in cells if c.key(preset) in done),
-               desc="bench tasks", unit="step", dynamic_ncols=True)  # budgets: an early stop skips the rest
+               desc="bench tasks", unit="step", dynamic_ncols=True,  # budgets: an early stop skips the rest
+               disable=not sys.stderr.isatty())  # in a log file: one line per finished cell, no bar
     try:
         for i, cell in enumerate(todo):
             bar.set_postfix_str(f"cell {len(cells) - len(todo) + i + 1}/{len(cells)} {cell.dirname()}", refresh=True)
