@@ -72,6 +72,35 @@ class State:
         """A copy cut from the autograd graph (for truncated back-propagation through time)."""
         return dataclasses.replace(self, **{k: v.detach() for k, v in self.tensors().items()})
 
+    # -- rows (a state is a batch of sequences) ---------------------------------------------------
+    def rows(self, index: slice | torch.Tensor) -> "State":
+        """The state of rows ``index`` (a slice or an int64 index tensor) as a state of its own."""
+        if not isinstance(index, (slice, torch.Tensor)):
+            raise TypeError(f"index must be a slice or an index tensor (rows stay a batch), got {type(index).__name__}")
+        return dataclasses.replace(self, **{k: t[index] for k, t in self.tensors().items()})
+
+    @classmethod
+    def cat(cls, states: list["State"]) -> "State":
+        """States of one mixer stacked along their rows (a ragged batch when they sit at different
+        positions). Dimensions listed in ``variable_dims`` are zero-padded at their end to the
+        largest size; integer fields must agree."""
+        if not states or any(type(s) is not type(states[0]) for s in states):
+            raise StateError(f"states must be a non-empty list of one state type, got {[type(s).__name__ for s in states]}")
+        if any(s.scalars() != states[0].scalars() for s in states):
+            raise StateError(f"states to concatenate have different counters: {[s.scalars() for s in states]}")
+
+        def stack(name: str) -> torch.Tensor:
+            ts = [s.tensors()[name] for s in states]
+            size = [max(t.shape[d] for t in ts) for d in range(ts[0].dim())]
+            pads = []
+            for t in ts:
+                for d in cls.variable_dims.get(name, ()):
+                    grow = [0, 0] * (t.dim() - 1 - d) + [0, size[d] - t.shape[d]]
+                    t = torch.nn.functional.pad(t, grow)
+                pads.append(t)
+            return torch.cat(pads, dim=0)
+        return dataclasses.replace(states[0], **{k: stack(k) for k in states[0].tensors()})
+
     @classmethod
     def from_parts(cls, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> "State":
         """Rebuild a state from :meth:`tensors` and :meth:`scalars` output; absent fields are None."""

@@ -87,7 +87,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
         if seq_start is not None:
             lo = torch.maximum(lo, seq_start[:, t0:t0 + 1])
         j0 = int(torch.searchsorted(k_idx, lo).min())  # the first key any row of the block may see
-        j1 = int(torch.searchsorted(k_idx, qi[:, -1:], right=True).max())  # one past the last
+        j1 = int(torch.searchsorted(k_idx, qi[:, -1:].contiguous(), right=True).max())  # one past the last
         kj = k_idx[:, None, j0:j1]  # (B or 1, 1, Lb)
         mask = (kj <= qi[:, :, None]) & (kj >= min_key)  # (B or 1, Tq, Lb)
         if seq_start is not None:
