@@ -194,3 +194,25 @@ def test_prefix_cache_reads_a_prefix_once(tmp_path):
     torch.testing.assert_close(second.logits, whole.logits)
     other = rnnlab.build_model(layout="gated_deltanet,swa(window=8)", n_layers=2, d_model=32)
     assert rnnlab.PrefixCache(tmp_path / "cache", other).path(prefix) != cache.path(prefix)
+
+
+def test_a_loaded_kv_cache_decodes_like_the_saved_one(tmp_path):
+    """A full-attention cache is saved with its capacity (zeros past `seen`); the loaded state
+    decodes token by token (in place, without gradients) exactly as the original."""
+    model = _model()
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        _, state = model(tokens[:, :5])
+        assert state.layers[0].k.shape[2] == 8  # capacity 8 for 5 tokens
+        rnnlab.save_state(state, tmp_path / "s.safetensors", model=model)
+        loaded = rnnlab.load_state(tmp_path / "s.safetensors", model=model)
+        assert loaded.layers[0].seen.tolist() == [5, 5]
+        outs = {}
+        for name, s in (("saved", state), ("loaded", loaded)):
+            ys = []
+            for t in range(5, 16):  # past the capacity: the buffer doubles on the way
+                y, s = model(tokens[:, t:t + 1], s)
+                ys.append(y)
+            outs[name] = torch.cat(ys, 1)
+    torch.testing.assert_close(outs["loaded"], outs["saved"], atol=0, rtol=0)
+    torch.testing.assert_close(outs["saved"], model(tokens)[0][:, 5:], atol=1e-5, rtol=1e-5)
