@@ -84,7 +84,8 @@ class AttentionState(State):
     """KV cache of rotated keys with a position per row.
 
     Full attention: ``k[b, :, j]`` is the key of position j rotated by j, valid for j < seen[b];
-    the capacity C >= max(seen) doubles when full and slots past a row's ``seen`` are zeros.
+    the capacity C >= max(seen) doubles when full. Slots past a row's ``seen`` are zeros, or keys a
+    later state of the same buffer wrote in place; they are never attended to (see ``_write``).
     Window w: ``k[b, :, i]`` (i < w-1) is the key of position ``seen[b] - (w-1) + i`` rotated by that
     position (the last w-1 tokens, right-aligned), unused where that position is a sink or < 0.
     Sinks: ``sink_k[b, :, i]`` is the key of token i rotated by i, valid for i < seen[b].
