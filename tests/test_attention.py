@@ -8,6 +8,7 @@ from einops import rearrange
 
 from rnnlab.layers.attention import Attention, AttentionConfig
 from rnnlab.layers.common import apply_rope
+from rnnlab.layers.state import StateError
 from rnnlab.ops.attention import merge_attention, softmax_attention
 
 
@@ -158,3 +159,20 @@ def test_rotated_keys_stay_exact_at_large_positions():
     far_k = apply_rope(apply_rope(s.k, -torch.arange(2, 5), 10000.0), torch.arange(2, 5) + 10_000_000, 10000.0)
     far = dataclasses.replace(far, k=far_k)
     torch.testing.assert_close(m(x[:, 5:], far)[0], m(x[:, 5:], s)[0], atol=1e-9, rtol=1e-9)
+
+
+def test_state_rows_and_cat_round_trip_and_name_their_arguments():
+    """rows() takes rows out, cat() puts caches of different lengths back (padded with zeros);
+    bad arguments raise errors naming them."""
+    m = Attention(AttentionConfig(d_model=16, num_heads=2))
+    _, s = m(torch.randn(3, 5, 16))
+    _, longer = m(torch.randn(1, 11, 16))
+    both = type(s).cat([s.rows(slice(1, 2)), longer])
+    assert both.k.shape[2] == 16 and both.seen.tolist() == [5, 11]
+    torch.testing.assert_close(both.k[:1, :, :8], s.k[1:2])
+    assert both.k[:1, :, 8:].abs().sum() == 0
+    torch.testing.assert_close(both.rows(torch.tensor([1])).k, longer.k)
+    with pytest.raises(TypeError, match="index must be a slice or an index tensor"):
+        s.rows(0)
+    with pytest.raises(StateError, match="states must be a non-empty list of one state type"):
+        type(s).cat([])
