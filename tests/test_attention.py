@@ -1,4 +1,5 @@
 """Softmax attention against a direct transcription of its definition (StreamingLLM cache)."""
+import dataclasses
 import math
 
 import pytest
@@ -6,6 +7,8 @@ import torch
 from einops import rearrange
 
 from rnnlab.layers.attention import Attention, AttentionConfig
+from rnnlab.layers.common import apply_rope
+from rnnlab.layers.state import StateError
 from rnnlab.ops.attention import merge_attention, softmax_attention
 
 
@@ -66,7 +69,7 @@ def test_windowed_state_is_bounded_and_positions_stay_small():
     with torch.no_grad():
         for _ in range(5):
             _, s = m(torch.randn(1, 50, 16, dtype=torch.float64), s)
-    assert s.k.shape[2] == 7 and s.sink_k.shape[2] == 2 and s.seen == 250
+    assert s.k.shape[2] == 7 and s.sink_k.shape[2] == 2 and s.seen.tolist() == [250]
 
 
 def test_long_prefill_uses_blocks_and_matches_small_blocks():
@@ -98,3 +101,78 @@ def test_config_errors_name_the_field():
         AttentionConfig(d_model=16, num_heads=3, num_kv_heads=2, head_dim=4)
     with pytest.raises(ValueError, match="window"):
         AttentionConfig(d_model=16, num_heads=2, window=0)
+
+
+@pytest.mark.parametrize("opts", [dict(), dict(window=4, sinks=2), dict(num_kv_heads=1, window=3)])
+def test_ragged_batch_decodes_each_row_alone(opts):
+    """States after prompts of different lengths, concatenated (each row at its own position):
+    prefill and decode steps of the batch equal each row run alone."""
+    torch.manual_seed(0)
+    m = Attention(AttentionConfig(d_model=16, num_heads=2, **opts)).double()
+    prompts = [torch.randn(1, n, 16, dtype=torch.float64) for n in (1, 9, 4)]
+    alone = [m(p)[1] for p in prompts]
+    batch = type(alone[0]).cat(alone)
+    assert batch.seen.tolist() == [1, 9, 4]
+    x = torch.randn(3, 6, 16, dtype=torch.float64)
+    for piece in (x[:, :3], x[:, 3:4], x[:, 4:5], x[:, 5:]):
+        y, batch = m(piece, batch)
+        for b in range(3):
+            y_b, alone[b] = m(piece[b:b + 1], alone[b])
+            torch.testing.assert_close(y[b:b + 1], y_b, atol=1e-12, rtol=1e-12)
+    assert batch.seen.tolist() == [7, 15, 10]
+    for b in range(3):
+        for name, t in alone[b].tensors().items():
+            got = batch.tensors()[name][b:b + 1]
+            torch.testing.assert_close(got[:, :, :t.shape[2]] if got.dim() == 4 else got, t)
+
+
+def test_decode_writes_the_cache_in_place_and_a_reused_state_still_continues_alike():
+    """Without gradients a decode step writes its key into the full-attention buffer in place (no
+    copy of the cache); continuing an older state again copies it and gives the same answer."""
+    torch.manual_seed(0)
+    m = Attention(AttentionConfig(d_model=16, num_heads=2)).double()
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    with torch.no_grad():
+        _, s = m(x[:, :5])
+        assert s.k.shape[2] == 8  # capacity: the power of two above 5
+        y1, s1 = m(x[:, 5:6], s)
+        assert s1.k.data_ptr() == s.k.data_ptr()  # in place
+        y2, s2 = m(x[:, 6:7], s1)
+        y_other, _ = m(x[:, 7:8], s)  # the older state again: a copy, without s1's keys
+        y1_again, _ = m(x[:, 5:6], s)
+        _, s9 = m(x[:, 7:9], s2)  # grows past the capacity: doubled
+    ref, _ = m(x[:, :7])
+    torch.testing.assert_close(torch.cat([y1, y2], 1), ref[:, 5:7])
+    torch.testing.assert_close(y1_again, y1)
+    torch.testing.assert_close(y_other, m(torch.cat([x[:, :5], x[:, 7:8]], 1))[0][:, 5:])
+    assert s9.k.shape[2] == 16 and s9.seen.tolist() == [9]
+
+
+def test_rotated_keys_stay_exact_at_large_positions():
+    """A windowed stream far from its start (position ~1e7) attends as one near the start: the
+    sink and window keys are rotated once, with float64 angles, so only distances matter."""
+    torch.manual_seed(0)
+    m = Attention(AttentionConfig(d_model=16, num_heads=2, window=4, sinks=1)).double()
+    x = torch.randn(1, 9, 16, dtype=torch.float64)
+    _, s = m(x[:, :5])
+    far = dataclasses.replace(s, seen=s.seen + 10_000_000)  # same cache, 1e7 tokens later
+    far_k = apply_rope(apply_rope(s.k, -torch.arange(2, 5), 10000.0), torch.arange(2, 5) + 10_000_000, 10000.0)
+    far = dataclasses.replace(far, k=far_k)
+    torch.testing.assert_close(m(x[:, 5:], far)[0], m(x[:, 5:], s)[0], atol=1e-9, rtol=1e-9)
+
+
+def test_state_rows_and_cat_round_trip_and_name_their_arguments():
+    """rows() takes rows out, cat() puts caches of different lengths back (padded with zeros);
+    bad arguments raise errors naming them."""
+    m = Attention(AttentionConfig(d_model=16, num_heads=2))
+    _, s = m(torch.randn(3, 5, 16))
+    _, longer = m(torch.randn(1, 11, 16))
+    both = type(s).cat([s.select(slice(1, 2)), longer])
+    assert both.k.shape[2] == 16 and both.seen.tolist() == [5, 11]
+    torch.testing.assert_close(both.k[:1, :, :8], s.k[1:2])
+    assert both.k[:1, :, 8:].abs().sum() == 0
+    torch.testing.assert_close(both.select(torch.tensor([1])).k, longer.k)
+    with pytest.raises(TypeError, match="index must be a slice or an index tensor"):
+        s.select(0)
+    with pytest.raises(StateError, match="states must be a non-empty list of one state type"):
+        type(s).cat([])

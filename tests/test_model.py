@@ -1,5 +1,4 @@
 """The language model: layouts, forward contract, save/load, sampling, learning a copy task."""
-import dataclasses
 import json
 
 import pytest
@@ -168,7 +167,7 @@ def test_hgrn2_lower_bounds_rise_with_depth(tmp_path):
 
 @pytest.mark.parametrize("layout, lengths", [
     ("gated_deltanet,mamba(d_state=4),aaren,titans(chunk_size=4),mlp", [5, 1, 17, 9]),  # recurrent: any lengths
-    ("mamba2(d_state=8,head_dim=16),swa(window=4,sinks=1),attention", [6, 6, 6]),  # attention: equal lengths
+    ("mamba2(d_state=8,head_dim=16),swa(window=4,sinks=1),attention", [6, 1, 11, 3]),  # attention: any lengths
 ])
 def test_packed_model_equals_each_sequence_alone(layout, lengths):
     """model(tokens, state, cu_seqlens): the logits and final state rows of a packed row equal
@@ -177,21 +176,26 @@ def test_packed_model_equals_each_sequence_alone(layout, lengths):
     model = rnnlab.build_model(layout=layout, n_layers=5, d_model=32).double()
     cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
     tokens = torch.randint(0, 260, (1, sum(lengths)))
-    # per-sequence initial states: the states after different prompts (equal lengths: one `seen`)
-    prompts = torch.randint(0, 260, (len(lengths), 4))
-    _, s0 = model(prompts)
+    # per-sequence initial states: the states after prompts of different lengths (a ragged batch)
+    prompt_states = [model(torch.randint(0, 260, (1, 2 + 3 * n)))[1] for n in range(len(lengths))]
+    s0 = rnnlab.models.lm.ModelState(tuple(None if ls[0] is None else type(ls[0]).cat(list(ls))
+                                           for ls in zip(*(p.layers for p in prompt_states))),
+                                     max(p.seen for p in prompt_states))
     logits, s = model(tokens, s0, cu_seqlens=cu)
     assert s.seen == s0.seen + max(lengths)
+    finals = []
     for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
-        row = rnnlab.models.lm.ModelState(tuple(None if ls is None else dataclasses.replace(
-            ls, **{k: t[n:n + 1] for k, t in ls.tensors().items()}) for ls in s0.layers), s0.seen)
+        row = rnnlab.models.lm.ModelState(tuple(None if ls is None else ls.select(slice(n, n + 1))
+                                                for ls in s0.layers), s0.seen)
         want, s_n = model(tokens[:, a:b], row)
         torch.testing.assert_close(logits[:, a:b], want, rtol=1e-10, atol=1e-10)
-        for got_layer, want_layer in zip(s.layers, s_n.layers):
-            if got_layer is None:
-                continue
-            for k, t in want_layer.tensors().items():
-                torch.testing.assert_close(got_layer.tensors()[k][n:n + 1], t, rtol=1e-10, atol=1e-10)
+        finals.append(s_n)
+    for got_layer, want_rows in zip(s.layers, zip(*(f.layers for f in finals))):
+        if got_layer is None:
+            continue
+        want_layer = type(got_layer).cat(list(want_rows))  # caches of different lengths padded alike
+        for k, t in want_layer.tensors().items():
+            torch.testing.assert_close(got_layer.tensors()[k], t, rtol=1e-10, atol=1e-10)
 
 
 def test_packed_model_checks_cu_seqlens_and_state_rows():

@@ -197,9 +197,6 @@ SMALL_CHUNKS = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8,
                 "longhorn.time_chunk": 16, "gsa.chunk_size": 4, "gsa.block_size": 16, "lti.conv_chunk": 16,
                 "lti.scan_time_chunk": 16}
 LENGTHS = [3, 16, 1, 37, 8, 0, 5]
-# Attention's packed final state needs sequences of equal length (AttentionState has one `seen`):
-# three sequences longer than the sliding window of the tiny swa (8) plus its sinks (2).
-EQUAL_LENGTHS = [13, 13, 13]
 NAN_SEQ, NAN_AT = 3, 21  # a NaN in x at token 21 of the sequence of 37 tokens
 
 
@@ -209,32 +206,25 @@ def small_chunks():
         yield
 
 
-def _lengths(m) -> list[int]:
-    return EQUAL_LENGTHS if isinstance(m, rnnlab.layers.attention.Attention) else LENGTHS
-
-
 def _cu(lengths: list[int]) -> torch.Tensor:
     return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int64)
 
 
 def _state_rows(s: State, n: int) -> State:
     """Row n of a state (a state of batch 1)."""
-    return dataclasses.replace(s, **{k: t[n:n + 1] for k, t in s.tensors().items()})
+    return s.select(slice(n, n + 1))
 
 
 def _cat_states(states: list[State]) -> State:
-    """States of batch 1 (equal counters) stacked into one state of len(states) rows."""
-    assert all(s.scalars() == states[0].scalars() for s in states), "counters differ"
-    names = states[0].tensors().keys()
-    return dataclasses.replace(states[0], **{k: torch.cat([s.tensors()[k] for s in states]) for k in names})
+    """States of batch 1 stacked into one state of len(states) rows (a ragged batch)."""
+    return type(states[0]).cat(states)
 
 
 def _initial_states(m, lengths, g):
     """One random initial state per sequence (each after its own random prefix), as a state of
     len(lengths) rows whose floating tensors are leaves requiring grad; and those leaves."""
-    prefix = 6 if isinstance(m, rnnlab.layers.attention.Attention) else None  # one `seen` for all rows
     with torch.no_grad():
-        rows = [m(torch.randn(1, prefix or 2 + 3 * n, D, dtype=torch.float64, generator=g))[1]
+        rows = [m(torch.randn(1, 2 + 3 * n, D, dtype=torch.float64, generator=g))[1]
                 for n in range(len(lengths))]
     s0 = _cat_states(rows)
     leaves = {k: t.detach().clone().requires_grad_() for k, t in s0.tensors().items()
@@ -252,7 +242,7 @@ def test_packed_equals_separate(name, small_chunks):
     outputs, final states (one row per sequence) and the gradients of the inputs and of the
     initial states, in float64."""
     m = tiny(name)
-    lengths = _lengths(m)
+    lengths = LENGTHS
     cu = _cu(lengths)
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1, sum(lengths), D, dtype=torch.float64, generator=g, requires_grad=True)
@@ -287,8 +277,8 @@ def _run_with_nan(name):
     """The packed row with a NaN in x at token NAN_AT of sequence NAN_SEQ: (cu, position, clean
     outputs and state, outputs and state with the NaN)."""
     m = tiny(name)
-    lengths = _lengths(m)
-    seq, at = (NAN_SEQ, NAN_AT) if lengths is LENGTHS else (1, 7)
+    lengths = LENGTHS
+    seq, at = NAN_SEQ, NAN_AT
     cu = _cu(lengths)
     g = torch.Generator().manual_seed(12)
     x = torch.randn(1, sum(lengths), D, dtype=torch.float64, generator=g)
@@ -350,12 +340,3 @@ def test_bad_cu_seqlens_name_the_argument(name):
     _, s = m(torch.randn(3, 4, D, dtype=torch.float64))
     with pytest.raises(StateError, match="3 rows, but cu_seqlens holds N = 2 sequences"):
         m(x, s, cu_seqlens=torch.tensor([0, 3, 7]))
-
-
-@pytest.mark.parametrize("name", ["attention", "swa"])
-def test_attention_packs_equal_lengths_only(name):
-    """Attention's state (the KV cache) has one length for all rows: sequences of other lengths
-    raise a ValueError naming cu_seqlens and the lengths."""
-    m = tiny(name)
-    with pytest.raises(ValueError, match=r"cu_seqlens: Attention packs sequences of equal length only.*\[3, 4\]"):
-        m(torch.randn(1, 7, D, dtype=torch.float64), cu_seqlens=torch.tensor([0, 3, 7]))

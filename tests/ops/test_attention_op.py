@@ -91,3 +91,18 @@ def test_bad_cu_seqlens_name_the_argument():
     with pytest.raises(ValueError, match="B = 1"):
         softmax_attention(q.expand(2, -1, -1, -1), k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), idx, idx,
                           cu_seqlens=cu)
+
+
+def test_positions_per_row_equal_each_row_alone():
+    """q_idx (B, T) and k_idx (B, L): each row at its own positions (a ragged batch) attends as it
+    would alone, with a window and a first key, across several query blocks."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 8, dtype=torch.float64) for n in (9, 14, 14))
+    starts = torch.tensor([0, 5, 40])
+    q_idx = starts[:, None] + 5 + torch.arange(9)  # (3, 9)
+    k_idx = starts[:, None] + torch.arange(14)  # (3, 14)
+    o, lse = softmax_attention(q, k, v, q_idx, k_idx, window=6, min_key=3, block_size=4)
+    for b in range(3):
+        o_b, lse_b = softmax_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], q_idx[b], k_idx[b], window=6, min_key=3)
+        torch.testing.assert_close(o[b:b + 1], o_b)
+        torch.testing.assert_close(lse[b:b + 1], lse_b)

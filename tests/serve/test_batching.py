@@ -89,12 +89,12 @@ def test_a_finished_state_continues_like_a_stream():
     assert results["second"].text == TOK.decode([int(t[0]) for t in s.sample(6, 0.0)])
 
 
-def test_models_with_attention_decode_one_job_at_a_time():
+def test_models_with_attention_are_batched_too():
+    """Attention's KV cache rows sit at their own positions: a hybrid's jobs share the batch."""
     model = _model("gated_deltanet,attention")
     rows = _rows_per_step(model)
     results, left = {}, threading.Semaphore(0)
     engine = Engine(model, TOK.decode, eos_id=None, max_batch=8)
-    assert engine.max_batch == 1
     specs = [("", "one", 4), ("", "a longer prompt", 7), ("prefix! ", "x", 5)]
     for p, q, n in specs:
         engine.submit(_job(model, p, q, n, results, then=left.release))
@@ -102,7 +102,7 @@ def test_models_with_attention_decode_one_job_at_a_time():
     for _ in specs:
         assert left.acquire(timeout=60)
     engine.stop()
-    assert set(rows) == {1}
+    assert max(rows) > 1
     for p, q, n in specs:
         assert results[(p, q)].text == TOK.decode(_alone(model, p, q, n))
 

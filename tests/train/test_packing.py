@@ -17,7 +17,7 @@ def test_document_bounds():
     assert document_bounds(torch.tensor([[1, 2]]), EOD).tolist() == [0, 2]
 
 
-@pytest.mark.parametrize("layout", ["gated_deltanet,mamba2", "mlstm,gla"])
+@pytest.mark.parametrize("layout", ["gated_deltanet,mamba2", "mlstm,swa(window=4)", "attention,gla"])
 def test_packed_loss_equals_documents_alone(layout):
     torch.manual_seed(0)
     model = rnnlab.build_model(layout=layout, n_layers=2, d_model=32, vocab_size=16).double()
@@ -56,7 +56,7 @@ def test_trainer_trains_on_packed_documents(tmp_path):
     text.mkdir()
     for i in range(12):
         (text / f"{i}.txt").write_text(f"document {i}: " + "lorem ipsum dolor " * (5 + i))
-    res = main(["train", "--layout", "gated_deltanet,gla", "--n-layers", "2", "--d-model", "16",
+    res = main(["train", "--layout", "gated_deltanet,swa(window=8)", "--n-layers", "2", "--d-model", "16",
                 "--seq-len", "32", "--batch-size", "2", "--steps", "3", "--eval-every", "0", "--data", str(text),
                 "--packing", "documents", "--out", str(tmp_path / "run"), "--quiet"])
     assert res["step"] == 3 and res["val_bits"] > 0

@@ -10,13 +10,19 @@ heads (Ainslie et al. 2023). The state is the KV cache.
   Attention to the sinks and to the window is computed separately and merged by log-sum-exp, so a
   long prefill equals token-by-token streaming exactly (the chunking law).
 
-Packed rows (``cu_seqlens``): the sequences must have one length l (the KV cache has one length and
-one position for all its rows), and then run as the batch (N, l) they form: attention stays
-inside each sequence and RoPE positions restart at each (at the position of its initial state);
-other lengths raise a ValueError.
+Every row of the state has its own position (``seen``), so rows of a batch may sit at different
+positions (a ragged batch: states after prompts of different lengths, concatenated with
+:meth:`State.cat`), and packed rows (``cu_seqlens``) hold sequences of any lengths: they run as the
+ragged batch (N, longest) they form, each sequence continuing its own state row (RoPE positions
+restart at the position of that row) and ending in its own row.
 
-Keys are cached *before* rotation and rotated at each call with positions relative to the start of
-the cache, so positions stay bounded however long a windowed stream runs.
+Keys are cached *rotated*: a window key by its absolute position (so query-key angles depend only on
+the distance, as StreamingLLM's cache positions do), a sink key by its sink index. A call writes its
+new keys and attends; nothing cached is rotated again. Full attention keeps its keys in a buffer
+whose capacity doubles when full, and a state continued for the first time (the latest state of its
+buffer) without gradients writes into that buffer in place, so a decode step costs the attention
+itself plus O(1) bookkeeping; any other state (continued a second time, loaded, or carrying
+gradients) is first copied. Window keys are shifted (O(w) per call, bounded like the attention).
 
 Init follows Llama (Hugging Face ``LlamaPreTrainedModel._init_weights``): every projection N(0, 0.02),
 biases zero (the model, not the layer, would add a depth-dependent scale; rnnlab's layer does not).
@@ -75,15 +81,51 @@ class SWAConfig(AttentionConfig):
 
 @dataclass(frozen=True)
 class AttentionState(State):
-    """KV cache: un-rotated keys and values of the window (or of every token), the sinks, a counter."""
+    """KV cache of rotated keys with a position per row.
 
-    k: torch.Tensor  # (B, G, L, K) cached keys (tokens seen - L .. seen - 1, none of them a sink)
-    v: torch.Tensor  # (B, G, L, K) cached values
-    sink_k: torch.Tensor  # (B, G, min(seen, s), K) keys of the sink tokens
-    sink_v: torch.Tensor  # (B, G, min(seen, s), K)
-    seen: int  # tokens seen so far
+    Full attention: ``k[b, :, j]`` is the key of position j rotated by j, valid for j < seen[b];
+    the capacity C >= max(seen) doubles when full. Slots past a row's ``seen`` are zeros, or keys a
+    later state of the same buffer wrote in place; they are never attended to (see ``_write``).
+    Window w: ``k[b, :, i]`` (i < w-1) is the key of position ``seen[b] - (w-1) + i`` rotated by that
+    position (the last w-1 tokens, right-aligned), unused where that position is a sink or < 0.
+    Sinks: ``sink_k[b, :, i]`` is the key of token i rotated by i, valid for i < seen[b].
+    """
 
-    variable_dims = {"k": (2,), "v": (2,), "sink_k": (2,), "sink_v": (2,)}
+    k: torch.Tensor  # (B, G, C, K) rotated keys: C the capacity (full) or w-1 (window)
+    v: torch.Tensor  # (B, G, C, K) values beside them
+    sink_k: torch.Tensor  # (B, G, s, K) rotated keys of the sink tokens
+    sink_v: torch.Tensor  # (B, G, s, K)
+    seen: torch.Tensor  # (B,) int64 tokens seen by each row: the position of its next token
+
+    variable_dims = {"k": (2,), "v": (2,)}
+
+
+def _write(state: AttentionState, name: str, new: torch.Tensor, slot: torch.Tensor, write: torch.Tensor,
+           size: int) -> torch.Tensor:
+    """The buffer ``name`` (B, G, C, K) of ``state`` with ``new`` (B, G, T, K) written at slots
+    ``slot`` (B, T) where ``write`` (B, T) is True, at least ``size`` slots long. In place when
+    ``state`` is the latest state of that buffer, it is long enough and no gradient flows through it;
+    else into a copy (capacity doubled as needed, zeros past each row's ``seen``)."""
+    buf = getattr(state, name)
+    latest = state.__dict__.get("_versions", {}).get(name) == buf._version
+    if not (latest and size <= buf.shape[2] and buf.dtype == new.dtype and not (buf.requires_grad or new.requires_grad)):
+        C = buf.shape[2] if size <= buf.shape[2] else 1 << (size - 1).bit_length()
+        if not buf.requires_grad:  # only such buffers are written in place: past seen, another continuation's keys
+            mine = torch.arange(buf.shape[2], device=buf.device) < state.seen[:, None]  # (B, C_old) valid slots
+            buf = buf.masked_fill(~mine[:, None, :, None], 0.0)
+        buf = F.pad(buf.to(new.dtype), (0, 0, 0, C - buf.shape[2]))  # a copy (B, G, C, K)
+    b, t = write.nonzero(as_tuple=True)  # (M,) rows and tokens to write
+    buf[b, :, slot[b, t]] = new[b, :, t]  # (M, G, K)
+    return buf
+
+
+def _slots(buf: torch.Tensor, first: torch.Tensor, n: int) -> torch.Tensor:
+    """Slots ``first[b] .. first[b] + n - 1`` of each row b of ``buf`` (B, G, L, K) -> (B, G, n, K),
+    copied as whole K-vectors (one index_select; a gather over K is several times slower)."""
+    B, G, L, K = buf.shape
+    slot = first[:, None] + torch.arange(n, device=buf.device)  # (B, n)
+    rows = torch.arange(B * G, device=buf.device).view(B, G, 1) * L + slot[:, None, :]  # (B, G, n) rows of (B·G·L, K)
+    return buf.reshape(B * G * L, K).index_select(0, rows.reshape(-1)).view(B, G, n, K)
 
 
 class Attention(Mixer):
@@ -108,67 +150,72 @@ class Attention(Mixer):
 
     def init_state(self, batch_size, device=None, dtype=None) -> AttentionState:
         c = self.config
-        empty = lambda: torch.zeros(batch_size, c.num_kv_heads, 0, c.head_dim, device=device,  # noqa: E731
-                                    dtype=dtype or torch.float32)
-        return AttentionState(k=empty(), v=empty(), sink_k=empty(), sink_v=empty(), seen=0)
+        zeros = lambda L: torch.zeros(batch_size, c.num_kv_heads, L, c.head_dim, device=device,  # noqa: E731
+                                      dtype=dtype or torch.float32)
+        C = 0 if c.window is None else c.window - 1
+        return AttentionState(k=zeros(C), v=zeros(C), sink_k=zeros(c.sinks), sink_v=zeros(c.sinks),
+                              seen=torch.zeros(batch_size, dtype=torch.int64, device=device))
 
     def mix(self, x, state, cu_seqlens=None):
-        if cu_seqlens is not None:  # N packed sequences of one length l: the batch (N, l) they form
-            lengths = cu_seqlens.diff()  # (N,)
-            if (lengths != lengths[0]).any():
-                raise ValueError(f"cu_seqlens: {type(self).__name__} packs sequences of equal length only (its state, "
-                                 f"the KV cache, has one length and position for all rows); got lengths "
-                                 f"{lengths.tolist()}")
-            N, (_, T, D) = lengths.numel(), x.shape
-            y, state = self.mix(x.reshape(N, T // N, D), state)  # (N, l, D)
-            return y.reshape(1, T, D), state
+        if cu_seqlens is None:
+            return self._attend(x, state, None)
+        # N packed sequences: the ragged batch (N, l) they form, l the longest, zero-padded
+        cu = cu_seqlens.to(x.device)
+        lengths = cu.diff()  # (N,)
+        t = torch.arange(int(lengths.max()), device=x.device)  # (l,)
+        real = t < lengths[:, None]  # (N, l)
+        rows = torch.where(real[..., None], x[0, (cu[:-1, None] + t).clamp_max(x.shape[1] - 1)], 0.0)  # (N, l, D)
+        y, state = self._attend(rows, state, lengths)
+        return y[real][None], state  # (1, T, D)
+
+    def _attend(self, x, state, lengths):
+        """x (B, T, D) -> y (B, T, D), new state; row b holds ``lengths[b]`` real tokens (None: T),
+        the rest padding that is neither attended to nor cached."""
         c = self.config
         B, T, _ = x.shape
         if state is None:
             state = self.init_state(B, x.device, x.dtype)
-        n, s, w = state.seen, c.sinks, c.window
-        # 1. project; heads first as in SDPA
+        s, w, rep = c.sinks, c.window, c.num_heads // c.num_kv_heads
+        ar = torch.arange(T, device=x.device)
+        pos = state.seen[:, None] + ar  # (B, T) positions of the new tokens
+        real = (ar < (T if lengths is None else lengths[:, None])).expand(B, T)  # (B, T) real tokens
+        # 1. project; heads first as in SDPA; keys rotated once, by their position
         q = rearrange(self.q_proj(x), "b t (h k) -> b h t k", k=c.head_dim)  # (B, H, T, K)
         k = rearrange(self.k_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
         v = rearrange(self.v_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
-        # 2. the key buffer: cached window (absolute positions n-L .. n-1) then the new tokens
-        L = state.k.shape[2]
-        kb = torch.cat([state.k.to(k.dtype), k], dim=2)  # (B, G, L+T, K)
-        vb = torch.cat([state.v.to(v.dtype), v], dim=2)
-        idx = torch.arange(n - L, n + T, device=x.device)  # (L+T,) absolute positions
-        q_idx = idx[L:]
-        rel = idx - (n - L)  # RoPE positions relative to the start of the buffer
-        qr = apply_rope(q, rel[L:], c.rope_theta)
-        kr = apply_rope(kb, rel, c.rope_theta).repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
-        vr = vb.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)  # (B, H, L+T, K)
-        # 3. attend
-        if w is None:  # full causal attention: SDPA (flash-style kernel)
-            mask = None if L == 0 else (idx[None, :] <= q_idx[:, None])  # (T, L+T)
-            o = F.scaled_dot_product_attention(qr, kr, vr, attn_mask=mask, is_causal=(L == 0 and T > 1))
-        else:
-            o, lse = softmax_attention(qr, kr, vr, q_idx, idx, window=w, min_key=s)
+        qr, k = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
+        count = real.sum(dim=1)  # (B,) real tokens per row
+        seen = state.seen + count  # (B,)
+        # 2. attend; the new cache
+        if w is None:  # full causal attention over the buffer of slots = positions: SDPA
+            L = int(seen.max())
+            new_k = _write(state, "k", k, pos, real, L)  # (B, G, C, K)
+            new_v = _write(state, "v", v, pos, real, L)
+            fresh = int(state.seen.max()) == 0  # no cached token: the mask is the causal one
+            mask = None if fresh else (torch.arange(L, device=x.device) <= pos[..., None])[:, None]  # (B, 1, T, L)
+            o = F.scaled_dot_product_attention(qr, new_k[:, :, :L], new_v[:, :, :L], attn_mask=mask,
+                                               is_causal=fresh and T > 1, enable_gqa=True)
+            sink_k, sink_v = state.sink_k, state.sink_v
+        else:  # the cached window, then the new tokens: their positions per row
+            W = w - 1
+            kb = torch.cat([state.k.to(k.dtype), k], dim=2)  # (B, G, W+T, K)
+            vb = torch.cat([state.v.to(v.dtype), v], dim=2)
+            k_idx = torch.cat([state.seen[:, None] - W + torch.arange(W, device=x.device), pos], dim=1)  # (B, W+T)
+            o, lse = softmax_attention(qr, kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1),
+                                       pos, k_idx, window=w, min_key=s)
+            sink_k, sink_v = state.sink_k, state.sink_v
             if s:  # sinks at their own cache positions, merged by log-sum-exp
-                sk = torch.cat([state.sink_k.to(k.dtype), k[:, :, : max(0, s - n)]], dim=2)  # (B, G, m, K)
-                sv = torch.cat([state.sink_v.to(v.dtype), v[:, :, : max(0, s - n)]], dim=2)
-                s_idx = torch.arange(sk.shape[2], device=x.device)
-                q_pos = torch.clamp(q_idx, max=s + w - 1)
-                qs = apply_rope(q, q_pos, c.rope_theta)
-                ks = apply_rope(sk, s_idx, c.rope_theta).repeat_interleave(c.num_heads // c.num_kv_heads, dim=1)
-                o_s, lse_s = softmax_attention(qs, ks, sv.repeat_interleave(c.num_heads // c.num_kv_heads, dim=1),
-                                               q_idx, s_idx)
+                sink = real & (pos < s)  # (B, T) new tokens that are sinks
+                sink_k = _write(state, "sink_k", k, pos, sink, s)  # sink i rotated by i = its position
+                sink_v = _write(state, "sink_v", v, pos, sink, s)
+                qs = apply_rope(q, pos.clamp(max=s + w - 1), c.rope_theta)
+                o_s, lse_s = softmax_attention(qs, sink_k.repeat_interleave(rep, dim=1),
+                                               sink_v.repeat_interleave(rep, dim=1), pos,
+                                               torch.arange(s, device=x.device))
                 o, _ = merge_attention(o, lse, o_s, lse_s)
             o = o.to(q.dtype)
+            new_k, new_v = _slots(kb, count, W), _slots(vb, count, W)  # the last W slots of each row
         y = self.o_proj(rearrange(o, "b h t k -> b t (h k)"))  # (B, T, D)
-        # 4. the new cache
-        if w is None:
-            new_k, new_v = kb, vb
-        else:
-            first = max(s, n + T - (w - 1))  # keep the last w-1 non-sink tokens
-            start = min(max(first - (n - L), 0), L + T)
-            new_k, new_v = kb[:, :, start:], vb[:, :, start:]
-        if s and n < s:
-            new_sk = torch.cat([state.sink_k.to(k.dtype), k[:, :, : s - n]], dim=2)
-            new_sv = torch.cat([state.sink_v.to(v.dtype), v[:, :, : s - n]], dim=2)
-        else:
-            new_sk, new_sv = state.sink_k, state.sink_v
-        return y, AttentionState(k=new_k, v=new_v, sink_k=new_sk, sink_v=new_sv, seen=n + T)
+        new = AttentionState(k=new_k, v=new_v, sink_k=sink_k, sink_v=sink_v, seen=seen)
+        object.__setattr__(new, "_versions", {n: t._version for n, t in new.tensors().items()})  # see _write
+        return y, new

@@ -93,11 +93,13 @@ class ShortConv(nn.Module):
 
 
 def apply_rope(x: torch.Tensor, pos: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
-    """Rotary position embedding (rotate-half convention) of x (B, H, T, K) at positions pos (T,)."""
+    """Rotary position embedding (rotate-half convention) of x (B, H, T, K) at integer positions
+    pos (T,) or, one per row, (B, T). Angles are computed in float64 (exact for large positions)."""
     K, acc = x.shape[-1], torch.promote_types(x.dtype, torch.float32)
-    inv_freq = theta ** (-torch.arange(0, K, 2, device=x.device, dtype=acc) / K)  # (K/2,)
-    ang = pos.to(acc)[:, None] * inv_freq[None, :]  # (T, K/2)
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)  # (T, K)
+    inv_freq = theta ** (-torch.arange(0, K, 2, device=x.device, dtype=torch.float64) / K)  # (K/2,)
+    ang = pos.to(torch.float64)[..., None] * inv_freq  # (T, K/2) or (B, T, K/2)
+    ang = ang if pos.dim() == 1 else ang[:, None]  # (T, K/2) or (B, 1, T, K/2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1).to(acc), torch.cat([ang.sin()] * 2, -1).to(acc)  # (.., T, K)
     x1, x2 = x.to(acc).chunk(2, dim=-1)
     rot = torch.cat([-x2, x1], dim=-1)
     return (x.to(acc) * cos + rot * sin).to(x.dtype)

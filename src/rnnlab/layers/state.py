@@ -72,24 +72,16 @@ class State:
         """A copy cut from the autograd graph (for truncated back-propagation through time)."""
         return dataclasses.replace(self, **{k: v.detach() for k, v in self.tensors().items()})
 
-    @classmethod
-    def from_parts(cls, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> "State":
-        """Rebuild a state from :meth:`tensors` and :meth:`scalars` output; absent fields are None."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = (set(tensors) | set(scalars)) - names
-        if unknown:
-            raise StateError(f"{cls.__name__} has no field(s) {sorted(unknown)}; fields are {sorted(names)}")
-        kw = {n: None for n in names}
-        kw.update(tensors)
-        kw.update(scalars)
-        return cls(**kw)
-
-    # -- rows ----------------------------------------------------------------------------------
+    # -- rows (a state is a batch of sequences) ---------------------------------------------------
     def select(self, rows: "torch.Tensor | list[int] | slice") -> "State":
-        """The state of the sequences ``rows`` (indices along the batch dimension, or a slice)."""
-        pick = (lambda t: t[rows]) if isinstance(rows, slice) else (
-            lambda t: t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device)))
-        return dataclasses.replace(self, **{k: pick(v) for k, v in self.tensors().items()})
+        """The state of the sequences ``rows`` (a slice, or batch indices as a list or an int64
+        tensor) as a state of its own; rows stay a batch, so a single int is refused."""
+        if isinstance(rows, slice):
+            return dataclasses.replace(self, **{k: t[rows] for k, t in self.tensors().items()})
+        if not isinstance(rows, (torch.Tensor, list, tuple)) or isinstance(rows, torch.Tensor) and rows.dim() != 1:
+            raise TypeError(f"index must be a slice or an index tensor (rows stay a batch), got {type(rows).__name__}")
+        pick = lambda t: t.index_select(0, torch.as_tensor(rows, dtype=torch.long, device=t.device))  # noqa: E731
+        return dataclasses.replace(self, **{k: pick(t) for k, t in self.tensors().items()})
 
     def split(self, sizes: int | list[int] = 1) -> list["State"]:
         """The state cut along the batch into pieces of ``sizes`` rows (an int: equal pieces)."""
@@ -102,23 +94,38 @@ class State:
         return [self.select(b) for b in bounds]
 
     @classmethod
-    def cat(cls, states: "list[State]") -> "State":
-        """One state whose rows are those of ``states`` in order (same class, same shapes but the
-        batch; integer fields, such as a shared position, must agree)."""
-        if not states:
-            raise StateError("State.cat needs at least one state")
-        first = states[0]
-        for i, st in enumerate(states):
-            if type(st) is not type(first):
-                raise StateError(f"State.cat: state {i} is a {type(st).__name__}, state 0 a {type(first).__name__}")
-            if st.scalars() != first.scalars():
-                raise StateError(f"State.cat: state {i} has {st.scalars()}, state 0 {first.scalars()}; "
-                                 f"{type(first).__name__} rows must share these to share a batch")
-        try:
-            tensors = {k: torch.cat([st.tensors()[k] for st in states]) for k in first.tensors()}
-        except RuntimeError as e:
-            raise StateError(f"State.cat: the {type(first).__name__} states differ in shape beyond the batch ({e})") from None
-        return dataclasses.replace(first, **tensors)
+    def cat(cls, states: list["State"]) -> "State":
+        """States of one mixer stacked along their rows (a ragged batch when they sit at different
+        positions). Dimensions listed in ``variable_dims`` are zero-padded at their end to the
+        largest size; integer fields must agree."""
+        if not states or any(type(s) is not type(states[0]) for s in states):
+            raise StateError(f"states must be a non-empty list of one state type, got {[type(s).__name__ for s in states]}")
+        if any(s.scalars() != states[0].scalars() for s in states):
+            raise StateError(f"states to concatenate have different counters: {[s.scalars() for s in states]}")
+
+        def stack(name: str) -> torch.Tensor:
+            ts = [s.tensors()[name] for s in states]
+            size = [max(t.shape[d] for t in ts) for d in range(ts[0].dim())]
+            pads = []
+            for t in ts:
+                for d in cls.variable_dims.get(name, ()):
+                    grow = [0, 0] * (t.dim() - 1 - d) + [0, size[d] - t.shape[d]]
+                    t = torch.nn.functional.pad(t, grow)
+                pads.append(t)
+            return torch.cat(pads, dim=0)
+        return dataclasses.replace(states[0], **{k: stack(k) for k in states[0].tensors()})
+
+    @classmethod
+    def from_parts(cls, tensors: dict[str, torch.Tensor], scalars: dict[str, int]) -> "State":
+        """Rebuild a state from :meth:`tensors` and :meth:`scalars` output; absent fields are None."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = (set(tensors) | set(scalars)) - names
+        if unknown:
+            raise StateError(f"{cls.__name__} has no field(s) {sorted(unknown)}; fields are {sorted(names)}")
+        kw = {n: None for n in names}
+        kw.update(tensors)
+        kw.update(scalars)
+        return cls(**kw)
 
     def check_like(self, ref: "State", where: str = "state") -> None:
         """Raise :class:`StateError` unless this state has the type and shapes of ``ref``

@@ -81,7 +81,8 @@ class ModelState:
     """The state of a whole model: one state per block (None for MLP-only blocks) and a counter."""
 
     layers: tuple[State | None, ...]
-    seen: int  # tokens seen so far (after a packed call: by its longest sequence)
+    seen: int  # tokens seen so far by the longest row (packed calls and ragged batches: rows differ;
+    # attention layers keep each row's position in their state)
 
     @property
     def nbytes(self) -> int:

@@ -22,14 +22,14 @@ __all__ = ["softmax_attention", "merge_attention"]
 
 
 def _attend_block(q, k, v, mask, scale):
-    """Masked attention of one query block with its log-sum-exp. mask (Tq, L) True = allowed, a
-    contiguous range of keys per query (keys sorted by position, every bound an interval)."""
+    """Masked attention of one query block with its log-sum-exp. mask (B or 1, Tq, L) True = allowed,
+    a contiguous range of keys per query (keys sorted by position, every bound an interval)."""
     acc = torch.promote_types(q.dtype, torch.float32)
+    B, H, Tq, _ = q.shape
     if k.shape[2] == 0:  # no key in reach of this block
-        B, H, Tq, _ = q.shape
         return q.new_zeros(B, H, Tq, v.shape[-1], dtype=acc), q.new_full((B, H, Tq), float("-inf"), dtype=acc)
     s = torch.einsum("bhtk,bhlk->bhtl", q.to(acc), k.to(acc)) * scale  # (B, H, Tq, L)
-    s = s.masked_fill(~mask, float("-inf"))
+    s = s.masked_fill(~mask[:, None], float("-inf"))
     m = s.amax(dim=-1, keepdim=True)  # (B, H, Tq, 1); -inf where no key is allowed
     m = m.masked_fill(torch.isinf(m), 0.0).detach()
     p = torch.exp(s - m)  # masked scores give exactly 0
@@ -38,11 +38,11 @@ def _attend_block(q, k, v, mask, scale):
     v = v.to(acc)
     bad = ~torch.isfinite(v)  # (B, H, L, V)
     o = torch.einsum("bhtl,bhlv->bhtv", p, v.masked_fill(bad, 0.0)) / den.clamp_min(1e-30).unsqueeze(-1)
-    first = mask.int().argmax(dim=-1)  # (Tq,) the first allowed key
-    last = first + mask.sum(dim=-1)  # (Tq,) one past the last allowed key
+    first = mask.int().argmax(dim=-1)  # (B or 1, Tq) the first allowed key
+    last = first + mask.sum(dim=-1)  # (B or 1, Tq) one past the last allowed key
     n_bad = torch.cat([torch.zeros_like(bad[..., :1, :], dtype=torch.long), bad.long().cumsum(dim=-2)], dim=-2)
-    seen_bad = (n_bad.index_select(-2, last) - n_bad.index_select(-2, first)) > 0  # (B, H, Tq, V)
-    o = o.masked_fill(seen_bad, float("nan"))  # (B, H, Tq, V)
+    at = lambda i: n_bad.gather(-2, i[:, None, :, None].expand(B, H, Tq, v.shape[-1]))  # noqa: E731
+    o = o.masked_fill((at(last) - at(first)) > 0, float("nan"))  # (B, H, Tq, V)
     lse = torch.where(den > 0, torch.log(den.clamp_min(1e-30)) + m.squeeze(-1), float("-inf"))
     return o, lse
 
@@ -60,7 +60,9 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
 
     Args:
         q: (B, H, T, K) queries; k: (B, H, L, K) keys; v: (B, H, L, V) values.
-        q_idx: (T,) increasing absolute positions of the queries; k_idx: (L,) increasing, of the keys.
+        q_idx: (T,) or, one per row, (B, T) increasing absolute positions of the queries;
+            k_idx: (L,) or (B, L) increasing, of the keys (rows of a batch may sit at different
+            positions: a ragged batch).
         cu_seqlens: None, or int64 (N + 1,) cumulative lengths of N sequences packed in one row
             (B = 1) over positions 0 .. q_idx[-1]: a query also needs ``k_idx[j] >= cu_seqlens[n]``
             for its sequence n (block-diagonal causal attention).
@@ -70,25 +72,28 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, H, T, _ = q.shape
-    seq_start = None  # (T,) the first position of each query's sequence
+    rows = B if q_idx.dim() == 2 or k_idx.dim() == 2 else 1
+    q_idx = q_idx.expand(rows, T)  # (B or 1, T)
+    k_idx = k_idx.expand(rows, k_idx.shape[-1]).contiguous()  # (B or 1, L)
+    seq_start = None  # (1, T) the first position of each query's sequence
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, B, int(q_idx[-1]) + 1 if T else 0)
+        check_cu_seqlens(cu_seqlens, B, int(q_idx[0, -1]) + 1 if T else 0)
         cu = cu_seqlens.to(q_idx.device)
         seq_start = cu[torch.searchsorted(cu, q_idx, right=True) - 1]
     outs, lses = [], []
     for t0 in range(0, T, block_size):
-        qi = q_idx[t0:t0 + block_size]  # (Tq,)
-        lo = max(int(qi[0]) - window + 1, min_key) if window is not None else min_key
+        qi = q_idx[:, t0:t0 + block_size]  # (B or 1, Tq)
+        lo = torch.full_like(qi[:, :1], min_key) if window is None else (qi[:, :1] - window + 1).clamp_min(min_key)
         if seq_start is not None:
-            lo = max(lo, int(seq_start[t0]))
-        j0 = int(torch.searchsorted(k_idx, torch.tensor(lo, device=k_idx.device)))
-        j1 = int(torch.searchsorted(k_idx, qi[-1:], right=True))
-        kj = k_idx[j0:j1]  # (Lb,)
-        mask = (kj[None, :] <= qi[:, None]) & (kj[None, :] >= min_key)  # (Tq, Lb)
+            lo = torch.maximum(lo, seq_start[:, t0:t0 + 1])
+        j0 = int(torch.searchsorted(k_idx, lo).min())  # the first key any row of the block may see
+        j1 = int(torch.searchsorted(k_idx, qi[:, -1:].contiguous(), right=True).max())  # one past the last
+        kj = k_idx[:, None, j0:j1]  # (B or 1, 1, Lb)
+        mask = (kj <= qi[:, :, None]) & (kj >= min_key)  # (B or 1, Tq, Lb)
         if seq_start is not None:
-            mask &= kj[None, :] >= seq_start[t0:t0 + block_size, None]
+            mask &= kj >= seq_start[:, t0:t0 + block_size, None]
         if window is not None:
-            mask &= (qi[:, None] - kj[None, :]) < window
+            mask &= (qi[:, :, None] - kj) < window
         o, lse = _attend_block(q[:, :, t0:t0 + block_size], k[:, :, j0:j1], v[:, :, j0:j1], mask, scale)
         outs.append(o)
         lses.append(lse)

@@ -9,9 +9,8 @@ row is sampled with its own settings and generator, so a job's tokens are those 
 alone (:meth:`rnnlab.Stream.sample`: each sampled token is fed back, so a finished job's state
 covers every token of its answer).
 
-Ragged rows need every mixer to keep a state per row at its own position. Models with mixers
-that are not recurrent (attention, sliding-window attention: one cache position for all rows)
-are decoded one job at a time: the batch holds at most one row and the other jobs wait.
+Ragged rows need every mixer to keep a state per row at its own position: recurrent states do by
+nature, and attention's KV cache keeps a position per row (its rows are padded to the longest).
 """
 from __future__ import annotations
 
@@ -25,7 +24,7 @@ import torch
 from ..inference.generate import Stream, sample_next
 from ..models.lm import LM, ModelState
 
-__all__ = ["Job", "Result", "Engine", "batch_limit"]
+__all__ = ["Job", "Result", "Engine"]
 
 
 @dataclass
@@ -78,13 +77,6 @@ class Job:
         return end - held
 
 
-def batch_limit(model: LM, max_batch: int) -> int:
-    """Rows the engine may decode together: ``max_batch`` when every mixer of ``model`` is
-    recurrent (its state rows can sit at different positions), else 1."""
-    recurrent = all(b.mixer is None or b.mixer.recurrent for b in model.blocks)
-    return max_batch if recurrent else 1
-
-
 class Engine:
     """Decodes :class:`Job` s submitted from any thread, ``max_batch`` rows at a time, in one
     background thread (:meth:`start`, :meth:`stop`). ``decode`` turns token ids into text and
@@ -92,7 +84,7 @@ class Engine:
 
     def __init__(self, model: LM, decode: Callable[[list[int]], str], eos_id: int | None, max_batch: int):
         self.model, self.decode, self.eos_id = model, decode, eos_id
-        self.max_batch = batch_limit(model, max_batch)
+        self.max_batch = max_batch
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
