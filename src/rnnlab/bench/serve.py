@@ -20,6 +20,7 @@ Prints a table, writes JSON (default ``runs/bench/serve.json``) and ends with on
 """
 from __future__ import annotations
 
+import itertools
 import random
 import string
 import tempfile
@@ -110,15 +111,17 @@ def crash_check(model_dir: str | Path, workdir: str | Path, sessions: int = 4, k
                 max_tokens: int = 6, timeout: float = 45.0) -> dict:
     """Kill a server with SIGKILL in the middle of session turns and check the sessions after a restart.
 
-    ``sessions`` threads each take turns on their own session; after each completed turn the
-    client records the session's token count, forks the session and asks the fork for a greedy
-    continuation. Once ``kill_after`` turns have completed, the server is killed while the others
-    are in flight, and a new server is started on the same sessions directory (``workdir``/sessions).
-    Every session that completed a turn is then checked: its token count is the one recorded
-    (``exact``, and its greedy continuation must equal the fork's) or, when the kill came after the
-    server stored a turn but before the client read the answer, that turn's tokens more
-    (``answer_lost``); every state file left in the directory must load. Returns the counts and
-    the list of ``problems`` (empty when everything held)."""
+    ``sessions`` threads each take turns on their own session. After each completed turn the
+    client records the session's token count and forks the session twice: the first fork keeps
+    the state as it was (a snapshot), the second is asked for a greedy continuation. Once
+    ``kill_after`` turns have completed, the server is killed while other requests are in flight,
+    and a new server is started on the same sessions directory (``workdir``/sessions). Every
+    session that completed a turn is then checked against its last snapshot: it must have the
+    token count the client recorded, and continue exactly as the fork did (``exact``); or, when the
+    kill came after the server stored a turn but before the client recorded it (``answer_lost``),
+    it must equal its snapshot after that turn is replayed on it. Every state file
+    left in the directory must load. Returns the counts and the list of ``problems`` (empty when
+    everything held)."""
     import httpx
 
     from ..inference.state_io import load_state
@@ -126,36 +129,44 @@ def crash_check(model_dir: str | Path, workdir: str | Path, sessions: int = 4, k
     from ..serve.launch import ServerProcess
     sessions_dir = Path(workdir) / "sessions"
     follow = {"prompt": " and so", "max_tokens": max_tokens, "temperature": 0}
-    record: dict[str, dict] = {}  # session id -> seen, the fork's continuation, the turn in flight
-    completed, enough, stop_traffic = [0], threading.Event(), threading.Event()
+    record: dict[str, dict] = {}  # session id -> tokens seen, snapshot fork, its continuation, the turn in flight
+    problems: list[str] = []
+    completed, enough, killed = [0], threading.Event(), threading.Event()
     lock = threading.Lock()
     deadline = time.monotonic() + timeout
 
     def turns(i: int, url: str) -> None:
         with httpx.Client(base_url=url, timeout=timeout) as http:
+            def post(path: str, body: dict) -> dict:
+                r = http.post(path, json=body)
+                r.raise_for_status()
+                return r.json()
             try:
-                made = http.post("/v1/sessions", json={"prefix": f"conversation {i}: "}).json()
+                made = post("/v1/sessions", {"prefix": f"conversation {i}: "})
                 sid, seen = made["id"], made["tokens_seen"]
-                for k in range(1000):
-                    if stop_traffic.is_set() or time.monotonic() > deadline:
+                for k in itertools.count():
+                    if killed.is_set() or time.monotonic() > deadline:
                         return
                     prompt = f" turn {k} of {i}"
                     with lock:
-                        record.setdefault(sid, {"seen": seen, "continuation": None})["in_flight"] = len(prompt)
-                    r = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens,
-                                                           "temperature": 0, "session": sid}).json()
-                    seen += r["usage"]["total_tokens"]
-                    fork = http.post("/v1/sessions", json={"fork": sid}).json()["id"]
-                    text = http.post("/v1/completions", json={**follow, "session": fork}).json()["choices"][0]["text"]
+                        if sid in record:
+                            record[sid]["in_flight"] = prompt
+                    seen += post("/v1/completions", {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                                     "session": sid})["usage"]["total_tokens"]
+                    snapshot = post("/v1/sessions", {"fork": sid})["id"]
+                    probe = post("/v1/sessions", {"fork": snapshot})["id"]
+                    text = post("/v1/completions", {**follow, "session": probe})["choices"][0]["text"]
                     with lock:
-                        record[sid] = {"seen": seen, "continuation": text, "in_flight": 0}
+                        record[sid] = {"seen": seen, "snapshot": snapshot, "continuation": text, "in_flight": None}
                         completed[0] += 1
                         if completed[0] >= kill_after:
                             enough.set()
-            except (httpx.TransportError, KeyError, ValueError):
+            except httpx.TransportError:
                 return  # the server went away under this client
+            except httpx.HTTPStatusError as e:
+                if not killed.is_set():
+                    problems.append(f"client {i}: {e.response.status_code} {e.response.text[:200]}")
 
-    problems: list[str] = []
     threads: list[threading.Thread] = []
     try:
         with ServerProcess(model_dir, sessions_dir) as first:
@@ -164,31 +175,43 @@ def crash_check(model_dir: str | Path, workdir: str | Path, sessions: int = 4, k
                 t.start()
             if not enough.wait(timeout):
                 problems.append(f"only {completed[0]} turns completed in {timeout:.0f} s")
-            first.kill()  # in the middle of the other sessions' turns
+            killed.set()
+            first.kill()  # in the middle of the other sessions' requests
     finally:
-        stop_traffic.set()
+        killed.set()
         for t in threads:
             t.join()
     exact = answer_lost = 0
     with ServerProcess(model_dir, sessions_dir) as second, httpx.Client(base_url=second.url, timeout=timeout) as http:
+        def seen_by(sid: str) -> int | None:
+            r = http.get(f"/v1/sessions/{sid}")
+            return r.json()["tokens_seen"] if r.status_code == 200 else None
+
+        def continuation(sid: str) -> str:
+            return http.post("/v1/completions", json={**follow, "session": sid}).json()["choices"][0]["text"]
+
+        def replayed(rec: dict) -> int | None:
+            """The snapshot's token count after the turn that was in flight is replayed on it."""
+            http.post("/v1/completions", json={"prompt": rec["in_flight"], "max_tokens": max_tokens,
+                                               "temperature": 0, "session": rec["snapshot"]})
+            return seen_by(rec["snapshot"])
+
         for sid, rec in record.items():
-            if rec["continuation"] is None:
-                continue  # killed before its first turn completed: nothing was promised
-            info = http.get(f"/v1/sessions/{sid}")
-            if info.status_code != 200:
-                problems.append(f"session {sid}: {info.status_code} after the restart")
+            seen = seen_by(sid)
+            if seen is None:
+                problems.append(f"session {sid}: gone after the restart")
                 continue
-            seen = info.json()["tokens_seen"]
             if seen == rec["seen"]:
-                r = http.post("/v1/completions", json={**follow, "session": sid}).json()
                 exact += 1
-                if r["choices"][0]["text"] != rec["continuation"]:
-                    problems.append(f"session {sid}: continues with {r['choices'][0]['text']!r}, its fork "
-                                    f"did with {rec['continuation']!r}")
-            elif rec["in_flight"] and rec["seen"] < seen <= rec["seen"] + rec["in_flight"] + max_tokens:
+                expected = rec["continuation"]
+            elif rec["in_flight"] is not None and replayed(rec) == seen:  # stored, but the answer was lost
                 answer_lost += 1
+                expected = continuation(rec["snapshot"])
             else:
                 problems.append(f"session {sid}: {seen} tokens after the restart, the client counted {rec['seen']}")
+                continue
+            if (got := continuation(sid)) != expected:
+                problems.append(f"session {sid}: continues with {got!r}, its fork did with {expected!r}")
     model = load_model(model_dir)
     files = [p for p in sessions_dir.iterdir() if not p.name.startswith(".tmp-")]
     for path in files:
@@ -197,8 +220,8 @@ def crash_check(model_dir: str | Path, workdir: str | Path, sessions: int = 4, k
         except Exception as e:  # noqa: BLE001  (any failure to load is a torn file)
             problems.append(f"{path.name}: does not load ({type(e).__name__}: {e})")
     return {"turns_completed": completed[0], "sessions_checked": exact + answer_lost, "exact": exact,
-            "answer_lost": answer_lost, "files": len(files),
-            "temp_files": sum(1 for p in sessions_dir.iterdir() if p.name.startswith(".tmp-")), "problems": problems}
+            "answer_lost": answer_lost, "files": len(files), "temp_files": len(list(sessions_dir.iterdir())) - len(files),
+            "problems": problems}
 
 
 def _crash_main(a) -> list[dict]:
