@@ -4,7 +4,7 @@
 own process group on 127.0.0.1 (``P`` is a free port found by binding port 0), waits until
 ``/health`` answers, and always stops the whole group: SIGTERM, then SIGKILL if it has not exited
 after a few seconds. :meth:`ServerProcess.kill` is SIGKILL at once (a crash). The server's output
-goes to a log file whose tail is quoted when it fails to start.
+goes to a temporary file whose end is quoted when it fails to start.
 """
 from __future__ import annotations
 
@@ -54,28 +54,28 @@ class ServerProcess:
         self._log = tempfile.TemporaryFile()
         cmd = [sys.executable, "-m", "rnnlab", "serve", "--model", self.model_dir, "--host", HOST,
                "--port", str(self.port), "--sessions-dir", self.sessions_dir, *self.extra]
+        package_root = str(Path(__file__).resolve().parents[2])  # the child runs this very rnnlab
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # its own process group: stopped as a whole
+                                     env=env, start_new_session=True)  # its own process group: stopped as a whole
         deadline = time.monotonic() + self.start_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.stop()
-                raise RuntimeError(f"rnnlab serve exited with status {self.proc.returncode}: {self.log_tail()}")
+                self._fail(f"rnnlab serve exited with status {self.proc.returncode}")
             try:
                 if httpx.get(self.url + "/health", timeout=1.0).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
             time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"rnnlab serve did not answer /health within {self.start_timeout:.0f} s: {self.log_tail()}")
+        self._fail(f"rnnlab serve did not answer /health within {self.start_timeout:.0f} s")
 
-    def log_tail(self, chars: int = 400) -> str:
-        """The end of the server's output, on one line."""
-        if self._log is None:
-            return ""
+    def _fail(self, why: str) -> None:
+        """Stop the server that did not start, and raise RuntimeError with the end of its output."""
         self._log.seek(0)
-        return " ".join(self._log.read().decode(errors="replace").split())[-chars:]
+        tail = " ".join(self._log.read().decode(errors="replace").split())[-400:]
+        self.stop()
+        raise RuntimeError(f"{why}: {tail}")
 
     def _signal_group(self, sig: int) -> None:
         try:
@@ -100,11 +100,12 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 pass
         self.kill()  # also whatever the server started in its group
+        if self._log is not None:
+            self._log.close()
+            self._log = None
 
     def __enter__(self) -> "ServerProcess":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-        if self._log is not None:
-            self._log.close()
