@@ -57,7 +57,8 @@ def test_session_resumed_after_a_restart(live_server):
     client = _client(first)
     http = httpx.Client(base_url=first.url, headers=AUTH)
     sid = http.post("/v1/sessions", json={"prefix": "A story: "}).json()["id"]
-    turn = client.completions.create(model="tiny", prompt="Once", max_tokens=5, temperature=0, extra_body={"session": sid})
+    turn = client.completions.create(model="tiny", prompt="Once", max_tokens=5, temperature=0,
+                                     extra_body={"session": sid})
     assert turn.model_extra["session"] == sid
     fork = http.post("/v1/sessions", json={"fork": sid}).json()["id"]
     ask = {"model": "tiny", "prompt": " then", "max_tokens": 6, "temperature": 0}

@@ -9,10 +9,10 @@ each send ``--requests`` completions (a random prompt of ``--prompt-tokens`` byt
 completion tokens/s over the whole run and the p50 / p99 latency of a request; the server is
 stopped after each layout (SIGTERM, then SIGKILL), whatever happens.
 
-``--crash``: :func:`crash_check` on a tiny recurrent model (or ``--model``): sessions take turns
-from threads, the server is killed with SIGKILL in the middle of them and restarted on the same
-sessions directory; every session that completed a turn must be there with the tokens the client
-counted and continue exactly as a fork made right after that turn did.
+``--crash``: :func:`crash_check` on a tiny recurrent model (or ``--model``): ``--clients``
+sessions take turns from threads, the server is killed with SIGKILL in the middle of them and
+restarted on the same sessions directory; every session that completed a turn must be there with
+the tokens the client counted and continue exactly as a fork made right after that turn did.
 
 Prints a table, writes JSON (default ``runs/bench/serve.json``) and ends with one JSON line.
 
@@ -48,8 +48,9 @@ def build_parser() -> Parser:
     p.add_argument("--requests", type=int_at_least(1), default=8, help="requests sent by each client, one at a time")
     p.add_argument("--prompt-tokens", type=int_at_least(1), default=64, help="bytes of each random prompt")
     p.add_argument("--max-tokens", type=int_at_least(1), default=32, help="max_tokens of each request")
-    p.add_argument("--crash", action="store_true", help="the crash check instead of the load: SIGKILL the server "
-                                                        "during session turns, restart, check every session")
+    p.add_argument("--crash", action="store_true", help="the crash check instead of the load: --clients sessions "
+                                                        "take turns of --max-tokens, the server is killed with "
+                                                        "SIGKILL among them and restarted, every session is checked")
     p.add_argument("--quick", action="store_true", help="smoke run: d_model 32, 2 clients x 2 requests, 4 tokens")
     p.add_argument("--json", help="results file (default: runs/bench/serve.json)")
     return p
@@ -220,14 +221,15 @@ def crash_check(model_dir: str | Path, workdir: str | Path, sessions: int = 4, k
         except Exception as e:  # noqa: BLE001  (any failure to load is a torn file)
             problems.append(f"{path.name}: does not load ({type(e).__name__}: {e})")
     return {"turns_completed": completed[0], "sessions_checked": exact + answer_lost, "exact": exact,
-            "answer_lost": answer_lost, "files": len(files), "temp_files": len(list(sessions_dir.iterdir())) - len(files),
-            "problems": problems}
+            "answer_lost": answer_lost, "files": len(files),
+            "temp_files": len(list(sessions_dir.iterdir())) - len(files), "problems": problems}
 
 
 def _crash_main(a) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="rnnlab-bench-serve-") as tmp:
         model_dir = a.model or _random_model(Path(tmp) / "model", CRASH_LAYOUT, 2, 16 if a.quick else 32)
-        row = {"model": str(a.model or CRASH_LAYOUT), **crash_check(model_dir, tmp)}
+        row = {"model": str(a.model or CRASH_LAYOUT),
+               **crash_check(model_dir, tmp, sessions=a.clients, max_tokens=a.max_tokens)}
     print(f"{'model':30} {'turns':>6} {'checked':>8} {'exact':>6} {'lost answers':>13} {'files':>6} | problems")
     print(f"{row['model'][:30]:30} {row['turns_completed']:6d} {row['sessions_checked']:8d} {row['exact']:6d} "
           f"{row['answer_lost']:13d} {row['files']:6d} | {len(row['problems'])}")
@@ -246,12 +248,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         raise ValueError(f"--model {a.model}: not a directory (expected a run or saved model directory)")
     json_path = a.json or "runs/bench/serve.json"
     Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-    if a.crash:
-        rows = _crash_main(a)
-        report("serve", rows, json_path, mode="crash")
-        return rows
     if a.quick:
         a.d_model, a.clients, a.requests, a.max_tokens = 32, 2, 2, 4
+    if a.crash:
+        rows = _crash_main(a)
+        report("serve", rows, json_path, mode="crash", sessions=a.clients, max_tokens=a.max_tokens)
+        return rows
     layouts = [None] if a.model else (a.layouts or list(DEFAULT_LAYOUTS))
     for lay in filter(None, layouts):  # names and options checked before any server starts
         LMConfig(layout=lay, n_layers=a.n_layers, d_model=a.d_model)
