@@ -21,6 +21,7 @@ Prints a table, writes JSON (default ``runs/bench/serve.json``) and ends with on
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import string
 import tempfile
@@ -59,7 +60,7 @@ def build_parser() -> Parser:
 def _percentile(values: list[float], q: float) -> float:
     """The nearest-rank ``q``-th percentile of ``values``."""
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
 def load_run(url: str, clients: int, requests: int, prompt_tokens: int, max_tokens: int, seed: int = 0) -> dict:
@@ -265,7 +266,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for lay in layouts:
         with tempfile.TemporaryDirectory(prefix="rnnlab-bench-serve-") as tmp:
             model_dir = a.model or _random_model(Path(tmp) / "model", lay, a.n_layers, a.d_model)
-            with ServerProcess(model_dir, Path(tmp) / "sessions") as server:
+            limits = ("--max-concurrent", str(max(32, a.clients + 1)), "--max-tokens", str(max(1024, a.max_tokens)),
+                      "--max-prompt-tokens", str(max(8192, a.prompt_tokens)))  # the server's limits: never reached
+            with ServerProcess(model_dir, Path(tmp) / "sessions", *limits) as server:
                 load_run(server.url, 1, 1, a.prompt_tokens, a.max_tokens)  # warm-up
                 row = {"model": str(a.model or lay), **load_run(server.url, a.clients, a.requests,
                                                                 a.prompt_tokens, a.max_tokens)}
