@@ -334,6 +334,7 @@ BENCHES = {"ops": "kernels of every op family, reference vs fast forms", "hf": "
            "rnn": "LSTM/GRU: Newton solve vs the loop", "mixers": "every mixer: train step, prefill, decode",
            "speed": "models | layers | decode | efficiency | peers | ragged, side by side with attention",
            "stream": "a million tokens through one stream: tokens/s, state and memory",
+           "serve": "a real server under concurrent clients: requests/s, tokens/s, latency; --crash: SIGKILL and restart",
            "tasks": "synthetic task sweeps: MQAR, state tracking, passkey, set disjointness and JRT, copying"}
 
 

@@ -34,3 +34,36 @@ def make_client(model_dir, tmp_path):
     yield make
     for c in clients:
         c.__exit__(None, None, None)
+
+
+@pytest.fixture
+def no_server_left(tmp_path):
+    """Checks, after the test, that no process started by it is still running: none whose command
+    line names the test's temporary directory (Linux: /proc)."""
+    from pathlib import Path
+    yield
+    left = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(tmp_path).encode() in cmdline.read_bytes():
+                left.append(int(cmdline.parent.name))
+        except OSError:  # the process has just exited
+            pass
+    assert left == [], f"processes left running: {left}"
+
+
+@pytest.fixture
+def live_server(model_dir, tmp_path, no_server_left):
+    """``live_server(*flags, sessions_dir=...)`` -> a started :class:`ServerProcess` (a real ``rnnlab
+    serve`` on 127.0.0.1); every one is stopped at the end of the test."""
+    from rnnlab.serve.launch import ServerProcess
+    servers = []
+
+    def start(*flags, sessions_dir=None):
+        server = ServerProcess(model_dir, sessions_dir or tmp_path / "sessions", *flags)
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop()

@@ -118,3 +118,12 @@ def test_streamed_turn_stores_the_session(make_client):
     assert c.get(f"/v1/sessions/{sid}").json()["tokens_seen"] == 2 + 2 + 4
     again = c.post("/v1/completions", json={"prompt": "e", "max_tokens": 1, "session": sid})
     assert again.status_code == 200  # the streamed turn released the session
+
+
+def test_a_killed_write_does_not_count_as_a_session(make_client, tmp_path):
+    """A server killed while writing a state leaves a .tmp- file: it is not a session."""
+    (tmp_path / "sessions").mkdir()
+    (tmp_path / "sessions" / ".tmp-k1ll3d_abcdefghijklmnop.safetensors").write_bytes(b"half a file")
+    c = make_client(max_sessions=1)
+    assert c.post("/v1/sessions").status_code == 201
+    assert c.app.state.sessions.count() == 1

@@ -77,8 +77,8 @@ class SessionStore:
                                "not_found_error", param)
 
     def count(self) -> int:
-        """Sessions on disk."""
-        return sum(1 for _ in self.directory.glob("*.safetensors"))
+        """Sessions on disk (not the ``.tmp-*`` file of a write that a killed server left behind)."""
+        return sum(1 for p in self.directory.glob("*.safetensors") if _ID.match(p.stem))
 
     def new_id(self) -> str:
         """A fresh unguessable id, reserved until :meth:`put` stores it or :meth:`abandon` gives it
