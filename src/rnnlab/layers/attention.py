@@ -99,6 +99,17 @@ class AttentionState(State):
 
     variable_dims = {"k": (2,), "v": (2,)}
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of what the cache holds: the keys and values of the tokens kept (at most the
+        longest row's, at most the window) and of the sinks seen, and the positions — not the spare
+        capacity of a full-attention buffer, which can add up to as much again."""
+        seen = int(self.seen.max()) if self.seen.numel() else 0
+        per_slot = lambda t: t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()  # noqa: E731
+        kept, sinks = min(seen, self.k.shape[2]), min(seen, self.sink_k.shape[2])
+        return (kept * (per_slot(self.k) + per_slot(self.v)) + sinks * (per_slot(self.sink_k) + per_slot(self.sink_v))
+                + self.seen.numel() * self.seen.element_size())
+
 
 def _write(state: AttentionState, name: str, new: torch.Tensor, slot: torch.Tensor, write: torch.Tensor,
            size: int) -> torch.Tensor:
