@@ -140,12 +140,14 @@ def cmd_train(a) -> dict:
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
-        D.cleanup()
+        D.cleanup(wait=False)
         raise
     try:
         res = train(model, batches, cfg, val_batches=val, progress=_progress(a))
-    finally:
-        D.cleanup()
+    except BaseException:
+        D.cleanup(wait=False)
+        raise
+    D.cleanup()
     if e.is_main:
         state = "interrupted; continue with --resume" if res["interrupted"] else "done"
         print(f"{state}: step {res['step']}, checkpoint {res['checkpoint']}; metrics in {out}/metrics.jsonl, "

@@ -60,9 +60,13 @@ def setup(device: str | None = None) -> DistEnv:
     return env(dev)
 
 
-def cleanup() -> None:
-    """Destroy the process group if one was initialised."""
+def cleanup(wait: bool = True) -> None:
+    """Destroy the process group if one was initialised; with ``wait``, once every process has got
+    here (a process that tears its group down while another still uses it can abort at exit). An
+    error path passes ``wait=False``: the other processes may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 
