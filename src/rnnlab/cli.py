@@ -171,10 +171,7 @@ def cmd_eval(a) -> dict:
     out = _dir_arg(a.out, "--out") if a.out else None
     device = parse_device(a.device)
     model = load_model(a.model, device=device).eval()
-    if a.cache:
-        from .inference.cache import with_cache
-        with _as_flags(["cache"]):
-            model = with_cache(model, a.cache)
+    model = _with_cache(model, a.cache)
     run = Path(a.model)
     recorded = read_run(run) if (run / "run.json").is_file() else {}
     if a.data is None and (run / "data" / "meta.json").is_file():
@@ -216,6 +213,15 @@ def cmd_eval(a) -> dict:
     print(f"(table: {out / 'eval.json'}, plot: {out / 'loss_by_position.png'})", file=sys.stderr)
     report("eval", rows, str(out / "eval.json"), model=str(a.model), train_seq_len=seq_len)
     return {"model": str(a.model), "train_seq_len": seq_len, "results": rows}
+
+
+def _with_cache(model, cache: str | None):
+    """``model`` with its attention layers under the ``--cache`` policy (None: as trained)."""
+    if not cache:
+        return model
+    from .inference.cache import with_cache
+    with _as_flags(["cache"]):
+        return with_cache(model, cache)
 
 
 def _trained_seq_len(run: Path) -> int | None:
@@ -261,10 +267,7 @@ def cmd_generate(a) -> str:
             raise ValueError(f"--state-out {a.state_out}: the directory {target.parent} does not exist")
     device = parse_device(a.device)
     model = load_model(a.model, device=device).eval()
-    if a.cache:
-        from .inference.cache import with_cache
-        with _as_flags(["cache"]):
-            model = with_cache(model, a.cache)
+    model = _with_cache(model, a.cache)
     tok = load_tokenizer(a.model)
     prefix = _decode_escapes(a.prefix) if a.escapes else a.prefix
     if a.read_twice and not prefix:

@@ -23,9 +23,8 @@ from __future__ import annotations
 import torch
 
 from .measure import peak_memory, timeit
-from ..models.layout import parse_layout
 
-__all__ = ["run_decode", "default_layouts"]
+__all__ = ["run_decode", "default_layouts", "bench_models"]
 
 
 def default_layouts(a) -> list[tuple[str, str]]:
@@ -37,6 +36,18 @@ def default_layouts(a) -> list[tuple[str, str]]:
             (f"gated_deltanet*3,swa(window={window},sinks=4)",
              f"{item('gated_deltanet')}*3,{item('swa', window=window, sinks=4)}"),
             ("attention", item("attention"))]
+
+
+def bench_models(ctx):
+    """(label, layout, model) for each layout of the run (``--layouts``, checked by the command, or
+    :func:`default_layouts`), built one at a time: seeded, on the run's device and dtype, in eval mode."""
+    from .. import build_model
+    a = ctx.a
+    for label, layout in ([(lay, lay) for lay in a.layouts] if a.layouts else default_layouts(a)):
+        torch.manual_seed(0)
+        model = build_model(layout=layout, n_layers=a.n_layers, d_model=a.d_model).to(ctx.device, ctx.dtype).eval()
+        yield label, layout, model
+        del model
 
 
 def _weight_bytes(model) -> int:
@@ -52,18 +63,13 @@ def _weight_bytes(model) -> int:
 
 def run_decode(ctx):
     """Rows (layout, context): ms per token, state bytes, step peak, floors; and the plot panels."""
-    from .. import Stream, build_model
+    from .. import Stream
     a = ctx.a
-    layouts = [(lay, lay) for lay in a.layouts] if a.layouts else default_layouts(a)
-    for _, lay in layouts:  # check names and options before the first long prefill
-        parse_layout(lay, a.n_layers, a.d_model)
     bw = ctx.bandwidth()
     print(f"{'model':44} {'context':>8} | {'ms/token':>10} {'floor w':>10} {'floor w+s':>10} | {'state MB':>9} "
           f"{'step MB':>9} | status   (floor: bytes read per token / {bw / 1e9:.1f} GB/s)")
     rows = []
-    for label, layout in layouts:
-        torch.manual_seed(0)
-        model = build_model(layout=layout, n_layers=a.n_layers, d_model=a.d_model).to(ctx.device, ctx.dtype).eval()
+    for label, layout, model in bench_models(ctx):
         wbytes = _weight_bytes(model)
         gen = torch.Generator().manual_seed(0)
         stream, fed = Stream(model), 0
@@ -99,7 +105,7 @@ def run_decode(ctx):
             if why:
                 row["status"] = why
             _print(row)
-        del model, stream
+        del stream
     panels = [(f"decode latency, {a.n_layers} layers, d_model {a.d_model}", _points(rows, "ms_per_token")),
               ("model state (MB)", {k: [(x, y / 2 ** 20 if y else None) for x, y in v]
                                     for k, v in _points(rows, "state_bytes").items()})]

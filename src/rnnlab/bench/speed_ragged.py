@@ -25,13 +25,9 @@ __all__ = ["run_ragged"]
 
 def run_ragged(ctx):
     """Rows (layout, N): ms of packed, padded and one-by-one prefill; and the plot panels."""
-    from .. import Stream, build_model
-    from ..models.layout import parse_layout
-    from .speed_decode import default_layouts
+    from .. import Stream
+    from .speed_decode import bench_models
     a = ctx.a
-    layouts = [(lay, lay) for lay in a.layouts] if a.layouts else default_layouts(a)
-    for _, lay in layouts:
-        parse_layout(lay, a.n_layers, a.d_model)
     T = max(a.T)
     counts = a.prompts or ([1, 2, 4] if a.quick else [1, 2, 4, 8, 16, 32])
     g = torch.Generator().manual_seed(0)
@@ -39,9 +35,9 @@ def run_ragged(ctx):
     print(f"{'model':44} {'N':>4} {'tokens':>8} {'padded to':>10} | {'packed ms':>10} {'padded ms':>10} "
           f"{'1-by-1 ms':>10} | fastest")
     rows = []
-    for label, layout in layouts:
-        torch.manual_seed(0)
-        model = build_model(layout=layout, n_layers=a.n_layers, d_model=a.d_model).to(ctx.device, ctx.dtype).eval()
+    labels = []
+    for label, layout, model in bench_models(ctx):
+        labels.append(label)
         V = model.config.vocab_size
         for n in counts:
             prompts = [torch.randint(0, V, (m,), generator=g).to(ctx.device) for m in lengths[n]]
@@ -66,9 +62,8 @@ def run_ragged(ctx):
             rows.append(row)
             print(f"{label[:44]:44} {n:4d} {row['tokens']:8d} {row['padded_tokens']:10d} | {ms['packed']:10.1f} "
                   f"{ms['padded']:10.1f} {ms['one_by_one']:10.1f} | {row['fastest']}", flush=True)
-        del model
     panels = []
-    for label, _ in layouts:
+    for label in labels:
         mine = [r for r in rows if r["model"] == label]
         panels.append((label, {way: [(r["prompts"], r[f"{way}_ms"]) for r in mine]
                                for way in ("packed", "padded", "one_by_one")}))
