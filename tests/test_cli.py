@@ -260,10 +260,11 @@ def test_files_follow_the_umask_and_stale_temporaries_go(tmp_path, text):
         main(args + ["--steps", "2"])
         (run / ".tmp-killed-run.json").write_text("{")
         (run / "checkpoints" / ".tmp-step_00000003-x").mkdir()
+        (run / ".tmpA1b2C3").write_bytes(b"")  # the safetensors writer's own temporary
         main(args + ["--steps", "3", "--resume"])
     finally:
         os.umask(old)
-    assert not list(run.glob(".tmp-*")) and not list((run / "checkpoints").glob(".tmp-*"))
+    assert not list(run.glob(".tmp*")) and not list((run / "checkpoints").glob(".tmp*"))
     for f in [run / "metrics.jsonl", run / "run.json", run / "loss.png", run / "checkpoints" / "latest",
               *(run / "checkpoints" / "step_00000003").iterdir()]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f

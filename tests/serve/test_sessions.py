@@ -121,9 +121,14 @@ def test_streamed_turn_stores_the_session(make_client):
 
 
 def test_a_killed_write_does_not_count_as_a_session(make_client, tmp_path):
-    """A server killed while writing a state leaves a .tmp- file: it is not a session."""
+    """A server killed while writing a state leaves a temp file (ours, ``.tmp-*``, or the safetensors
+    writer's own, ``.tmpXXXXXX``): it is not a session, and the next server removes it."""
     (tmp_path / "sessions").mkdir()
-    (tmp_path / "sessions" / ".tmp-k1ll3d_abcdefghijklmnop.safetensors").write_bytes(b"half a file")
+    ours = tmp_path / "sessions" / ".tmp-k1ll3d_abcdefghijklmnop.safetensors"
+    writers = tmp_path / "sessions" / ".tmpDP3XWY"
+    for p in (ours, writers):
+        p.write_bytes(b"half a file")
     c = make_client(max_sessions=1)
+    assert not ours.exists() and not writers.exists()
     assert c.post("/v1/sessions").status_code == 201
     assert c.app.state.sessions.count() == 1

@@ -127,7 +127,7 @@ def crash_check(model_dir: str | Path, workdir: str | Path, sessions: int = 4, k
     import httpx
 
     from ..inference.state_io import load_state
-    from ..models.lm import load_model
+    from ..models.lm import is_temp, load_model
     from ..serve.launch import ServerProcess
     sessions_dir = Path(workdir) / "sessions"
     follow = {"prompt": " and so", "max_tokens": max_tokens, "temperature": 0}
@@ -215,7 +215,7 @@ def crash_check(model_dir: str | Path, workdir: str | Path, sessions: int = 4, k
             if (got := continuation(sid)) != expected:
                 problems.append(f"session {sid}: continues with {got!r}, its fork did with {expected!r}")
     model = load_model(model_dir)
-    files = [p for p in sessions_dir.iterdir() if not p.name.startswith(".tmp-")]
+    files = [p for p in sessions_dir.iterdir() if not is_temp(p)]
     for path in files:
         try:
             load_state(path, model)

@@ -33,7 +33,7 @@ from ..layers.state import State, StateError
 from .layout import BlockSpec, parse_layout
 from .registry import OptionError, build_mixer
 
-__all__ = ["LMConfig", "LM", "ModelState", "MLP", "build_model", "load_model", "atomic_write",
+__all__ = ["LMConfig", "LM", "ModelState", "MLP", "build_model", "load_model", "atomic_write", "is_temp",
            "FORMAT_VERSION"]
 
 FORMAT_VERSION = 1
@@ -341,6 +341,14 @@ class LM(nn.Module):
             raise ValueError(f"{weights} does not fit {cfg_path} ({detail}): the files come from different models")
         model.load_state_dict(sd)
         return model.to(device) if device is not None else model
+
+
+TEMP_PREFIX = ".tmp"  # names of unfinished writes: ours (``.tmp-*``) and the safetensors writer's own (``.tmpXXXXXX``)
+
+
+def is_temp(path: str | os.PathLike) -> bool:
+    """True for a file a killed writer left behind (see :data:`TEMP_PREFIX`); never a finished file."""
+    return os.path.basename(path).startswith(TEMP_PREFIX)
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:

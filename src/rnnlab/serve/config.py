@@ -11,7 +11,7 @@ class ServeConfig:
     """Settings and limits of :func:`rnnlab.serve.app.create_app`; each limit refuses a request
     that exceeds it with a 4xx JSON error naming it."""
 
-    sessions_dir: str = "sessions"  # directory of the session state files (created if missing)
+    sessions_dir: str = "sessions"  # directory of the session state files (created if missing; one server per directory)
     api_key: str | None = field(default=None, repr=False)  # if set, all but /health need 'Authorization: Bearer KEY'
     model_name: str | None = None  # the model id reported by /v1/models; None = the model directory's name
     max_prompt_tokens: int = 8192  # most tokens a request's prompt (or messages, or session prefix) may have

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ..inference.state_io import load_extra, load_state, save_state
-from ..models.lm import LM, ModelState
+from ..models.lm import LM, ModelState, is_temp
 
 __all__ = ["Session", "SessionStore", "SessionError"]
 
@@ -62,6 +62,9 @@ class SessionStore:
         if self.directory.exists() and not self.directory.is_dir():
             raise ValueError(f"sessions_dir {str(directory)!r} is a file; expected a directory")
         self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.iterdir():  # unfinished writes of a server that was killed
+            if is_temp(stale) and stale.is_file():
+                stale.unlink(missing_ok=True)
         self.max_sessions, self.cache_size = max_sessions, cache_size
         self._cache: OrderedDict[str, Session] = OrderedDict()
         self._busy: set[str] = set()
@@ -77,7 +80,7 @@ class SessionStore:
                                "not_found_error", param)
 
     def count(self) -> int:
-        """Sessions on disk (not the ``.tmp-*`` file of a write that a killed server left behind)."""
+        """Sessions on disk (not the ``.tmp*`` file of a write that a killed server left behind)."""
         return sum(1 for p in self.directory.glob("*.safetensors") if _ID.match(p.stem))
 
     def new_id(self) -> str:

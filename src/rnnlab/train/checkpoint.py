@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from ..models.lm import FORMAT_VERSION, LMConfig, atomic_write
+from ..models.lm import FORMAT_VERSION, TEMP_PREFIX, LMConfig, atomic_write
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
            "run_exists", "remove_stale_temp", "CHECKPOINT_KIND"]
@@ -94,11 +94,11 @@ def run_exists(run_dir: str | os.PathLike) -> bool:
 
 
 def remove_stale_temp(run_dir: str | os.PathLike) -> list[Path]:
-    """Remove the ``.tmp-*`` files and directories that killed processes left in a run directory
+    """Remove the ``.tmp*`` files and directories that killed processes left in a run directory
     and its ``checkpoints/`` (call it only when no process is writing the run). Returns them."""
     gone = []
     for d in (Path(run_dir), Path(run_dir) / "checkpoints"):
-        for stale in d.glob(".tmp-*") if d.is_dir() else ():
+        for stale in d.glob(TEMP_PREFIX + "*") if d.is_dir() else ():
             shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
             gone.append(stale)
     return gone
@@ -158,7 +158,7 @@ def save_checkpoint(run_dir: str | os.PathLike, step: int, config: LMConfig, mod
     if keep_last is not None:
         for old in kept[: max(0, len(kept) - keep_last)]:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".tmp-*"):  # temporaries of killed saves
+    for stale in root.glob(TEMP_PREFIX + "*"):  # temporaries of killed saves
         if stale != tmp:
             shutil.rmtree(stale, ignore_errors=True)
     return final
