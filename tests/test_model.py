@@ -64,7 +64,7 @@ def test_save_and_load_pretrained(tmp_path):
     loaded = rnnlab.load_model(tmp_path)
     torch.testing.assert_close(loaded(tokens)[0], model(tokens)[0])
     assert loaded.lm_head.weight is loaded.embed.weight
-    assert not list(tmp_path.glob(".tmp-*")), "temporary files left behind"
+    assert not list(tmp_path.glob(".tmp*")), "temporary files left behind"
     with pytest.raises(FileNotFoundError, match="config.json"):
         rnnlab.load_model(tmp_path / "missing")
 

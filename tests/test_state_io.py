@@ -99,7 +99,7 @@ def test_save_is_atomic_when_writing_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "save_file", boom)
     with pytest.raises(OSError):
         rnnlab.save_state(state, p, model=model)
-    assert p.read_bytes() == before and not list(tmp_path.glob(".tmp-*"))
+    assert p.read_bytes() == before and not list(tmp_path.glob(".tmp*"))
 
 
 @pytest.mark.parametrize("name", rnnlab.mixers())
