@@ -60,6 +60,7 @@ class _CausalConvCPU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, gy):
         xp, weight = ctx.saved_tensors
+        gy = gy.contiguous()  # it may arrive in another layout (a later rearrange's gradient); products need xp's
         W, n = weight.shape[-1], gy.shape[1]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # dxp[s] = sum_j w[j] gy[s - j]
