@@ -112,3 +112,5 @@ def test_bad_config_names_the_argument():
         rnnlab.build_mixer("kda", d_model=16, num_heads=2, gate_low_rank_dim=0)
     with pytest.raises(ValueError, match="A_init_range"):
         rnnlab.build_mixer("kda", d_model=16, num_heads=2, A_init_range=(0.0, 16.0))
+    with pytest.raises(ValueError, match="init_std"):
+        rnnlab.build_mixer("kda", d_model=16, num_heads=2, init_std=0.0)

@@ -54,6 +54,8 @@ class KDAConfig(GatedDeltaNetConfig):
             self.gate_low_rank_dim = self.head_v_dim
         if not isinstance(self.gate_low_rank_dim, int) or self.gate_low_rank_dim < 1:
             raise ValueError(f"gate_low_rank_dim must be a positive int or None, got {self.gate_low_rank_dim!r}")
+        if not 0 < self.init_std < float("inf"):
+            raise ValueError(f"init_std must be a finite number > 0, got {self.init_std!r}")
         if not 0 < self.A_init_range[0] <= self.A_init_range[1]:
             raise ValueError(f"A_init_range must be (low, high) with 0 < low <= high, got {self.A_init_range}")
 
