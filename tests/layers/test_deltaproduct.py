@@ -44,8 +44,8 @@ def transcription(layer, x, S0):
         for j in range(n):  # one generalised Householder step each
             k, v, b = F.normalize(k_all[:, j], dim=-1), v_all[:, j], b_all[:, j]
             S = torch.stack([torch.stack([
-                (eye - b[bi, h] * torch.outer(k[bi, h], k[bi, h])) @ S[bi, h] + b[bi, h] * torch.outer(k[bi, h], v[bi, h])
-                for h in range(H)]) for bi in range(B)])
+                (eye - b[bi, h] * torch.outer(k[bi, h], k[bi, h])) @ S[bi, h]
+                + b[bi, h] * torch.outer(k[bi, h], v[bi, h]) for h in range(H)]) for bi in range(B)])
         o = torch.einsum("bhkv,bhk->bhv", S, q) / K ** 0.5  # (B, H, V)
         gate = layer.g_proj(x[:, t]).view(B, H, V)
         o = rmsnorm(o, layer.o_norm.weight, c.norm_eps) * F.silu(gate)

@@ -19,8 +19,9 @@ projection and short-convolution weight N(0, 0.02), biases zero, norm weights 1;
 ~ U(1, 16)`` per head and ``softplus(dt_bias)`` log-uniform in [0.001, 0.1] per channel, both
 skipping weight decay.
 
-rnnlab differs from the reference in: no fused kernels; no grouped value heads (``num_v_heads``:
-one value head per key head); no ``lower_bound`` / ``safe_gate`` option (the bounded gate
+rnnlab differs from the reference in: no fused kernels; head sizes follow rnnlab's DeltaNet family
+(K = d_model / num_heads; fla fixes head_dim = 128); no grouped value heads (``num_v_heads``: one
+value head per key head); no ``lower_bound`` / ``safe_gate`` option (the bounded gate
 ``lower_bound * sigmoid(...)`` of fla's TensorCore kernel); no depth-scaled ``o_proj`` (an option of
 fla's model init); the conv states are kept per stream in the state object.
 
@@ -90,8 +91,9 @@ class KDA(DeltaNet):
 
     def decay(self, x):
         """log a_t (B, T, H, K): ``-exp(A_log) * softplus(W_f2 W_f1 x + dt_bias)``."""
-        c, acc = self.config, torch.promote_types(x.dtype, torch.float32)
-        f = rearrange(self.f_proj(x).to(acc) + self.dt_bias.to(acc), "b t (h k) -> b t h k", h=c.num_heads)  # (B, T, H, K)
+        acc = torch.promote_types(x.dtype, torch.float32)
+        f = self.f_proj(x).to(acc) + self.dt_bias.to(acc)  # (B, T, H*K)
+        f = rearrange(f, "b t (h k) -> b t h k", h=self.config.num_heads)  # (B, T, H, K)
         return -self.A_log.to(acc).exp()[:, None] * F.softplus(f)
 
     def output(self, o, x):
