@@ -177,8 +177,10 @@ def only(settings: list[Setting], mixers: tuple[str, ...] = (), d_models: tuple[
     return [replace(s, mixers=mixers, d_models=d_models, steps=steps) for s in settings]
 
 
-# Gated DeltaProduct beside Gated DeltaNet wherever state tracking is swept: its n_h Householder
-# steps per token (reflections compose into rotations) are for the groups beyond parity.
+# The gpu preset's mixers: every registered one and the negative-eigenvalue variants. Its state
+# tracking settings add Gated DeltaProduct with n_h = 4 Householder steps per token (the registry's
+# default is 2; gated_deltanet(allow_neg_eigval=True) is n_h = 1): reflections compose into
+# rotations, which the groups beyond parity need.
 _GPU_MIXERS = tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
                                  "mamba(allow_neg_eigval=True)")
 

@@ -8,8 +8,9 @@ Products" (arXiv:2502.10297). Per head and token t, with n_h keys, values and wr
 
 The state transition is a product of n_h generalised Householder matrices (times the scalar gate
 ``a_t``): with ``allow_neg_eigval`` (``b = 2 sigmoid(W_b x)`` in (0, 2)) it can be a reflection,
-and products of them express rotations and permutations, so state-tracking tasks such as S_3 / S_5
-composition are solvable with one layer for larger n_h. n_h = 1 is Gated DeltaNet.
+and products of them express rotations and permutations: the paper finds that more steps per
+token extend the state-tracking tasks (permutation groups such as S_3, S_5) a layer learns and
+length-generalises. n_h = 1 is Gated DeltaNet.
 
 How rnnlab computes it: the gated delta rule (``rnnlab.ops.gated_delta_rule``) runs over the
 interleaved sequence of T·n_h sub-steps ``(t, j)``, with the gate's ``log a_t`` on each token's
