@@ -31,6 +31,8 @@ from ..layers.mamba import Mamba, MambaConfig
 from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
+from ..layers.deltaproduct import GatedDeltaProduct, GatedDeltaProductConfig
+from ..layers.kda import KDA, KDAConfig
 
 __all__ = ["UnknownMixerError", "OptionError", "MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
 
@@ -109,7 +111,7 @@ _register(MixerSpec(
     "Qin et al. 2024 (HGRN2)", "H·K·(D/H) floats (K = expand_ratio)",
     tiny=dict(num_heads=2, expand_ratio=8), depth_option="lower_bound"))
 
-# -- delta-rule family: deltanet, gated_deltanet, longhorn ------------------------------------------
+# -- delta-rule family: deltanet, gated_deltanet, kda, gated_deltaproduct, longhorn --------------------
 _register(MixerSpec(
     "deltanet", DeltaNet, DeltaNetConfig,
     "linear attention edited by the delta rule; L2-normed q/k, short convs; option negative eigenvalues",
@@ -119,6 +121,16 @@ _register(MixerSpec(
     "gated_deltanet", GatedDeltaNet, GatedDeltaNetConfig,
     "delta rule with a Mamba-2 style scalar decay per head, gated RMSNorm output",
     "Yang et al. 2024 (Gated DeltaNet)", "H·K·V + (W-1)·H·(2K+V) floats",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "kda", KDA, KDAConfig,
+    "Kimi Delta Attention: delta rule with a decay per key channel (low-rank gate), sigmoid-gated RMSNorm",
+    "Kimi Team 2025 (Kimi Linear)", "H·K·V + (W-1)·H·(2K+V) floats",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "gated_deltaproduct", GatedDeltaProduct, GatedDeltaProductConfig,
+    "n_h delta-rule (Householder) steps per token, scalar decay once per token; b in (0, 2)",
+    "Siems et al. 2025 (DeltaProduct)", "H·K·V + (W-1)·H·((n+1)K+n·V) floats (n = num_householder)",
     tiny=dict(num_heads=2)))
 _register(MixerSpec(
     "longhorn", Longhorn, LonghornConfig,
