@@ -27,7 +27,9 @@ rnnlab differs from the references in:
 * RWKV-6 keeps fla's layer init (xavier-uniform, gain 2^-2.5, on the projections; zero mixes,
   bonus and biases; the LoRAs' first matrix zero, the second orthogonal with gain 0.1), not
   RWKV-LM's depth-dependent one.
-Weight decay skips the mixes, bonus and the low-rank (LoRA) matrices, as in RWKV-LM's optimiser groups.
+Weight decay skips the token-shift mixes, the bonus and the per-channel key and bonus scales (with
+the biases and norms); every Linear weight, the LoRAs' included, is decayed as in fla (RWKV-LM
+leaves its LoRA matrices out of weight decay).
 
 Dimension letters: B batch, T tokens, D model width, H heads, K key head dim, V value head dim, R LoRA rank.
 """
@@ -158,8 +160,7 @@ class RWKV6(_RWKV):
     """RWKV-6 time-mix (see module docstring)."""
 
     config_cls = RWKV6Config
-    no_decay_params = ("x_mu", "x_bias", "bonus", "x_lora.0.weight", "x_lora.2.weight", "w_lora.0.weight",
-                       "w_lora.2.weight")
+    no_decay_params = ("x_mu", "x_bias", "bonus")
 
     def __init__(self, config: RWKV6Config):
         super().__init__(config)
@@ -209,8 +210,7 @@ class RWKV7(_RWKV):
     """RWKV-7 time-mix (see module docstring)."""
 
     config_cls = RWKV7Config
-    no_decay_params = ("x_mix", "k_k", "k_a", "r_k", "w_lora.0.weight", "w_lora.2.weight", "a_lora.0.weight",
-                       "a_lora.2.weight", "g_lora.0.weight", "g_lora.2.weight")
+    no_decay_params = ("x_mix", "k_k", "k_a", "r_k")
 
     def __init__(self, config: RWKV7Config):
         super().__init__(config)
