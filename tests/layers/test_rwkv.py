@@ -66,7 +66,8 @@ def _rwkv7_loop(layer, x, S, last):
     kappa_t = normalize(k_t * xi), k~_t = k_t * lerp(1, a_t, alpha)."""
     c = layer.config
     H, K = c.num_heads, c.head_dim
-    lora = lambda m, act, z: act(z @ m[0].weight.T) @ m[2].weight.T + (0 if m[2].bias is None else m[2].bias)  # noqa: E731
+    def lora(m, act, z):  # b + act(z A) B
+        return act(z @ m[0].weight.T) @ m[2].weight.T + (0 if m[2].bias is None else m[2].bias)
     S = S.transpose(-1, -2)  # (B, H, V, K): the paper's orientation
     outs = []
     for t in range(x.shape[1]):
