@@ -192,7 +192,7 @@ def test_bad_inputs(name):
 # -- sequence boundaries: packed equals separate ---------------------------------------------------------
 # Small chunks (as in tests/ops) so that the lengths below are: 1, shorter than a chunk, exactly one chunk
 # (8 and 16), several chunks and not aligned (37), empty (0).
-SMALL_CHUNKS = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "mlstm.chunk_size": 8,
+SMALL_CHUNKS = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "dplr.chunk_size": 16, "dplr.sub_chunk": 8, "mlstm.chunk_size": 8,
                 "scan.chunk_size": 8, "matrix_scan.chunk_size": 8, "selective_scan.time_chunk": 16,
                 "longhorn.time_chunk": 16, "gsa.chunk_size": 4, "gsa.block_size": 16, "lti.conv_chunk": 16,
                 "lti.scan_time_chunk": 16}

@@ -30,6 +30,7 @@ from ..layers.lssl import LSSL, LSSLConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
+from ..layers.rwkv import RWKV6, RWKV7, RWKV6Config, RWKV7Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 from ..layers.deltaproduct import GatedDeltaProduct, GatedDeltaProductConfig
 from ..layers.kda import KDA, KDAConfig
@@ -137,6 +138,18 @@ _register(MixerSpec(
     "online regression k -> x per channel, closed-form diagonal update; no forget gate; Mamba block",
     "Liu et al. 2024 (Longhorn)", "E·N + (W-1)·E floats",
     tiny=dict(d_state=4)))
+
+# -- RWKV time-mix: rwkv6, rwkv7 --------------------------------------------------------------------
+_register(MixerSpec(
+    "rwkv6", RWKV6, RWKV6Config,
+    "RWKV-6 time-mix: data-dependent vector decay via low-rank token shift (ddlerp), bonus u, GroupNorm, SiLU gate",
+    "Peng et al. 2024 (Eagle and Finch)", "H·K·V + D floats (H·K = D/2, H·V = D)",
+    tiny=dict(num_heads=2, proj_low_rank_dim=4, gate_low_rank_dim=8)))
+_register(MixerSpec(
+    "rwkv7", RWKV7, RWKV7Config,
+    "RWKV-7 time-mix: generalised delta rule, vector decay, in-context learning rate (no value residual)",
+    "Peng et al. 2025 (RWKV-7 Goose)", "H·K·K + D floats (K = head_dim)",
+    tiny=dict(head_dim=16, decay_low_rank_dim=8, a_low_rank_dim=8, gate_low_rank_dim=8), depth_option="depth"))
 
 # -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
 _register(MixerSpec(

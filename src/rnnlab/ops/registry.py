@@ -315,6 +315,19 @@ def _ssd_inputs(B, T, H, K, V, g):  # Mamba-2's SSD as gated linear attention: s
                 initial_state=r(B, H, K, V))
 
 
+def _rwkv6_inputs(B, T, H, K, V, g):  # RWKV-6: vector decay exp(-exp(w)) over K, bonus u
+    r, _ = _gen(g)
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), log_g=-torch.exp(r(B, T, H, K) - 1), u=r(H, K),
+                initial_state=r(B, H, K, V))
+
+
+def _dplr_inputs(B, T, H, K, V, g):  # RWKV-7: a = -kappa, b = alpha * kappa for unit kappa, alpha in (0, 1)
+    r, u = _gen(g)
+    kappa = F.normalize(r(B, T, H, K), dim=-1)
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), log_g=-torch.exp(r(B, T, H, K) - 1),
+                a=-kappa, b=kappa * u(B, T, H, K), initial_state=r(B, H, K, V))
+
+
 def _mlstm_inputs(B, T, H, K, V, g):  # xLSTM's mLSTM: exponential input gate, sigmoid forget gate
     r, _ = _gen(g)
     return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), log_f=F.logsigmoid(r(B, T, H) + 3),
@@ -468,9 +481,10 @@ def _build() -> dict[str, Family]:
     from . import backends as bk
     # by module path: rnnlab.ops.mlstm (and gsa, lti, ...) as attributes of the package are the
     # dispatch functions of the same name, not the modules
-    delta, gsa, longhorn, lti, memory, mlstm, newton, scan, selective_scan = (
+    delta, dplr, gsa, longhorn, lti, memory, mlstm, newton, rwkv6, scan, selective_scan = (
         importlib.import_module(f"{__package__}.{m}")
-        for m in ("delta", "gsa", "longhorn", "lti", "memory", "mlstm", "newton", "scan", "selective_scan"))
+        for m in ("delta", "dplr", "gsa", "longhorn", "lti", "memory", "mlstm", "newton", "rwkv6", "scan",
+                  "selective_scan"))
 
     compile_delta = Backend("compile", {"chunked": delta.gated_delta_rule_chunked_compiled}, _compile_check_delta)
     qkv = ("q", "k", "v")
@@ -493,6 +507,14 @@ def _build() -> dict[str, Family]:
                delta.gated_delta_rule,
                {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_simple_gla}, bk.fla_check)},
                packed=("chunked",)),
+        Family("rwkv6", "o_t = S_{t-1}^T q_t + (q_t . u k_t) v_t, S_t = Diag(g_t) S_{t-1} + k_t v_t^T (RWKV-6)",
+               rwkv6.rwkv6_recurrent, {"chunked": rwkv6.rwkv6_chunked}, _rwkv6_inputs,
+               qkv + ("log_g", "u", "initial_state"), _one_token_or("chunked", "q", "reference"),
+               dispatch=rwkv6.rwkv6, packed=("chunked",)),
+        Family("dplr", "S_t = (Diag(g_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t (RWKV-7)",
+               dplr.dplr_recurrent, {"chunked": dplr.dplr_chunked}, _dplr_inputs,
+               qkv + ("log_g", "a", "b", "initial_state"), _one_token_or("chunked", "q", "reference"),
+               dispatch=dplr.dplr, packed=("chunked",)),
         Family("mlstm", "C_t = f_t C_{t-1} + i_t k_t v_t^T, n_t = f_t n_{t-1} + i_t k_t, stabilised (xLSTM)",
                mlstm.mlstm_recurrent, {"chunked": mlstm.mlstm_chunked, "parallel": mlstm.mlstm_parallel},
                _mlstm_inputs, qkv + ("log_f", "log_i", "initial_state"), _one_token_or("chunked", "q"),
