@@ -176,3 +176,27 @@ def test_state_rows_and_cat_round_trip_and_name_their_arguments():
         s.select(0)
     with pytest.raises(StateError, match="states must be a non-empty list of one state type"):
         type(s).cat([])
+
+
+def test_packed_attention_computes_each_sequence_alone_without_padding(monkeypatch):
+    """Packed prompts (one long, many short; some continuing cached rows) equal each run alone, and
+    the attention computes sum_n l_n (s_n + l_n) scores: no sequence is padded to the longest."""
+    torch.manual_seed(0)
+    m = Attention(AttentionConfig(d_model=16, num_heads=4, num_kv_heads=2)).double()
+    lengths, cached = [40, 1, 3, 2, 1, 5, 2], [0, 6, 0, 3, 0, 1, 0]
+    states = [m(torch.randn(1, s, 16, dtype=torch.float64))[1] if s else m.init_state(1, dtype=torch.float64)
+              for s in cached]
+    x = torch.randn(1, sum(lengths), 16, dtype=torch.float64)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    scores = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: scores.append(q.shape[0] * q.shape[2] * k.shape[2]) or sdpa(q, k, v, **kw))
+    y, s = m(x, type(states[0]).cat(states), cu_seqlens=cu)
+    assert sum(scores) == sum(n * (c + n) for n, c in zip(lengths, cached))  # padded: 7 * 40 * (6 + 40)
+    monkeypatch.undo()
+    for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        y_n, s_n = m(x[:, a:b], states[n])
+        assert (y[:, a:b] - y_n).abs().max() < 1e-12, f"sequence {n}"
+        assert s.seen[n] == s_n.seen[0] == cached[n] + lengths[n]
+        torch.testing.assert_close(s.k[n:n + 1, :, :s_n.seen[0]], s_n.k[:, :, :s_n.seen[0]], rtol=0, atol=1e-12)
