@@ -130,7 +130,8 @@ def load_state(path: str | os.PathLike, model: LM | Mixer, device=None,
     if dtype is not None:
         tensors = {k: t.to(dtype) if t.is_floating_point() and k.startswith("layers.") else t
                    for k, t in tensors.items()}
-    refs = model.init_state(1, device="meta").layers if owner["kind"] == "model" else (model.init_state(1, device="meta"),)
+    ref = model.init_state(1, device="meta")
+    refs = ref.layers if owner["kind"] == "model" else (ref,)
     layers = []
     for i, (cls_name, scal, r) in enumerate(zip(meta["classes"], meta["scalars"], refs)):
         if cls_name is None:

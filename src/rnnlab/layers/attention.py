@@ -245,7 +245,6 @@ class Attention(Mixer):
                 o = torch.cat([causal_attention(qr[:, :, a:b], new_k[n:n + 1, :, :s_n + b - a],
                                                 new_v[n:n + 1, :, :s_n + b - a]) for n, a, b, s_n in seqs], dim=2)
         else:  # the cached window, then the new tokens: their positions per row
-            W = w - 1
             if s and lo < s:  # some new tokens are sinks: sink i rotated by i = its position
                 sink_k = _write_sinks(state.sink_k, k, first, state.seen, count)
                 sink_v = _write_sinks(state.sink_v, v, first, state.seen, count)
@@ -275,8 +274,9 @@ class Attention(Mixer):
         o, lse = softmax_attention(qr, kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1),
                                    pos, k_idx, window=c.window, min_key=c.sinks)
         if c.sinks:  # sinks at their own cache positions, merged by log-sum-exp
-            o_s, lse_s = softmax_attention(qs, sink_k.repeat_interleave(rep, dim=1), sink_v.repeat_interleave(rep, dim=1),
-                                           pos, torch.arange(c.sinks, device=k.device))
+            o_s, lse_s = softmax_attention(qs, sink_k.repeat_interleave(rep, dim=1),
+                                           sink_v.repeat_interleave(rep, dim=1), pos,
+                                           torch.arange(c.sinks, device=k.device))
             o, _ = merge_attention(o, lse, o_s, lse_s)
         T = k.shape[2]
         return o.to(qr.dtype), kb[:, :, T:].contiguous(), vb[:, :, T:].contiguous()  # the last W slots
