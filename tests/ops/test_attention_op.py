@@ -130,6 +130,9 @@ def test_causal_attention_equals_the_definition(B, H, G, T, L, ragged):
     ref = attention_reference(q, k, v, q_pos)
     err = (o - ref).abs().max().item()
     assert err < 1e-12, f"max |o - reference| = {err:.3g}"
+    blocks, _ = softmax_attention(q, k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1), q_pos,
+                                  torch.arange(L), block_size=4)  # the blockwise form too
+    assert (blocks - ref).abs().max().item() < 1e-12
     cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
     grads = torch.autograd.grad((o * cot).sum(), (q, k, v))
     want = torch.autograd.grad((ref * cot).sum(), (q, k, v))
