@@ -118,3 +118,20 @@ def test_long_sequences_run_the_convolution_in_chunks():
         torch.testing.assert_close(h, h_ref)
         ((y * y.conj()).real.sum() + (h * h.conj()).real.sum()).backward()
         assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
+
+
+@pytest.mark.parametrize("kind", ["dense", "complex"])
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_convolution_keeps_a_nan_from_earlier_tokens(kind, chunk):
+    """A NaN input at token p of channel d: the convolution form (whose FFT would spread it over the
+    whole sequence) leaves every token before p and every other channel as they were, and makes
+    channel d non-finite from p on and in the final state, as the loop does."""
+    u, dA, dB, C, h0 = make(T=45, kind=kind)
+    bad = u.clone()
+    bad[1, 30, 2] = float("nan")
+    y, h = lti_conv(bad, dA, dB, C, h0, chunk_size=chunk)
+    y_ref, h_ref = lti_recurrent(bad, dA, dB, C, h0)
+    clean, _ = lti_conv(u, dA, dB, C, h0, chunk_size=chunk)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(y_ref)) and torch.equal(torch.isfinite(h), torch.isfinite(h_ref))
+    assert not torch.isfinite(y[1, 30:, 2]).any() and torch.isfinite(y[1, :30]).all()
+    torch.testing.assert_close(y[torch.isfinite(y)], clean[torch.isfinite(y)], rtol=0, atol=1e-12)

@@ -33,9 +33,10 @@ cross a boundary (a :class:`Carry` over segments); the layers' short convolution
 (:mod:`rnnlab.ops.scan`: at a sequence's first token ``h_t = a_t h0_n + b_t`` by selection), and
 the ops built on time-chunks of it (selective scan, Longhorn, LTI scan, GSA's blocks) run the
 pieces of the sequences in each time-chunk as a packed row of their own
-(:func:`rnnlab.ops.scan.over_time_chunks`). Softmax attention takes a per-query first key; the
-Newton form zeroes the Jacobian at first tokens. An FFT convolution (LTI) runs sequence by
-sequence.
+(:func:`rnnlab.ops.scan.over_time_chunks`). Softmax attention takes a per-query first key (the
+blockwise form) or, in the attention layer, runs SDPA sequence by sequence on views of the packed
+row; the Newton form zeroes the Jacobian at first tokens. An FFT convolution (LTI) runs sequence
+by sequence, with non-finite inputs selected out of the transform.
 """
 from __future__ import annotations
 

@@ -174,7 +174,12 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     passed between them and the chunk kernels computed once: the kernel's Krylov vectors take
     D·N·T memory, so bounding T bounds it; under autograd each chunk is recomputed. With
     ``cu_seqlens`` it convolves sequence by sequence (one convolution over the packed row would
-    mix them)."""
+    mix them).
+
+    An FFT spreads a non-finite input over every output; so a non-finite u_s[d] is zeroed for the
+    convolution (a selection) and channel d is made NaN from token s on and in the final state,
+    where the recurrence makes it non-finite: nothing reaches earlier tokens, and for finite inputs
+    nothing is selected (results and gradients are the convolution's)."""
     cu = _check(u, dA, dB, C, initial_state, cu_seqlens)
     if cu is not None:
         ys, finals = [], []
@@ -191,6 +196,8 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
+    bad = ~torch.isfinite(u)  # (B, T, D)
+    u = torch.where(bad, 0.0, u)
     T = u.shape[1]
     L = min(T, chunk_size or tuning.get("lti.conv_chunk", u.device))
     kernels = _kernels(dA, dB, C, L, with_state=initial_state is not None or T > L)
@@ -199,6 +206,8 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     else:
         h0 = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
         y, h = over_time_chunks(lambda u, h: _conv_apply(u, dA, kernels, h), (u,), h0, L)
+    y = y.masked_fill(bad.cumsum(dim=1) > 0, float("nan"))  # (B, T, D) from each bad input on
+    h = h.masked_fill(bad.any(dim=1)[..., None], float("nan"))  # (B, D, N)
     return _out(y, dtype), h.to(hdt)
 
 
