@@ -118,9 +118,12 @@ def _sdpa_inputs(B, H, G, T, L, seed):
 @pytest.mark.parametrize("B,H,G,T,L,ragged", [(2, 4, 2, 7, 7, False), (2, 4, 4, 5, 12, False),
                                                (3, 4, 1, 6, 15, True), (2, 2, 2, 1, 9, False),
                                                (3, 4, 2, 1, 11, True)])
-def test_causal_attention_equals_the_definition(B, H, G, T, L, ragged):
+@pytest.mark.parametrize("guarded", [False, True])  # True: the path taken when k or v may be non-finite
+def test_causal_attention_equals_the_definition(B, H, G, T, L, ragged, guarded, monkeypatch):
     """SDPA with grouped heads, plain causal (L == T), after cached keys (L > T) and with a
     position per row (a ragged batch): outputs and gradients of q, k, v equal the loop, float64."""
+    if guarded:
+        monkeypatch.setattr("rnnlab.ops.attention.known_finite", lambda *xs: False)
     q, k, v = _sdpa_inputs(B, H, G, T, L, seed=T * L)
     if ragged:
         q_pos = torch.tensor([L - T, 2, 5])[:B, None] + torch.arange(T)  # (B, T) rows at their own positions

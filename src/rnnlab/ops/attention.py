@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from .bounds import check_cu_seqlens
+from .bounds import check_cu_seqlens, known_finite
 
 __all__ = ["attention_reference", "causal_attention", "softmax_attention", "merge_attention"]
 
@@ -63,7 +63,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     earlier queries. So, when T > 1, non-finite entries of k and v are zeroed (a selection) for the
     product, and a query is given NaN where a key it may see had one: its whole row for a key, the
     column for a value. For finite inputs both steps select nothing (the result is SDPA's, and so
-    are the gradients). With T == 1 (decoding) no key before the query is masked; keys past a row's
+    are the gradients), and where the inputs are known finite they are skipped. With T == 1 (decoding) no key before the query is masked; keys past a row's
     last query are never read and must be finite (the attention layer keeps zeros there).
     """
     B, H, T, _ = q.shape
@@ -75,8 +75,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         causal = T > 1
     elif T > 1:
         mask = torch.arange(L, device=q.device) <= (L - T + torch.arange(T, device=q.device))[:, None]  # (T, L)
-    if T == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=G != H)
+    if T == 1 or known_finite(k, v):  # nothing to keep out (decided on CPU only: see known_finite)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=G != H)
     bad_k = ~torch.isfinite(k).all(dim=-1)  # (B, G, L) keys with a non-finite entry
     bad_v = ~torch.isfinite(v)  # (B, G, L, V)
     k = torch.where(bad_k[..., None], 0.0, k)
