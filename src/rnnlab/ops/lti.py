@@ -23,7 +23,7 @@ import torch
 
 from . import tuning
 from .registry import implementation, select
-from .bounds import check_cu_seqlens, state_rows, token_carry
+from .bounds import check_cu_seqlens, known_finite, state_rows, token_carry
 from .scan import linear_scan, over_time_chunks
 
 __all__ = ["hippo_legs", "bilinear", "lti", "lti_conv", "lti_recurrent", "lti_scan"]
@@ -196,8 +196,9 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
-    bad = ~torch.isfinite(u)  # (B, T, D)
-    u = torch.where(bad, 0.0, u)
+    bad = None if known_finite(u) else ~torch.isfinite(u)  # (B, T, D): the FFT would spread a NaN everywhere
+    if bad is not None:
+        u = torch.where(bad, 0.0, u)
     T = u.shape[1]
     L = min(T, chunk_size or tuning.get("lti.conv_chunk", u.device))
     kernels = _kernels(dA, dB, C, L, with_state=initial_state is not None or T > L)
@@ -206,8 +207,9 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     else:
         h0 = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
         y, h = over_time_chunks(lambda u, h: _conv_apply(u, dA, kernels, h), (u,), h0, L)
-    y = y.masked_fill(bad.cumsum(dim=1) > 0, float("nan"))  # (B, T, D) from each bad input on
-    h = h.masked_fill(bad.any(dim=1)[..., None], float("nan"))  # (B, D, N)
+    if bad is not None:
+        y = y.masked_fill(bad.cumsum(dim=1) > 0, float("nan"))  # (B, T, D) from each bad input on
+        h = h.masked_fill(bad.any(dim=1)[..., None], float("nan"))  # (B, D, N)
     return _out(y, dtype), h.to(hdt)
 
 
