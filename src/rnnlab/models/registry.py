@@ -34,6 +34,7 @@ from ..layers.rwkv import RWKV6, RWKV7, RWKV6Config, RWKV7Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 from ..layers.deltaproduct import GatedDeltaProduct, GatedDeltaProductConfig
 from ..layers.kda import KDA, KDAConfig
+from ..layers.mom import MoM, MoMConfig
 
 __all__ = ["UnknownMixerError", "OptionError", "MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
 
@@ -133,6 +134,11 @@ _register(MixerSpec(
     "n_h delta-rule (Householder) steps per token, scalar decay once per token; b in (0, 2)",
     "Siems et al. 2025 (DeltaProduct)", "H·K·V + (W-1)·H·((n+1)K+n·V) floats (n = num_householder)",
     tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "mom", MoM, MoMConfig,
+    "Mixture-of-Memories: a router writes each token into the top-k of M gated-delta memories (+ a shared one), reads them mixed",
+    "Du et al. 2025 (MoM)", "E·H·K·V + (W-1)·H·(K+E·(K+V)) floats (E = M+1 memories)",
+    tiny=dict(num_heads=2, num_memories=3, topk=2)))
 _register(MixerSpec(
     "longhorn", Longhorn, LonghornConfig,
     "online regression k -> x per channel, closed-form diagonal update; no forget gate; Mamba block",
