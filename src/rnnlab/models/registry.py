@@ -22,6 +22,7 @@ from ..layers.hgrn import HGRN, HGRNConfig
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
+from ..layers.jrt import JRT, JRTConfig
 from ..layers.gsa import GSA, GSAConfig
 from ..layers.titans import Titans, TitansConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
@@ -157,7 +158,7 @@ _register(MixerSpec(
     "Peng et al. 2025 (RWKV-7 Goose)", "H·K·K + D floats (K = head_dim)",
     tiny=dict(head_dim=16, decay_low_rank_dim=8, a_low_rank_dim=8, gate_low_rank_dim=8), depth_option="depth"))
 
-# -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
+# -- xLSTM mLSTM and friends: mlstm, based, jrt, gsa, titans ---------------------------------------------
 _register(MixerSpec(
     "mlstm", MLSTM, MLSTMConfig,
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
@@ -167,6 +168,11 @@ _register(MixerSpec(
     "based", Based, BasedConfig,
     "linear attention with a 2nd-order Taylor feature map on small q/k; pair with swa in the layout",
     "Arora et al. 2024 (Based)", "H·(1+F+F²)·(V+1) floats",
+    tiny=dict(num_heads=2, feature_dim=4)))
+_register(MixerSpec(
+    "jrt", JRT, JRTConfig,
+    "JRT-RNN prefix linear attention: the prompt (prefix_len) read non-causally by encoder k/v, then causal Based decoding",
+    "Arora et al. 2024 (Just read twice)", "H·(1+F+F²)·(V+1) floats",
     tiny=dict(num_heads=2, feature_dim=4)))
 _register(MixerSpec(
     "gsa", GSA, GSAConfig,
