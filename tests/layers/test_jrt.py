@@ -6,6 +6,14 @@ import torch
 import rnnlab
 from rnnlab.layers.based import taylor_features
 from rnnlab.layers.linear_attention import MatrixState
+from rnnlab.ops import tuning
+
+
+@pytest.fixture
+def small_chunks():
+    """Chunks of 16 tokens in the op, so the sequences below span several chunks."""
+    with tuning.override(cpu={"delta.chunk_size": 16}):
+        yield
 
 
 def layer_f64(**kw):
@@ -55,7 +63,7 @@ def random_state(layer, B):
 
 
 @pytest.mark.parametrize("P", [0, 1, 9, 30])
-def test_matches_paper_equations(P):
+def test_matches_paper_equations(P, small_chunks):
     layer = layer_f64()
     x = torch.randn(2, 30, 16, dtype=torch.float64)
     S0 = random_state(layer, 2)
@@ -91,7 +99,7 @@ def test_prefix_outputs_are_the_non_causal_read_of_the_prefix():
 
 
 @pytest.mark.parametrize("first", [8, 11, 30])
-def test_after_the_prefix_any_split_gives_the_same(first):
+def test_after_the_prefix_any_split_gives_the_same(first, small_chunks):
     layer = layer_f64()
     x = torch.randn(2, 30, 16, dtype=torch.float64)
     y, s = layer(x, prefix_len=[8, 5])  # one prefix length per row
@@ -119,7 +127,7 @@ def test_without_a_prefix_it_is_causal_linear_attention():
     torch.testing.assert_close(s.S, sb.S, atol=1e-13, rtol=1e-12)
 
 
-def test_packed_prefixes_equal_separate():
+def test_packed_prefixes_equal_separate(small_chunks):
     layer = layer_f64()
     lengths, P = [7, 12, 4], [3, 12, 0]
     xs = [torch.randn(1, n, 16, dtype=torch.float64) for n in lengths]

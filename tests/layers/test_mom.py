@@ -5,6 +5,14 @@ import torch.nn.functional as F
 
 import rnnlab
 from rnnlab.layers.mom import MoMState
+from rnnlab.ops import tuning
+
+
+@pytest.fixture
+def small_chunks():
+    """Chunks of 16 tokens in the op, so the sequences below span several chunks."""
+    with tuning.override(cpu={"delta.chunk_size": 16}):
+        yield
 
 
 def conv_silu(weight, seq, t):
@@ -69,7 +77,7 @@ def transcription(layer, x, S0):
 
 
 @pytest.mark.parametrize("shared", [True, False])
-def test_matches_paper_equations(shared):
+def test_matches_paper_equations(shared, small_chunks):
     torch.manual_seed(0)
     layer = rnnlab.build_mixer("mom", d_model=16, num_heads=2, num_memories=4, topk=2,
                                shared_memory=shared).double()
@@ -77,7 +85,7 @@ def test_matches_paper_equations(shared):
         for p in layer.parameters():
             p.add_(0.1 * torch.randn_like(p))
     c = layer.config
-    x = torch.randn(2, 40, 16, dtype=torch.float64)  # crosses a chunk boundary of the op
+    x = torch.randn(2, 40, 16, dtype=torch.float64)  # three chunks of the op
     S0 = torch.randn(2, c.num_all_memories, c.num_heads, c.head_dim, c.head_v_dim, dtype=torch.float64)
     st = layer.init_state(2, dtype=torch.float64)
     y, state = layer(x, MoMState(S=S0, conv_q=st.conv_q, conv_k=st.conv_k, conv_v=st.conv_v))

@@ -24,7 +24,8 @@ Defaults follow flash-linear-attention's MoM (``fla/layers/mom.py`` with the mod
 ``fla/models/mom``): M = 4 memories, top-k = 2, a shared memory, gated-delta-rule memories,
 no value expansion, short causal convolutions (width 4, SiLU) on q, k and v, q and k L2-normalised
 per head, ``b = sigmoid(W_b x)``, ``log a = -exp(A_log) softplus(W_a x + dt_bias)`` with ``A_log``
-and ``dt_bias`` per head shared by all memories. Init as there: xavier-uniform (gain 2^-2.5) on
+and ``dt_bias`` per head shared by all memories (``allow_neg_eigval=True``: ``b`` in (0, 2), as in
+rnnlab's DeltaNet; not in fla's MoM). Init as there: xavier-uniform (gain 2^-2.5) on
 every projection (each memory's block on its own, as fla's separate Linear modules), convolutions
 at PyTorch's default, ``A ~ U(0, 16)``, ``softplus(dt_bias)`` log-uniform in [0.001, 0.1]; ``A_log``
 and ``dt_bias`` skip weight decay.
