@@ -24,8 +24,8 @@ pass ``prefix_len`` to every block and the other mixers ignore it
 Defaults follow the reference's ``PrefixLinearAttention`` (HazyResearch/prefix-linear-attention,
 ``based/models/mixers/prefix_linear_attention.py``): feature dim 16, V = D / H, no biases. The
 paper's JRT-RNN interleaves this layer with sliding-window attention and short convolutions, which
-here is a layout (e.g. ``"jrt,swa(window=64)"``). Init as Based's reference model init: every
-projection N(0, 0.02).
+here is a layout (e.g. ``"jrt,swa(window=64)"``). Init as Based's reference model init
+(HazyResearch/based, on which the JRT-RNN code builds): every projection N(0, 0.02).
 
 rnnlab differs from the reference in: eps = 1e-6 in the normaliser (the reference: 1e-12, Based
 here: 1e-6), the full F² quadratic features (as Based here), no padding mask (``cu_seqlens``
