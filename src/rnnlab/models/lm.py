@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..layers.base import Mixer, check_tokens_input
+from ..layers.base import Mixer, check_prefix_len, check_tokens_input
 from ..ops.bounds import check_cu_seqlens, state_rows
 from ..layers.common import NORM_TYPES, RMSNorm
 from ..layers.state import State, StateError
@@ -173,10 +173,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if has_mlp else None
         self.mlp = MLP(config.d_model, config.d_ff, config.mlp) if has_mlp else None
 
-    def forward(self, x: torch.Tensor, state: State | None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
-        if self.mixer is not None:  # LM.forward has checked the tokens, cu_seqlens and the whole state
-            y, state = self.mixer.mix(self.mixer_norm(x), state, cu_seqlens)
+    def forward(self, x: torch.Tensor, state: State | None, cu_seqlens: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
+        if self.mixer is not None:  # LM.forward has checked the tokens, cu_seqlens, prefix_len and the state
+            y, state = self.mixer.call_mix(self.mixer_norm(x), state, cu_seqlens, prefix_len)
             x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -290,22 +290,27 @@ class LM(nn.Module):
             raise StateError(f"state.seen has {state.seen.shape[0]} rows, expected the batch size {batch_size}")
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+                cu_seqlens: torch.Tensor | None = None,
+                prefix_len: int | torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
         """tokens (B, T) -> logits (B, T, vocab_size), state after the last token.
 
         ``cu_seqlens``: None, or int64 (N + 1,) cumulative lengths of N sequences packed in one row
         (B = 1), passed to every mixer: each sequence starts from its own row of ``state`` (N rows;
         None: the initial state), ends in its own row of the returned state, and sees nothing of
-        the others (:meth:`rnnlab.layers.base.Mixer.forward`)."""
+        the others (:meth:`rnnlab.layers.base.Mixer.forward`).
+
+        ``prefix_len``: None, an int or one int per row (sequence): the first tokens form a prompt
+        that prefix-reading mixers (``jrt``) read non-causally; every other mixer ignores it."""
         check_tokens_input(tokens, self.config.vocab_size)
         B, T = tokens.shape
         cu = check_cu_seqlens(cu_seqlens, B, T)
+        prefix = check_prefix_len(prefix_len, B, T, cu, tokens.device)
         if state is not None:
             self.check_state(state, state_rows(B, cu))
         x = self.embed(tokens.long())  # (B, T, D)
         new = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.layers[i], cu_seqlens)
+            x, s = block(x, None if state is None else state.layers[i], cu_seqlens, prefix)
             new.append(s)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         seen = torch.zeros(state_rows(B, cu), dtype=torch.int64, device=tokens.device) if state is None else state.seen

@@ -22,6 +22,7 @@ from ..layers.hgrn import HGRN, HGRNConfig
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
+from ..layers.jrt import JRT, JRTConfig
 from ..layers.gsa import GSA, GSAConfig
 from ..layers.titans import Titans, TitansConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
@@ -34,6 +35,7 @@ from ..layers.rwkv import RWKV6, RWKV7, RWKV6Config, RWKV7Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
 from ..layers.deltaproduct import GatedDeltaProduct, GatedDeltaProductConfig
 from ..layers.kda import KDA, KDAConfig
+from ..layers.mom import MoM, MoMConfig
 
 __all__ = ["UnknownMixerError", "OptionError", "MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
 
@@ -134,6 +136,11 @@ _register(MixerSpec(
     "Siems et al. 2025 (DeltaProduct)", "H·K·V + (W-1)·H·((n+1)K+n·V) floats (n = num_householder)",
     tiny=dict(num_heads=2)))
 _register(MixerSpec(
+    "mom", MoM, MoMConfig,
+    "Mixture-of-Memories: a router writes each token into the top-k of M gated-delta memories (+ a shared one), reads them mixed",
+    "Du et al. 2025 (MoM)", "E·H·K·V + (W-1)·H·(K+E·(K+V)) floats (E = M+1 memories)",
+    tiny=dict(num_heads=2, num_memories=3, topk=2)))
+_register(MixerSpec(
     "longhorn", Longhorn, LonghornConfig,
     "online regression k -> x per channel, closed-form diagonal update; no forget gate; Mamba block",
     "Liu et al. 2024 (Longhorn)", "E·N + (W-1)·E floats",
@@ -151,7 +158,7 @@ _register(MixerSpec(
     "Peng et al. 2025 (RWKV-7 Goose)", "H·K·K + D floats (K = head_dim)",
     tiny=dict(head_dim=16, decay_low_rank_dim=8, a_low_rank_dim=8, gate_low_rank_dim=8), depth_option="depth"))
 
-# -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
+# -- xLSTM mLSTM and friends: mlstm, based, jrt, gsa, titans ---------------------------------------------
 _register(MixerSpec(
     "mlstm", MLSTM, MLSTMConfig,
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
@@ -161,6 +168,11 @@ _register(MixerSpec(
     "based", Based, BasedConfig,
     "linear attention with a 2nd-order Taylor feature map on small q/k; pair with swa in the layout",
     "Arora et al. 2024 (Based)", "H·(1+F+F²)·(V+1) floats",
+    tiny=dict(num_heads=2, feature_dim=4)))
+_register(MixerSpec(
+    "jrt", JRT, JRTConfig,
+    "JRT-RNN prefix linear attention: the prompt (prefix_len) read non-causally by encoder k/v, then causal Based decoding",
+    "Arora et al. 2024 (Just read twice)", "H·(1+F+F²)·(V+1) floats",
     tiny=dict(num_heads=2, feature_dim=4)))
 _register(MixerSpec(
     "gsa", GSA, GSAConfig,

@@ -20,3 +20,4 @@ from .newton import (NewtonInfo, matrix_scan, matrix_scan_chunked, matrix_scan_l
 from .selective_scan import selective_scan, selective_scan_chunked, selective_scan_recurrent, selective_scan_step
 from .mlstm import mlstm, mlstm_chunked, mlstm_parallel, mlstm_recurrent, mlstm_step
 from .lti import bilinear, hippo_legs, lti, lti_conv, lti_recurrent, lti_scan
+from .prefix import prefix_linear_attention, prefix_linear_attention_parallel, prefix_linear_attention_recurrent
