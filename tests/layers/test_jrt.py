@@ -155,7 +155,7 @@ def test_model_threads_prefix_len_and_other_mixers_ignore_it():
         lt, s1 = model(tokens[:, t:t + 1], s1)
         outs.append(lt)
     torch.testing.assert_close(torch.cat(outs, 1), full, atol=1e-10, rtol=1e-8)
-    assert s1.seen == st.seen == 16
+    assert s1.seen.tolist() == st.seen.tolist() == [16, 16]
 
 
 def test_bad_prefix_len_names_the_argument():
