@@ -62,11 +62,12 @@ def test_ttt_matches_paper_equations(name, gate):
                 if i == 0:  # a new mini-batch starts from the current weights
                     anchor = [w.clone().requires_grad_() for w in W]
                     acc = [torch.zeros_like(w) for w in W]
-                # ℓ(W; x_t) = ½ ||LN(f(θ_K x_t; W)) - (θ_V x_t - θ_K x_t)||², its gradient at the mini-batch start
+                # ℓ(W; x_t) = ½ ||LN(f(θ_K x_t; W)) - (θ_V x_t - θ_K x_t)||², its gradient at the start
                 loss = 0.5 * (ln(_f(anchor, k.detach()), h) - (v - k).detach()).pow(2).sum()
                 grads = torch.autograd.grad(loss, anchor)
                 acc = [a + eta[r, t, h].detach() * g for a, g in zip(acc, grads)]
-                W_t = [a.detach() - token_eta[i].detach() * g for a, g in zip(anchor, acc)]  # W_t = W_0 - η_i Σ η_s ∇ℓ_s
+                # W_t = W_0 - η_i Σ_s η_s ∇ℓ_s(W_0)
+                W_t = [a.detach() - token_eta[i].detach() * g for a, g in zip(anchor, acc)]
                 outs[r, t, h] = (q + ln(_f(W_t, q), h)).detach()  # z_t = θ_Q x_t + LN(f(θ_Q x_t; W_t))
                 if i == b - 1:  # the mini-batch's last weights start the next one
                     W = W_t

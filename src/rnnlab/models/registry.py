@@ -175,7 +175,7 @@ _register(MixerSpec(
     tiny=dict(num_heads=2, chunk_size=4)))
 _register(MixerSpec(
     "ttt_linear", TTT, TTTConfig,
-    "TTT-Linear: a linear model per head trained while reading, one step per mini-batch on ½‖LN(f(k))−(v−k)‖²",
+    "TTT-Linear: a linear model per head learned while reading, a step per mini-batch on ½‖LN(f(k))−(v−k)‖²",
     "Sun et al. 2024 (TTT)", "2·H·(K²+K) floats (weights at the mini-batch start + summed gradient)",
     tiny=dict(num_heads=2, chunk_size=4)))
 _register(MixerSpec(

@@ -554,7 +554,7 @@ def _build() -> dict[str, Family]:
                memory.neural_memory_recurrent, {"chunked": memory.neural_memory_chunked}, _memory_inputs,
                qkv + ("log_g", "log_eta", "theta", "initial_state"), _one_token_or("chunked", "q", "reference"),
                dispatch=memory.neural_memory, packed=("chunked",)),
-        Family("ttt", "W_t = W_0 - c_i sum_s eta_s grad ||LN(f(k_s; W_0)) - (v_s - k_s)||^2/2, o_t = q_t + LN(f(q_t; W_t)) (TTT)",
+        Family("ttt", "W_t = W_0 - c_i sum_s eta_s grad |LN(f(k_s; W_0)) - v_s + k_s|^2/2, o_t = q_t + LN(f(q_t; W_t))",
                ttt.ttt_recurrent, {"chunked": ttt.ttt_chunked}, _ttt_inputs,
                qkv + ("eta", "ln_w", "ln_b", "token_eta", "initial_state"), _one_token_or("chunked", "q", "reference"),
                dispatch=ttt.ttt, packed=("chunked",)),

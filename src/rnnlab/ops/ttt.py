@@ -17,9 +17,11 @@ and the weights W_t of a mini-batch's last token start the next mini-batch. ``et
 each token's learning rate (data-dependent in the layer), ``token_eta`` (b,) a coefficient per
 place (the paper's 1/(i+1): W_t takes a step along the average gradient so far; default). All
 gradients of a mini-batch are taken at W_0, which is what lets a whole mini-batch be computed with
-matmuls (the "dual form", :func:`ttt_chunked`): W_t is never formed, since
-f(q_t; W_t) = f(q_t; W_0) - token_eta[i] (G_0 q_t + Σ_s eta_s (q_t · x_s + 1) δ_s) layer by layer,
-with ∇ℓ_s = δ_s x_s^T for the weight and δ_s for the bias of a layer of input x_s.
+matmuls (the "dual form", :func:`ttt_chunked`): W_t is never formed. For a layer (W, b) whose
+input is x_s when run on k_s (at W_0) and h_t when run on q_t, the gradients are δ_s x_s^T and δ_s
+(δ_s = ∂ℓ_s/∂ of the layer's output), so its output at token t is
+W_0 h_t + b_0 - token_eta[i] (G_W h_t + G_b + Σ_{s ≤ t} eta_s (h_t · x_s + 1) δ_s), with (G_W, G_b)
+the gradient summed before the segment: masked attention-like products over the mini-batch.
 
 The state holds W_0 (``weights``), G (``grads``: the learning-rate-weighted sum of the gradients
 of the current mini-batch so far) and the place in the mini-batch (``pos``), as the reference
