@@ -114,3 +114,13 @@ def test_defaults_follow_the_reference():
     assert abs(lin.inner_W[0].std().item() - 0.02) < 0.005 and lin.inner_b[0].abs().max() == 0
     assert {"lr_bias", "token_eta_bias", "ttt_norm_weight", "inner_b.0", "inner_b.1"} <= mlp.no_weight_decay()
     assert "inner_W.0" not in mlp.no_weight_decay()
+
+
+@pytest.mark.parametrize("name", ["ttt_linear", "ttt_mlp"])
+def test_default_inner_step_stays_finite_on_long_loud_inputs(name):
+    """At the reference's learning rates the inner descent stays finite: 2048 tokens of std-10 inputs."""
+    torch.manual_seed(0)
+    m = rnnlab.build_mixer(name, d_model=32, num_heads=2)
+    with torch.no_grad():
+        y, st = m(torch.randn(2, 2048, 32) * 10)
+    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in st.tensors().values())
