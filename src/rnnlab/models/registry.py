@@ -25,6 +25,7 @@ from ..layers.based import Based, BasedConfig
 from ..layers.jrt import JRT, JRTConfig
 from ..layers.gsa import GSA, GSAConfig
 from ..layers.titans import Titans, TitansConfig
+from ..layers.ttt import TTT, TTTConfig, TTTMLPConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.lssl import LSSL, LSSLConfig
@@ -158,7 +159,7 @@ _register(MixerSpec(
     "Peng et al. 2025 (RWKV-7 Goose)", "H·K·K + D floats (K = head_dim)",
     tiny=dict(head_dim=16, decay_low_rank_dim=8, a_low_rank_dim=8, gate_low_rank_dim=8), depth_option="depth"))
 
-# -- xLSTM mLSTM and friends: mlstm, based, jrt, gsa, titans ---------------------------------------------
+# -- xLSTM mLSTM and friends: mlstm, based, jrt, gsa, titans, ttt_linear, ttt_mlp ------------------
 _register(MixerSpec(
     "mlstm", MLSTM, MLSTMConfig,
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
@@ -184,6 +185,16 @@ _register(MixerSpec(
     "neural memory (MLP or linear) trained while reading: gradient step on ‖M(k)−v‖² with momentum and forgetting",
     "Behrouz et al. 2024 (Titans)", "3·H·2·F·K (MLP) or 3·H·K² (linear) + 3·(W-1)·D floats",
     tiny=dict(num_heads=2, chunk_size=4)))
+_register(MixerSpec(
+    "ttt_linear", TTT, TTTConfig,
+    "TTT-Linear: a linear model per head learned while reading, a step per mini-batch on ½‖LN(f(k))−(v−k)‖²",
+    "Sun et al. 2024 (TTT)", "2·H·(K²+K) floats (weights at the mini-batch start + summed gradient)",
+    tiny=dict(num_heads=2, chunk_size=4)))
+_register(MixerSpec(
+    "ttt_mlp", TTT, TTTMLPConfig,
+    "TTT-MLP: as ttt_linear with a 2-layer GELU MLP (F = 4K) as the inner model; base_lr 0.1",
+    "Sun et al. 2024 (TTT)", "2·H·(2·F·K+F+K) floats (F = mlp_expand·K)",
+    tiny=dict(num_heads=2, chunk_size=4, mlp_expand=2)))
 
 # -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl ------------------------------------
 _register(MixerSpec(

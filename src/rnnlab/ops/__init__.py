@@ -15,6 +15,7 @@ from .scan import (linear_scan, linear_scan_chunked, linear_scan_loop, linear_sc
 from .longhorn import longhorn, longhorn_chunked, longhorn_recurrent
 from .gsa import gsa, gsa_chunked, gsa_recurrent
 from .memory import MemoryState, neural_memory, neural_memory_chunked, neural_memory_recurrent
+from .ttt import TTTState, ttt, ttt_chunked, ttt_recurrent
 from .newton import (NewtonInfo, matrix_scan, matrix_scan_chunked, matrix_scan_loop, matrix_scan_recurrent,
                      newton_solve, rnn_newton, rnn_sequential)
 from .selective_scan import selective_scan, selective_scan_chunked, selective_scan_recurrent, selective_scan_step

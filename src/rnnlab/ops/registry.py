@@ -370,6 +370,18 @@ def _memory_inputs(B, T, H, K, V, g):  # Titans' 2-layer MLP memory (F = 2K), mi
                 initial_state=MemoryState(w(), momentum, w(), pos), chunk_size=16)
 
 
+def _ttt_inputs(B, T, H, K, V, g):  # TTT-MLP (F = 4K, biases), mini-batches of 8; V = K (the residual)
+    from .ttt import TTTState
+    r, u = _gen(g)
+    b = 8
+    w = lambda s: (r(B, H, 4 * K, K) * K ** -0.5, s * r(B, H, 4 * K), r(B, H, K, 4 * K) * (4 * K) ** -0.5,  # noqa: E731
+                   s * r(B, H, K))
+    pos = torch.randint(0, b, (B,), generator=g)  # (B,) int64: each row at its own place in its mini-batch
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K), eta=0.5 * u(B, T, H) / K,
+                ln_w=1 + r(H, K) / 4, ln_b=r(H, K) / 4, token_eta=1 / torch.arange(1, b + 1) + u(b) / 4,
+                initial_state=TTTState(w(0.1), tuple(0.1 * x for x in w(0.1)), pos), chunk_size=b)
+
+
 def _dt(D, g):
     return torch.exp(torch.rand(D, generator=g, dtype=torch.float64) * 4.6 - 6.9)  # in [1e-3, 0.1]
 
@@ -481,10 +493,10 @@ def _build() -> dict[str, Family]:
     from . import backends as bk
     # by module path: rnnlab.ops.mlstm (and gsa, lti, ...) as attributes of the package are the
     # dispatch functions of the same name, not the modules
-    delta, dplr, gsa, longhorn, lti, memory, mlstm, newton, rwkv6, scan, selective_scan = (
+    delta, dplr, gsa, longhorn, lti, memory, mlstm, newton, rwkv6, scan, selective_scan, ttt = (
         importlib.import_module(f"{__package__}.{m}")
         for m in ("delta", "dplr", "gsa", "longhorn", "lti", "memory", "mlstm", "newton", "rwkv6", "scan",
-                  "selective_scan"))
+                  "selective_scan", "ttt"))
 
     compile_delta = Backend("compile", {"chunked": delta.gated_delta_rule_chunked_compiled}, _compile_check_delta)
     qkv = ("q", "k", "v")
@@ -542,6 +554,10 @@ def _build() -> dict[str, Family]:
                memory.neural_memory_recurrent, {"chunked": memory.neural_memory_chunked}, _memory_inputs,
                qkv + ("log_g", "log_eta", "theta", "initial_state"), _one_token_or("chunked", "q", "reference"),
                dispatch=memory.neural_memory, packed=("chunked",)),
+        Family("ttt", "W_t = W_0 - c_i sum_s eta_s grad |LN(f(k_s; W_0)) - v_s + k_s|^2/2, o_t = q_t + LN(f(q_t; W_t))",
+               ttt.ttt_recurrent, {"chunked": ttt.ttt_chunked}, _ttt_inputs,
+               qkv + ("eta", "ln_w", "ln_b", "token_eta", "initial_state"), _one_token_or("chunked", "q", "reference"),
+               dispatch=ttt.ttt, packed=("chunked",)),
         Family("lssl", "h_t = dA h_{t-1} + dB u_t, y_t = C h_t with a dense dA per channel (LSSL)",
                lti.lti_recurrent, {"conv": lti.lti_conv}, _lssl_inputs, ("u", "dA", "dB", "C", "initial_state"),
                _one_token_or("conv", "u", "reference"), dispatch=lti.lti, packed=("conv",),
