@@ -311,6 +311,7 @@ def test_a_nan_stays_in_its_sequence(name, small_chunks):
 # sequence: test_a_nan_stays_in_its_sequence), and why.
 NAN_REACHES_EARLIER = {
     "lssl": "the LSSL layer trains by an FFT convolution over each sequence (ops family lssl, form 'conv')",
+    "lmu": "the LMU's memory is the dense LTI of ops family lssl, run as an FFT convolution over each sequence",
     "attention": "full attention runs torch's scaled_dot_product_attention, whose CPU kernels compute 0 * NaN "
                  "for a masked later key (causal or boolean mask alike)",
 }

@@ -27,6 +27,7 @@ from ..layers.titans import Titans, TitansConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.lssl import LSSL, LSSLConfig
+from ..layers.lmu import LMU, LMUConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
@@ -173,7 +174,7 @@ _register(MixerSpec(
     "Behrouz et al. 2024 (Titans)", "3·H·2·F·K (MLP) or 3·H·K² (linear) + 3·(W-1)·D floats",
     tiny=dict(num_heads=2, chunk_size=4)))
 
-# -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl ------------------------------------
+# -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl, lmu -------------------------------------
 _register(MixerSpec(
     "mamba", Mamba, MambaConfig,
     "selective SSM (S6): data-dependent dt, B, C; conv + SiLU gate; option negative eigenvalues",
@@ -204,6 +205,11 @@ _register(MixerSpec(
     "dense HiPPO-LegS state space per channel, bilinear step, learned dt; convolution to train, recurrence to stream",
     "Gu et al. 2021 (LSSL)", "D·N floats",
     tiny=dict(d_state=8)))
+_register(MixerSpec(
+    "lmu", LMU, LMUConfig,
+    "Legendre Memory Unit: fixed Legendre delay memory of order N over a window θ (ZOH), ReLU readout of [m; x]",
+    "Voelker et al. 2019 (LMU); Liu et al. 2024 (LMUFormer)", "P·N floats (P = memory_dim, N = order)",
+    tiny=dict(order=8, theta=16.0)))
 
 # -- elementwise, nonlinear and minimal RNNs: hgrn, mingru, minlstm, lstm, gru, slstm, aaren --------
 _register(MixerSpec(
