@@ -101,7 +101,8 @@ class LMU(Mixer):
         if key not in cache:
             A, B = legendre_delay(c.order, float(c.theta), torch.float64)
             dA, dB = zoh(A, B, torch.ones(1, dtype=torch.float64))  # (1, N, N), (1, N)
-            cache[key] = (dA.expand(c.memory_dim, -1, -1).to(device, dtype), dB.expand(c.memory_dim, -1).to(device, dtype))
+            P = c.memory_dim  # the same memory for every channel
+            cache[key] = (dA.expand(P, -1, -1).to(device, dtype), dB.expand(P, -1).to(device, dtype))
         return cache[key]
 
     def mix(self, x, state, cu_seqlens=None):
