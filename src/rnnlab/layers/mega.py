@@ -212,8 +212,7 @@ class Mega(Mixer):
         left = end % c  # (B,) tokens of that chunk
         i = torch.arange(c - 1, device=dev)
         keep = (i < left[:, None])[..., None]  # (B, c-1, 1)
-        at = (end - left)[:, None] + i  # (B, c-1)
-        at = at.clamp_max(L - 1)
+        at = ((end - left)[:, None] + i).clamp_max(L - 1)  # (B, c-1) their slots in the buffer
         same = (n == 0)[:, None, None]  # (B, 1, 1) rows without tokens (empty packed sequences) keep their state
         k_new = torch.where(same, st.k.to(acc), torch.where(keep, _gather(kb[..., :Z], at), 0.0))  # (B, c-1, Z)
         v_new = torch.where(same, st.v.to(acc), torch.where(keep, _gather(vb, at), 0.0))  # (B, c-1, V)
