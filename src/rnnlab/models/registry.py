@@ -29,6 +29,8 @@ from ..layers.ttt import TTT, TTTConfig, TTTMLPConfig
 from ..layers.mlstm import MLSTM, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.lssl import LSSL, LSSLConfig
+from ..layers.lmu import LMU, LMUConfig
+from ..layers.mega import Mega, MegaConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
@@ -196,7 +198,7 @@ _register(MixerSpec(
     "Sun et al. 2024 (TTT)", "2·H·(2·F·K+F+K) floats (F = mlp_expand·K)",
     tiny=dict(num_heads=2, chunk_size=4, mlp_expand=2)))
 
-# -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl ------------------------------------
+# -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl, lmu -------------------------------------
 _register(MixerSpec(
     "mamba", Mamba, MambaConfig,
     "selective SSM (S6): data-dependent dt, B, C; conv + SiLU gate; option negative eigenvalues",
@@ -227,6 +229,16 @@ _register(MixerSpec(
     "dense HiPPO-LegS state space per channel, bilinear step, learned dt; convolution to train, recurrence to stream",
     "Gu et al. 2021 (LSSL)", "D·N floats",
     tiny=dict(d_state=8)))
+_register(MixerSpec(
+    "lmu", LMU, LMUConfig,
+    "Legendre Memory Unit: fixed Legendre delay memory of order N over a window θ (ZOH), ReLU readout of [m; x]",
+    "Voelker et al. 2019 (LMU); Liu et al. 2024 (LMUFormer)", "P·N floats (P = memory_dim, N = order)",
+    tiny=dict(order=8, theta=16.0)))
+_register(MixerSpec(
+    "mega", Mega, MegaConfig,
+    "Mega-chunk: damped multi-dimensional EMA, then single-head gated attention inside aligned chunks of c tokens",
+    "Ma et al. 2023 (Mega)", "D·N + (c-1)·(Z+V) floats + a position (bounded)",
+    tiny=dict(ndim=4, z_dim=8, v_dim=16, chunk_size=8)))
 
 # -- elementwise, nonlinear and minimal RNNs: hgrn, mingru, minlstm, lstm, gru, slstm, aaren --------
 _register(MixerSpec(
