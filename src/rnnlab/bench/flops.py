@@ -23,8 +23,9 @@ backward pass is taken as twice the forward (``3x`` for forward + backward).
 :mod:`rnnlab.ops`, per sequence and head, for chunks of C tokens (T padded to N·C where the kernel
 pads), key size K and value size V; B·H sequences (the scan: B·H·K lanes):
 
-* ``delta`` (gated delta rule, scalar decay): per chunk ``4C²K`` (Q K^T and K K^T) ``+ C²(K+V)``
-  (the unit-triangular UT solve for U and W) ``+ 2C²V`` (A U) ``+ 6CKV`` (W S, Q S, K^T U);
+* ``delta`` (gated delta rule, scalar decay): per chunk ``4C²K`` (Q K^T and K K^T) ``+ C³ +
+  2C²(K+V)`` (the UT transform on finite inputs: the unit-triangular matrix inverted by a solve
+  against I, then its products with V and K) ``+ 2C²V`` (A U) ``+ 6CKV`` (W S, Q S, K^T U);
 * ``delta_vector`` (gated delta rule, decay vector over K, sub-chunks of c, m = C/c): the scores
   become ``4C²K + 6CcK + 2mCK`` (masked decay tensors within sub-chunks, decay-factored matmuls
   between them), the rest as for ``delta``;
@@ -59,9 +60,9 @@ def kernel_flops(case: str, B: int, T: int, H: int, K: int, V: int, chunk: int, 
     C = chunk
     N = _chunks(T, C)
     if case == "delta":
-        per = 4 * C * C * K + C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
+        per = 4 * C * C * K + C ** 3 + 2 * C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
     elif case == "delta_vector":
-        per = _scores_vector(C, K, sub_chunk) + C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
+        per = _scores_vector(C, K, sub_chunk) + C ** 3 + 2 * C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
     elif case == "ssd":
         per = 4 * C * C * K + 2 * C * C * V + 4 * C * K * V
     elif case == "gla":
@@ -90,8 +91,8 @@ KERNEL_CASES = ("delta", "delta_vector", "ssd", "gla", "mlstm", "scan", "scan_lo
 # the formulas of :func:`kernel_flops`, printed beside the efficiency table (per sequence and head;
 # N chunks of C, sub-chunks of c, m = C/c; the scan per lane)
 FORMULAS = {
-    "delta": "N·(4C²K + C²(K+V) + 2C²V + 6CKV)",
-    "delta_vector": "N·(4C²K + 6CcK + 2mCK + C²(K+V) + 2C²V + 6CKV)",
+    "delta": "N·(4C²K + C³ + 2C²(K+V) + 2C²V + 6CKV)",
+    "delta_vector": "N·(4C²K + 6CcK + 2mCK + C³ + 2C²(K+V) + 2C²V + 6CKV)",
     "ssd": "N·(4C²K + 2C²V + 4CKV)",
     "gla": "N·(4C²K + 6CcK + 2mCK + 2C²V + 4CKV)",
     "mlstm": "sum over chunks of L: 2L²K + 2L²V + 4LKV + 2LK + 2L²",
