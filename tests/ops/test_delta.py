@@ -190,3 +190,4 @@ def test_known_finite_sees_every_non_finite_value():
         y[2, 3] = bad
         assert not known_finite(x, y)
     assert not known_finite(torch.full((3,), 3e38))  # an overflowing sum: the guarded path, never a wrong one
+    assert not known_finite(x, torch.empty(3, device="meta"))  # off the CPU: no look at the values at all

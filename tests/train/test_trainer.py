@@ -114,11 +114,13 @@ class Halves:
 
 
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
-    a, b = model(), model()
+    """In float64: in float32 the summation order of two half-batches differs from one batch, and
+    Adam turns a rounding difference in a near-zero gradient into a full-size step."""
+    a, b = model().double(), model().double()
     train(a, Source(), cfg(tmp_path, steps=3, out_dir=""), progress=False)
     train(b, Halves(), cfg(tmp_path, steps=3, out_dir="", grad_accum=2), progress=False)
-    for k, v in a.state_dict().items():  # float32 summation order differs; Adam normalises tiny gradients
-        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-4, atol=1e-5, msg=k)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-9, atol=1e-10, msg=k)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
@@ -152,6 +154,9 @@ def test_one_host_sync_per_step(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counted)
     # tokens are checked on the host on CPU only (a device-side assert elsewhere): not counted here
     monkeypatch.setattr("rnnlab.models.lm.check_tokens_input", lambda tokens, vocab: None)
+    # ops may look at their CPU inputs to skip NaN guards (never on other devices): not counted here
+    for module in ("delta", "attention", "lti"):
+        monkeypatch.setattr(sys.modules[f"rnnlab.ops.{module}"], "known_finite", lambda *xs: False)
     train(m, Source(), TrainConfig(steps=5, batch_size=4, seq_len=16, warmup=1, eval_every=0), progress=False)
     assert calls["n"] == 5
 
