@@ -35,7 +35,7 @@ from torch import nn
 
 from ..ops.scan import linear_scan, running_max
 from .base import Mixer, MixerConfig, state_batch
-from .common import normal_linears_
+from .common import normal_linears_, split_heads
 from .state import State
 
 __all__ = ["AarenConfig", "AarenState", "Aaren"]
@@ -51,12 +51,7 @@ class AarenConfig(MixerConfig):
         super().__post_init__()
         if not isinstance(self.num_heads, int) or self.num_heads < 1:
             raise ValueError(f"num_heads must be a positive int, got {self.num_heads!r}")
-        if self.head_dim is None:
-            if self.d_model % self.num_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
-            self.head_dim = self.d_model // self.num_heads
-        if not isinstance(self.head_dim, int) or self.head_dim < 1:
-            raise ValueError(f"head_dim must be a positive int, got {self.head_dim!r}")
+        self.head_dim = split_heads(self.d_model, self.num_heads, self.head_dim)
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..ops.attention import causal_attention, merge_attention, softmax_attention
 from .base import Mixer, MixerConfig
-from .common import apply_rope, normal_linears_
+from .common import apply_rope, normal_linears_, split_heads
 from .state import State
 
 __all__ = ["AttentionConfig", "SWAConfig", "AttentionState", "Attention", "seen_range"]
@@ -66,10 +66,7 @@ class AttentionConfig(MixerConfig):
         super().__post_init__()
         if self.num_kv_heads is None:
             self.num_kv_heads = self.num_heads
-        if self.head_dim is None:
-            if self.d_model % self.num_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
-            self.head_dim = self.d_model // self.num_heads
+        self.head_dim = split_heads(self.d_model, self.num_heads, self.head_dim)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if self.head_dim % 2:

@@ -2,6 +2,8 @@
 and the initialisation helpers the layers' ``reset_parameters`` use."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,7 +11,7 @@ from torch import nn
 from ..ops.bounds import PrefixLayout
 
 __all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope", "NORM_TYPES", "xavier_linears_",
-           "normal_linears_", "default_init_", "reset_norms_"]
+           "normal_linears_", "default_init_", "reset_norms_", "log_uniform_dt", "inverse_softplus", "split_heads"]
 
 
 class RMSNorm(nn.Module):
@@ -177,3 +179,27 @@ def reset_norms_(module: nn.Module) -> None:
     for m in module.modules():
         if isinstance(m, NORM_TYPES):
             m.reset_parameters()
+
+
+def log_uniform_dt(shape, dt_min: float, dt_max: float, floor: float = 0.0) -> torch.Tensor:
+    """Initial step sizes (Mamba's scheme): log-uniform in [dt_min, dt_max] (one ``torch.rand``
+    draw of ``shape``), clamped below at ``floor``."""
+    log_min, log_max = math.log(dt_min), math.log(dt_max)
+    return torch.exp(torch.rand(shape) * (log_max - log_min) + log_min).clamp(min=floor)
+
+
+def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
+    """x with softplus(x) = y (y > 0): the bias that makes a softplus start at y."""
+    return y + torch.log(-torch.expm1(-y))
+
+
+def split_heads(d_model: int, num_heads: int, head_dim: int | None) -> int:
+    """The head dimension K: ``head_dim``, or d_model / num_heads when it is None (then
+    num_heads must divide d_model). Raises a ValueError naming the field otherwise."""
+    if head_dim is None:
+        if d_model % num_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; set head_dim")
+        return d_model // num_heads
+    if not isinstance(head_dim, int) or head_dim < 1:
+        raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
+    return head_dim

@@ -27,7 +27,6 @@ Dimension letters: B batch, T tokens, D model width, H heads, K key head dim, V 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,8 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig, state_batch
-from .common import GatedRMSNorm, RMSNorm, ShortConv, default_init_, xavier_linears_
+from .common import (GatedRMSNorm, RMSNorm, ShortConv, default_init_, inverse_softplus, log_uniform_dt, split_heads,
+                     xavier_linears_)
 from .state import State
 
 __all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNetState", "DeltaNet", "GatedDeltaNet", "init_decay_"]
@@ -55,10 +55,7 @@ class DeltaNetConfig(MixerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_dim is None:
-            if self.d_model % self.num_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; set head_dim")
-            self.head_dim = self.d_model // self.num_heads
+        self.head_dim = split_heads(self.d_model, self.num_heads, self.head_dim)
         self.head_v_dim = int(self.head_dim * self.expand_v)
         if self.head_v_dim < 1 or self.conv_size < 1:
             raise ValueError(f"expand_v={self.expand_v} and conv_size={self.conv_size} must give V >= 1, width >= 1")
@@ -86,9 +83,7 @@ def init_decay_(A_log: nn.Parameter, dt_bias: nn.Parameter, c: GatedDeltaNetConf
     log-uniform in [c.dt_min, c.dt_max], floored at c.dt_init_floor (any shapes of A_log, dt_bias)."""
     with torch.no_grad():
         A_log.copy_(torch.log(torch.empty(A_log.shape).uniform_(*c.A_init_range)))
-        dt = torch.exp(torch.rand(dt_bias.shape) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-        dt = dt.clamp(min=c.dt_init_floor)
-        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        dt_bias.copy_(inverse_softplus(log_uniform_dt(dt_bias.shape, c.dt_min, c.dt_max, c.dt_init_floor)))
 
 
 class DeltaNet(Mixer):

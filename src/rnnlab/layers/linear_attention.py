@@ -32,7 +32,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig, state_batch
-from .common import RMSNorm, default_init_
+from .common import RMSNorm, default_init_, split_heads
 from .state import State
 
 __all__ = ["LinearAttentionConfig", "RetNetConfig", "MatrixState", "LinearAttention", "RetNet"]
@@ -50,10 +50,7 @@ class LinearAttentionConfig(MixerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_dim is None:
-            if self.d_model % self.num_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
-            self.head_dim = self.d_model // self.num_heads
+        self.head_dim = split_heads(self.d_model, self.num_heads, self.head_dim)
         if self.feature_map not in _FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {sorted(_FEATURE_MAPS)}, got {self.feature_map!r}")
 
@@ -67,10 +64,7 @@ class RetNetConfig(MixerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_dim is None:
-            if self.d_model % self.num_heads:
-                raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
-            self.head_dim = self.d_model // self.num_heads
+        self.head_dim = split_heads(self.d_model, self.num_heads, self.head_dim)
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,6 @@ G groups, N state size, W conv width.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +31,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig, state_batch
-from .common import ShortConv, default_init_
+from .common import ShortConv, default_init_, inverse_softplus, log_uniform_dt
 from .state import State
 
 __all__ = ["Mamba2Config", "Mamba2State", "Mamba2"]
@@ -98,9 +97,7 @@ class Mamba2(Mixer):
         H = c.num_heads
         default_init_(self, zero_linear_bias=True)
         with torch.no_grad():
-            dt = torch.exp(torch.rand(H) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-            dt = dt.clamp(min=c.dt_init_floor)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+            self.dt_bias.copy_(inverse_softplus(log_uniform_dt(H, c.dt_min, c.dt_max, c.dt_init_floor)))
             self.A_log.copy_(torch.log(torch.empty(H).uniform_(*c.A_init_range)))
             self.D.fill_(1.0)
             self.norm.weight.fill_(1.0)
