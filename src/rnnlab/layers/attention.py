@@ -31,7 +31,7 @@ Dimension letters: B batch, T new tokens, L cached tokens, H query heads, G key/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -54,7 +54,10 @@ class AttentionConfig(MixerConfig):
     window: int | None = None  # sliding window w (tokens a query sees, itself included); None = full
     sinks: int = 0  # attention sinks s: first tokens kept for ever (needs a window)
     rope_theta: float = 10000.0  # RoPE base
-    bias: bool = False  # biases in the q, k, v, o projections
+    rope_fraction: float = 1.0  # the fraction of each head's dims RoPE rotates, the first ones (RecurrentGemma: 0.5)
+    bias: bool = False  # biases in the q, k, v projections (and o, unless out_bias says otherwise)
+    out_bias: bool | None = None  # a bias in the o projection; None = bias (RecurrentGemma: True with bias=False)
+    rope_dim: int = field(init=False, repr=False)  # derived: the rotated dims per head, int(head_dim · rope_fraction)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -66,8 +69,14 @@ class AttentionConfig(MixerConfig):
             self.head_dim = self.d_model // self.num_heads
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0 < self.rope_fraction <= 1:
+            raise ValueError(f"rope_fraction must be in (0, 1], got {self.rope_fraction!r}")
+        self.rope_dim = int(self.head_dim * self.rope_fraction)
+        if self.rope_dim < 2 or self.rope_dim % 2:
+            raise ValueError(f"head_dim · rope_fraction = {self.head_dim} · {self.rope_fraction} must give an even "
+                             f"number >= 2 of rotated dims, got {self.rope_dim}")
+        if self.out_bias is None:
+            self.out_bias = self.bias
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, got {self.window}")
         if self.sinks < 0 or (self.sinks and self.window is None):
@@ -152,7 +161,7 @@ class Attention(Mixer):
         self.q_proj = nn.Linear(c.d_model, c.num_heads * c.head_dim, bias=c.bias)
         self.k_proj = nn.Linear(c.d_model, c.num_kv_heads * c.head_dim, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, c.num_kv_heads * c.head_dim, bias=c.bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.d_model, bias=c.bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.d_model, bias=c.out_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -179,6 +188,13 @@ class Attention(Mixer):
         y, state = self._attend(rows, state, lengths)
         return y[real][None], state  # (1, T, D)
 
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first ``rope_dim`` dims of x (B, H, T, K) at positions pos (B, T); the rest pass."""
+        c = self.config
+        if c.rope_dim == c.head_dim:
+            return apply_rope(x, pos, c.rope_theta)
+        return torch.cat([apply_rope(x[..., :c.rope_dim], pos, c.rope_theta), x[..., c.rope_dim:]], dim=-1)
+
     def _attend(self, x, state, lengths):
         """x (B, T, D) -> y (B, T, D), new state; row b holds ``lengths[b]`` real tokens (None: T),
         the rest padding that is neither attended to nor cached."""
@@ -194,7 +210,7 @@ class Attention(Mixer):
         q = rearrange(self.q_proj(x), "b t (h k) -> b h t k", k=c.head_dim)  # (B, H, T, K)
         k = rearrange(self.k_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
         v = rearrange(self.v_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
-        qr, k = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
+        qr, k = self._rope(q, pos), self._rope(k, pos)
         count = real.sum(dim=1)  # (B,) real tokens per row
         seen = state.seen + count  # (B,)
         # 2. attend; the new cache
@@ -219,7 +235,7 @@ class Attention(Mixer):
                 sink = real & (pos < s)  # (B, T) new tokens that are sinks
                 sink_k = _write(state, "sink_k", k, pos, sink, s)  # sink i rotated by i = its position
                 sink_v = _write(state, "sink_v", v, pos, sink, s)
-                qs = apply_rope(q, pos.clamp(max=s + w - 1), c.rope_theta)
+                qs = self._rope(q, pos.clamp(max=s + w - 1))
                 o_s, lse_s = softmax_attention(qs, sink_k.repeat_interleave(rep, dim=1),
                                                sink_v.repeat_interleave(rep, dim=1), pos,
                                                torch.arange(s, device=x.device))
