@@ -262,12 +262,18 @@ def _recurrent_gemma_export(model: LM) -> dict:
             "lru_width": r.lru_width if r is not None else c.d_model,
             "conv1d_width": r.conv_width if r is not None else 4,
             "attention_window_size": a.window if a is not None else 2048,
-            "block_types": ["recurrent" if b.name == "rg_lru" else "attention" for b in c.blocks],
+            "block_types": _period(["recurrent" if b.name == "rg_lru" else "attention" for b in c.blocks]),
             "logits_soft_cap": c.logit_softcap, "rms_norm_eps": c.norm_eps, "hidden_activation": "gelu_pytorch_tanh",
             "rope_parameters": {"rope_type": "default", "rope_theta": a.rope_theta if a is not None else 10000.0,
                                 "partial_rotary_factor": a.rope_fraction if a is not None else 0.5},
             "attention_bias": a.bias if a is not None else False, "tie_word_embeddings": c.tie_embeddings,
             "final_w_init_variance_scale": 2.0 / c.n_layers, "w_init_variance_scale": 0.01}
+
+
+def _period(kinds: list[str]) -> list[str]:
+    """The shortest pattern that, cycled, gives ``kinds`` (as RecurrentGemma and rnnlab's layouts cycle)."""
+    n = len(kinds)
+    return next(kinds[:p] for p in range(1, n + 1) if all(kinds[i] == kinds[i % p] for i in range(n)))
 
 
 _RECURRENT_GEMMA = _Arch("RecurrentGemmaForCausalLM", "recurrent_gemma", _recurrent_gemma_config,
