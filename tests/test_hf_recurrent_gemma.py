@@ -190,3 +190,19 @@ def test_unsupported_recurrent_gemma_settings_are_refused(tmp_path):
         cfg_path.write_text(json.dumps({**base, **change}))
         with pytest.raises(ValueError, match=match):
             from_hf(tmp_path / "hf")
+
+
+@pytest.mark.parametrize("layout", [  # the README's Hawk and Griffin, built in rnnlab
+    "rg_lru(num_heads=4)",
+    "rg_lru(num_heads=4)*2,swa(window=6,num_heads=4,num_kv_heads=1,rope_fraction=0.5,out_bias=True)"])
+def test_rnnlab_griffin_and_hawk_export_to_transformers(tmp_path, layout):
+    torch.manual_seed(0)
+    ours = rnnlab.build_model(layout=layout, n_layers=4, d_model=64, vocab_size=100, mlp="geglu", mlp_bias=True,
+                              norm_plus_one=True, embed_scale=8.0, logit_softcap=30.0).eval()
+    to_hf(ours, tmp_path / "hf")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 100, (2, 25))
+    with torch.no_grad():
+        diff = (hf(x, use_cache=False).logits - ours(x)[0]).abs().max().item()
+    assert diff < 1e-5, diff
+    assert torch.equal(ours.generate(x[:, :5], 20, temperature=0), _greedy_without_cache(hf, x[:, :5], 20))
