@@ -80,7 +80,7 @@ _register(MixerSpec(
     "swa", Attention, SWAConfig,
     "sliding-window attention (window w), optional attention sinks s as in StreamingLLM",
     "Beltagy et al. 2020; Xiao et al. 2023", "2·G·K·(w-1+s) floats (bounded)",
-    tiny=dict(num_heads=2, window=8, sinks=2)))
+    tiny=dict(num_heads=2, window=8, sinks=2, rope_fraction=0.5, out_bias=True)))
 
 # -- linear attention family: linear_attention, retnet, gla, hgrn2 -----------------------------------
 _register(MixerSpec(
