@@ -6,6 +6,11 @@
 ``cu_seqlens`` one row packs several sequences, each with its own state row. The model obeys the
 chunking law of its mixers: feeding a sequence in pieces, passing the state, equals one call.
 
+Gemma-style options (all off by default): ``embed_scale`` multiplies the embedding,
+``norm_plus_one`` makes every RMSNorm of the model scale by (1 + w), ``mlp="geglu"`` with
+``mlp_bias`` is Gemma's MLP and ``logit_softcap`` bounds the logits by c·tanh(logits / c) — with
+``rg_lru`` and partial-RoPE ``swa`` layouts they make Griffin and Hawk (RecurrentGemma).
+
 Parameters: each mixer initialises its own (as its paper's reference does) and names those that
 skip weight decay; the model initialises only what it owns — embedding, MLPs, norms, head — and
 builds its blocks first, so for the same seed the first block's mixer starts from the same weights
