@@ -134,11 +134,13 @@ def _mamba2_config(cfg: dict) -> LMConfig:
                     tie_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
-def _uniform_mixer(model: LM, name: str):
+def _uniform_mixer(model: LM, name: str, mlp: bool = False):
+    """The mixer config shared by every block of a pure ``name`` stack (with an MLP in every block
+    when ``mlp``, else none); only logit soft-capping among the Gemma options, and only with ``mlp``."""
     c = model.config
-    if {b.name for b in c.blocks} != {name} or c.mixer_mlp:
-        raise ValueError(f"only pure {name} stacks without MLPs export to this architecture")
-    _check_plain(c, name)
+    if {b.name for b in c.blocks} != {name} or c.mixer_mlp != mlp:
+        raise ValueError(f"only pure {name} stacks {'with' if mlp else 'without'} MLPs export to this architecture")
+    _check_plain(LMConfig(**{**c.to_dict(), "logit_softcap": None}) if mlp else c, name)
     m = model.blocks[0].mixer.config
     if any(b.mixer.config != m for b in model.blocks):
         raise ValueError(f"every {name} block must have the same config to export")
@@ -290,7 +292,60 @@ _RECURRENT_GEMMA = _Arch("RecurrentGemmaForCausalLM", "recurrent_gemma", _recurr
     ("lm_head.weight", "lm_head.weight"),
 ))
 
-HF_ARCHITECTURES: dict[str, _Arch] = {a.hf_class: a for a in (_LLAMA, _MAMBA, _MAMBA2, _RECURRENT_GEMMA)}
+
+# -- xLSTM (xLSTM 7B) ----------------------------------------------------------------------------
+# transformers' xLSTMForCausalLM: mlstm7b blocks, each with a SwiGLU MLP of width
+# round_up(ffn_proj_factor · D, ffn_round_up_to_multiple_of), plain RMSNorms, an untied head (its
+# class never ties it) and soft-capped logits.
+def _xlstm_config(cfg: dict) -> LMConfig:
+    if cfg.get("weight_mode", "single") != "single":
+        raise ValueError(f"weight_mode={cfg.get('weight_mode')!r} is not supported (only 'single')")
+    if cfg.get("use_bias", False):
+        raise ValueError("use_bias=True is not supported (rnnlab's RMSNorm has no bias)")
+    D = cfg.get("hidden_size") or cfg["embedding_dim"]
+    n = cfg.get("num_hidden_layers") or cfg["num_blocks"]
+    mult = cfg.get("ffn_round_up_to_multiple_of", 64)
+    d_ff = int(((D * cfg.get("ffn_proj_factor", 2.667) + mult - 1) // mult) * mult)
+    cap, gate_cap = cfg.get("output_logit_soft_cap", 30.0), cfg.get("gate_soft_cap", 15.0)
+    mixer = (f"mlstm7b(num_heads={cfg.get('num_heads', 8)},qk_dim_factor={float(cfg.get('qk_dim_factor', 0.5))!r},"
+             f"v_dim_factor={float(cfg.get('v_dim_factor', 1.0))!r},"
+             f"gate_softcap={None if gate_cap is None else float(gate_cap)!r},eps={float(cfg.get('eps', 1e-6))!r},"
+             f"norm_eps={float(cfg.get('norm_eps', 1e-6))!r},init_layers={n})")
+    return LMConfig(vocab_size=cfg["vocab_size"], d_model=D, n_layers=n, layout=mixer, mlp="swiglu", d_ff=d_ff,
+                    norm_eps=float(cfg.get("norm_eps", 1e-6)), logit_softcap=None if cap is None else float(cap),
+                    tie_embeddings=False)
+
+
+def _xlstm_export(model: LM) -> dict:
+    c = model.config
+    m = _uniform_mixer(model, "mlstm7b", mlp=True)
+    if c.mlp != "swiglu" or c.tie_embeddings or m.bias:
+        raise ValueError("xLSTM export needs SwiGLU MLPs, an untied head and no biases in the mLSTM layers")
+    if m.norm_eps != c.norm_eps:
+        raise ValueError("transformers' xLSTM uses one norm_eps for the RMSNorms and the heads' layer norm; set them equal")
+    return {"architectures": ["xLSTMForCausalLM"], "model_type": "xlstm", "vocab_size": c.vocab_size,
+            "hidden_size": c.d_model, "embedding_dim": c.d_model, "num_hidden_layers": c.n_layers,
+            "num_blocks": c.n_layers, "num_heads": m.num_heads, "qk_dim_factor": m.qk_dim_factor,
+            "v_dim_factor": m.v_dim_factor, "gate_soft_cap": m.gate_softcap, "eps": m.eps, "norm_eps": c.norm_eps,
+            "use_bias": False, "weight_mode": "single", "add_out_norm": True, "tie_word_embeddings": False,
+            "ffn_proj_factor": c.d_ff / c.d_model, "ffn_round_up_to_multiple_of": 64 if c.d_ff % 64 == 0 else c.d_ff,
+            "output_logit_soft_cap": c.logit_softcap, "autocast_kernel_dtype": "float32",
+            "inference_state_dtype": "float32", "mode": "inference"}
+
+
+_XLSTM = _Arch("xLSTMForCausalLM", "xlstm", _xlstm_config, _xlstm_export, (
+    ("backbone.embeddings.weight", "embed.weight"),
+    ("backbone.blocks.{i}.norm_mlstm.weight", "blocks.{i}.mixer_norm.weight"),
+    ("backbone.blocks.{i}.norm_ffn.weight", "blocks.{i}.mlp_norm.weight"),
+    ("backbone.blocks.{i}.mlstm_layer.{p}.{w}", "blocks.{i}.mixer.{p}.{w}"),
+    ("backbone.blocks.{i}.ffn.proj_up_gate.weight", "blocks.{i}.mlp.gate_proj.weight"),
+    ("backbone.blocks.{i}.ffn.proj_up.weight", "blocks.{i}.mlp.up_proj.weight"),
+    ("backbone.blocks.{i}.ffn.proj_down.weight", "blocks.{i}.mlp.down_proj.weight"),
+    ("backbone.out_norm.weight", "norm.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+))
+
+HF_ARCHITECTURES: dict[str, _Arch] = {a.hf_class: a for a in (_LLAMA, _MAMBA, _MAMBA2, _RECURRENT_GEMMA, _XLSTM)}
 
 
 # -- the generic machinery -----------------------------------------------------------------------

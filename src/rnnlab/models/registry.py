@@ -24,7 +24,7 @@ from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
 from ..layers.gsa import GSA, GSAConfig
 from ..layers.titans import Titans, TitansConfig
-from ..layers.mlstm import MLSTM, MLSTMConfig
+from ..layers.mlstm import MLSTM, MLSTM7B, MLSTM7BConfig, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.lssl import LSSL, LSSLConfig
 from ..layers.mamba import Mamba, MambaConfig
@@ -126,11 +126,16 @@ _register(MixerSpec(
     "Liu et al. 2024 (Longhorn)", "E·N + (W-1)·E floats",
     tiny=dict(d_state=4)))
 
-# -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
+# -- xLSTM mLSTM and friends: mlstm, mlstm7b, based, gsa, titans ------------------------------------------
 _register(MixerSpec(
     "mlstm", MLSTM, MLSTMConfig,
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
     "Beck et al. 2024 (xLSTM)", "H·(K·K + K + 1) + (W-1)·E floats (K = E/H)",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "mlstm7b", MLSTM7B, MLSTM7BConfig,
+    "xLSTM 7B's mLSTM layer: q/k/v and sigmoid output gate from x, soft-capped gates, no conv (transformers' xLSTM)",
+    "Beck et al. 2025 (xLSTM 7B)", "H·(K·V + K + 1) floats (K = qk_dim/H, V = v_dim/H)",
     tiny=dict(num_heads=2)))
 _register(MixerSpec(
     "based", Based, BasedConfig,
