@@ -126,7 +126,7 @@ _register(MixerSpec(
     "Liu et al. 2024 (Longhorn)", "E·N + (W-1)·E floats",
     tiny=dict(d_state=4)))
 
-# -- xLSTM mLSTM and friends: mlstm, mlstm7b, based, gsa, titans ------------------------------------------
+# -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
 _register(MixerSpec(
     "mlstm", MLSTM, MLSTMConfig,
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
