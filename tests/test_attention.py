@@ -1,10 +1,16 @@
 """Softmax attention against a direct transcription of its definition (StreamingLLM cache)."""
+import collections
+import contextlib
 import dataclasses
 import math
+import os
+import traceback
 
 import pytest
 import torch
 from einops import rearrange
+
+import rnnlab
 
 from rnnlab.layers.attention import Attention, AttentionConfig
 from rnnlab.layers.common import apply_rope
@@ -198,3 +204,78 @@ def test_partial_rope_rotates_only_the_first_dims():
                        (dict(rope_fraction=1.5), "rope_fraction")):
         with pytest.raises(ValueError, match=match):
             AttentionConfig(d_model=16, num_heads=2, **bad)
+
+
+def test_packed_attention_computes_each_sequence_alone_without_padding(monkeypatch):
+    """Packed prompts (one long, many short; some continuing cached rows) equal each run alone, and
+    the attention computes sum_n l_n (s_n + l_n) scores: no sequence is padded to the longest."""
+    torch.manual_seed(0)
+    m = Attention(AttentionConfig(d_model=16, num_heads=4, num_kv_heads=2)).double()
+    lengths, cached = [40, 1, 3, 2, 1, 5, 2], [0, 6, 0, 3, 0, 1, 0]
+    states = [m(torch.randn(1, s, 16, dtype=torch.float64))[1] if s else m.init_state(1, dtype=torch.float64)
+              for s in cached]
+    x = torch.randn(1, sum(lengths), 16, dtype=torch.float64)
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    scores = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: scores.append(q.shape[0] * q.shape[2] * k.shape[2]) or sdpa(q, k, v, **kw))
+    y, s = m(x, type(states[0]).cat(states), cu_seqlens=cu)
+    assert sum(scores) == sum(n * (c + n) for n, c in zip(lengths, cached))  # padded: 7 * 40 * (6 + 40)
+    monkeypatch.undo()
+    for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
+        y_n, s_n = m(x[:, a:b], states[n])
+        assert (y[:, a:b] - y_n).abs().max() < 1e-12, f"sequence {n}"
+        assert s.seen[n] == s_n.seen[0] == cached[n] + lengths[n]
+        torch.testing.assert_close(s.k[n:n + 1, :, :s_n.seen[0]], s_n.k[:, :, :s_n.seen[0]], rtol=0, atol=1e-12)
+
+
+@contextlib.contextmanager
+def _host_reads():
+    """Count the calls that read a tensor back to the host (``item``, ``int()``, ``bool()``,
+    ``tolist``, ``nonzero``, boolean-mask indexing, ...: each a device -> host sync on an
+    accelerator), by the rnnlab function that made them."""
+    calls = collections.Counter()
+    saved = []
+
+    def wrap(owner, name, when=lambda *a, **k: True):
+        orig = getattr(owner, name)
+        saved.append((owner, name, orig))
+
+        def counted(*a, **k):
+            if when(*a, **k):
+                ours = [f for f in traceback.extract_stack()[:-1] if f"{os.sep}rnnlab{os.sep}" in f.filename]
+                calls[f"{name} in {ours[-1].name}" if ours else f"{name} outside rnnlab"] += 1
+            return orig(*a, **k)
+        setattr(owner, name, counted)
+
+    boolean = lambda i: any(isinstance(t, torch.Tensor) and t.dtype == torch.bool  # noqa: E731
+                            for t in (i if isinstance(i, tuple) else (i,)))
+    for name in ("item", "__int__", "__float__", "__bool__", "__index__", "tolist", "numpy", "nonzero", "masked_select"):
+        wrap(torch.Tensor, name)
+    wrap(torch.Tensor, "__getitem__", lambda self, i: boolean(i))
+    wrap(torch.Tensor, "__setitem__", lambda self, i, v: boolean(i))
+    wrap(torch, "nonzero")
+    wrap(torch, "masked_select")
+    try:
+        yield calls
+    finally:
+        for owner, name, orig in saved:
+            setattr(owner, name, orig)
+
+
+@pytest.mark.parametrize("layout", ["attention", "swa(window=4)", "swa(window=4,sinks=3)", "gated_deltanet,attention"])
+def test_decoding_reads_nothing_back_from_the_device(layout):
+    """Decoding a ragged batch (rows at different positions, one still filling its sinks) reads no
+    tensor back to the host in the attention layers: positions and capacities are kept as Python
+    ints beside the tensors. What remains per token is the model's check of the token ids on CPU
+    (two reads; on an accelerator it asserts on the device)."""
+    torch.manual_seed(0)
+    model = rnnlab.build_model(layout=layout, n_layers=2, d_model=32, vocab_size=64).eval()
+    stream = rnnlab.Stream(model)
+    stream.feed([torch.randint(0, 64, (n,)) for n in (7, 1, 12)])
+    n = 6
+    with _host_reads() as calls:
+        tokens = list(stream.sample(n, temperature=0))
+    assert len(tokens) == n
+    assert dict(calls) == {"__int__ in check_tokens_input": 2 * n}, dict(calls)

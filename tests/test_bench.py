@@ -87,6 +87,18 @@ def test_speed_models(tmp_path, capsys):
     assert mine["train_vs_attention"] == pytest.approx(mine["train_tok_s"] / att["train_tok_s"])
 
 
+def test_speed_models_same_params(tmp_path, capsys):
+    """--same-params times, beside each mixer's model, the Transformer whose MLP makes its parameter
+    count match (to within one step of 8 hidden units)."""
+    last, _ = _speed(["models", "--quick", "--mixers", "gated_deltanet", "--T", "32", "--same-params"], tmp_path, capsys)
+    att, mine = last["results"]
+    twin = mine["same_params_attention"]
+    assert twin["params"] != att["params"] and twin["d_ff"] % 8 == 0
+    assert abs(twin["params"] - mine["params"]) <= 3 * 64 * 2 * 4  # d_model 64, 2 layers, d_ff off by <= 4
+    assert twin["train_s"] > 0 and twin["prefill_s"] > 0
+    assert mine["train_vs_attention_same_params"] == pytest.approx(twin["train_s"] / mine["train_s"])
+
+
 def test_speed_decode(tmp_path, capsys):
     last, saved = _speed(["decode", "--quick", "--layouts", "mingru", "attention(num_heads=2)", "--contexts", "16",
                           "48", "--steps", "2", "--prefill-chunk", "16"], tmp_path, capsys)

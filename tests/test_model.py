@@ -33,7 +33,7 @@ def test_forward_contract_and_hybrid_chunking():
     model = rnnlab.build_model(layout="attention,swa(window=5,sinks=1),mlp", n_layers=3, d_model=32).double()
     tokens = torch.randint(0, 260, (2, 21))
     logits, state = model(tokens)
-    assert logits.shape == (2, 21, 260) and state.seen == 21 and state.layers[2] is None
+    assert logits.shape == (2, 21, 260) and state.seen.tolist() == [21, 21] and state.layers[2] is None
     l1, s1 = model(tokens[:, :8])
     l2, s2 = model(tokens[:, 8:], s1)
     torch.testing.assert_close(torch.cat([l1, l2], 1), logits)
@@ -111,7 +111,7 @@ def test_stream_save_and_resume(tmp_path):
     first = torch.stack(list(s.sample(4, temperature=0)), 1)
     s.save(tmp_path / "conv.safetensors")
     resumed = rnnlab.Stream.load(model, tmp_path / "conv.safetensors")
-    assert resumed.state.seen == 13
+    assert resumed.state.seen.tolist() == [13]
     rest = torch.stack(list(resumed.sample(6, temperature=0)), 1)
     torch.testing.assert_close(torch.cat([first, rest], 1), ref)
     with pytest.raises(RuntimeError, match="feed"):
@@ -150,7 +150,7 @@ def test_hybrid_model_obeys_the_chunking_law():
         out, st = model(tokens[:, a:b], st)
         outs.append(out)
     torch.testing.assert_close(torch.cat(outs, 1), logits, atol=1e-9, rtol=1e-9)
-    assert st.seen == 90 and st.nbytes == state.nbytes
+    assert st.seen.tolist() == [90, 90] and st.nbytes == state.nbytes
 
 
 def test_hgrn2_lower_bounds_rise_with_depth(tmp_path):
@@ -178,18 +178,15 @@ def test_packed_model_equals_each_sequence_alone(layout, lengths):
     tokens = torch.randint(0, 260, (1, sum(lengths)))
     # per-sequence initial states: the states after prompts of different lengths (a ragged batch)
     prompt_states = [model(torch.randint(0, 260, (1, 2 + 3 * n)))[1] for n in range(len(lengths))]
-    s0 = rnnlab.models.lm.ModelState(tuple(None if ls[0] is None else type(ls[0]).cat(list(ls))
-                                           for ls in zip(*(p.layers for p in prompt_states))),
-                                     max(p.seen for p in prompt_states))
+    s0 = rnnlab.ModelState.cat(prompt_states)
     logits, s = model(tokens, s0, cu_seqlens=cu)
-    assert s.seen == s0.seen + max(lengths)
+    assert s.seen.tolist() == [2 + 3 * n + length for n, length in enumerate(lengths)]  # each row its own
     finals = []
     for n, (a, b) in enumerate(zip(cu.tolist(), cu.tolist()[1:])):
-        row = rnnlab.models.lm.ModelState(tuple(None if ls is None else ls.select(slice(n, n + 1))
-                                                for ls in s0.layers), s0.seen)
-        want, s_n = model(tokens[:, a:b], row)
+        want, s_n = model(tokens[:, a:b], s0.select(slice(n, n + 1)))
         torch.testing.assert_close(logits[:, a:b], want, rtol=1e-10, atol=1e-10)
         finals.append(s_n)
+    assert torch.equal(s.seen, rnnlab.ModelState.cat(finals).seen)
     for got_layer, want_rows in zip(s.layers, zip(*(f.layers for f in finals))):
         if got_layer is None:
             continue

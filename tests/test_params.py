@@ -100,6 +100,8 @@ KNOWN_NO_DECAY = {  # parameters the references exempt from weight decay (beside
     "mlstm": {"igate.bias", "fgate.bias", "skip", "norm_weight"},
     "slstm": {"bias", "R", "norm_weight"},
     "titans": {"gate_bias"},
+    "rwkv6": {"x_mu", "x_bias", "bonus"},
+    "rwkv7": {"x_mix", "k_k", "k_a", "r_k"},
 }
 
 

@@ -51,3 +51,25 @@ def test_state_rows_split_select_and_join():
         st.split([1, 1])
     with pytest.raises(ValueError, match="tokens"):
         rnnlab.Stream(model).feed([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)])
+
+
+def test_model_state_keeps_a_position_per_row():
+    """ModelState.seen is (B,) int64: ragged prefill gives each row its own prompt's length, decoding
+    adds one to every row, and select / split / cat carry the positions with the rows."""
+    model = _model("gated_deltanet")
+    s = rnnlab.Stream(model)
+    s.feed([torch.randint(0, 64, (n,)) for n in (7, 1, 12)])
+    assert s.state.seen.dtype == torch.int64 and s.state.seen.tolist() == [7, 1, 12]
+    next(s.sample(1, temperature=0))
+    st = s.state
+    assert st.seen.tolist() == [8, 2, 13]
+    assert st.select([2, 0]).seen.tolist() == [13, 8] and st.select(slice(1, 3)).seen.tolist() == [2, 13]
+    assert [p.seen.tolist() for p in st.split([2, 1])] == [[8, 2], [13]]
+    assert rnnlab.ModelState.cat([st.select([1]), st.select([0])]).seen.tolist() == [2, 8]
+    assert rnnlab.ModelState(st.layers, 5).seen.tolist() == [5, 5, 5]  # an int: every row's
+    with pytest.raises(rnnlab.StateError, match="seen has 2 rows, its layer states 3"):
+        rnnlab.ModelState(st.layers, torch.tensor([1, 2]))
+    with pytest.raises(rnnlab.StateError, match=r"seen must be a \(B,\) int64 tensor"):
+        rnnlab.ModelState(st.layers, torch.tensor([1.0, 2.0, 3.0]))
+    with pytest.raises(rnnlab.StateError, match="add up"):
+        st.split([1, 1])

@@ -17,7 +17,7 @@ def test_model_state_round_trip(tmp_path):
     _, state = model(tokens[:, :7])
     rnnlab.save_state(state, tmp_path / "s.safetensors", model=model)
     loaded = rnnlab.load_state(tmp_path / "s.safetensors", model=model)
-    assert loaded.seen == 7 and loaded.nbytes == state.nbytes
+    assert loaded.seen.tolist() == [7, 7] and loaded.nbytes == state.nbytes
     a, _ = model(tokens[:, 7:], state)
     b, _ = model(tokens[:, 7:], loaded)
     torch.testing.assert_close(a, b)
@@ -125,7 +125,7 @@ def test_state_refuses_other_weights_of_the_same_config(tmp_path):
     _, state = model(torch.randint(0, 256, (1, 5)))
     rnnlab.save_state(state, tmp_path / "s.safetensors", model=model)
     twin = _model()  # same config, same seed: same weights -> accepted
-    assert rnnlab.load_state(tmp_path / "s.safetensors", model=twin).seen == 5
+    assert rnnlab.load_state(tmp_path / "s.safetensors", model=twin).seen.tolist() == [5]
     with torch.no_grad():
         next(twin.parameters()).add_(1e-3)  # one weight nudged: refused
     with pytest.raises(StateError, match="other weights"):
@@ -165,12 +165,12 @@ def test_forks_are_independent_and_equal_the_original():
     f = s.fork()
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     from_fork = torch.stack(list(f.sample(6, temperature=1.0, generator=g1)))
-    assert s.state.seen == 9  # sampling the fork left the original where it was
+    assert s.state.seen.tolist() == [9]  # sampling the fork left the original where it was
     from_orig = torch.stack(list(s.sample(6, temperature=1.0, generator=g2)))
-    assert torch.equal(from_fork, from_orig) and f.state.seen == s.state.seen == 15
+    assert torch.equal(from_fork, from_orig) and f.state.seen.tolist() == s.state.seen.tolist() == [15]
     other = s.fork()
     other.feed(torch.tensor([[1, 2, 3]]))
-    assert s.state.seen == 15 and other.state.seen == 18
+    assert s.state.seen.tolist() == [15] and other.state.seen.tolist() == [18]
     for a, b in zip(s.state.layers, other.state.layers):
         assert all(t.data_ptr() != other_t.data_ptr() for t, other_t in zip(a.tensors().values(), b.tensors().values())
                    if t.numel())
@@ -228,3 +228,57 @@ def test_a_loaded_kv_cache_decodes_like_the_saved_one(tmp_path):
             outs[name] = torch.cat(ys, 1)
     torch.testing.assert_close(outs["loaded"], outs["saved"], atol=0, rtol=0)
     torch.testing.assert_close(outs["saved"], model(tokens)[0][:, 5:], atol=1e-5, rtol=1e-5)
+
+
+def test_a_ragged_model_state_keeps_each_rows_position_in_a_file(tmp_path):
+    model = _model()
+    s = rnnlab.Stream(model)
+    s.feed([torch.randint(0, 256, (n,)) for n in (3, 9)])
+    rnnlab.save_state(s.state, tmp_path / "s.safetensors", model=model)
+    loaded = rnnlab.load_state(tmp_path / "s.safetensors", model=model)
+    assert loaded.seen.tolist() == [3, 9] and loaded.seen.dtype == torch.int64
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(tmp_path / "s.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(tmp_path / "s.safetensors"))
+    tensors["seen"] = torch.tensor([3])  # one position for two rows: refused
+    save_file(tensors, str(tmp_path / "s.safetensors"), metadata=meta)
+    with pytest.raises(StateError, match="'seen' must be an int64 tensor of 2 rows"):
+        rnnlab.load_state(tmp_path / "s.safetensors", model=model)
+
+
+def _as_format_2(path, tokens_seen):
+    """Rewrite a state file as rnnlab wrote it in state format 2: one token count, no 'seen' tensor."""
+    import json
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["rnnlab_state"])
+    tensors = load_file(str(path))
+    del tensors["seen"]
+    meta.update(format_version=2, tokens_seen=tokens_seen)
+    save_file(tensors, str(path), metadata={"rnnlab_state": json.dumps(meta)})
+
+
+def test_files_of_format_2_load_where_their_count_is_exact(tmp_path):
+    """Format 2 kept one count (the longest row's): a one-row state, or rows whose attention layers
+    kept their own positions, load exactly; other rows are refused, naming the format."""
+    model = _model()
+    p = tmp_path / "s.safetensors"
+    _, one = model(torch.randint(0, 256, (1, 6)))
+    rnnlab.save_state(one, p, model=model)
+    _as_format_2(p, 6)
+    assert rnnlab.load_state(p, model=model).seen.tolist() == [6]
+    ragged = rnnlab.Stream(model)
+    ragged.feed([torch.randint(0, 256, (n,)) for n in (3, 9)])
+    rnnlab.save_state(ragged.state, p, model=model)
+    _as_format_2(p, 9)
+    assert rnnlab.load_state(p, model=model).seen.tolist() == [3, 9]  # from the attention layers
+    torch.manual_seed(0)
+    recurrent = rnnlab.build_model(layout="gated_deltanet", n_layers=1, d_model=32)
+    _, two = recurrent(torch.randint(0, 256, (2, 4)))
+    rnnlab.save_state(two, p, model=recurrent)
+    _as_format_2(p, 4)
+    with pytest.raises(StateError, match="state format 2: one token count for its 2 rows"):
+        rnnlab.load_state(p, model=recurrent)

@@ -281,7 +281,7 @@ def cmd_generate(a) -> str:
             stream.feed(tok(prefix).to(device))
     elif prefix and a.prefix_cache:
         stream = PrefixCache(_dir_arg(a.prefix_cache, "--prefix-cache"), model).stream(tok(prefix))
-        print(f"[prefix of {stream.state.seen} tokens {'loaded from' if stream.hit else 'stored in'} "
+        print(f"[prefix of {int(stream.state.seen[0])} tokens {'loaded from' if stream.hit else 'stored in'} "
               f"{a.prefix_cache}]", file=sys.stderr)
     else:
         stream = Stream(model)
@@ -305,7 +305,7 @@ def cmd_generate(a) -> str:
     sys.stdout.write("\n")
     if a.state_out:
         stream.save(a.state_out, dtype=getattr(torch, a.state_dtype) if a.state_dtype else None)
-        print(f"[state after {stream.state.seen} tokens, {stream.state.nbytes:,} bytes -> {a.state_out}]",
+        print(f"[state after {int(stream.state.seen[0])} tokens, {stream.state.nbytes:,} bytes -> {a.state_out}]",
               file=sys.stderr)
     return "".join(text)
 
@@ -413,7 +413,7 @@ def cmd_demo(a) -> dict:
         sys.stdout.flush()
         n += 1
         if n % 40 == 0:
-            sizes.append((stream.state.seen, stream.state.nbytes))
+            sizes.append((int(stream.state.seen[0]), stream.state.nbytes))
     rate = n / (time.time() - t0)
     state_file = root / "hybrid" / "stream.safetensors"
     stream.save(state_file)
@@ -422,7 +422,7 @@ def cmd_demo(a) -> dict:
     print("== reloaded from the file, continuing:\n", end="")
     for t in resumed.sample(80, temperature=0.8, top_k=40, generator=g):
         sys.stdout.write(tok.decode([int(t[0])]))
-    sizes.append((resumed.state.seen, resumed.state.nbytes))
+    sizes.append((int(resumed.state.seen[0]), resumed.state.nbytes))
     print("\n== state size while the context grows (bounded: recurrent layers + a 128-token window):")
     for seen, nbytes in sizes:
         print(f"   after {seen:4d} tokens: {nbytes:,} bytes")

@@ -4,7 +4,7 @@ its sequence and never reaches an earlier query."""
 import pytest
 import torch
 
-from rnnlab.ops.attention import softmax_attention
+from rnnlab.ops.attention import attention_reference, causal_attention, softmax_attention
 
 LENGTHS = [3, 16, 1, 37, 8, 0, 5]  # blocks of 8 queries: boundaries inside and on blocks, an empty sequence
 F64 = torch.float64
@@ -106,3 +106,61 @@ def test_positions_per_row_equal_each_row_alone():
         o_b, lse_b = softmax_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], q_idx[b], k_idx[b], window=6, min_key=3)
         torch.testing.assert_close(o[b:b + 1], o_b)
         torch.testing.assert_close(lse[b:b + 1], lse_b)
+
+
+# -- causal_attention (SDPA) against the definition -------------------------------------------------------
+def _sdpa_inputs(B, H, G, T, L, seed):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=F64, requires_grad=True)  # noqa: E731
+    return r(B, H, T, 8), r(B, G, L, 8), r(B, G, L, 6)
+
+
+@pytest.mark.parametrize("B,H,G,T,L,ragged", [(2, 4, 2, 7, 7, False), (2, 4, 4, 5, 12, False),
+                                               (3, 4, 1, 6, 15, True), (2, 2, 2, 1, 9, False),
+                                               (3, 4, 2, 1, 11, True)])
+@pytest.mark.parametrize("guarded", [False, True])  # True: the path taken when k or v may be non-finite
+def test_causal_attention_equals_the_definition(B, H, G, T, L, ragged, guarded, monkeypatch):
+    """SDPA with grouped heads, plain causal (L == T), after cached keys (L > T) and with a
+    position per row (a ragged batch): outputs and gradients of q, k, v equal the loop, float64."""
+    if guarded:
+        monkeypatch.setattr("rnnlab.ops.attention.known_finite", lambda *xs: False)
+    q, k, v = _sdpa_inputs(B, H, G, T, L, seed=T * L)
+    if ragged:
+        q_pos = torch.tensor([L - T, 2, 5])[:B, None] + torch.arange(T)  # (B, T) rows at their own positions
+    else:
+        q_pos = (L - T + torch.arange(T)).expand(B, T)
+    o = causal_attention(q, k, v, q_pos if ragged else None)
+    ref = attention_reference(q, k, v, q_pos)
+    err = (o - ref).abs().max().item()
+    assert err < 1e-12, f"max |o - reference| = {err:.3g}"
+    blocks, _ = softmax_attention(q, k.repeat_interleave(H // G, 1), v.repeat_interleave(H // G, 1), q_pos,
+                                  torch.arange(L), block_size=4)  # the blockwise form too
+    assert (blocks - ref).abs().max().item() < 1e-12
+    cot = torch.randn(o.shape, generator=torch.Generator().manual_seed(5), dtype=F64)
+    grads = torch.autograd.grad((o * cot).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * cot).sum(), (q, k, v))
+    for name, a, b in zip("qkv", grads, want):
+        assert (a - b).abs().max().item() < 1e-12, f"gradient of {name}: max diff {(a - b).abs().max().item():.3g}"
+
+
+@pytest.mark.parametrize("where", ["k", "v"])
+@pytest.mark.parametrize("ragged", [False, True])
+def test_causal_attention_keeps_a_nan_from_earlier_queries(where, ragged):
+    """A non-finite key or value at slot p reaches no query before p; the queries that see it get
+    NaN (every column for a key, its column for a value), as the definition gives."""
+    B, H, G, T, L = 2, 4, 2, 12, 15
+    q, k, v = (t.detach() for t in _sdpa_inputs(B, H, G, T, L, seed=9))
+    q_pos = torch.tensor([[3], [0]]) + torch.arange(T) if ragged else (L - T + torch.arange(T)).expand(B, T)
+    x = dict(k=k.clone(), v=v.clone())
+    p = int(q_pos[0, 4])  # the slot of query 4 of row 0
+    x[where][0, 1, p, 2] = float("nan")
+    o = causal_attention(q, x["k"], x["v"], q_pos if ragged else None)
+    ref = attention_reference(q, x["k"], x["v"], q_pos)
+    clean = attention_reference(q, k, v, q_pos)
+    heads = slice(2, 4)  # query heads of key head 1
+    assert torch.isfinite(o[0, :, :4]).all() and torch.isfinite(o[1]).all() and torch.isfinite(o[0, :2]).all()
+    torch.testing.assert_close(o[0, :, :4], clean[0, :, :4], rtol=0, atol=1e-12)
+    torch.testing.assert_close(o[1], clean[1], rtol=0, atol=1e-12)
+    assert torch.equal(o[0, heads, 4:].isnan(), ref[0, heads, 4:].isnan()) and o[0, heads, 4:].isnan().any()
+    fine = ~ref.isnan()
+    torch.testing.assert_close(o[fine], ref[fine], rtol=0, atol=1e-12)

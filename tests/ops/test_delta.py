@@ -33,7 +33,10 @@ BETAS = [None, 1.0, 2.0]
 @pytest.mark.parametrize("beta", BETAS)
 @pytest.mark.parametrize("T", [1, 16, 37])
 @pytest.mark.parametrize("chunk", [8, 32])  # 32: vector decays take the sub-chunked path (4 sub-chunks of 8)
-def test_chunked_equals_reference_with_gradients(gate, beta, T, chunk):
+@pytest.mark.parametrize("guarded", [False, True])  # True: the path taken when an input may be non-finite
+def test_chunked_equals_reference_with_gradients(gate, beta, T, chunk, guarded, monkeypatch):
+    if guarded:
+        monkeypatch.setattr("rnnlab.ops.delta.known_finite", lambda *xs: False)
     q, k, v, log_g, b, S0 = make(T=T, gate=gate, beta=beta)
     cot_o, cot_s = torch.randn(2, T, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, 4, dtype=torch.float64)
     args = [q, k, v, log_g, b]
@@ -176,3 +179,14 @@ def test_blocks_of_tokens_equal_one_call(vector):
     torch.testing.assert_close(s2, s1)
     for a, b in zip(g2, g1):
         torch.testing.assert_close(a, b)
+
+
+def test_known_finite_sees_every_non_finite_value():
+    from rnnlab.ops.bounds import known_finite
+    x = torch.randn(4, 5)
+    assert known_finite(x, None, x.double())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        assert not known_finite(x, y)
+    assert not known_finite(torch.full((3,), 3e38))  # an overflowing sum: the guarded path, never a wrong one

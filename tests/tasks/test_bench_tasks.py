@@ -22,7 +22,8 @@ def test_tiny_preset_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     settings = ("mqar-T16-kv2", "state-parity", "passkey-T12", "setdisj-short-first", "setdisj-long-first",
                 "copy-R8-N2", "induction-T8")
     mixers = ("attention", "gated_deltanet")
-    assert {(b["setting"], b["mixer"]) for b in best} == {(s, m) for s in settings for m in mixers}
+    assert {(b["setting"], b["mixer"]) for b in best} == ({(s, m) for s in settings for m in mixers}
+                                                          | {("state-parity", "gated_deltaproduct")})
     for b in best:
         assert b["best_lr"] == 3e-3 and 0 <= b["score"] <= 1 and b["state_bytes"] > 0
         assert all(0 <= t["accuracy"] <= 1 for t in b["tests"].values())
@@ -33,10 +34,10 @@ def test_tiny_preset_writes_results_and_resumes(tmp_path, capsys, monkeypatch):
     assert all(set(b["tests"]) == {"2-8", "9-16"} for b in parity)  # state tracking: training and longer lengths
 
     lines = (out / "results.jsonl").read_text().splitlines()
-    assert len(lines) == 14
+    assert len(lines) == 15
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 20  # one row per (cell, test set): parity, passkey and induction have two each
+    assert len(rows) == 22  # one row per (cell, test set): parity, passkey and induction have two each
     assert json.loads((out / "results.json").read_text())["best"] == best
     assert (out / "tasks.png").read_bytes()[:4] == b"\x89PNG"
     assert not any((out / "runs").glob("*/checkpoints"))  # removed once each cell was scored

@@ -6,7 +6,9 @@ JSON line):
 
 * ``models``: training tokens/s (forward + backward + AdamW step) and prefill tokens/s (forward
   without autograd) of whole models (``--n-layers`` 6, ``--d-model`` 512, head dim 64, batch 1) of
-  every mixer against the same-size Transformer (``attention``), at each ``--T``;
+  every mixer against the same-size Transformer (``attention``, same width and depth), at each
+  ``--T``; with ``--same-params`` also against the Transformer with as many parameters (its MLP
+  widened or narrowed to match the mixer's model);
 * ``layers``: one layer of every mixer, forward and forward + backward time and peak memory over
   T, beside causal SDPA (the ``attention`` mixer), each time next to the layer's floor (FLOPs it
   must do / the matmul peak measured in the same run; :mod:`rnnlab.bench.flops`). Peak memory is
@@ -151,43 +153,71 @@ def run_models(ctx: Ctx):
     print(f"{'mixer':17} {'T':>6} {'params':>11} | {'train tok/s':>12} {'vs attn':>8} | {'prefill tok/s':>13} "
           f"{'vs attn':>8} | status")
     rows, ref = [], {}
+    tok = lambda v: f"{v:12,.0f}" if v else f"{'-':>12}"  # noqa: E731
+
+    def timed(name: str, model, T: int, key: str, opts: dict) -> dict:
+        """Training and prefill of ``model`` at T: a result row."""
+        model = model.to(ctx.device, ctx.dtype)
+        opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
+        tokens = torch.randint(0, model.config.vocab_size, (a.batch, T + 1), device=ctx.device)
+        x, y = tokens[:, :-1], tokens[:, 1:]
+
+        def train():
+            opt.zero_grad(set_to_none=True)
+            logits, _ = model(x)
+            F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
+            opt.step()
+
+        def prefill():
+            with torch.no_grad():
+                model(x)
+
+        row = dict(mixer=name, T=T, B=a.batch, options=opts, params=model.num_params(), train_s=None,
+                   prefill_s=None, status="ok")
+        if _measure(ctx, key, T, train, row, "train_s"):
+            _measure(ctx, key, T, prefill, row, "prefill_s")
+        for what in ("train", "prefill"):
+            row[f"{what}_tok_s"] = a.batch * T / row[f"{what}_s"] if row[f"{what}_s"] else None
+        return row
+
+    def ratios(row: dict, base: dict | None, suffix: str = "") -> None:
+        for what in ("train", "prefill"):
+            r = None if base is None else base[f"{what}_tok_s"]
+            row[f"{what}_vs_attention{suffix}"] = row[f"{what}_tok_s"] / r if r and row[f"{what}_tok_s"] else None
+
+    def show(row: dict, label: str, suffix: str = "") -> None:
+        print(f"{label:17} {row['T']:6d} {row['params']:11,d} | {tok(row['train_tok_s'])} "
+              f"{_ratio(row['train_vs_attention' + suffix])} | {tok(row['prefill_tok_s']):>13} "
+              f"{_ratio(row['prefill_vs_attention' + suffix])} | {row['status']}", flush=True)
+
     for T in a.T:
         for name in _names(a):
             opts = width_options(name, a.d_model, a.head_dim)
             torch.manual_seed(0)
-            model = build_model(layout=layout_item(name, opts), n_layers=a.n_layers, d_model=a.d_model)
-            model = model.to(ctx.device, ctx.dtype)
-            opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
-            tokens = torch.randint(0, model.config.vocab_size, (a.batch, T + 1), device=ctx.device)
-            x, y = tokens[:, :-1], tokens[:, 1:]
-
-            def train():
-                opt.zero_grad(set_to_none=True)
-                logits, _ = model(x)
-                F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
-                opt.step()
-
-            def prefill():
-                with torch.no_grad():
-                    model(x)
-
-            row = dict(mixer=name, T=T, B=a.batch, options=opts, params=model.num_params(), train_s=None,
-                       prefill_s=None, status="ok")
-            if _measure(ctx, name, T, train, row, "train_s"):
-                _measure(ctx, name, T, prefill, row, "prefill_s")
-            for what in ("train", "prefill"):
-                s = row[f"{what}_s"]
-                row[f"{what}_tok_s"] = a.batch * T / s if s else None
-                if name == "attention":
-                    ref[(what, T)] = row[f"{what}_tok_s"]
-                r = ref.get((what, T))
-                row[f"{what}_vs_attention"] = row[f"{what}_tok_s"] / r if r and row[f"{what}_tok_s"] else None
+            row = timed(name, build_model(layout=layout_item(name, opts), n_layers=a.n_layers, d_model=a.d_model),
+                        T, name, opts)
+            if name == "attention":
+                ref[T] = row
+            ratios(row, ref.get(T))
             rows.append(row)
-            tok = lambda v: f"{v:12,.0f}" if v else f"{'-':>12}"  # noqa: E731
-            print(f"{name:17} {T:6d} {row['params']:11,d} | {tok(row['train_tok_s'])} "
-                  f"{_ratio(row['train_vs_attention'])} | {tok(row['prefill_tok_s']):>13} "
-                  f"{_ratio(row['prefill_vs_attention'])} | {row['status']}", flush=True)
-            del model, opt
+            show(row, name)
+            if a.same_params and name != "attention" and ref.get(T):
+                # the Transformer with as many parameters: its MLP widened (or narrowed) to match
+                base = ref[T]
+                per_unit = 3 * a.d_model * a.n_layers  # SwiGLU parameters per unit of d_ff
+                d_ff = build_model(n_layers=a.n_layers, d_model=a.d_model).config.d_ff
+                d_ff = max(8, round((d_ff + (row["params"] - base["params"]) / per_unit) / 8) * 8)
+                torch.manual_seed(0)
+                twin = timed("attention", build_model(n_layers=a.n_layers, d_model=a.d_model, d_ff=d_ff), T,
+                             f"attention(d_ff={d_ff})", {"d_ff": d_ff})
+                row["same_params_attention"] = {k: twin[k] for k in ("params", "train_s", "prefill_s", "status")}
+                row["same_params_attention"]["d_ff"] = d_ff
+                ratios(row, twin, "_same_params")
+                ratios(twin, twin)
+                show(twin, f"  attn d_ff={d_ff}")
+                print(f"{'  = same params':17} {T:6d} {'':11} | {'':12} {_ratio(row['train_vs_attention_same_params'])}"
+                      f" | {'':13} {_ratio(row['prefill_vs_attention_same_params'])} | {name} vs the row above",
+                      flush=True)
     panels = [(f"training step (fwd+bwd+AdamW), B={a.batch}", _series(rows, "train_s")),
               (f"prefill (forward, no autograd), B={a.batch}", _series(rows, "prefill_s"))]
     return rows, panels, "T (tokens)", "seconds per call", "attention"
@@ -264,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompts", nargs="+", type=int_at_least(1), help="ragged: numbers of prompts (default 1 2 4 8 16 32)")
     p.add_argument("--layouts", nargs="+", help="decode, ragged: model layouts (default: gated_deltanet, mamba2, "
                                                 "gated_deltanet*3,swa(window=1024,sinks=4), attention)")
+    p.add_argument("--same-params", action="store_true", help="models: also time, beside each mixer's model, the "
+                                                              "Transformer with as many parameters (its MLP widened)")
     p.add_argument("--families", nargs="+", help="efficiency: kernel cases (default: all)")
     p.add_argument("--peers", nargs="+", help="peers: which peers (default: all)")
     p.add_argument("--d-model", type=int_at_least(1), default=None, help="model / layer width (default 512; --quick 64)")

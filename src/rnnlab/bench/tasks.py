@@ -32,7 +32,8 @@ removed once the cell is scored unless ``--keep-checkpoints``).
 
 Presets:
 
-* ``tiny``: a smoke run of every family (d_model 32, 8 steps): seconds; the tests run it;
+* ``tiny``: a smoke run of every family (d_model 32, 8 steps; Gated DeltaProduct on parity too):
+  seconds; the tests run it;
 * ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 30
   minutes (extrapolated from single cells measured on this host): MQAR (T 64, 8 pairs,
   vocabulary 64, up to 1200 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
@@ -42,10 +43,12 @@ Presets:
   d_model 32);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
-  20,000 steps of 256 examples per cell; every state-tracking group; passkey 512 -> 8192; set
-  disjointness; selective copying over 4096 tokens; induction heads 256 -> 1024. That is 22,032
-  cells (``--list`` counts them): run slices of it with ``--mixers`` / ``--tasks`` / ``--lr`` /
-  ``--seeds``, on several machines each with its own ``--out``.
+  20,000 steps of 256 examples per cell; every state-tracking group (with Gated DeltaProduct at
+  n_h = 4 as well as its default 2, against Gated DeltaNet with negative eigenvalues, n_h = 1);
+  passkey 512 -> 8192; set disjointness; selective copying over 4096 tokens; induction heads
+  256 -> 1024. That is 26,352 cells with the 32 mixers registered now (``--list`` counts them):
+  run slices of it with ``--mixers`` / ``--tasks`` / ``--lr`` / ``--seeds``, on several machines
+  each with its own ``--out``.
 
 ``rnnlab bench tasks --preset cpu-small [--mixers attention mamba2 ...] [--tasks mqar state ...]
 [--lr 1e-3 3e-3] [--seeds 0 1] [--steps N] [--out DIR]``
@@ -174,11 +177,20 @@ def only(settings: list[Setting], mixers: tuple[str, ...] = (), d_models: tuple[
     return [replace(s, mixers=mixers, d_models=d_models, steps=steps) for s in settings]
 
 
+# The gpu preset's mixers: every registered one and the negative-eigenvalue variants. Its state
+# tracking settings add Gated DeltaProduct with n_h = 4 Householder steps per token (the registry's
+# default is 2; gated_deltanet(allow_neg_eigval=True) is n_h = 1): reflections compose into
+# rotations, which the groups beyond parity need.
+_GPU_MIXERS = tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
+                                 "mamba(allow_neg_eigval=True)")
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         mixers=("attention", "gated_deltanet"), d_models=(32,), lrs=(3e-3,), seeds=(0,), n_layers=2, steps=8,
         batch_size=8, warmup=2, eval_every=4, val_examples=16, test_examples=16, tiny_options=True,
-        settings=tuple(mqar_settings([(16, 2)], 32) + state_settings(["parity"], (2, 8), ((9, 16),))
+        settings=tuple(mqar_settings([(16, 2)], 32)
+                       + only(state_settings(["parity"], (2, 8), ((9, 16),)),
+                              ("attention", "gated_deltanet", "gated_deltaproduct"))
                        + passkey_settings(12, (1, 2), key_len=2) + setdisj_settings(2, 4, 8)[:2]
                        + copy_settings(8, 2, 4) + induction_settings(8, 4, (1, 2)))),
     "cpu-small": Preset(
@@ -191,11 +203,12 @@ PRESETS: dict[str, Preset] = {
             + passkey_settings(64)
             + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
     "gpu": Preset(
-        mixers=tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
-                                  "mamba(allow_neg_eigval=True)"),
+        mixers=_GPU_MIXERS,
         d_models=(64, 128, 256, 512), lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), n_layers=2, steps=20000,
         batch_size=256, warmup=500, eval_every=500, val_examples=1000, test_examples=3000,
-        settings=tuple(mqar_settings(STANDARD_SETTINGS, 8192) + state_settings(GROUPS) + passkey_settings(512)
+        settings=tuple(mqar_settings(STANDARD_SETTINGS, 8192)
+                       + only(state_settings(GROUPS), _GPU_MIXERS + ("gated_deltaproduct(num_householder=4)",))
+                       + passkey_settings(512)
                        + setdisj_settings(16, 64, 256) + copy_settings(4096, 16, 16)
                        + induction_settings(256, 16))),
 }

@@ -119,7 +119,7 @@ class Stream:
         sampling one never changes the other (a shared prefix computed once, many continuations)."""
         state = None if self.state is None else ModelState(
             tuple(None if s is None else dataclasses.replace(s, **{k: t.clone() for k, t in s.tensors().items()})
-                  for s in self.state.layers), self.state.seen)
+                  for s in self.state.layers), self.state.seen.clone())
         copy = Stream(self.model, state)
         copy.logits = None if self.logits is None else self.logits.clone()
         return copy

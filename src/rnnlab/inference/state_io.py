@@ -2,9 +2,12 @@
 
 The metadata records the format version, what the state belongs to (a whole model, with its
 config, or a single mixer, with its name and config), a SHA-256 fingerprint of the owner's weights,
-the state class of each layer, integer fields (such as tokens seen) and the dtype. Loading checks
-all of it against the model given: a state is refused by a model of the same config but other
-weights (files of format 1, written before the fingerprint existed, load unchecked).
+the state class of each layer, integer fields and the dtype; a model state's position per row is
+the int64 tensor ``seen``. Loading checks all of it against the model given: a state is refused by
+a model of the same config but other weights (files of format 1, written before the fingerprint
+existed, load unchecked). Files of formats 1 and 2 hold one token count for all rows: they load
+when that count is exact (one row, or rows whose attention layers record their own positions) and
+are refused otherwise.
 """
 from __future__ import annotations
 
@@ -17,13 +20,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from ..layers.attention import AttentionState
 from ..layers.base import Mixer
 from ..layers.state import State, StateError
 from ..models.lm import LM, ModelState, atomic_write
 
 __all__ = ["save_state", "load_state", "load_extra", "weights_fingerprint", "STATE_FORMAT_VERSION"]
 
-STATE_FORMAT_VERSION = 2
+STATE_FORMAT_VERSION = 3
 
 
 def weights_fingerprint(model: LM | Mixer) -> str:
@@ -62,12 +66,12 @@ def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | M
     if owner["kind"] == "model":
         if not isinstance(state, ModelState):
             raise StateError(f"a model's state must be a ModelState, got {type(state).__name__}")
-        model.check_state(state, _batch(state))
-        layers, seen = state.layers, state.seen
+        model.check_state(state, state.seen.shape[0])
+        layers, tensors = state.layers, {"seen": state.seen.detach().contiguous().cpu()}
     else:
         model.check_state(state, state.batch_size)
-        layers, seen = (state,), state.scalars().get("seen")
-    tensors, classes, scalars = {}, [], []
+        layers, tensors = (state,), {}
+    classes, scalars = [], []
     for i, s in enumerate(layers):
         classes.append(None if s is None else type(s).__name__)
         scalars.append({} if s is None else s.scalars())
@@ -77,15 +81,8 @@ def save_state(state: ModelState | State, path: str | os.PathLike, model: LM | M
         tensors[f"extra.{name}"] = t.detach().contiguous().cpu()
     dtypes = sorted({str(t.dtype) for t in tensors.values()})
     meta = {"format_version": STATE_FORMAT_VERSION, **owner, "weights_sha256": weights_fingerprint(model),
-            "classes": classes, "scalars": scalars, "tokens_seen": seen, "dtype": dtypes}
+            "classes": classes, "scalars": scalars, "dtype": dtypes}
     atomic_write(path, lambda p: save_file(tensors, p, metadata={"rnnlab_state": json.dumps(meta)}))
-
-
-def _batch(state: ModelState) -> int:
-    for s in state.layers:
-        if s is not None:
-            return s.batch_size
-    return 0
 
 
 def load_extra(path: str | os.PathLike, name: str, device=None) -> torch.Tensor | None:
@@ -133,9 +130,10 @@ def load_state(path: str | os.PathLike, model: LM | Mixer, device=None,
     if dtype is not None:
         tensors = {k: t.to(dtype) if t.is_floating_point() and k.startswith("layers.") else t
                    for k, t in tensors.items()}
-    ref = model.init_state(1, device="meta") if owner["kind"] == "model" else ModelState((model.init_state(1, device="meta"),), 0)
+    ref = model.init_state(1, device="meta")
+    refs = ref.layers if owner["kind"] == "model" else (ref,)
     layers = []
-    for i, (cls_name, scal, r) in enumerate(zip(meta["classes"], meta["scalars"], ref.layers)):
+    for i, (cls_name, scal, r) in enumerate(zip(meta["classes"], meta["scalars"], refs)):
         if cls_name is None:
             layers.append(None)
             continue
@@ -143,9 +141,32 @@ def load_state(path: str | os.PathLike, model: LM | Mixer, device=None,
             raise StateError(f"{path!s}: layer {i} state is a {cls_name}, the model expects a {type(r).__name__}")
         parts = {k.split(".", 2)[2]: t for k, t in tensors.items() if k.startswith(f"layers.{i}.")}
         layers.append(type(r).from_parts(parts, scal))
-    state = ModelState(tuple(layers), meta["tokens_seen"] or 0)
-    if owner["kind"] == "model":
-        model.check_state(state, _batch(state))
-        return state
-    model.check_state(layers[0], layers[0].batch_size)
-    return layers[0]
+    if owner["kind"] == "mixer":
+        model.check_state(layers[0], layers[0].batch_size)
+        return layers[0]
+    state = ModelState(tuple(layers), _seen(path, meta, tensors, layers))
+    model.check_state(state, state.seen.shape[0])
+    return state
+
+
+def _seen(path, meta: dict, tensors: dict[str, torch.Tensor], layers: list) -> torch.Tensor:
+    """The position of each row of a model state file: its ``seen`` tensor (format 3); in older
+    files one count, read only where it is exact."""
+    version = meta.get("format_version", 0)
+    rows = next((s.batch_size for s in layers if s is not None), None)
+    if version >= 3:
+        seen = tensors.get("seen")
+        if seen is None or seen.dtype != torch.int64 or seen.dim() != 1 or rows not in (None, seen.shape[0]):
+            got = "none" if seen is None else f"{seen.dtype} {tuple(seen.shape)}"
+            raise StateError(f"{path!s}: the positions 'seen' must be an int64 tensor of {rows} rows, got {got} "
+                             "(corrupted file)")
+        return seen
+    device = next((t.device for t in tensors.values()), None)
+    if rows in (None, 1):  # one row: the count is its position
+        return torch.tensor([meta.get("tokens_seen") or 0], dtype=torch.int64, device=device)
+    for s in layers:  # attention layers of those files record each row's position
+        if isinstance(s, AttentionState):
+            return s.seen.clone()
+    raise StateError(f"{path!s} has state format {version}: one token count for its {rows} rows, "
+                     "which may have sat at different positions, so it cannot be read exactly; save the state "
+                     "again with this rnnlab (format 3 keeps a position per row) or load one-row states")

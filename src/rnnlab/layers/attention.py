@@ -12,9 +12,13 @@ heads (Ainslie et al. 2023). The state is the KV cache.
 
 Every row of the state has its own position (``seen``), so rows of a batch may sit at different
 positions (a ragged batch: states after prompts of different lengths, concatenated with
-:meth:`State.cat`), and packed rows (``cu_seqlens``) hold sequences of any lengths: they run as the
-ragged batch (N, longest) they form, each sequence continuing its own state row (RoPE positions
-restart at the position of that row) and ending in its own row.
+:meth:`State.cat`), and packed rows (``cu_seqlens``) hold sequences of any lengths: each sequence
+continues its own state row (RoPE positions restart at the position of that row), ends in its own
+row and attends over views of the packed row: its own cache row and its own tokens, one SDPA call per
+sequence (block-diagonal causal attention without padding: sum_n l_n (s_n + l_n) scores for
+sequences of l_n tokens after s_n cached ones, where padding to the longest computes
+N l (s + l) and a block-diagonal mask over the row T (s + T)). A non-finite key or value never
+reaches a query that may not see it (:func:`rnnlab.ops.attention.causal_attention`).
 
 Keys are cached *rotated*: a window key by its absolute position (so query-key angles depend only on
 the distance, as StreamingLLM's cache positions do), a sink key by its sink index. A call writes its
@@ -23,6 +27,8 @@ whose capacity doubles when full, and a state continued for the first time (the 
 buffer) without gradients writes into that buffer in place, so a decode step costs the attention
 itself plus O(1) bookkeeping; any other state (continued a second time, loaded, or carrying
 gradients) is first copied. Window keys are shifted (O(w) per call, bounded like the attention).
+A state keeps the least and largest position of its rows as Python ints beside ``seen``
+(:func:`seen_range`), so a decoding step reads nothing back from the device.
 
 Init follows Llama (Hugging Face ``LlamaPreTrainedModel._init_weights``): every projection N(0, 0.02),
 biases zero (the model, not the layer, would add a depth-dependent scale; rnnlab's layer does not).
@@ -38,12 +44,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..ops.attention import merge_attention, softmax_attention
+from ..ops.attention import causal_attention, merge_attention, softmax_attention
 from .base import Mixer, MixerConfig
 from .common import apply_rope, normal_linears_
 from .state import State
 
-__all__ = ["AttentionConfig", "SWAConfig", "AttentionState", "Attention"]
+__all__ = ["AttentionConfig", "SWAConfig", "AttentionState", "Attention", "seen_range"]
 
 
 @dataclass
@@ -113,17 +119,39 @@ class AttentionState(State):
         """Bytes of what the cache holds: the keys and values of the tokens kept (at most the
         longest row's, at most the window) and of the sinks seen, and the positions — not the spare
         capacity of a full-attention buffer, which can add up to as much again."""
-        seen = int(self.seen.max()) if self.seen.numel() else 0
+        seen = seen_range(self)[1]
         per_slot = lambda t: t.shape[0] * t.shape[1] * t.shape[3] * t.element_size()  # noqa: E731
         kept, sinks = min(seen, self.k.shape[2]), min(seen, self.sink_k.shape[2])
         return (kept * (per_slot(self.k) + per_slot(self.v)) + sinks * (per_slot(self.sink_k) + per_slot(self.sink_v))
                 + self.seen.numel() * self.seen.element_size())
 
 
-def _write(state: AttentionState, name: str, new: torch.Tensor, slot: torch.Tensor, write: torch.Tensor,
+def seen_range(state: AttentionState) -> tuple[int, int]:
+    """The least and the largest ``state.seen`` as Python ints. The call that made ``state`` keeps
+    them beside the tensor (so decoding needs no host sync); any other state (selected, joined,
+    loaded, replaced) reads them once."""
+    known = state.__dict__.get("_range")
+    if known is not None and known[0] is state.seen and known[1] == state.seen._version:
+        return known[2], known[3]
+    lo, hi = state.seen.aminmax() if state.seen.numel() else (torch.zeros(()), torch.zeros(()))
+    lo, hi = int(lo), int(hi)
+    object.__setattr__(state, "_range", (state.seen, state.seen._version, lo, hi))
+    return lo, hi
+
+
+def _new_state(k, v, sink_k, sink_v, seen, lo: int, hi: int) -> AttentionState:
+    """The state after a call, with its range of positions and the versions of its buffers (see
+    :func:`seen_range` and :func:`_write`)."""
+    new = AttentionState(k=k, v=v, sink_k=sink_k, sink_v=sink_v, seen=seen)
+    object.__setattr__(new, "_versions", {n: t._version for n, t in new.tensors().items()})
+    object.__setattr__(new, "_range", (seen, seen._version, lo, hi))
+    return new
+
+
+def _write(state: AttentionState, name: str, rows: torch.Tensor, slots: torch.Tensor, new: torch.Tensor,
            size: int) -> torch.Tensor:
-    """The buffer ``name`` (B, G, C, K) of ``state`` with ``new`` (B, G, T, K) written at slots
-    ``slot`` (B, T) where ``write`` (B, T) is True, at least ``size`` slots long. In place when
+    """The buffer ``name`` (B, G, C, K) of ``state`` with ``buf[rows, :, slots] = new`` (rows and
+    slots broadcast to an index shape I, new (*I, G, K)), at least ``size`` slots long. In place when
     ``state`` is the latest state of that buffer, it is long enough and no gradient flows through it;
     else into a copy (capacity doubled as needed, zeros past each row's ``seen``)."""
     buf = getattr(state, name)
@@ -134,18 +162,22 @@ def _write(state: AttentionState, name: str, new: torch.Tensor, slot: torch.Tens
             mine = torch.arange(buf.shape[2], device=buf.device) < state.seen[:, None]  # (B, C_old) valid slots
             buf = buf.masked_fill(~mine[:, None, :, None], 0.0)
         buf = F.pad(buf.to(new.dtype), (0, 0, 0, C - buf.shape[2]))  # a copy (B, G, C, K)
-    b, t = write.nonzero(as_tuple=True)  # (M,) rows and tokens to write
-    buf[b, :, slot[b, t]] = new[b, :, t]  # (M, G, K)
+    buf[rows, :, slots] = new
     return buf
 
 
-def _slots(buf: torch.Tensor, first: torch.Tensor, n: int) -> torch.Tensor:
-    """Slots ``first[b] .. first[b] + n - 1`` of each row b of ``buf`` (B, G, L, K) -> (B, G, n, K),
-    copied as whole K-vectors (one index_select; a gather over K is several times slower)."""
-    B, G, L, K = buf.shape
-    slot = first[:, None] + torch.arange(n, device=buf.device)  # (B, n)
-    rows = torch.arange(B * G, device=buf.device).view(B, G, 1) * L + slot[:, None, :]  # (B, G, n) rows of (B·G·L, K)
-    return buf.reshape(B * G * L, K).index_select(0, rows.reshape(-1)).view(B, G, n, K)
+def _write_sinks(buf: torch.Tensor, new: torch.Tensor, first: torch.Tensor, seen: torch.Tensor,
+                 count: torch.Tensor) -> torch.Tensor:
+    """Sink buffer ``buf`` (R, G, s, K) with slot i of row r set to the key of its position i,
+    ``new[r or 0, :, first[r] + i - seen[r]]`` (new (R or 1, G, T, K); row r's new tokens start at
+    index ``first[r]`` and position ``seen[r]``) where ``seen[r] <= i < seen[r] + count[r]``: a
+    selection, without host sync."""
+    R, G, s, K = buf.shape
+    i = torch.arange(s, device=buf.device)
+    mine = (i >= seen[:, None]) & (i < (seen + count)[:, None])  # (R, s)
+    at = (first[:, None] + i - seen[:, None]).clamp(0, new.shape[2] - 1)  # (R, s) token of each sink slot
+    got = new.expand(R, -1, -1, -1).gather(2, at[:, None, :, None].expand(R, G, s, K))  # (R, G, s, K)
+    return torch.where(mine[:, None, :, None], got, buf.to(new.dtype))
 
 
 class Attention(Mixer):
@@ -173,20 +205,8 @@ class Attention(Mixer):
         zeros = lambda L: torch.zeros(batch_size, c.num_kv_heads, L, c.head_dim, device=device,  # noqa: E731
                                       dtype=dtype or torch.float32)
         C = 0 if c.window is None else c.window - 1
-        return AttentionState(k=zeros(C), v=zeros(C), sink_k=zeros(c.sinks), sink_v=zeros(c.sinks),
-                              seen=torch.zeros(batch_size, dtype=torch.int64, device=device))
-
-    def mix(self, x, state, cu_seqlens=None):
-        if cu_seqlens is None:
-            return self._attend(x, state, None)
-        # N packed sequences: the ragged batch (N, l) they form, l the longest, zero-padded
-        cu = cu_seqlens.to(x.device)
-        lengths = cu.diff()  # (N,)
-        t = torch.arange(int(lengths.max()), device=x.device)  # (l,)
-        real = t < lengths[:, None]  # (N, l)
-        rows = torch.where(real[..., None], x[0, (cu[:-1, None] + t).clamp_max(x.shape[1] - 1)], 0.0)  # (N, l, D)
-        y, state = self._attend(rows, state, lengths)
-        return y[real][None], state  # (1, T, D)
+        seen = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        return _new_state(zeros(C), zeros(C), zeros(c.sinks), zeros(c.sinks), seen, 0, 0)
 
     def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """RoPE on the first ``rope_dim`` dims of x (B, H, T, K) at positions pos (B, T); the rest pass."""
@@ -195,54 +215,84 @@ class Attention(Mixer):
             return apply_rope(x, pos, c.rope_theta)
         return torch.cat([apply_rope(x[..., :c.rope_dim], pos, c.rope_theta), x[..., c.rope_dim:]], dim=-1)
 
-    def _attend(self, x, state, lengths):
-        """x (B, T, D) -> y (B, T, D), new state; row b holds ``lengths[b]`` real tokens (None: T),
-        the rest padding that is neither attended to nor cached."""
+    def mix(self, x, state, cu_seqlens=None):
+        """x (B, T, D) -> y (B, T, D), new state. With ``cu_seqlens`` (B = 1) sequence n of the row
+        continues row n of the state: its tokens sit at positions ``seen[n], seen[n] + 1, ...``."""
         c = self.config
         B, T, _ = x.shape
+        rows = B if cu_seqlens is None else cu_seqlens.numel() - 1
         if state is None:
-            state = self.init_state(B, x.device, x.dtype)
+            state = self.init_state(rows, x.device, x.dtype)
         s, w, rep = c.sinks, c.window, c.num_heads // c.num_kv_heads
+        lo, hi = seen_range(state)
         ar = torch.arange(T, device=x.device)
-        pos = state.seen[:, None] + ar  # (B, T) positions of the new tokens
-        real = (ar < (T if lengths is None else lengths[:, None])).expand(B, T)  # (B, T) real tokens
+        if cu_seqlens is None:
+            pos = state.seen[:, None] + ar  # (B, T) positions of the new tokens
+            count = torch.full_like(state.seen, T)  # (B,) new tokens per row
+            first = torch.zeros_like(state.seen)  # (B,) index of each row's first new token
+            lo2, hi2, seqs = lo + T, hi + T, None
+        else:  # sequence n: tokens a..b-1 of the row; its cache row n alone, no padding
+            cu, at = cu_seqlens.tolist(), state.seen.tolist()
+            seqs = [(n, a, b, at[n]) for n, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
+            ends = [at[n] + b - a for n, (a, b) in enumerate(zip(cu, cu[1:]))]
+            cu_t = cu_seqlens.to(x.device)
+            count = cu_t.diff()  # (N,)
+            seq = torch.repeat_interleave(torch.arange(rows, device=x.device), count, output_size=T)  # (T,)
+            pos = (state.seen[seq] + ar - cu_t[seq])[None]  # (1, T)
+            first = cu_t[:-1]
+            lo2, hi2 = min(ends), max(ends)
         # 1. project; heads first as in SDPA; keys rotated once, by their position
         q = rearrange(self.q_proj(x), "b t (h k) -> b h t k", k=c.head_dim)  # (B, H, T, K)
         k = rearrange(self.k_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
         v = rearrange(self.v_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
         qr, k = self._rope(q, pos), self._rope(k, pos)
-        count = real.sum(dim=1)  # (B,) real tokens per row
-        seen = state.seen + count  # (B,)
         # 2. attend; the new cache
+        sink_k, sink_v = state.sink_k, state.sink_v
         if w is None:  # full causal attention over the buffer of slots = positions: SDPA
-            L = int(seen.max())
-            new_k = _write(state, "k", k, pos, real, L)  # (B, G, C, K)
-            new_v = _write(state, "v", v, pos, real, L)
-            fresh = int(state.seen.max()) == 0  # no cached token: the mask is the causal one
-            mask = None if fresh else (torch.arange(L, device=x.device) <= pos[..., None])[:, None]  # (B, 1, T, L)
-            o = F.scaled_dot_product_attention(qr, new_k[:, :, :L], new_v[:, :, :L], attn_mask=mask,
-                                               is_causal=fresh and T > 1, enable_gqa=True)
-            sink_k, sink_v = state.sink_k, state.sink_v
+            if seqs is None:
+                where, kt, vt = (torch.arange(B, device=x.device)[:, None], pos), k.transpose(1, 2), v.transpose(1, 2)
+            else:
+                where, kt, vt = (seq, pos[0]), k[0].transpose(0, 1), v[0].transpose(0, 1)  # (T, G, K)
+            new_k = _write(state, "k", *where, kt, hi2)  # (B, G, C, K)
+            new_v = _write(state, "v", *where, vt, hi2)
+            if seqs is None:  # rows at one position: causal from it; else each row from its own
+                o = causal_attention(qr, new_k[:, :, :hi2], new_v[:, :, :hi2], None if lo == hi else pos)
+            else:  # each sequence over its own cache row: sum_n l_n (s_n + l_n) scores
+                o = torch.cat([causal_attention(qr[:, :, a:b], new_k[n:n + 1, :, :s_n + b - a],
+                                                new_v[n:n + 1, :, :s_n + b - a]) for n, a, b, s_n in seqs], dim=2)
         else:  # the cached window, then the new tokens: their positions per row
-            W = w - 1
-            kb = torch.cat([state.k.to(k.dtype), k], dim=2)  # (B, G, W+T, K)
-            vb = torch.cat([state.v.to(v.dtype), v], dim=2)
-            k_idx = torch.cat([state.seen[:, None] - W + torch.arange(W, device=x.device), pos], dim=1)  # (B, W+T)
-            o, lse = softmax_attention(qr, kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1),
-                                       pos, k_idx, window=w, min_key=s)
-            sink_k, sink_v = state.sink_k, state.sink_v
-            if s:  # sinks at their own cache positions, merged by log-sum-exp
-                sink = real & (pos < s)  # (B, T) new tokens that are sinks
-                sink_k = _write(state, "sink_k", k, pos, sink, s)  # sink i rotated by i = its position
-                sink_v = _write(state, "sink_v", v, pos, sink, s)
-                qs = self._rope(q, pos.clamp(max=s + w - 1))
-                o_s, lse_s = softmax_attention(qs, sink_k.repeat_interleave(rep, dim=1),
-                                               sink_v.repeat_interleave(rep, dim=1), pos,
-                                               torch.arange(s, device=x.device))
-                o, _ = merge_attention(o, lse, o_s, lse_s)
-            o = o.to(q.dtype)
-            new_k, new_v = _slots(kb, count, W), _slots(vb, count, W)  # the last W slots of each row
+            if s and lo < s:  # some new tokens are sinks: sink i rotated by i = its position
+                sink_k = _write_sinks(state.sink_k, k, first, state.seen, count)
+                sink_v = _write_sinks(state.sink_v, v, first, state.seen, count)
+            qs = self._rope(q, pos.clamp(max=s + w - 1)) if s else None
+            if seqs is None:
+                o, new_k, new_v = self._window(qr, qs, state.k, state.v, k, v, pos, state.seen, sink_k, sink_v)
+            else:
+                o, new_k, new_v = [], list(state.k.split(1)), list(state.v.split(1))
+                for n, a, b, s_n in seqs:
+                    o_n, new_k[n], new_v[n] = self._window(
+                        qr[:, :, a:b], None if qs is None else qs[:, :, a:b], state.k[n:n + 1], state.v[n:n + 1],
+                        k[:, :, a:b], v[:, :, a:b], pos[:, a:b], state.seen[n:n + 1], sink_k[n:n + 1], sink_v[n:n + 1])
+                    o.append(o_n)
+                o, new_k, new_v = torch.cat(o, dim=2), torch.cat(new_k).to(k.dtype), torch.cat(new_v).to(v.dtype)
         y = self.o_proj(rearrange(o, "b h t k -> b t (h k)"))  # (B, T, D)
-        new = AttentionState(k=new_k, v=new_v, sink_k=sink_k, sink_v=sink_v, seen=seen)
-        object.__setattr__(new, "_versions", {n: t._version for n, t in new.tensors().items()})  # see _write
-        return y, new
+        return y, _new_state(new_k, new_v, sink_k, sink_v, state.seen + count, lo2, hi2)
+
+    def _window(self, qr, qs, cache_k, cache_v, k, v, pos, seen, sink_k, sink_v):
+        """Window (and sink) attention of rows whose T new tokens all follow their cache: queries qr
+        (B, H, T, K) (qs: rotated at their sink distances), cache (B, G, W, K), new k, v (B, G, T, K)
+        at positions pos (B, T), rows at ``seen`` (B,). Returns o (B, H, T, K) and the new cache."""
+        c = self.config
+        W, rep = c.window - 1, c.num_heads // c.num_kv_heads
+        kb = torch.cat([cache_k.to(k.dtype), k], dim=2)  # (B, G, W+T, K)
+        vb = torch.cat([cache_v.to(v.dtype), v], dim=2)
+        k_idx = torch.cat([seen[:, None] - W + torch.arange(W, device=k.device), pos], dim=1)  # (B, W+T)
+        o, lse = softmax_attention(qr, kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1),
+                                   pos, k_idx, window=c.window, min_key=c.sinks)
+        if c.sinks:  # sinks at their own cache positions, merged by log-sum-exp
+            o_s, lse_s = softmax_attention(qs, sink_k.repeat_interleave(rep, dim=1),
+                                           sink_v.repeat_interleave(rep, dim=1), pos,
+                                           torch.arange(c.sinks, device=k.device))
+            o, _ = merge_attention(o, lse, o_s, lse_s)
+        T = k.shape[2]
+        return o.to(qr.dtype), kb[:, :, T:].contiguous(), vb[:, :, T:].contiguous()  # the last W slots

@@ -8,6 +8,12 @@ Parameters belong to their layer: each mixer initialises all of its parameters i
 reference implementation), and names the ones that skip weight decay in
 :meth:`Mixer.no_weight_decay`. A mixer built alone and the same mixer inside a model therefore
 start from the same weights (for the same seed) and are trained alike.
+
+A prefix: ``mixer(x, state, prefix_len=P)`` marks the first P tokens of x (of each row, or of each
+sequence with ``cu_seqlens``) as a prompt that may be read non-causally. Only mixers with
+``reads_prefix`` (JRT-RNN's prefix linear attention) use it; every other mixer accepts and ignores
+it. After the prefix the chunking law holds as always: the prefix goes in one call, and the rest
+may then be split anywhere.
 """
 from __future__ import annotations
 
@@ -21,7 +27,7 @@ from ..ops.bounds import check_cu_seqlens, state_rows
 from .common import NORM_TYPES
 from .state import State, StateError
 
-__all__ = ["MixerConfig", "Mixer", "check_tokens_input", "state_batch"]
+__all__ = ["MixerConfig", "Mixer", "check_tokens_input", "check_prefix_len", "state_batch"]
 
 
 @dataclass
@@ -63,6 +69,8 @@ class Mixer(nn.Module):
     # weights found by module type: decays, eigenvalues, time steps, skip gains, gate biases.
     # A name that is a buffer in some configuration (e.g. a fixed A) is skipped there.
     no_decay_params: ClassVar[tuple[str, ...]] = ()
+    # True: mix() takes ``prefix_len`` (a prompt read non-causally, JRT-RNN); other mixers ignore it
+    reads_prefix: ClassVar[bool] = False
 
     def __init__(self, config: MixerConfig):
         super().__init__()
@@ -111,8 +119,8 @@ class Mixer(nn.Module):
         return names & set(params)
 
     # -- the contract ---------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, state: State | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+    def forward(self, x: torch.Tensor, state: State | None = None, cu_seqlens: torch.Tensor | None = None,
+                prefix_len: int | torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
         """Mix ``x`` (B, T, D) given the ``state`` after the previous tokens (None = start).
 
         Returns ``y`` (B, T, D) and the state after the last token of ``x``.
@@ -121,15 +129,28 @@ class Mixer(nn.Module):
         of N sequences packed in one row (B = 1). Each sequence starts from its own row of
         ``state`` (N rows; None: the initial state) and ends in its own row of the returned state;
         nothing crosses a boundary (:mod:`rnnlab.ops.bounds`).
+
+        ``prefix_len``: None, an int, or one int per row (per sequence with ``cu_seqlens``): the
+        first tokens of x form a prompt that mixers with ``reads_prefix`` read non-causally; the
+        others ignore it (:func:`check_prefix_len`).
         """
         self.check_input(x)
         cu = check_cu_seqlens(cu_seqlens, x.shape[0], x.shape[1])
+        prefix = check_prefix_len(prefix_len, x.shape[0], x.shape[1], cu, x.device)
         if state is not None:
             rows = state_rows(x.shape[0], cu)
             if cu is not None and isinstance(state, State) and state.batch_size != rows:
                 raise StateError(f"state has {state.batch_size} rows, but cu_seqlens holds N = {rows} sequences: "
                                  "the state needs one row (initial state) per sequence")
             self.check_state(state, rows)
+        return self.call_mix(x, state, cu_seqlens, prefix)
+
+    def call_mix(self, x: torch.Tensor, state: State | None, cu_seqlens: torch.Tensor | None = None,
+                 prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, State]:
+        """:meth:`mix` on checked arguments, given ``prefix_len`` (from :func:`check_prefix_len`)
+        only if the mixer ``reads_prefix``."""
+        if self.reads_prefix:
+            return self.mix(x, state, cu_seqlens, prefix_len=prefix_len)
         return self.mix(x, state, cu_seqlens)
 
     def check_input(self, x: torch.Tensor) -> None:
@@ -165,6 +186,35 @@ class Mixer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{type(self.config).__name__}"
+
+
+def check_prefix_len(prefix_len: int | torch.Tensor | list[int] | None, B: int, T: int, cu: list[int] | None,
+                     device: torch.device | str | None = None) -> torch.Tensor | None:
+    """Validate ``prefix_len`` for inputs of batch B and length T (``cu`` from
+    :func:`rnnlab.ops.bounds.check_cu_seqlens`): None, an int for every row, or one int per row
+    (per sequence with ``cu_seqlens``), each between 0 and the length of its row. Returns None,
+    or the lengths as an int64 (R,) tensor on ``device`` (R = B, or N sequences)."""
+    if prefix_len is None:
+        return None
+    lengths = [T] * B if cu is None else [b - a for a, b in zip(cu, cu[1:])]
+    what = "row" if cu is None else "sequence (cu_seqlens)"
+    bad = TypeError(f"prefix_len must be None, an int or integers (one per {what}), got {prefix_len!r}")
+    if isinstance(prefix_len, int) and not isinstance(prefix_len, bool):
+        values = [prefix_len] * len(lengths)
+    elif isinstance(prefix_len, (list, tuple)) or isinstance(prefix_len, torch.Tensor) and prefix_len.dim() == 1 \
+            and not (prefix_len.is_floating_point() or prefix_len.is_complex() or prefix_len.dtype == torch.bool):
+        values = prefix_len.tolist() if isinstance(prefix_len, torch.Tensor) else list(prefix_len)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise bad
+        if len(values) != len(lengths):
+            raise ValueError(f"prefix_len must be an int or {len(lengths)} integers (one per {what}), got {len(values)}")
+    else:
+        raise bad
+    for i, (p, n) in enumerate(zip(values, lengths)):
+        if not 0 <= p <= n:
+            raise ValueError(f"prefix_len must lie in [0, length] for each {what}: got {p} for {what.split()[0]} {i} "
+                             f"of length {n}")
+    return torch.tensor(values, dtype=torch.int64, device=device)
 
 
 def check_tokens_input(tokens: torch.Tensor, vocab_size: int) -> None:

@@ -40,7 +40,7 @@ from .base import Mixer, MixerConfig, state_batch
 from .common import GatedRMSNorm, RMSNorm, ShortConv, default_init_, xavier_linears_
 from .state import State
 
-__all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNetState", "DeltaNet", "GatedDeltaNet"]
+__all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNetState", "DeltaNet", "GatedDeltaNet", "init_decay_"]
 
 
 @dataclass
@@ -79,6 +79,16 @@ class DeltaNetState(State):
     conv_q: torch.Tensor  # (B, W-1, H*K) last inputs of the q convolution
     conv_k: torch.Tensor  # (B, W-1, H*K)
     conv_v: torch.Tensor  # (B, W-1, H*V)
+
+
+def init_decay_(A_log: nn.Parameter, dt_bias: nn.Parameter, c: GatedDeltaNetConfig) -> None:
+    """Mamba-2's decay init, in place: A = exp(A_log) ~ U(c.A_init_range) and softplus(dt_bias)
+    log-uniform in [c.dt_min, c.dt_max], floored at c.dt_init_floor (any shapes of A_log, dt_bias)."""
+    with torch.no_grad():
+        A_log.copy_(torch.log(torch.empty(A_log.shape).uniform_(*c.A_init_range)))
+        dt = torch.exp(torch.rand(dt_bias.shape) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
+        dt = dt.clamp(min=c.dt_init_floor)
+        dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
 
 
 class DeltaNet(Mixer):
@@ -166,12 +176,7 @@ class GatedDeltaNet(DeltaNet):
         """fla's init (see :meth:`DeltaNet.reset_parameters`), then A ~ U(A_init_range) and
         softplus(dt_bias) log-uniform in [dt_min, dt_max] (floored at dt_init_floor)."""
         super().reset_parameters()
-        c = self.config
-        with torch.no_grad():
-            self.A_log.copy_(torch.log(torch.empty(c.num_heads).uniform_(*c.A_init_range)))
-            dt = torch.exp(torch.rand(c.num_heads) * (math.log(c.dt_max) - math.log(c.dt_min)) + math.log(c.dt_min))
-            dt = dt.clamp(min=c.dt_init_floor)
-            self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # softplus(dt_bias) = dt
+        init_decay_(self.A_log, self.dt_bias, self.config)
 
     def decay(self, x):
         acc = torch.promote_types(x.dtype, torch.float32)

@@ -2,7 +2,7 @@
 -> norm -> tied output head.
 
 ``logits, state = model(tokens, state=None, cu_seqlens=None)``: tokens (B, T) int64 -> logits
-(B, T, V) and a :class:`ModelState` (one state per block plus the count of tokens seen); with
+(B, T, V) and a :class:`ModelState` (one state per block plus each row's count of tokens seen); with
 ``cu_seqlens`` one row packs several sequences, each with its own state row. The model obeys the
 chunking law of its mixers: feeding a sequence in pieces, passing the state, equals one call.
 
@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..layers.base import Mixer, check_tokens_input
+from ..layers.base import Mixer, check_prefix_len, check_tokens_input
 from ..ops.bounds import check_cu_seqlens, state_rows
 from ..layers.common import NORM_TYPES, RMSNorm
 from ..layers.state import State, StateError
@@ -91,11 +91,31 @@ class LMConfig:
 
 @dataclass(frozen=True)
 class ModelState:
-    """The state of a whole model: one state per block (None for MLP-only blocks) and a counter."""
+    """The state of a whole model: one state per block (None for MLP-only blocks) and the position
+    of each row. Rows are sequences: they can be selected, split and concatenated, and each sits at
+    its own position (a ragged batch: prompts of different lengths, packed calls)."""
 
     layers: tuple[State | None, ...]
-    seen: int  # tokens seen so far by the longest row (packed calls and ragged batches: rows differ;
-    # attention layers keep each row's position in their state)
+    seen: torch.Tensor  # (B,) int64 tokens seen by each row: the position of its next token (an int
+    # given here is every row's)
+
+    def __post_init__(self) -> None:
+        rows = self.batch_size
+        seen = self.seen
+        if isinstance(seen, int) and not isinstance(seen, bool):
+            device = next((t.device for s in self.layers if s is not None for t in s.tensors().values()), None)
+            seen = torch.full((1 if rows is None else rows,), seen, dtype=torch.int64, device=device)
+        if not isinstance(seen, torch.Tensor) or seen.dtype != torch.int64 or seen.dim() != 1:
+            what = f"{seen.dtype} tensor of shape {tuple(seen.shape)}" if isinstance(seen, torch.Tensor) else repr(seen)
+            raise StateError(f"ModelState.seen must be a (B,) int64 tensor (or an int), got {what}")
+        if rows is not None and seen.shape[0] != rows:
+            raise StateError(f"ModelState.seen has {seen.shape[0]} rows, its layer states {rows}")
+        object.__setattr__(self, "seen", seen)
+
+    @property
+    def batch_size(self) -> int | None:
+        """Rows of the layer states (None when every block is an MLP)."""
+        return next((s.batch_size for s in self.layers if s is not None), None)
 
     @property
     def nbytes(self) -> int:
@@ -104,7 +124,7 @@ class ModelState:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "ModelState":
         """A copy moved to ``device`` / cast to ``dtype`` (floating tensors only)."""
-        return ModelState(tuple(None if s is None else s.to(device, dtype) for s in self.layers), self.seen)
+        return ModelState(tuple(None if s is None else s.to(device, dtype) for s in self.layers), self.seen.to(device))
 
     def detach(self) -> "ModelState":
         """A copy cut from the autograd graph."""
@@ -112,22 +132,29 @@ class ModelState:
 
     def select(self, rows) -> "ModelState":
         """The state of the sequences ``rows`` (batch indices or a slice), every layer alike."""
-        return ModelState(tuple(None if s is None else s.select(rows) for s in self.layers), self.seen)
+        layers = tuple(None if s is None else s.select(rows) for s in self.layers)
+        if isinstance(rows, slice):
+            return ModelState(layers, self.seen[rows])
+        return ModelState(layers, self.seen.index_select(0, torch.as_tensor(rows, dtype=torch.long,
+                                                                             device=self.seen.device)))
 
     def split(self, sizes: int | list[int] = 1) -> list["ModelState"]:
         """The state cut along the batch into pieces of ``sizes`` rows (an int: equal pieces)."""
+        B = self.seen.shape[0]
+        if not isinstance(sizes, int) and sum(sizes) != B or isinstance(sizes, int) and sizes < 1:
+            raise StateError(f"split sizes {sizes} do not add up to the batch size {B}")
         parts = [None if s is None else s.split(sizes) for s in self.layers]
-        n = len(next(p for p in parts if p is not None)) if any(p is not None for p in parts) else 0
-        return [ModelState(tuple(None if p is None else p[i] for p in parts), self.seen) for i in range(n)]
+        seen = self.seen.split(sizes)
+        return [ModelState(tuple(None if p is None else p[i] for p in parts), t) for i, t in enumerate(seen)]
 
     @staticmethod
     def cat(states: list["ModelState"]) -> "ModelState":
-        """One state whose rows are those of ``states`` in order; ``seen`` is the largest of theirs."""
+        """One state whose rows are those of ``states`` in order, each at its own position."""
         if not states:
             raise StateError("ModelState.cat needs at least one state")
         layers = tuple(None if group[0] is None else type(group[0]).cat(list(group))
                        for group in zip(*(st.layers for st in states)))
-        return ModelState(layers, max(st.seen for st in states))
+        return ModelState(layers, torch.cat([st.seen for st in states]))
 
 
 class MLP(nn.Module):
@@ -171,10 +198,10 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_plus_one) if has_mlp else None
         self.mlp = MLP(config.d_model, config.d_ff, config.mlp, config.mlp_bias) if has_mlp else None
 
-    def forward(self, x: torch.Tensor, state: State | None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
-        if self.mixer is not None:  # LM.forward has checked the tokens, cu_seqlens and the whole state
-            y, state = self.mixer.mix(self.mixer_norm(x), state, cu_seqlens)
+    def forward(self, x: torch.Tensor, state: State | None, cu_seqlens: torch.Tensor | None = None,
+                prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
+        if self.mixer is not None:  # LM.forward has checked the tokens, cu_seqlens, prefix_len and the state
+            y, state = self.mixer.call_mix(self.mixer_norm(x), state, cu_seqlens, prefix_len)
             x = x + y
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -267,7 +294,7 @@ class LM(nn.Module):
     def init_state(self, batch_size: int, device=None, dtype=None) -> ModelState:
         """The state before the first token."""
         return ModelState(tuple(None if b.mixer is None else b.mixer.init_state(batch_size, device, dtype)
-                                for b in self.blocks), 0)
+                                for b in self.blocks), torch.zeros(batch_size, dtype=torch.int64, device=device))
 
     def check_state(self, state: ModelState, batch_size: int) -> None:
         """Raise StateError unless ``state`` fits this model and batch size."""
@@ -284,18 +311,25 @@ class LM(nn.Module):
                 b.mixer.check_state(s, batch_size)
             except StateError as e:
                 raise StateError(f"layer {i} ({b.name}): {e}") from None
+        if state.seen.shape[0] != batch_size:
+            raise StateError(f"state.seen has {state.seen.shape[0]} rows, expected the batch size {batch_size}")
 
     def forward(self, tokens: torch.Tensor, state: ModelState | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
+                cu_seqlens: torch.Tensor | None = None,
+                prefix_len: int | torch.Tensor | None = None) -> tuple[torch.Tensor, ModelState]:
         """tokens (B, T) -> logits (B, T, vocab_size), state after the last token.
 
         ``cu_seqlens``: None, or int64 (N + 1,) cumulative lengths of N sequences packed in one row
         (B = 1), passed to every mixer: each sequence starts from its own row of ``state`` (N rows;
         None: the initial state), ends in its own row of the returned state, and sees nothing of
-        the others (:meth:`rnnlab.layers.base.Mixer.forward`)."""
+        the others (:meth:`rnnlab.layers.base.Mixer.forward`).
+
+        ``prefix_len``: None, an int or one int per row (sequence): the first tokens form a prompt
+        that prefix-reading mixers (``jrt``) read non-causally; every other mixer ignores it."""
         check_tokens_input(tokens, self.config.vocab_size)
         B, T = tokens.shape
         cu = check_cu_seqlens(cu_seqlens, B, T)
+        prefix = check_prefix_len(prefix_len, B, T, cu, tokens.device)
         if state is not None:
             self.check_state(state, state_rows(B, cu))
         x = self.embed(tokens.long())  # (B, T, D)
@@ -303,14 +337,15 @@ class LM(nn.Module):
             x = x * self.config.embed_scale
         new = []
         for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.layers[i], cu_seqlens)
+            x, s = block(x, None if state is None else state.layers[i], cu_seqlens, prefix)
             new.append(s)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
             logits = torch.tanh(logits / cap) * cap
-        longest = T if cu is None else max(b - a for a, b in zip(cu, cu[1:]))
-        return logits, ModelState(tuple(new), (0 if state is None else state.seen) + longest)
+        seen = torch.zeros(state_rows(B, cu), dtype=torch.int64, device=tokens.device) if state is None else state.seen
+        count = T if cu is None else cu_seqlens.to(seen.device).diff()  # () or (N,) tokens per row
+        return logits, ModelState(tuple(new), seen + count)
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:

@@ -22,15 +22,23 @@ from ..layers.hgrn import HGRN, HGRNConfig
 from ..layers.linear_attention import LinearAttention, LinearAttentionConfig, RetNet, RetNetConfig
 from ..layers.lru import LRU, LRUConfig
 from ..layers.based import Based, BasedConfig
+from ..layers.jrt import JRT, JRTConfig
 from ..layers.gsa import GSA, GSAConfig
 from ..layers.titans import Titans, TitansConfig
+from ..layers.ttt import TTT, TTTConfig, TTTMLPConfig
 from ..layers.mlstm import MLSTM, MLSTM7B, MLSTM7BConfig, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.lssl import LSSL, LSSLConfig
+from ..layers.lmu import LMU, LMUConfig
+from ..layers.mega import Mega, MegaConfig
 from ..layers.mamba import Mamba, MambaConfig
 from ..layers.longhorn import Longhorn, LonghornConfig
 from ..layers.mamba2 import Mamba2, Mamba2Config
+from ..layers.rwkv import RWKV6, RWKV7, RWKV6Config, RWKV7Config
 from ..layers.deltanet import DeltaNet, DeltaNetConfig, GatedDeltaNet, GatedDeltaNetConfig
+from ..layers.deltaproduct import GatedDeltaProduct, GatedDeltaProductConfig
+from ..layers.kda import KDA, KDAConfig
+from ..layers.mom import MoM, MoMConfig
 
 __all__ = ["UnknownMixerError", "OptionError", "MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
 
@@ -109,7 +117,7 @@ _register(MixerSpec(
     "Qin et al. 2024 (HGRN2)", "H·K·(D/H) floats (K = expand_ratio)",
     tiny=dict(num_heads=2, expand_ratio=8), depth_option="lower_bound"))
 
-# -- delta-rule family: deltanet, gated_deltanet, longhorn ------------------------------------------
+# -- delta-rule family: deltanet, gated_deltanet, kda, gated_deltaproduct, longhorn --------------------
 _register(MixerSpec(
     "deltanet", DeltaNet, DeltaNetConfig,
     "linear attention edited by the delta rule; L2-normed q/k, short convs; option negative eigenvalues",
@@ -121,12 +129,39 @@ _register(MixerSpec(
     "Yang et al. 2024 (Gated DeltaNet)", "H·K·V + (W-1)·H·(2K+V) floats",
     tiny=dict(num_heads=2)))
 _register(MixerSpec(
+    "kda", KDA, KDAConfig,
+    "Kimi Delta Attention: delta rule with a decay per key channel (low-rank gate), sigmoid-gated RMSNorm",
+    "Kimi Team 2025 (Kimi Linear)", "H·K·V + (W-1)·H·(2K+V) floats",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "gated_deltaproduct", GatedDeltaProduct, GatedDeltaProductConfig,
+    "n_h delta-rule (Householder) steps per token, scalar decay once per token; b in (0, 2)",
+    "Siems et al. 2025 (DeltaProduct)", "H·K·V + (W-1)·H·((n+1)K+n·V) floats (n = num_householder)",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "mom", MoM, MoMConfig,
+    "Mixture-of-Memories: a router writes each token into the top-k of M gated-delta memories (+ a shared one), reads them mixed",
+    "Du et al. 2025 (MoM)", "E·H·K·V + (W-1)·H·(K+E·(K+V)) floats (E = M+1 memories)",
+    tiny=dict(num_heads=2, num_memories=3, topk=2)))
+_register(MixerSpec(
     "longhorn", Longhorn, LonghornConfig,
     "online regression k -> x per channel, closed-form diagonal update; no forget gate; Mamba block",
     "Liu et al. 2024 (Longhorn)", "E·N + (W-1)·E floats",
     tiny=dict(d_state=4)))
 
-# -- xLSTM mLSTM and friends: mlstm, based, gsa, titans ---------------------------------------------
+# -- RWKV time-mix: rwkv6, rwkv7 --------------------------------------------------------------------
+_register(MixerSpec(
+    "rwkv6", RWKV6, RWKV6Config,
+    "RWKV-6 time-mix: data-dependent vector decay via low-rank token shift (ddlerp), bonus u, GroupNorm, SiLU gate",
+    "Peng et al. 2024 (Eagle and Finch)", "H·K·V + D floats (H·K = D/2, H·V = D)",
+    tiny=dict(num_heads=2, proj_low_rank_dim=4, gate_low_rank_dim=8)))
+_register(MixerSpec(
+    "rwkv7", RWKV7, RWKV7Config,
+    "RWKV-7 time-mix: generalised delta rule, vector decay, in-context learning rate (no value residual)",
+    "Peng et al. 2025 (RWKV-7 Goose)", "H·K·K + D floats (K = head_dim)",
+    tiny=dict(head_dim=16, decay_low_rank_dim=8, a_low_rank_dim=8, gate_low_rank_dim=8), depth_option="depth"))
+
+# -- xLSTM mLSTM and friends: mlstm, based, jrt, gsa, titans, ttt_linear, ttt_mlp ------------------
 _register(MixerSpec(
     "mlstm", MLSTM, MLSTMConfig,
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
@@ -143,6 +178,11 @@ _register(MixerSpec(
     "Arora et al. 2024 (Based)", "H·(1+F+F²)·(V+1) floats",
     tiny=dict(num_heads=2, feature_dim=4)))
 _register(MixerSpec(
+    "jrt", JRT, JRTConfig,
+    "JRT-RNN prefix linear attention: the prompt (prefix_len) read non-causally by encoder k/v, then causal Based decoding",
+    "Arora et al. 2024 (Just read twice)", "H·(1+F+F²)·(V+1) floats",
+    tiny=dict(num_heads=2, feature_dim=4)))
+_register(MixerSpec(
     "gsa", GSA, GSAConfig,
     "gated slot attention: M bounded slots written with a forget gate, read by softmax (two GLA passes)",
     "Zhang et al. 2024 (GSA)", "2·H·M·K floats (K = D/H)",
@@ -152,8 +192,18 @@ _register(MixerSpec(
     "neural memory (MLP or linear) trained while reading: gradient step on ‖M(k)−v‖² with momentum and forgetting",
     "Behrouz et al. 2024 (Titans)", "3·H·2·F·K (MLP) or 3·H·K² (linear) + 3·(W-1)·D floats",
     tiny=dict(num_heads=2, chunk_size=4)))
+_register(MixerSpec(
+    "ttt_linear", TTT, TTTConfig,
+    "TTT-Linear: a linear model per head learned while reading, a step per mini-batch on ½‖LN(f(k))−(v−k)‖²",
+    "Sun et al. 2024 (TTT)", "2·H·(K²+K) floats (weights at the mini-batch start + summed gradient)",
+    tiny=dict(num_heads=2, chunk_size=4)))
+_register(MixerSpec(
+    "ttt_mlp", TTT, TTTMLPConfig,
+    "TTT-MLP: as ttt_linear with a 2-layer GELU MLP (F = 4K) as the inner model; base_lr 0.1",
+    "Sun et al. 2024 (TTT)", "2·H·(2·F·K+F+K) floats (F = mlp_expand·K)",
+    tiny=dict(num_heads=2, chunk_size=4, mlp_expand=2)))
 
-# -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl ------------------------------------
+# -- state-space models: mamba, mamba2, lru, rg_lru, s4d, lssl, lmu -------------------------------------
 _register(MixerSpec(
     "mamba", Mamba, MambaConfig,
     "selective SSM (S6): data-dependent dt, B, C; conv + SiLU gate; option negative eigenvalues",
@@ -184,6 +234,16 @@ _register(MixerSpec(
     "dense HiPPO-LegS state space per channel, bilinear step, learned dt; convolution to train, recurrence to stream",
     "Gu et al. 2021 (LSSL)", "D·N floats",
     tiny=dict(d_state=8)))
+_register(MixerSpec(
+    "lmu", LMU, LMUConfig,
+    "Legendre Memory Unit: fixed Legendre delay memory of order N over a window θ (ZOH), ReLU readout of [m; x]",
+    "Voelker et al. 2019 (LMU); Liu et al. 2024 (LMUFormer)", "P·N floats (P = memory_dim, N = order)",
+    tiny=dict(order=8, theta=16.0)))
+_register(MixerSpec(
+    "mega", Mega, MegaConfig,
+    "Mega-chunk: damped multi-dimensional EMA, then single-head gated attention inside aligned chunks of c tokens",
+    "Ma et al. 2023 (Mega)", "D·N + (c-1)·(Z+V) floats + a position (bounded)",
+    tiny=dict(ndim=4, z_dim=8, v_dim=16, chunk_size=8)))
 
 # -- elementwise, nonlinear and minimal RNNs: hgrn, mingru, minlstm, lstm, gru, slstm, aaren --------
 _register(MixerSpec(

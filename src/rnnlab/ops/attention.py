@@ -4,6 +4,11 @@ Causal softmax attention ``o_t = sum_j softmax_j(q_t . k_j * scale) v_j`` over a
 Attention to two disjoint key sets (attention sinks and a sliding window) is computed separately and
 merged exactly with :func:`merge_attention`, using each part's log-sum-exp of scores.
 
+Forms: :func:`attention_reference` is the definition (a loop over queries, each attending to the
+keys of its prefix); :func:`causal_attention` is the same attention by torch's
+``scaled_dot_product_attention`` (flash-style kernels, grouped-query heads); :func:`softmax_attention`
+adds windows, a first key and log-sum-exps, blockwise.
+
 Layout here is head-first, as in ``scaled_dot_product_attention``: q (B, H, T, K), k (B, H, L, K),
 v (B, H, L, V). Key/query *indices* are absolute token positions (int64), used for masking only.
 
@@ -15,10 +20,81 @@ query that may not see it.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
-from .bounds import check_cu_seqlens
+from .bounds import check_cu_seqlens, known_finite
 
-__all__ = ["softmax_attention", "merge_attention"]
+__all__ = ["attention_reference", "causal_attention", "softmax_attention", "merge_attention"]
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                        scale: float | None = None) -> torch.Tensor:
+    """The definition of causal attention, one query at a time: query t of row b attends to keys
+    ``0 .. q_pos[b, t]`` of its row, ``o = softmax(k[:p+1] q * scale) @ v[:p+1]``.
+
+    q (B, H, T, K); k (B, G, L, K), v (B, G, L, V) with G dividing H (query head h reads key head
+    ``h // (H / G)``); q_pos (B, T) int64. Returns o (B, H, T, V) in the dtype of q.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    B, H, T, _ = q.shape
+    rep = H // k.shape[1]
+    o = q.new_zeros(B, H, T, v.shape[-1])
+    for b in range(B):
+        for h in range(H):
+            for t in range(T):
+                p = int(q_pos[b, t]) + 1  # keys 0 .. q_pos[b, t]
+                s = k[b, h // rep, :p] @ q[b, h, t] * scale  # (p,)
+                o[b, h, t] = torch.softmax(s, dim=0) @ v[b, h // rep, :p]  # (V,)
+    return o
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor | None = None,
+                     scale: float | None = None) -> torch.Tensor:
+    """:func:`attention_reference` by ``scaled_dot_product_attention``: query t of row b attends to
+    keys ``0 .. q_pos[b, t]``.
+
+    q (B, H, T, K); k (B, G, L, K), v (B, G, L, V) with G dividing H; q_pos (B, T) int64, or None:
+    the last T keys are the queries' own (``q_pos[b, t] = L - T + t``: plain causal attention when
+    L == T, after L - T cached keys otherwise). Returns o (B, H, T, V) in the dtype of q.
+
+    Isolation: torch's CPU kernels compute ``0 * NaN`` for a masked key (a NaN key with a boolean
+    mask, a NaN value with either mask), which would carry a non-finite value of a later token to
+    earlier queries. So, when T > 1, non-finite entries of k and v are zeroed (a selection) for the
+    product, and a query is given NaN where a key it may see had one: its whole row for a key, the
+    column for a value. For finite inputs both steps select nothing (the result is SDPA's, and so
+    are the gradients), and where the inputs are known finite they are skipped. With T == 1 (decoding) no key before the query is masked; keys past a row's
+    last query are never read and must be finite (the attention layer keeps zeros there).
+    """
+    B, H, T, _ = q.shape
+    G, L = k.shape[1], k.shape[2]
+    causal, mask = False, None
+    if q_pos is not None:
+        mask = (torch.arange(L, device=q.device) <= q_pos[..., None])[:, None]  # (B, 1, T, L)
+    elif T == L:
+        causal = T > 1
+    elif T > 1:
+        mask = torch.arange(L, device=q.device) <= (L - T + torch.arange(T, device=q.device))[:, None]  # (T, L)
+    if T == 1 or known_finite(k, v):  # nothing to keep out (decided on CPU only: see known_finite)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=G != H)
+    bad_k = ~torch.isfinite(k).all(dim=-1)  # (B, G, L) keys with a non-finite entry
+    bad_v = ~torch.isfinite(v)  # (B, G, L, V)
+    k = torch.where(bad_k[..., None], 0.0, k)
+    v = torch.where(bad_v, 0.0, v)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                       enable_gqa=G != H)  # (B, H, T, V)
+    # bad keys and values among each query's keys 0 .. q_pos: prefix counts read at q_pos
+    n_k = bad_k.to(torch.int32).cumsum(dim=-1, dtype=torch.int32)  # (B, G, L)
+    n_v = bad_v.to(torch.int32).cumsum(dim=-2, dtype=torch.int32)  # (B, G, L, V)
+    if q_pos is None:
+        n_k, n_v = n_k[:, :, L - T:], n_v[:, :, L - T:]  # (B, G, T), (B, G, T, V)
+    else:
+        at = q_pos[:, None].expand(B, G, T)  # (B, G, T)
+        n_k, n_v = n_k.gather(2, at), n_v.gather(2, at[..., None].expand(B, G, T, v.shape[-1]))
+    poisoned = (n_v > 0) | (n_k > 0)[..., None]  # (B, G, T, V)
+    o = rearrange(o, "b (g r) t v -> b g r t v", g=G).masked_fill(poisoned[:, :, None], float("nan"))
+    return rearrange(o, "b g r t v -> b (g r) t v")
 
 
 def _attend_block(q, k, v, mask, scale):
@@ -55,8 +131,9 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
 
     Query ``t`` (absolute index ``q_idx[t]``) attends to key ``j`` iff
     ``k_idx[j] <= q_idx[t]``, ``q_idx[t] - k_idx[j] < window`` (if a window is given) and
-    ``k_idx[j] >= min_key``. Queries are processed in blocks of ``block_size`` and each block only
-    sees the keys its window can reach, so memory is O(T * (window + block_size)).
+    ``k_idx[j] >= min_key``. Queries are processed in blocks of ``block_size`` and, when there are
+    several, each block only sees the keys its window can reach, so memory is O(T * (window +
+    block_size)); a single block (T <= block_size) reads every key given.
 
     Args:
         q: (B, H, T, K) queries; k: (B, H, L, K) keys; v: (B, H, L, V) values.
@@ -83,11 +160,14 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
     outs, lses = [], []
     for t0 in range(0, T, block_size):
         qi = q_idx[:, t0:t0 + block_size]  # (B or 1, Tq)
-        lo = torch.full_like(qi[:, :1], min_key) if window is None else (qi[:, :1] - window + 1).clamp_min(min_key)
-        if seq_start is not None:
-            lo = torch.maximum(lo, seq_start[:, t0:t0 + 1])
-        j0 = int(torch.searchsorted(k_idx, lo).min())  # the first key any row of the block may see
-        j1 = int(torch.searchsorted(k_idx, qi[:, -1:].contiguous(), right=True).max())  # one past the last
+        if T <= block_size:  # one block: every key given, masked (no host sync; decoding is such a call)
+            j0, j1 = 0, k_idx.shape[1]
+        else:
+            lo = torch.full_like(qi[:, :1], min_key) if window is None else (qi[:, :1] - window + 1).clamp_min(min_key)
+            if seq_start is not None:
+                lo = torch.maximum(lo, seq_start[:, t0:t0 + 1])
+            j0 = int(torch.searchsorted(k_idx, lo).min())  # the first key any row of the block may see
+            j1 = int(torch.searchsorted(k_idx, qi[:, -1:].contiguous(), right=True).max())  # one past the last
         kj = k_idx[:, None, j0:j1]  # (B or 1, 1, Lb)
         mask = (kj <= qi[:, :, None]) & (kj >= min_key)  # (B or 1, Tq, Lb)
         if seq_start is not None:

@@ -33,9 +33,10 @@ cross a boundary (a :class:`Carry` over segments); the layers' short convolution
 (:mod:`rnnlab.ops.scan`: at a sequence's first token ``h_t = a_t h0_n + b_t`` by selection), and
 the ops built on time-chunks of it (selective scan, Longhorn, LTI scan, GSA's blocks) run the
 pieces of the sequences in each time-chunk as a packed row of their own
-(:func:`rnnlab.ops.scan.over_time_chunks`). Softmax attention takes a per-query first key; the
-Newton form zeroes the Jacobian at first tokens. An FFT convolution (LTI) runs sequence by
-sequence.
+(:func:`rnnlab.ops.scan.over_time_chunks`). Softmax attention takes a per-query first key (the
+blockwise form) or, in the attention layer, runs SDPA sequence by sequence on views of the packed
+row; the Newton form zeroes the Jacobian at first tokens. An FFT convolution (LTI) runs sequence
+by sequence, with non-finite inputs selected out of the transform.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "PrefixLayout", "causal_product",
-           "rows", "cat_rows"]
+           "known_finite", "rows", "cat_rows"]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
@@ -235,6 +236,18 @@ class PrefixLayout:
     def pad(self, state: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """state (N, width, ...), x (1, T, ...) -> (1, N·width + T, ...)."""
         return torch.cat([state.reshape(1, state.shape[0] * self.width, *state.shape[2:]), x], dim=1)[:, self._src]
+
+
+def known_finite(*xs: torch.Tensor | None) -> bool:
+    """True when every given tensor is known to hold only finite values, so that an op may skip
+    the guards that keep a non-finite token out of earlier positions (they cost several passes
+    over the data). Decided on CPU only, by one sum per tensor (any NaN or inf makes it non-finite;
+    an overflow merely sends the op down the guarded path); on other devices the answer would
+    cost a device-to-host sync per call, so it is always False there."""
+    if any(x is not None and x.device.type != "cpu" for x in xs):
+        return False
+    with torch.no_grad():
+        return all(x is None or bool(torch.isfinite(x.sum())) for x in xs)
 
 
 def causal_product(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

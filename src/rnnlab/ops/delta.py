@@ -29,7 +29,7 @@ from einops import rearrange
 
 from . import tuning
 from .backends import compiled
-from .bounds import ChunkLayout, causal_product, check_cu_seqlens, state_rows, token_carry
+from .bounds import ChunkLayout, causal_product, check_cu_seqlens, known_finite, state_rows, token_carry
 from .registry import implementation, select
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_chunked",
@@ -171,14 +171,16 @@ def gated_delta_rule_chunked_compiled(q, k, v, log_g=None, beta=None, scale=None
     return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, compiled(_intra_chunk), cu_seqlens)
 
 
-def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int):
+def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: bool = False):
     """Everything the chunks can do in parallel (no loop over chunks, so it compiles well).
 
     q, k (B, T, H, K), v (B, T, H, V), log_g None | (B, T, H) | (B, T, H, K), beta None | (B, T, H),
     in the accumulation dtype. Returns, per chunk n of C tokens (B, H, N, ...): U_v (C, V) and W
     (C, K) or None with U = U_v - W S_0; q_plus (C, K) the queries decayed from the chunk start;
     A_qk (C, C) the masked decayed scores; g_end (K|1) the decay over the whole chunk; k_end
-    (K, C) the keys decayed to the chunk end.
+    (K, C) the keys decayed to the chunk end. ``finite``: the inputs are known to be finite
+    (:func:`rnnlab.ops.bounds.known_finite`), so the UT transform may use the inverse of its
+    triangular matrix, whose products would let a later non-finite token reach earlier rows.
     """
     T = q.shape[1]
     V = v.shape[-1]
@@ -218,7 +220,11 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int):
     if beta is None:
         return vc, None, q_plus, A_qk, g_end, k_end
     b = chunks(beta)[..., None]  # (B, H, N, C, 1)
-    L = torch.eye(C, dtype=q.dtype, device=q.device) + torch.where(tri_strict, b * A_kk, 0.0)  # (B, H, N, C, C)
+    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    L = eye + torch.where(tri_strict, b * A_kk, 0.0)  # (B, H, N, C, C)
+    if finite:  # U_v, W = L^-1 diag(b) (V, K^+) as two matmuls with the inverse
+        Tb = torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True) * b.transpose(-1, -2)
+        return Tb @ vc, Tb @ k_plus, q_plus, A_qk, g_end, k_end  # (B, H, N, C, V), (B, H, N, C, K)
     UW = torch.linalg.solve_triangular(L, b * torch.cat([vc, k_plus], dim=-1), upper=False,
                                        unitriangular=True)  # (B, H, N, C, V+K): one solve for both
     return UW[..., :V], UW[..., V:], q_plus, A_qk, g_end, k_end
@@ -237,8 +243,10 @@ def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_s
         chunk_size = tuning.get("gla.chunk_size" if vector else "delta.chunk_size", q.device)
     layout = None if cu is None else ChunkLayout(cu, chunk_size, q.device)
     cast = lambda x: None if x is None else (x.to(acc) if layout is None else layout.pad(x.to(acc)))  # noqa: E731
+    finite = known_finite(q, k, v, log_g, beta, initial_state)  # then no guards against 0 * NaN
     U_v, W, q_plus, A_qk, g_end, k_end = intra(cast(q), cast(k), cast(v), cast(log_g), cast(beta), chunk_size,
-                                               tuning.get("gla.sub_chunk", q.device))
+                                               tuning.get("gla.sub_chunk", q.device), finite)
+    product = torch.matmul if finite else causal_product
     # 4. pass the state across chunks
     N = U_v.shape[2]
     zeros = lambda rows: q.new_zeros(rows, H, K, V, dtype=acc)  # noqa: E731
@@ -251,7 +259,7 @@ def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_s
         S = carry.enter(i, S)  # a sequence's first chunk: its initial state
         if W_n is not None:
             U = U - W_n @ S  # (B, H, C, V)
-        outs.append(qp @ S + causal_product(A, U))  # (B, H, C, V)
+        outs.append(qp @ S + product(A, U))  # (B, H, C, V)
         S = g[..., None] * S + ke @ U  # (B, H, K, V)
         carry.leave(i, S)
     if not outs:  # T = 0

@@ -2,7 +2,7 @@
 
 Per channel d (of D), with a state h (N) and fixed discrete matrices:
 
-    h_t = dA[d] h_{t-1} + dB[d] u_t[d],      y_t[d] = sum_n C[d, n] h_t[n]
+    h_t = dA[d] h_{t-1} + dB[d] u_t[d],      y_t[d] = sum_n C[d, n] h_t[n]   (or y_t[d] = h_t if C is None)
 
 dA is dense, (D, N, N) real (LSSL's HiPPO-LegS), or diagonal, (D, N) real or complex (S4D), in
 which case ``dA[d] h`` is elementwise. Forms: :func:`lti_recurrent` (the definition, a loop over
@@ -10,10 +10,12 @@ time); :func:`lti_scan` (diagonal dA: chunked parallel scans of family A); :func
 the causal convolution of u with the kernel K_l = C dA^l dB — Krylov / Vandermonde vectors built
 by doubling in log2(T) steps, applied with an FFT; the initial state adds C dA^(t+1) h_0 and the
 final state is dA^T h_0 + sum_s dA^(T-1-s) dB u_s); :func:`lti` (the dispatch layers call). Also :func:`hippo_legs` (the
-HiPPO-LegS matrices) and :func:`bilinear` (the discretisation LSSL uses).
+HiPPO-LegS matrices), :func:`legendre_delay` (the Legendre Memory Unit's delay system),
+:func:`bilinear` (the discretisation LSSL uses) and :func:`zoh` (zero-order hold, as the LMU's).
 
 Shapes: u (B, T, D) real; dA (D, N, N) or (D, N); dB, C (D, N); state h (B, D, N). With complex
-dB, C or dA, h and y are complex (S4D takes 2 Re(y)).
+dB, C or dA, h and y are complex (S4D takes 2 Re(y)). With ``C=None`` every form returns the states
+themselves, y (B, T, D, N): the LMU reads its whole memory, not one projection of it.
 """
 from __future__ import annotations
 
@@ -23,10 +25,10 @@ import torch
 
 from . import tuning
 from .registry import implementation, select
-from .bounds import check_cu_seqlens, state_rows, token_carry
+from .bounds import check_cu_seqlens, known_finite, state_rows, token_carry
 from .scan import linear_scan, over_time_chunks
 
-__all__ = ["hippo_legs", "bilinear", "lti", "lti_conv", "lti_recurrent", "lti_scan"]
+__all__ = ["hippo_legs", "legendre_delay", "bilinear", "zoh", "lti", "lti_conv", "lti_recurrent", "lti_scan"]
 
 
 def hippo_legs(N: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +39,40 @@ def hippo_legs(N: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor
     q = torch.sqrt(2 * torch.arange(N, dtype=torch.float64) + 1)  # (N,)
     A = -torch.tril(q[:, None] * q[None, :], diagonal=-1) - torch.diag(torch.arange(1, N + 1, dtype=torch.float64))
     return A.to(dtype), q.to(dtype)
+
+
+def legendre_delay(N: int, theta: float, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Legendre delay system of order N and window theta (Voelker et al. 2019, the LMU), whose
+    state holds the last theta time units of its input in the first N shifted Legendre polynomials:
+    A[i, j] = (2i+1)/theta · (-1 if i < j else (-1)^(i-j+1)), B[i] = (2i+1)/theta · (-1)^i.
+    Returns (A (N, N), B (N,))."""
+    if not isinstance(N, int) or N < 1:
+        raise ValueError(f"N must be a positive int, got {N!r}")
+    if not theta > 0:
+        raise ValueError(f"theta must be > 0, got {theta!r}")
+    i = torch.arange(N, dtype=torch.float64)
+    r = (2 * i + 1) / theta  # (N,)
+    d = i[:, None] - i[None, :]  # (N, N) i - j
+    A = r[:, None] * torch.where(d < 0, -1.0, (-1.0) ** (d + 1))
+    return A.to(dtype), (r * (-1.0) ** i).to(dtype)
+
+
+def zoh(A: torch.Tensor, B: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero-order hold with step dt per channel: dA = exp(dt A), dB = A^-1 (exp(dt A) - I) B, both
+    read off one matrix exponential of [[A, B], [0, 0]] dt (no inverse of A needed).
+    A (N, N) or (D, N, N); B (N,) or (D, N); dt (D,). Returns (dA (D, N, N), dB (D, N))."""
+    if dt.dim() != 1:
+        raise ValueError(f"dt must be (D,), got {tuple(dt.shape)}")
+    N, D = A.shape[-1], dt.shape[0]
+    if A.shape[-2:] != (N, N) or A.dim() not in (2, 3) or (A.dim() == 3 and A.shape[0] != D):
+        raise ValueError(f"A must be (N, N) or (D, N, N) with D = {D} (the length of dt), got {tuple(A.shape)}")
+    if B.shape[-1] != N or B.dim() not in (1, 2) or (B.dim() == 2 and B.shape[0] != D):
+        raise ValueError(f"B must be (N,) or (D, N) with D = {D}, N = {N}, got {tuple(B.shape)}")
+    M = A.new_zeros(D, N + 1, N + 1)
+    M[:, :N, :N] = A
+    M[:, :N, N] = B
+    E = torch.linalg.matrix_exp(dt[:, None, None] * M)  # (D, N+1, N+1)
+    return E[:, :N, :N], E[:, :N, N]
 
 
 def bilinear(A: torch.Tensor, B: torch.Tensor, dt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,7 +107,7 @@ def _check(u, dA, dB, C, initial_state, cu_seqlens=None) -> list[int] | None:
         raise ValueError(f"dA must be (D, N, N) (dense) or (D, N) (diagonal) with D = {D}, got {tuple(dA.shape)}")
     N = dA.shape[1]
     for name, X in (("dB", dB), ("C", C)):
-        if X.shape != (D, N):
+        if X is not None and X.shape != (D, N):
             raise ValueError(f"{name} must be (D, N) = ({D}, {N}), got {tuple(X.shape)}")
     cu = check_cu_seqlens(cu_seqlens, Bsz, T)
     R, rows = state_rows(Bsz, cu), ("B" if cu is None else "N")
@@ -99,7 +135,8 @@ def _out(y, dtype):
 def lti_recurrent(u, dA, dB, C, initial_state=None, cu_seqlens=None):
     """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N)); with
     ``cu_seqlens`` (N sequences packed in one row, B = 1; :mod:`rnnlab.ops.bounds`) h is reset to
-    sequence n's initial state (row n, or zeros) at its first token and the final state is (N, D, N)."""
+    sequence n's initial state (row n, or zeros) at its first token and the final state is (N, D, N).
+    With ``C=None``, y is the states (B, T, D, N)."""
     cu = _check(u, dA, dB, C, initial_state, cu_seqlens)
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
@@ -112,12 +149,12 @@ def lti_recurrent(u, dA, dB, C, initial_state=None, cu_seqlens=None):
         Ah = (dA @ h.unsqueeze(-1)).squeeze(-1) if dA.dim() == 3 else dA * h
         h = Ah + dB * u[:, t, :, None]  # (B, D, N)
         carry.leave(t, h)
-        ys.append((C * h).sum(-1))  # (B, D)
+        ys.append(h if C is None else (C * h).sum(-1))  # (B, D) | (B, D, N)
     return _out(torch.stack(ys, dim=1), dtype), carry.final()
 
 
 def _powers(dA: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
-    """[v, dA v, dA² v, ...] for L terms by doubling: dA (D, N, N) or (D, N), v (D, N) -> (D, N, L)."""
+    """[v, dA v, dA² v, ...] for L terms by doubling: dA (D, N, N) or (D, N), v (..., D, N) -> (..., D, N, L)."""
     dense = dA.dim() == 3
     K, P = v.unsqueeze(-1), dA  # P = dA^(number of columns so far)
     while K.shape[-1] < L:
@@ -127,42 +164,54 @@ def _powers(dA: torch.Tensor, v: torch.Tensor, L: int) -> torch.Tensor:
 
 
 def _causal_conv(u: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-    """y_t = sum_{s<=t} K_{t-s} u_s per channel, by FFT: u (B, T, D) real, K (D, T) real or complex."""
-    T = u.shape[1]
+    """y_t = sum_{s<=t} K_{t-s} u_s per channel, by FFT: u (B, T, D) real, K (D, T) or (D, N, T)
+    (N kernels per channel) real or complex -> y (B, T, D) or (B, T, D, N)."""
+    T, extra = u.shape[1], K.dim() - 2
     n = 2 ** math.ceil(math.log2(2 * T))  # zero-padded: no wrap-around
-    Kr = torch.stack([K.real, K.imag]) if K.is_complex() else K  # (2, D, T) | (D, T)
-    y = torch.fft.irfft(torch.fft.rfft(u.transpose(1, 2), n=n) * torch.fft.rfft(Kr, n=n).unsqueeze(-3),
-                        n=n)[..., :T].transpose(-1, -2)  # ([2,] B, T, D)
+    Kr = torch.stack([K.real, K.imag]) if K.is_complex() else K  # ([2,] D, [N,] T)
+    uf = torch.fft.rfft(u.transpose(1, 2), n=n)  # (B, D, F)
+    uf = uf.unsqueeze(-2) if extra else uf  # (B, D, [1,] F)
+    y = torch.fft.irfft(uf * torch.fft.rfft(Kr, n=n).unsqueeze(-3 - extra), n=n)[..., :T]  # ([2,] B, D, [N,] T)
+    y = y.movedim(-1, -2 - extra)  # ([2,] B, T, D, [N])
     return torch.complex(y[0], y[1]) if K.is_complex() else y
 
 
 def _kernels(dA, dB, C, L: int, with_state: bool):
     """What the convolution form needs for chunks of up to L tokens: V_l = dA^l dB (D, N, L), the
-    kernel K_l = C V_l (D, L), and with a state W_t = C dA^(t+1) (D, N, L) and dA^L."""
+    kernel K_l = C V_l (D, L) (V itself without C), and with a state W_t = C dA^(t+1) (D, L, N)
+    (without C: for a diagonal dA, dA^(t+1) (D, L, N); for a dense one None, built per call from
+    the state) and dA^L."""
     dense = dA.dim() == 3
     if dense:
         V = _powers(dA, dB, L)  # (D, N, L)
     else:
         P = _powers(dA, torch.ones_like(dA), L)  # (D, N, L): dA^l, a Vandermonde matrix
         V = P * dB.unsqueeze(-1)
-    K = torch.einsum("dn,dnl->dl", C, V)  # (D, L)
+    K = V if C is None else torch.einsum("dn,dnl->dl", C, V)  # (D, L) | (D, N, L)
     if not with_state:
         return V, K, None, None
+    if dense and C is None:
+        return V, K, None, torch.linalg.matrix_power(dA, L)
     if dense:
         At = dA.transpose(-1, -2)
         W = _powers(At, (At @ C.unsqueeze(-1)).squeeze(-1), L).transpose(-1, -2)  # (D, L, N): C dA^(t+1)
         return V, K, W, torch.linalg.matrix_power(dA, L)
-    return V, K, (P * (C * dA).unsqueeze(-1)).transpose(-1, -2), P[..., -1] * dA
+    return V, K, (P * (dA if C is None else C * dA).unsqueeze(-1)).transpose(-1, -2), P[..., -1] * dA
 
 
 def _conv_apply(u, dA, kernels, h0):
     """One convolution pass over u (B, T, D), T <= the kernels' length L; h0 None or (B, D, N)."""
     V, K, W, A_L = kernels
-    T, dense = u.shape[1], dA.dim() == 3
-    y = _causal_conv(u, K[:, :T])  # (B, T, D)
+    T, dense, states = u.shape[1], dA.dim() == 3, K.dim() == 3
+    y = _causal_conv(u, K[..., :T])  # (B, T, D) | (B, T, D, N) without C
     h = torch.einsum("dnl,bld->bdn", V[..., :T], u.flip(1).to(V.dtype))  # sum_s dA^(T-1-s) dB u_s
     if h0 is not None:
-        y = y + torch.einsum("dtn,bdn->btd", W[:, :T], h0)  # C dA^(t+1) h_0
+        if not states:
+            y = y + torch.einsum("dtn,bdn->btd", W[:, :T], h0)  # C dA^(t+1) h_0
+        elif dense:  # dA^(t+1) h_0: Krylov vectors of each row's state
+            y = y + _powers(dA, (dA @ h0.unsqueeze(-1)).squeeze(-1), T).movedim(-1, 1)  # (B, T, D, N)
+        else:
+            y = y + W[:, :T].transpose(0, 1) * h0.unsqueeze(1)  # (T, D, N) * (B, 1, D, N) -> (B, T, D, N)
         A_T = A_L if T == K.shape[1] else (torch.linalg.matrix_power(dA, T) if dense else dA ** T)
         h = h + ((A_T @ h0.unsqueeze(-1)).squeeze(-1) if dense else A_T * h0)
     return y, h
@@ -174,7 +223,12 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     passed between them and the chunk kernels computed once: the kernel's Krylov vectors take
     D·N·T memory, so bounding T bounds it; under autograd each chunk is recomputed. With
     ``cu_seqlens`` it convolves sequence by sequence (one convolution over the packed row would
-    mix them)."""
+    mix them).
+
+    An FFT spreads a non-finite input over every output; so a non-finite u_s[d] is zeroed for the
+    convolution (a selection) and channel d is made NaN from token s on and in the final state,
+    where the recurrence makes it non-finite: nothing reaches earlier tokens, and for finite inputs
+    nothing is selected (results and gradients are the convolution's)."""
     cu = _check(u, dA, dB, C, initial_state, cu_seqlens)
     if cu is not None:
         ys, finals = [], []
@@ -191,6 +245,9 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
     hdt = _state_dtype(acc, dA, dB, C, initial_state)
     u, dA, dB, C = _cast(acc, u, dA, dB, C)
+    bad = None if known_finite(u) else ~torch.isfinite(u)  # (B, T, D): the FFT would spread a NaN everywhere
+    if bad is not None:
+        u = torch.where(bad, 0.0, u)
     T = u.shape[1]
     L = min(T, chunk_size or tuning.get("lti.conv_chunk", u.device))
     kernels = _kernels(dA, dB, C, L, with_state=initial_state is not None or T > L)
@@ -199,13 +256,17 @@ def lti_conv(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     else:
         h0 = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
         y, h = over_time_chunks(lambda u, h: _conv_apply(u, dA, kernels, h), (u,), h0, L)
+    if bad is not None:
+        reached = bad.cumsum(dim=1) > 0  # (B, T, D): from each bad input on
+        y = y.masked_fill(reached if y.dim() == 3 else reached[..., None], float("nan"))  # (B, T, D[, N])
+        h = h.masked_fill(bad.any(dim=1)[..., None], float("nan"))  # (B, D, N)
     return _out(y, dtype), h.to(hdt)
 
 
 def _scan_chunk(u, h, dA, dB, C, cu_seqlens=None):
     hs, h_last = linear_scan(dA.expand(*u.shape, dA.shape[-1]), dB * u.unsqueeze(-1), h,
                              cu_seqlens=cu_seqlens)  # (B, Tc, D, N)
-    return (hs * C).sum(-1), h_last
+    return (hs if C is None else (hs * C).sum(-1)), h_last
 
 
 def lti_scan(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None):

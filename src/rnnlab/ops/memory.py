@@ -214,10 +214,11 @@ def _segment(q, k, v, log_g, log_eta, theta, memory, momentum, anchor, base):
     return x, tuple(new_memory), tuple(new_momentum)
 
 
-def _segments(cu, pos, T, chunk_size):
-    """The segments of the chunked form: (t0, t1, position at t0) within one mini-batch and one
-    sequence each, and the Carry's maps of first and last segments of each non-empty sequence
-    (None without ``cu``; then ``pos`` is the one position of all rows)."""
+def minibatch_segments(cu, pos, T, chunk_size):
+    """The segments of a chunked mini-batch form (this memory's and TTT's, :mod:`rnnlab.ops.ttt`):
+    (t0, t1, position at t0) within one mini-batch and one sequence each, and the Carry's maps of
+    first and last segments of each non-empty sequence (None without ``cu``; then ``pos`` is the
+    one position of all rows)."""
     spans = [(0, T, pos[0])] if cu is None else [(a, b, p) for a, b, p in zip(cu, cu[1:], pos)]
     segs, starts, ends = [], {}, {}
     for n, (a, b, p) in enumerate(spans):
@@ -254,7 +255,7 @@ def neural_memory_chunked(q, k, v, log_g, log_eta, theta, initial_state=None, ch
     q, k, v = (rearrange(t.to(acc), "b t h d -> b h t d") for t in (q, k, v))  # (B, H, T, d)
     log_g, log_eta, theta = (rearrange(t.to(acc), "b t h -> b h t") for t in (log_g, log_eta, theta))  # (B, H, T)
     base = None if base is None else tuple(b.to(acc) for b in base)
-    segs, (starts, ends) = _segments(cu, pos, T, chunk_size)
+    segs, (starts, ends) = minibatch_segments(cu, pos, T, chunk_size)
     carry = Carry(init, zeros, state_rows(B, cu), len(segs), starts, ends)
     os, st = [], None
     for i, (t0, t1, p) in enumerate(segs):

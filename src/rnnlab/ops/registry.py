@@ -315,6 +315,19 @@ def _ssd_inputs(B, T, H, K, V, g):  # Mamba-2's SSD as gated linear attention: s
                 initial_state=r(B, H, K, V))
 
 
+def _rwkv6_inputs(B, T, H, K, V, g):  # RWKV-6: vector decay exp(-exp(w)) over K, bonus u
+    r, _ = _gen(g)
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), log_g=-torch.exp(r(B, T, H, K) - 1), u=r(H, K),
+                initial_state=r(B, H, K, V))
+
+
+def _dplr_inputs(B, T, H, K, V, g):  # RWKV-7: a = -kappa, b = alpha * kappa for unit kappa, alpha in (0, 1)
+    r, u = _gen(g)
+    kappa = F.normalize(r(B, T, H, K), dim=-1)
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), log_g=-torch.exp(r(B, T, H, K) - 1),
+                a=-kappa, b=kappa * u(B, T, H, K), initial_state=r(B, H, K, V))
+
+
 def _mlstm_inputs(B, T, H, K, V, g):  # xLSTM's mLSTM: exponential input gate, sigmoid forget gate
     r, _ = _gen(g)
     return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, V), log_f=F.logsigmoid(r(B, T, H) + 3),
@@ -355,6 +368,18 @@ def _memory_inputs(B, T, H, K, V, g):  # Titans' 2-layer MLP memory (F = 2K), mi
     return dict(q=F.normalize(r(B, T, H, K), dim=-1), k=F.normalize(r(B, T, H, K), dim=-1), v=r(B, T, H, V),
                 log_g=F.logsigmoid(r(B, T, H) + 5), log_eta=F.logsigmoid(r(B, T, H) + 2), theta=0.05 * u(B, T, H),
                 initial_state=MemoryState(w(), momentum, w(), pos), chunk_size=16)
+
+
+def _ttt_inputs(B, T, H, K, V, g):  # TTT-MLP (F = 4K, biases), mini-batches of 8; V = K (the residual)
+    from .ttt import TTTState
+    r, u = _gen(g)
+    b = 8
+    w = lambda s: (r(B, H, 4 * K, K) * K ** -0.5, s * r(B, H, 4 * K), r(B, H, K, 4 * K) * (4 * K) ** -0.5,  # noqa: E731
+                   s * r(B, H, K))
+    pos = torch.randint(0, b, (B,), generator=g)  # (B,) int64: each row at its own place in its mini-batch
+    return dict(q=r(B, T, H, K), k=r(B, T, H, K), v=r(B, T, H, K), eta=0.5 * u(B, T, H) / K,
+                ln_w=1 + r(H, K) / 4, ln_b=r(H, K) / 4, token_eta=1 / torch.arange(1, b + 1) + u(b) / 4,
+                initial_state=TTTState(w(0.1), tuple(0.1 * x for x in w(0.1)), pos), chunk_size=b)
 
 
 def _dt(D, g):
@@ -468,9 +493,10 @@ def _build() -> dict[str, Family]:
     from . import backends as bk
     # by module path: rnnlab.ops.mlstm (and gsa, lti, ...) as attributes of the package are the
     # dispatch functions of the same name, not the modules
-    delta, gsa, longhorn, lti, memory, mlstm, newton, scan, selective_scan = (
+    delta, dplr, gsa, longhorn, lti, memory, mlstm, newton, rwkv6, scan, selective_scan, ttt = (
         importlib.import_module(f"{__package__}.{m}")
-        for m in ("delta", "gsa", "longhorn", "lti", "memory", "mlstm", "newton", "scan", "selective_scan"))
+        for m in ("delta", "dplr", "gsa", "longhorn", "lti", "memory", "mlstm", "newton", "rwkv6", "scan",
+                  "selective_scan", "ttt"))
 
     compile_delta = Backend("compile", {"chunked": delta.gated_delta_rule_chunked_compiled}, _compile_check_delta)
     qkv = ("q", "k", "v")
@@ -493,6 +519,14 @@ def _build() -> dict[str, Family]:
                delta.gated_delta_rule,
                {"compile": compile_delta, "fla": Backend("fla", {"chunked": bk.fla_simple_gla}, bk.fla_check)},
                packed=("chunked",)),
+        Family("rwkv6", "o_t = S_{t-1}^T q_t + (q_t . u k_t) v_t, S_t = Diag(g_t) S_{t-1} + k_t v_t^T (RWKV-6)",
+               rwkv6.rwkv6_recurrent, {"chunked": rwkv6.rwkv6_chunked}, _rwkv6_inputs,
+               qkv + ("log_g", "u", "initial_state"), _one_token_or("chunked", "q", "reference"),
+               dispatch=rwkv6.rwkv6, packed=("chunked",)),
+        Family("dplr", "S_t = (Diag(g_t) + b_t a_t^T) S_{t-1} + k_t v_t^T, o_t = S_t^T q_t (RWKV-7)",
+               dplr.dplr_recurrent, {"chunked": dplr.dplr_chunked}, _dplr_inputs,
+               qkv + ("log_g", "a", "b", "initial_state"), _one_token_or("chunked", "q", "reference"),
+               dispatch=dplr.dplr, packed=("chunked",)),
         Family("mlstm", "C_t = f_t C_{t-1} + i_t k_t v_t^T, n_t = f_t n_{t-1} + i_t k_t, stabilised (xLSTM)",
                mlstm.mlstm_recurrent, {"chunked": mlstm.mlstm_chunked, "parallel": mlstm.mlstm_parallel},
                _mlstm_inputs, qkv + ("log_f", "log_i", "initial_state"), _one_token_or("chunked", "q"),
@@ -520,6 +554,10 @@ def _build() -> dict[str, Family]:
                memory.neural_memory_recurrent, {"chunked": memory.neural_memory_chunked}, _memory_inputs,
                qkv + ("log_g", "log_eta", "theta", "initial_state"), _one_token_or("chunked", "q", "reference"),
                dispatch=memory.neural_memory, packed=("chunked",)),
+        Family("ttt", "W_t = W_0 - c_i sum_s eta_s grad |LN(f(k_s; W_0)) - v_s + k_s|^2/2, o_t = q_t + LN(f(q_t; W_t))",
+               ttt.ttt_recurrent, {"chunked": ttt.ttt_chunked}, _ttt_inputs,
+               qkv + ("eta", "ln_w", "ln_b", "token_eta", "initial_state"), _one_token_or("chunked", "q", "reference"),
+               dispatch=ttt.ttt, packed=("chunked",)),
         Family("lssl", "h_t = dA h_{t-1} + dB u_t, y_t = C h_t with a dense dA per channel (LSSL)",
                lti.lti_recurrent, {"conv": lti.lti_conv}, _lssl_inputs, ("u", "dA", "dB", "C", "initial_state"),
                _one_token_or("conv", "u", "reference"), dispatch=lti.lti, packed=("conv",),

@@ -39,6 +39,10 @@ _DEFAULT: dict[str, int | None] = {
     # (GPUs). Measured on CPU, (1, T, 8, 64/128) fwd+bwd: T=16384 1.49 -> 1.10 s with 4096 (2048:
     # 1.22 s, 1024: 1.59 s); T=4096 unchanged (0.245 s).
     "delta.block_tokens": None,
+    # Diagonal-plus-low-rank transitions (RWKV-7): chunks of 32 cut into sub-chunks of 8, the
+    # sizes of the vector-decay GLA case whose score computation this form shares. Not measured.
+    "dplr.chunk_size": 32,
+    "dplr.sub_chunk": 8,
     # mLSTM: chunks of 64 (the masked L x L block per chunk).
     "mlstm.chunk_size": 64,
     # Elementwise linear scan: Hillis-Steele within chunks of 64, a carry pass across chunks.

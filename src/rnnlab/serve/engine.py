@@ -10,13 +10,14 @@ alone (:meth:`rnnlab.Stream.sample`: each sampled token is fed back, so a finish
 covers every token of its answer).
 
 Ragged rows need every mixer to keep a state per row at its own position: recurrent states do by
-nature, and attention's KV cache keeps a position per row (its rows are padded to the longest).
+nature, attention's KV cache keeps a position per row (its rows are padded to the longest), and so
+does the model state (``ModelState.seen``), so a row taken out of the batch counts its own tokens.
 """
 from __future__ import annotations
 
 import threading
 from collections import deque
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -31,7 +32,7 @@ __all__ = ["Job", "Result", "Engine"]
 class Result:
     """What a finished job produced: ``text`` (stop strings cut off), ``finish_reason`` ("stop":
     eos token or stop string; "length": max_tokens reached; "error": see ``error``), token counts,
-    and the state (one row, ``seen`` = the conversation's tokens) and logits (1, V) after it."""
+    and the state (one row, its ``seen`` the conversation's tokens) and logits (1, V) after it."""
 
     text: str
     finish_reason: str
@@ -60,7 +61,6 @@ class Job:
     on_done: Callable[[Result], None]
     ids: list[int] = field(default_factory=list)  # tokens sampled so far
     sent: int = 0  # characters of the answer passed to on_text
-    seen: int = 0  # tokens of the conversation, prompt and answer included
 
     def text(self, decode: Callable[[list[int]], str]) -> tuple[str, bool]:
         """The answer so far, cut before the first stop string, and whether one was found."""
@@ -146,8 +146,6 @@ class Engine:
     def _join(self, jobs: list[Job]) -> None:
         """Prefill the new jobs' prompts as one ragged batch and append their rows."""
         fed = [j for j in jobs if j.prompt]
-        for j in jobs:
-            j.seen = (0 if j.state is None else j.state.seen) + len(j.prompt)
         rows = {}
         if fed:
             starts = [j.state for j in fed]
@@ -167,7 +165,7 @@ class Engine:
             if j.max_tokens == 0:  # only read: the conversation's state after its prompt
                 state, logits = rows.get(id(j), (j.state, j.logits))
                 self._done.add(id(j))
-                j.on_done(Result("", "length", len(j.prompt), 0, replace(state, seen=j.seen), logits))
+                j.on_done(Result("", "length", len(j.prompt), 0, state, logits))
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -180,7 +178,6 @@ class Engine:
         self._logits = out[:, -1]
         keep = []
         for i, (job, token) in enumerate(zip(self._jobs, nxt.tolist())):
-            job.seen += 1
             reason = None
             if token == self.eos_id:
                 reason = "stop"
@@ -200,7 +197,7 @@ class Engine:
                 continue
             self._done.add(id(job))
             job.on_done(Result(text, reason, len(job.prompt), len(job.ids) + (token == self.eos_id),
-                               replace(self._state.select([i]), seen=job.seen), self._logits[i:i + 1]))
+                               self._state.select([i]), self._logits[i:i + 1]))
         if len(keep) < len(self._jobs):
             self._jobs = [self._jobs[i] for i in keep]
             self._state = self._state.select(keep) if keep else None

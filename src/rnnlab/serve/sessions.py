@@ -48,7 +48,7 @@ class Session:
 
     def info(self) -> dict:
         """The JSON description given by the API."""
-        return {"id": self.id, "object": "session", "tokens_seen": self.state.seen,
+        return {"id": self.id, "object": "session", "tokens_seen": int(self.state.seen[0]),
                 "state_bytes": self.state.nbytes}
 
 
