@@ -18,9 +18,10 @@ from rnnlab.layers.state import StateError
 from rnnlab.ops.attention import merge_attention, softmax_attention
 
 
-def _rope(x, pos, theta=10000.0):
-    """x (K,) at integer position pos, rotate-half convention, written out element by element."""
-    K = x.shape[0]
+def _rope(x, pos, theta=10000.0, rotated=None):
+    """x (K,) at integer position pos, rotate-half convention over its first ``rotated`` dims (None:
+    all; the rest pass unchanged), written out element by element."""
+    K = rotated or x.shape[0]
     out = x.clone()
     for i in range(K // 2):
         ang = pos * theta ** (-2 * i / K)
@@ -48,18 +49,23 @@ def reference_attention(m: Attention, x: torch.Tensor) -> torch.Tensor:
         for b in range(B):
             for h in range(c.num_heads):
                 g = h // rep
-                qt = _rope(q[b, t, h], len(cache) - 1)
-                scores = torch.stack([_rope(k[b, j, g], p) @ qt for p, j in enumerate(cache)]) / math.sqrt(c.head_dim)
+                qt = _rope(q[b, t, h], len(cache) - 1, rotated=c.rope_dim)
+                scores = torch.stack([_rope(k[b, j, g], p, rotated=c.rope_dim) @ qt
+                                      for p, j in enumerate(cache)]) / math.sqrt(c.head_dim)
                 p = torch.softmax(scores, 0)
                 out[b, t, h] = sum(p[i] * v[b, j, g] for i, j in enumerate(cache))
     return m.o_proj(rearrange(out, "b t h k -> b t (h k)"))
 
 
 @pytest.mark.parametrize("opts", [dict(), dict(window=4), dict(window=4, sinks=2), dict(window=1, sinks=3),
-                                  dict(num_kv_heads=1, window=5, sinks=1), dict(num_kv_heads=1)])
+                                  dict(num_kv_heads=1, window=5, sinks=1), dict(num_kv_heads=1),
+                                  dict(rope_fraction=0.5, out_bias=True), dict(window=4, sinks=2, rope_fraction=0.25)])
 def test_attention_matches_definition(opts):
     torch.manual_seed(0)
     m = Attention(AttentionConfig(d_model=16, num_heads=2, **opts)).double()
+    assert (m.o_proj.bias is not None) == opts.get("out_bias", False)
+    if m.o_proj.bias is not None:
+        torch.nn.init.normal_(m.o_proj.bias)
     x = torch.randn(2, 13, 16, dtype=torch.float64)
     y, _ = m(x)
     torch.testing.assert_close(y, reference_attention(m, x), atol=1e-10, rtol=1e-10)
@@ -182,6 +188,22 @@ def test_state_rows_and_cat_round_trip_and_name_their_arguments():
         s.select(0)
     with pytest.raises(StateError, match="states must be a non-empty list of one state type"):
         type(s).cat([])
+
+
+def test_partial_rope_rotates_only_the_first_dims():
+    """With rope_fraction f only the first int(K·f) dims of each head are rotated, by RoPE over those
+    dims; a fraction giving an odd or zero count is refused."""
+    m = Attention(AttentionConfig(d_model=16, num_heads=2, rope_fraction=0.5)).double()
+    assert m.config.rope_dim == 4 and m.o_proj.bias is None
+    x = torch.randn(1, 3, 2, 6, 8, dtype=torch.float64)[0]  # (B, H, T, K)
+    pos = torch.arange(6)[None].expand(3, 6)
+    r = m._rope(x, pos)
+    assert torch.equal(r[..., 4:], x[..., 4:]) and not torch.allclose(r[..., :4], x[..., :4])
+    torch.testing.assert_close(r[..., :4], apply_rope(x[..., :4], pos))
+    for bad, match in ((dict(rope_fraction=0.0), "rope_fraction"), (dict(rope_fraction=0.375), "even number"),
+                       (dict(rope_fraction=1.5), "rope_fraction")):
+        with pytest.raises(ValueError, match=match):
+            AttentionConfig(d_model=16, num_heads=2, **bad)
 
 
 def test_packed_attention_computes_each_sequence_alone_without_padding(monkeypatch):

@@ -205,3 +205,39 @@ def test_packed_model_checks_cu_seqlens_and_state_rows():
     _, s3 = model(torch.randint(0, 260, (3, 2)))
     with pytest.raises(StateError, match="layer 0"):  # 3 state rows for 2 sequences
         model(tokens, s3, cu_seqlens=torch.tensor([0, 3, 7]))
+
+
+def test_gemma_options_equal_their_definitions():
+    """embed_scale, norm_plus_one, the GeGLU MLP with biases and logit_softcap, each against the
+    formula it stands for, computed by hand on the model's own weights (float64)."""
+    torch.manual_seed(0)
+    m = rnnlab.build_model(layout="rg_lru", n_layers=1, d_model=16, vocab_size=50, mlp="geglu", d_ff=24, mlp_bias=True,
+                    norm_plus_one=True, embed_scale=4.0, logit_softcap=0.5, tie_embeddings=False).double()
+    b = m.blocks[0]
+    assert torch.equal(b.mixer_norm.weight, torch.zeros(16)) and torch.equal(m.norm.weight, torch.zeros(16))
+    assert b.mlp.up_proj.bias is not None and torch.equal(b.mlp.down_proj.bias, torch.zeros(16))
+    assert {"blocks.0.mlp.gate_proj.bias", "blocks.0.mlp_norm.weight", "norm.weight"} <= m.no_weight_decay()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        tokens = torch.randint(0, 50, (2, 9))
+        norm = lambda mod, x: x / x.pow(2).mean(-1, keepdim=True).add(mod.eps).sqrt() * (1 + mod.weight)  # noqa: E731
+        x = m.embed.weight[tokens] * 4.0
+        x = x + b.mixer(norm(b.mixer_norm, x))[0]
+        h = norm(b.mlp_norm, x)
+        gate = torch.nn.functional.gelu(h @ b.mlp.gate_proj.weight.T + b.mlp.gate_proj.bias, approximate="tanh")
+        x = x + (gate * (h @ b.mlp.up_proj.weight.T + b.mlp.up_proj.bias)) @ b.mlp.down_proj.weight.T + b.mlp.down_proj.bias
+        raw = norm(m.norm, x) @ m.lm_head.weight.T
+        got, _ = m(tokens)
+    assert (raw.abs() > 0.5).any()  # the cap bites
+    torch.testing.assert_close(got, 0.5 * torch.tanh(raw / 0.5), rtol=1e-12, atol=1e-12)
+    assert got.abs().max() < 0.5
+
+
+@pytest.mark.parametrize("bad,match", [(dict(mlp="reglu"), "mlp must be one of"), (dict(embed_scale=0.0), "embed_scale"),
+                                       (dict(logit_softcap=-1.0), "logit_softcap"), (dict(mlp_bias=1), "mlp_bias"),
+                                       (dict(norm_plus_one="yes"), "norm_plus_one"),
+                                       (dict(embed_scale=float("inf")), "embed_scale")])
+def test_gemma_options_refuse_bad_values(bad, match):
+    with pytest.raises(ValueError, match=match):
+        rnnlab.build_model(layout="rg_lru", n_layers=1, d_model=16, **bad)

@@ -37,17 +37,19 @@ def test_reference_equals_the_unstabilised_definition():
     torch.testing.assert_close(h, unstabilised(q, k, v, log_f, log_i))
 
 
-@pytest.mark.parametrize("T", [1, 7, 41])
-@pytest.mark.parametrize("form", ["chunked", "parallel"])
-def test_fast_forms_equal_reference_with_gradients(T, form):
+@pytest.mark.parametrize("eps", [0.0, 0.3])
+@pytest.mark.parametrize("form,T", [(f, T) for f in ("chunked", "parallel") for T in (1, 7, 41)] + [("step", 1)])
+def test_fast_forms_equal_reference_with_gradients(T, form, eps):
     q, k, v, log_f, log_i, state = make(T=T)
-    fast = {"chunked": lambda *a: mlstm_chunked(*a[:5], None, a[5], chunk_size=8),
-            "parallel": lambda *a: mlstm_parallel(*a[:5], None, a[5])}[form]
+    fast = {"chunked": lambda *a: mlstm_chunked(*a[:5], None, a[5], chunk_size=8, eps=eps),
+            "parallel": lambda *a: mlstm_parallel(*a[:5], None, a[5], eps=eps),
+            "step": lambda *a: (lambda h, st: (h[:, None], st))(
+                *mlstm_step(*(x[:, 0] for x in a[:5]), None, a[5], eps=eps))}[form]
     args1 = [x.clone().requires_grad_() for x in (q, k, v, log_f, log_i)]
     st1 = tuple(s.clone().requires_grad_() for s in state)
     args2 = [x.clone().requires_grad_() for x in (q, k, v, log_f, log_i)]
     st2 = tuple(s.clone().requires_grad_() for s in state)
-    h1, (C1, n1, m1) = mlstm_recurrent(*args1, None, st1)
+    h1, (C1, n1, m1) = mlstm_recurrent(*args1, None, st1, eps=eps)
     h2, (C2, n2, m2) = fast(*args2, st2)
     for a, b in ((h1, h2), (C1, C2), (n1, n2), (m1, m2)):
         torch.testing.assert_close(b, a)
@@ -85,3 +87,19 @@ def test_large_gates_stay_finite():
     h_ref, _ = mlstm_recurrent(q, k, v, log_f, log_i, None, state)
     assert torch.isfinite(h).all() and all(torch.isfinite(s).all() for s in st)
     torch.testing.assert_close(h, h_ref)
+
+
+def test_eps_joins_the_stabilised_denominator():
+    """h = C^T q / (max(|n^T q|, exp(-m)) + eps) token by token, written from the returned states."""
+    q, k, v, log_f, log_i, state = make(T=6)
+    h0, _ = mlstm_recurrent(q, k, v, log_f, log_i, None, state)
+    h, _ = mlstm_recurrent(q, k, v, log_f, log_i, None, state, eps=0.5)
+    st = state
+    for t in range(6):
+        _, st = mlstm_recurrent(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], log_f[:, t:t + 1], log_i[:, t:t + 1],
+                                None, st)
+        C, n, m = st
+        qt = q[:, t] / q.shape[-1] ** 0.5
+        den = torch.maximum((n * qt).sum(-1).abs(), torch.exp(-m)) + 0.5
+        torch.testing.assert_close(h[:, t], torch.einsum("bhkv,bhk->bhv", C, qt) / den[..., None])
+    assert not torch.allclose(h, h0)

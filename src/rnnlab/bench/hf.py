@@ -7,7 +7,7 @@ with :func:`rnnlab.from_hf`, checked for equal logits, and both are timed:
 * decode: greedy generation of N tokens after a short prompt (tokens/s), transformers with its
   cache, rnnlab with its recurrent state.
 
-``python -m rnnlab.bench.hf [--archs mamba mamba2 llama] [--T 1024 4096] [--quick]``
+``python -m rnnlab.bench.hf [--archs mamba mamba2 llama recurrent_gemma xlstm] [--T 1024 4096] [--quick]``
 Prints a table and a final JSON line.
 """
 from __future__ import annotations
@@ -29,8 +29,14 @@ _SIZES = {  # a small but not toy model: d_model 256, 4 layers
                                              head_dim=64, num_heads=2 * d // 64, n_groups=1, chunk_size=256),
     "llama": lambda t, d, n: t.LlamaConfig(vocab_size=260, hidden_size=d, intermediate_size=4 * d,
                                            num_hidden_layers=n, num_attention_heads=d // 64),
+    "recurrent_gemma": lambda t, d, n: t.RecurrentGemmaConfig(  # Griffin: recurrent, recurrent, local attention
+        vocab_size=260, hidden_size=d, intermediate_size=3 * d, num_hidden_layers=n, num_attention_heads=d // 64,
+        num_key_value_heads=1, attention_window_size=2048),
+    "xlstm": lambda t, d, n: t.xLSTMConfig(vocab_size=260, hidden_size=d, num_hidden_layers=n, num_heads=d // 64,
+                                           autocast_kernel_dtype="float32"),
 }
-_CLASSES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "llama": "LlamaForCausalLM"}
+_CLASSES = {"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM", "llama": "LlamaForCausalLM",
+            "recurrent_gemma": "RecurrentGemmaForCausalLM", "xlstm": "xLSTMForCausalLM"}
 
 
 def _time(fn, repeats: int) -> float:

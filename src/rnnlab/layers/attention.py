@@ -37,7 +37,7 @@ Dimension letters: B batch, T new tokens, L cached tokens, H query heads, G key/
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +60,10 @@ class AttentionConfig(MixerConfig):
     window: int | None = None  # sliding window w (tokens a query sees, itself included); None = full
     sinks: int = 0  # attention sinks s: first tokens kept for ever (needs a window)
     rope_theta: float = 10000.0  # RoPE base
-    bias: bool = False  # biases in the q, k, v, o projections
+    rope_fraction: float = 1.0  # the fraction of each head's dims RoPE rotates, the first ones (RecurrentGemma: 0.5)
+    bias: bool = False  # biases in the q, k, v projections (and o, unless out_bias says otherwise)
+    out_bias: bool | None = None  # a bias in the o projection; None = bias (RecurrentGemma: True with bias=False)
+    rope_dim: int = field(init=False, repr=False)  # derived: the rotated dims per head, int(head_dim · rope_fraction)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -69,8 +72,14 @@ class AttentionConfig(MixerConfig):
         self.head_dim = split_heads(self.d_model, self.num_heads, self.head_dim)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if not 0 < self.rope_fraction <= 1:
+            raise ValueError(f"rope_fraction must be in (0, 1], got {self.rope_fraction!r}")
+        self.rope_dim = int(self.head_dim * self.rope_fraction)
+        if self.rope_dim < 2 or self.rope_dim % 2:
+            raise ValueError(f"head_dim · rope_fraction = {self.head_dim} · {self.rope_fraction} must give an even "
+                             f"number >= 2 of rotated dims, got {self.rope_dim}")
+        if self.out_bias is None:
+            self.out_bias = self.bias
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, got {self.window}")
         if self.sinks < 0 or (self.sinks and self.window is None):
@@ -181,7 +190,7 @@ class Attention(Mixer):
         self.q_proj = nn.Linear(c.d_model, c.num_heads * c.head_dim, bias=c.bias)
         self.k_proj = nn.Linear(c.d_model, c.num_kv_heads * c.head_dim, bias=c.bias)
         self.v_proj = nn.Linear(c.d_model, c.num_kv_heads * c.head_dim, bias=c.bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.d_model, bias=c.bias)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.d_model, bias=c.out_bias)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -195,6 +204,13 @@ class Attention(Mixer):
         C = 0 if c.window is None else c.window - 1
         seen = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return _new_state(zeros(C), zeros(C), zeros(c.sinks), zeros(c.sinks), seen, 0, 0)
+
+    def _rope(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first ``rope_dim`` dims of x (B, H, T, K) at positions pos (B, T); the rest pass."""
+        c = self.config
+        if c.rope_dim == c.head_dim:
+            return apply_rope(x, pos, c.rope_theta)
+        return torch.cat([apply_rope(x[..., :c.rope_dim], pos, c.rope_theta), x[..., c.rope_dim:]], dim=-1)
 
     def mix(self, x, state, cu_seqlens=None):
         """x (B, T, D) -> y (B, T, D), new state. With ``cu_seqlens`` (B = 1) sequence n of the row
@@ -226,7 +242,7 @@ class Attention(Mixer):
         q = rearrange(self.q_proj(x), "b t (h k) -> b h t k", k=c.head_dim)  # (B, H, T, K)
         k = rearrange(self.k_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
         v = rearrange(self.v_proj(x), "b t (g k) -> b g t k", k=c.head_dim)  # (B, G, T, K)
-        qr, k = apply_rope(q, pos, c.rope_theta), apply_rope(k, pos, c.rope_theta)
+        qr, k = self._rope(q, pos), self._rope(k, pos)
         # 2. attend; the new cache
         sink_k, sink_v = state.sink_k, state.sink_v
         if w is None:  # full causal attention over the buffer of slots = positions: SDPA
@@ -245,7 +261,7 @@ class Attention(Mixer):
             if s and lo < s:  # some new tokens are sinks: sink i rotated by i = its position
                 sink_k = _write_sinks(state.sink_k, k, first, state.seen, count)
                 sink_v = _write_sinks(state.sink_v, v, first, state.seen, count)
-            qs = apply_rope(q, pos.clamp(max=s + w - 1), c.rope_theta) if s else None
+            qs = self._rope(q, pos.clamp(max=s + w - 1)) if s else None
             if seqs is None:
                 o, new_k, new_v = self._window(qr, qs, state.k, state.v, k, v, pos, state.seen, sink_k, sink_v)
             else:

@@ -15,22 +15,24 @@ __all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope", "NORM_TYPES", "
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension: ``x / rms(x) * weight`` (computed in float32)."""
+    """RMSNorm over the last dimension: ``x / rms(x) * weight`` (computed in float32), or with
+    ``plus_one`` ``x / rms(x) * (1 + weight)`` with weight initialised to 0 (Gemma's form)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, plus_one: bool = False):
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def reset_parameters(self) -> None:
-        """weight = 1."""
-        nn.init.ones_(self.weight)
+        """The identity: weight = 1 (weight = 0 with ``plus_one``)."""
+        (nn.init.zeros_ if self.plus_one else nn.init.ones_)(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acc = torch.promote_types(x.dtype, torch.float32)
         xf = x.to(acc)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.to(acc)).to(x.dtype)
+        w = self.weight.to(acc)
+        return (y * (1 + w if self.plus_one else w)).to(x.dtype)
 
 
 class GatedRMSNorm(RMSNorm):

@@ -11,8 +11,15 @@ Language Models". Per channel of the recurrence width E, with a learned ``Λ`` a
   except at a sequence's first token, where ``h_0 = i_0 ⊙ x_0`` (RecurrentGemma's reset).
 
 The block: ``linear_out(rg_lru(conv(linear_x u)) ⊙ gelu(linear_y u))`` with a causal depthwise
-convolution of width 4. Layouts: Hawk is ``rg_lru`` in every block; Griffin alternates two of them
-with local attention, e.g. ``"rg_lru*2,swa(window=2048)"``.
+convolution of width 4. Models (``rnnlab.build_model``), with the Gemma options of the LM
+(``mlp="geglu", mlp_bias=True, norm_plus_one=True, embed_scale=sqrt(D), logit_softcap=30.0``):
+
+* Hawk: ``layout="rg_lru(num_heads=10)"``, an RG-LRU block (and an MLP) in every layer;
+* Griffin (RecurrentGemma): two RG-LRU blocks, then local attention, cycled over the layers:
+  ``layout="rg_lru(num_heads=10)*2,swa(window=2048,num_heads=10,num_kv_heads=1,rope_fraction=0.5,out_bias=True)"``
+  (RoPE on half of each head's dims, a bias on the attention's output projection only).
+
+``rnnlab.from_hf`` reads transformers' ``RecurrentGemmaForCausalLM`` checkpoints as such models.
 
 rnnlab follows transformers' ``RecurrentGemmaRecurrentBlock`` / ``RecurrentGemmaRglru`` (same
 parameters and names, so checkpoints map one to one). The state records whether a row has seen a

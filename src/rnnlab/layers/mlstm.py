@@ -19,7 +19,19 @@ rnnlab's layer does not know); gates as above; skip and norm weight 1; conv at P
 Weight decay as in xLSTM (``'weight' in name and 'norm' not in name``): the gate biases, the skip,
 the norm weight and the conv bias skip it.
 
-Dimension letters: B batch, T tokens, D model width, E = 2·D inner width, H heads, K = E / H.
+``mlstm7b`` is the simpler layer of xLSTM 7B (Beck et al. 2025, "xLSTM 7B: A Recurrent LLM for
+Fast and Efficient Inference"; NX-AI's ``xlstm_large`` ``mLSTMLayer``, transformers'
+``xLSTMLayer``, whose parameter names it keeps): no up-projection, no convolution, no skip;
+q, k (width qk_dim_factor·D), v and an output gate (width v_dim_factor·D) straight from x; the gate
+pre-activations soft-capped, ``z -> 15·tanh(z / 15)``; the op's ``eps = 1e-6`` in the stabilised
+denominator; per-head layer norm, then ``sigmoid(o) ⊙`` and the output projection:
+    y = W_out(σ(W_o x) ⊙ LN_heads(mLSTM(W_q x, W_k x, W_v x, logsigmoid(cap(W_f x + b_f)), cap(W_i x + b_i))))
+Init as there: q, k, v, o "small init" N(0, 2/(5D)), out_proj "wang init" N(0, (2/(L·sqrt(D)))²)
+with L = ``init_layers`` (the model's depth there), gate weights zero, input-gate bias -10,
+forget-gate biases linspace(3, 6), norm weight 1.
+
+Dimension letters: B batch, T tokens, D model width, E = 2·D inner width, H heads, K = E / H
+(mlstm7b: K = qk_dim / H, V = v_dim / H).
 """
 from __future__ import annotations
 
@@ -35,7 +47,7 @@ from .base import Mixer, MixerConfig, state_batch
 from .common import ShortConv
 from .state import State
 
-__all__ = ["MLSTMConfig", "MLSTMState", "MLSTM"]
+__all__ = ["MLSTMConfig", "MLSTMState", "MLSTM", "MLSTM7BConfig", "MLSTM7BState", "MLSTM7B"]
 
 
 @dataclass
@@ -128,3 +140,103 @@ class MLSTM(Mixer):
         h = rearrange(h, "b t h d -> b t (h d)") * self.norm_weight.to(acc) + self.skip.to(acc) * xc.to(acc)
         y = self.out_proj((h * F.silu(z.to(acc))).to(x.dtype))  # (B, T, D)
         return y, MLSTMState(C=C, n=n, m=m, conv=conv)
+
+
+@dataclass
+class MLSTM7BConfig(MixerConfig):
+    num_heads: int = 8  # H
+    qk_dim_factor: float = 0.5  # q and k are int(qk_dim_factor · d_model) wide
+    v_dim_factor: float = 1.0  # v and the output gate are int(v_dim_factor · d_model) wide
+    gate_softcap: float | None = 15.0  # input/forget gate pre-activations z -> c·tanh(z / c); None = no cap
+    eps: float = 1e-6  # added to the stabilised denominator of h (the op's eps)
+    norm_eps: float = 1e-6  # epsilon of the per-head layer norm
+    bias: bool = False  # biases in the q, k, v, output-gate and output projections and the norm
+    init_layers: int = 1  # L in out_proj's "wang init" std 2 / (L · sqrt(D)) (xLSTM 7B: the model's depth)
+    qk_dim: int = 0  # derived: H·K
+    v_dim: int = 0  # derived: H·V
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.qk_dim, self.v_dim = int(self.qk_dim_factor * self.d_model), int(self.v_dim_factor * self.d_model)
+        for name in ("qk_dim", "v_dim"):
+            if getattr(self, name) < self.num_heads or getattr(self, name) % self.num_heads:
+                raise ValueError(f"{name}_factor·d_model = {getattr(self, name)} must be a positive multiple of "
+                                 f"num_heads={self.num_heads}")
+        if self.gate_softcap is not None and not self.gate_softcap > 0:
+            raise ValueError(f"gate_softcap must be > 0 or None, got {self.gate_softcap!r}")
+        if not self.eps >= 0 or not self.norm_eps > 0:
+            raise ValueError(f"eps must be >= 0 and norm_eps > 0, got {self.eps!r}, {self.norm_eps!r}")
+        if not isinstance(self.init_layers, int) or self.init_layers < 1:
+            raise ValueError(f"init_layers must be an int >= 1, got {self.init_layers!r}")
+
+
+@dataclass(frozen=True)
+class MLSTM7BState(State):
+    C: torch.Tensor  # (B, H, K, V) matrix memory (divided by exp(m))
+    n: torch.Tensor  # (B, H, K) normaliser
+    m: torch.Tensor  # (B, H) stabiliser
+
+
+class MLSTM7B(Mixer):
+    """xLSTM 7B's mLSTM layer (see the module docstring)."""
+
+    config_cls = MLSTM7BConfig
+    state_cls = MLSTM7BState
+    def __init__(self, config: MLSTM7BConfig):
+        super().__init__(config)
+        c = config
+        self.q = nn.Linear(c.d_model, c.qk_dim, bias=c.bias)
+        self.k = nn.Linear(c.d_model, c.qk_dim, bias=c.bias)
+        self.v = nn.Linear(c.d_model, c.v_dim, bias=c.bias)
+        self.ogate_preact = nn.Linear(c.d_model, c.v_dim, bias=c.bias)
+        self.igate_preact = nn.Linear(c.d_model, c.num_heads)
+        self.fgate_preact = nn.Linear(c.d_model, c.num_heads)
+        self.multihead_norm = nn.GroupNorm(c.num_heads, c.v_dim, eps=c.norm_eps)  # per-head layer norm
+        if not c.bias:
+            self.multihead_norm.bias = None  # xLSTM 7B's norm has a weight only
+        self.out_proj = nn.Linear(c.v_dim, c.d_model, bias=c.bias)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """xLSTM 7B's init (see the module docstring)."""
+        c = self.config
+        small, wang = (2 / (5 * c.d_model)) ** 0.5, 2 / c.init_layers / c.d_model ** 0.5
+        with torch.no_grad():
+            for lin in (self.q, self.k, self.v, self.ogate_preact, self.out_proj):
+                nn.init.normal_(lin.weight, 0.0, wang if lin is self.out_proj else small)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            nn.init.zeros_(self.igate_preact.weight)
+            self.igate_preact.bias.fill_(-10.0)
+            nn.init.zeros_(self.fgate_preact.weight)
+            self.fgate_preact.bias.copy_(torch.linspace(3.0, 6.0, c.num_heads))
+            nn.init.ones_(self.multihead_norm.weight)
+            if self.multihead_norm.bias is not None:
+                nn.init.zeros_(self.multihead_norm.bias)
+
+    def init_state(self, batch_size, device=None, dtype=None) -> MLSTM7BState:
+        c, dt = self.config, dtype or torch.float32
+        z = lambda *s: torch.zeros(batch_size, c.num_heads, *s, device=device, dtype=dt)  # noqa: E731
+        return MLSTM7BState(C=z(c.qk_dim // c.num_heads, c.v_dim // c.num_heads), n=z(c.qk_dim // c.num_heads), m=z())
+
+    def _cap(self, z: torch.Tensor) -> torch.Tensor:
+        cap = self.config.gate_softcap
+        return z if cap is None else cap * torch.tanh(z / cap)
+
+    def mix(self, x, state, cu_seqlens=None):
+        c = self.config
+        acc = torch.promote_types(x.dtype, torch.float32)
+        st = state or self.init_state(state_batch(x, cu_seqlens), x.device, acc)
+        heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads).to(acc)  # noqa: E731
+        # 1. q, k, v and the gates, all from x; exponential input gate, sigmoid forget gate (log space)
+        log_i = self._cap(self.igate_preact(x).to(acc))  # (B, T, H)
+        log_f = F.logsigmoid(self._cap(self.fgate_preact(x).to(acc)))
+        h, (C, n, m) = mlstm(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), log_f, log_i,
+                             initial_state=(st.C, st.n, st.m), cu_seqlens=cu_seqlens, eps=c.eps)  # (B, T, H, V)
+        # 2. per-head layer norm (a group norm with a group per head), output gate, projection
+        B, T = x.shape[:2]
+        norm = self.multihead_norm
+        h = F.group_norm(rearrange(h, "b t h d -> (b t) (h d)"), c.num_heads, norm.weight.to(acc),
+                         None if norm.bias is None else norm.bias.to(acc), c.norm_eps).view(B, T, -1)  # (B, T, H·V)
+        y = self.out_proj((torch.sigmoid(self.ogate_preact(x).to(acc)) * h).to(x.dtype))  # (B, T, D)
+        return y, MLSTM7BState(C=C, n=n, m=m)

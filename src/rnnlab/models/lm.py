@@ -6,6 +6,11 @@
 ``cu_seqlens`` one row packs several sequences, each with its own state row. The model obeys the
 chunking law of its mixers: feeding a sequence in pieces, passing the state, equals one call.
 
+Gemma-style options (all off by default): ``embed_scale`` multiplies the embedding,
+``norm_plus_one`` makes every RMSNorm of the model scale by (1 + w), ``mlp="geglu"`` with
+``mlp_bias`` is Gemma's MLP and ``logit_softcap`` bounds the logits by c·tanh(logits / c) — with
+``rg_lru`` and partial-RoPE ``swa`` layouts they make Griffin and Hawk (RecurrentGemma).
+
 Parameters: each mixer initialises its own (as its paper's reference does) and names those that
 skip weight decay; the model initialises only what it owns — embedding, MLPs, norms, head — and
 builds its blocks first, so for the same seed the first block's mixer starts from the same weights
@@ -47,10 +52,14 @@ class LMConfig:
     d_model: int = 256  # model width D
     n_layers: int = 4  # number of blocks; the layout pattern is cycled over them
     layout: str = "attention"  # mixer pattern, e.g. "gated_deltanet*3,attention" (see models/layout.py)
-    mlp: str = "swiglu"  # MLP kind: "swiglu" or "gelu"
-    d_ff: int | None = None  # MLP hidden width; None = 8/3·D (swiglu) or 4·D (gelu), rounded up to 64
+    mlp: str = "swiglu"  # MLP kind: "swiglu", "geglu" (tanh-GELU gate, Gemma/RecurrentGemma) or "gelu"
+    d_ff: int | None = None  # MLP hidden width; None = 8/3·D (swiglu, geglu) or 4·D (gelu), rounded up to 64
+    mlp_bias: bool = False  # biases in the MLP's projections (RecurrentGemma: True)
     mixer_mlp: bool = True  # every mixer block also has an MLP (False: Mamba-style stacks, explicit "mlp" items)
     norm_eps: float = 1e-5  # RMSNorm epsilon
+    norm_plus_one: bool = False  # the model's RMSNorms scale by (1 + w), w initialised to 0 (Gemma); False: by w, initialised to 1
+    embed_scale: float = 1.0  # the embedding is multiplied by this before the first block (Gemma: sqrt(D); RecurrentGemma: sqrt(D) rounded to bfloat16)
+    logit_softcap: float | None = None  # logits = c·tanh(logits / c) with c this cap (RecurrentGemma: 30); None = no cap
     tie_embeddings: bool = True  # output head shares the embedding matrix
     init_std: float = 0.02  # std of embedding, MLP, untied head (down_proj /sqrt(2·n_layers)); mixers init their own
     blocks: tuple[BlockSpec, ...] = field(init=False, repr=False)  # derived: one spec per block
@@ -61,13 +70,17 @@ class LMConfig:
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if self.d_ff is not None and (not isinstance(self.d_ff, int) or self.d_ff < 1):
             raise ValueError(f"d_ff must be an int >= 1 or None, got {self.d_ff!r}")
-        for name in ("norm_eps", "init_std"):
-            if not 0 < getattr(self, name) < math.inf:
-                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        if self.mlp not in ("swiglu", "gelu"):
-            raise ValueError(f"mlp must be 'swiglu' or 'gelu', got {self.mlp!r}")
+        for name in ("norm_eps", "init_std", "embed_scale") + (("logit_softcap",) if self.logit_softcap is not None else ()):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        for name in ("mlp_bias", "norm_plus_one"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.mlp not in MLP.KINDS:
+            raise ValueError(f"mlp must be one of {', '.join(map(repr, MLP.KINDS))}, got {self.mlp!r}")
         if self.d_ff is None:
-            raw = 8 * self.d_model / 3 if self.mlp == "swiglu" else 4 * self.d_model
+            raw = 4 * self.d_model if self.mlp == "gelu" else 8 * self.d_model / 3
             self.d_ff = int(64 * math.ceil(raw / 64))
         self.blocks = parse_layout(self.layout, self.n_layers, self.d_model)
 
@@ -145,18 +158,30 @@ class ModelState:
 
 
 class MLP(nn.Module):
-    """SwiGLU (``down(silu(gate(x)) * up(x))``) or GELU MLP: (B, T, D) -> (B, T, D)."""
+    """The MLP: (B, T, D) -> (B, T, D), one of
 
-    def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu"):
+    * ``"swiglu"``: ``down(silu(gate(x)) * up(x))`` (Llama);
+    * ``"geglu"``: ``down(gelu_tanh(gate(x)) * up(x))`` (Gemma, RecurrentGemma), GELU's tanh form;
+    * ``"gelu"``: ``down(gelu(up(x)))`` (GPT-2), GELU's exact form.
+    """
+
+    KINDS = ("swiglu", "geglu", "gelu")
+
+    def __init__(self, d_model: int, d_ff: int, kind: str = "swiglu", bias: bool = False):
         super().__init__()
         self.kind = kind
-        if kind == "swiglu":
-            self.gate_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.up_proj = nn.Linear(d_model, d_ff, bias=False)
-        self.down_proj = nn.Linear(d_ff, d_model, bias=False)
+        if kind != "gelu":
+            self.gate_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.up_proj = nn.Linear(d_model, d_ff, bias=bias)
+        self.down_proj = nn.Linear(d_ff, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.gate_proj(x)) * self.up_proj(x) if self.kind == "swiglu" else F.gelu(self.up_proj(x))
+        if self.kind == "gelu":
+            h = F.gelu(self.up_proj(x))  # (B, T, F)
+        elif self.kind == "geglu":
+            h = F.gelu(self.gate_proj(x), approximate="tanh") * self.up_proj(x)
+        else:
+            h = F.silu(self.gate_proj(x)) * self.up_proj(x)
         return self.down_proj(h)
 
 
@@ -167,11 +192,11 @@ class Block(nn.Module):
         super().__init__()
         self.name = spec.name
         has_mixer = spec.name != "mlp"
-        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps) if has_mixer else None
+        self.mixer_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_plus_one) if has_mixer else None
         self.mixer: Mixer | None = build_mixer(spec.name, config.d_model, **dict(spec.options)) if has_mixer else None
         has_mlp = not has_mixer or config.mixer_mlp
-        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps) if has_mlp else None
-        self.mlp = MLP(config.d_model, config.d_ff, config.mlp) if has_mlp else None
+        self.mlp_norm = RMSNorm(config.d_model, config.norm_eps, config.norm_plus_one) if has_mlp else None
+        self.mlp = MLP(config.d_model, config.d_ff, config.mlp, config.mlp_bias) if has_mlp else None
 
     def forward(self, x: torch.Tensor, state: State | None, cu_seqlens: torch.Tensor | None = None,
                 prefix_len: torch.Tensor | None = None) -> tuple[torch.Tensor, State | None]:
@@ -193,7 +218,7 @@ class LM(nn.Module):
         blocks = nn.ModuleList(Block(spec, config) for spec in config.blocks)
         self.embed = nn.Embedding(config.vocab_size, config.d_model)
         self.blocks = blocks
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.norm = RMSNorm(config.d_model, config.norm_eps, config.norm_plus_one)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
@@ -203,7 +228,7 @@ class LM(nn.Module):
     def reset_parameters(self) -> None:
         """Initialise what the model owns (the mixers initialise themselves): embedding and untied
         head N(0, init_std); MLP weights N(0, init_std), their down_proj scaled by
-        1/sqrt(2·n_layers), biases zero; every norm weight 1."""
+        1/sqrt(2·n_layers), biases zero; every norm the identity (weight 1, or 0 with norm_plus_one)."""
         std = self.config.init_std
         nn.init.normal_(self.embed.weight, 0.0, std)
         if self.lm_head.weight is not self.embed.weight:
@@ -308,11 +333,16 @@ class LM(nn.Module):
         if state is not None:
             self.check_state(state, state_rows(B, cu))
         x = self.embed(tokens.long())  # (B, T, D)
+        if self.config.embed_scale != 1.0:
+            x = x * self.config.embed_scale
         new = []
         for i, block in enumerate(self.blocks):
             x, s = block(x, None if state is None else state.layers[i], cu_seqlens, prefix)
             new.append(s)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
+        if self.config.logit_softcap is not None:
+            cap = self.config.logit_softcap
+            logits = torch.tanh(logits / cap) * cap
         seen = torch.zeros(state_rows(B, cu), dtype=torch.int64, device=tokens.device) if state is None else state.seen
         count = T if cu is None else cu_seqlens.to(seen.device).diff()  # () or (N,) tokens per row
         return logits, ModelState(tuple(new), seen + count)

@@ -26,7 +26,7 @@ from ..layers.jrt import JRT, JRTConfig
 from ..layers.gsa import GSA, GSAConfig
 from ..layers.titans import Titans, TitansConfig
 from ..layers.ttt import TTT, TTTConfig, TTTMLPConfig
-from ..layers.mlstm import MLSTM, MLSTMConfig
+from ..layers.mlstm import MLSTM, MLSTM7B, MLSTM7BConfig, MLSTMConfig
 from ..layers.s4d import S4D, S4DConfig
 from ..layers.lssl import LSSL, LSSLConfig
 from ..layers.lmu import LMU, LMUConfig
@@ -88,7 +88,7 @@ _register(MixerSpec(
     "swa", Attention, SWAConfig,
     "sliding-window attention (window w), optional attention sinks s as in StreamingLLM",
     "Beltagy et al. 2020; Xiao et al. 2023", "2·G·K·(w-1+s) floats (bounded)",
-    tiny=dict(num_heads=2, window=8, sinks=2)))
+    tiny=dict(num_heads=2, window=8, sinks=2, rope_fraction=0.5, out_bias=True)))
 
 # -- linear attention family: linear_attention, retnet, gla, hgrn2 -----------------------------------
 _register(MixerSpec(
@@ -166,6 +166,11 @@ _register(MixerSpec(
     "mlstm", MLSTM, MLSTMConfig,
     "xLSTM matrix memory: exponential input gate, stabiliser, normaliser; the mLSTM block",
     "Beck et al. 2024 (xLSTM)", "H·(K·K + K + 1) + (W-1)·E floats (K = E/H)",
+    tiny=dict(num_heads=2)))
+_register(MixerSpec(
+    "mlstm7b", MLSTM7B, MLSTM7BConfig,
+    "xLSTM 7B's mLSTM layer: q/k/v and sigmoid output gate from x, soft-capped gates, no conv (transformers' xLSTM)",
+    "Beck et al. 2025 (xLSTM 7B)", "H·(K·V + K + 1) floats (K = qk_dim/H, V = v_dim/H)",
     tiny=dict(num_heads=2)))
 _register(MixerSpec(
     "based", Based, BasedConfig,

@@ -26,7 +26,8 @@ __all__ = ["DataConfig", "PRESETS", "MODEL_FIELDS", "RunSpec", "resolve", "open_
            "check_fits", "training_bytes"]
 
 
-MODEL_FIELDS = ("layout", "n_layers", "d_model", "mlp", "d_ff", "mixer_mlp", "norm_eps", "tie_embeddings", "init_std")
+MODEL_FIELDS = ("layout", "n_layers", "d_model", "mlp", "d_ff", "mlp_bias", "mixer_mlp", "norm_eps", "norm_plus_one",
+                "embed_scale", "logit_softcap", "tie_embeddings", "init_std")
 
 
 @dataclass
