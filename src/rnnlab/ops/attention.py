@@ -112,6 +112,18 @@ def _attend_block(q, k, v, mask, scale):
     den = p.sum(dim=-1)  # (B, H, Tq)
     # p @ v with 0 * NaN kept out: a non-finite value of a key a query may not see must not reach it
     v = v.to(acc)
+    if known_finite(v):  # nothing to keep out (decided on CPU only)
+        o = torch.einsum("bhtl,bhlv->bhtv", p, v) / den.clamp_min(1e-30).unsqueeze(-1)
+    else:
+        bad = ~torch.isfinite(v)  # (B, H, L, V)
+        o = torch.einsum("bhtl,bhlv->bhtv", p, v.masked_fill(bad, 0.0)) / den.clamp_min(1e-30).unsqueeze(-1)
+        first = mask.int().argmax(dim=-1)  # (B or 1, Tq) the first allowed key
+        last = first + mask.sum(dim=-1)  # (B or 1, Tq) one past the last allowed key
+        n_bad = torch.cat([torch.zeros_like(bad[..., :1, :], dtype=torch.long), bad.long().cumsum(dim=-2)], dim=-2)
+        at = lambda i: n_bad.gather(-2, i[:, None, :, None].expand(B, H, Tq, v.shape[-1]))  # noqa: E731
+        o = o.masked_fill((at(last) - at(first)) > 0, float("nan"))  # (B, H, Tq, V)
+    lse = torch.where(den > 0, torch.log(den.clamp_min(1e-30)) + m.squeeze(-1), float("-inf"))
+    return o, lse
     bad = ~torch.isfinite(v)  # (B, H, L, V)
     o = torch.einsum("bhtl,bhlv->bhtv", p, v.masked_fill(bad, 0.0)) / den.clamp_min(1e-30).unsqueeze(-1)
     first = mask.int().argmax(dim=-1)  # (B or 1, Tq) the first allowed key
