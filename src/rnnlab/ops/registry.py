@@ -540,7 +540,7 @@ def _build() -> dict[str, Family]:
         Family("selective_scan", "h_t = exp(dt_t A) h_{t-1} + dt_t B_t u_t, y_t = C_t h_t + D u_t (Mamba-1)",
                selective_scan.selective_scan_recurrent, {"chunked": selective_scan.selective_scan_chunked},
                _selective_scan_inputs, ("u", "dt", "A", "B", "C", "D", "z", "initial_state"),
-               _one_token_or("chunked", "u", "reference"), dispatch=selective_scan.selective_scan,
+               _one_token_or("chunked", "u"), selective_scan.one_token, selective_scan.selective_scan,
                packed=("chunked",)),
         Family("longhorn", "S_t = (1 - eps_t k_t^2) S_{t-1} + eps_t v_t k_t^T (Longhorn's online update)",
                longhorn.longhorn_recurrent, {"chunked": longhorn.longhorn_chunked}, _longhorn_inputs,

@@ -93,10 +93,27 @@ def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None,
 
 
 def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=False):
-    """One token: u, dt, z (B, D); B, C (B, N) or (B, G, N); state (B, D, N). Returns (y (B, D), state)."""
-    y, h = selective_scan_recurrent(u[:, None], dt[:, None], A, B[:, None], C[:, None], D,
-                                    None if z is None else z[:, None], state, neg_eigval)
-    return y[:, 0], h
+    """One token: u, dt, z (B, D); B, C (B, N) or (B, G, N); state (B, D, N). Returns (y (B, D), state).
+
+    The loop's update written for one token, with no per-call bookkeeping: decoding runs it once
+    per layer per token."""
+    acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
+    u, dt, A = u.to(acc), dt.to(acc), A.to(acc)
+    Bc = B.to(acc)[:, None] if B.dim() == 2 else B.to(acc).repeat_interleave(u.shape[1] // B.shape[1], dim=1)
+    Cc = C.to(acc)[:, None] if C.dim() == 2 else C.to(acc).repeat_interleave(u.shape[1] // C.shape[1], dim=1)
+    h = u.new_zeros(*u.shape, A.shape[-1]) if state is None else state.to(acc)  # (B, D, N)
+    h = torch.addcmul(_decay(dt, A, neg_eigval) * h, (dt * u).unsqueeze(-1), Bc)  # (B, D, N)
+    y = (h * Cc).sum(-1)  # (B, D)
+    y = _finish(y, u, None if D is None else D.to(acc), None if z is None else z.to(acc))
+    return y.to(dtype), h
+
+
+def one_token(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False):
+    """The step form on a sequence of one token (u (B, 1, D), ...): what the dispatch runs when
+    decoding. Returns (y (B, 1, D), final_state (B, D, N))."""
+    y, h = selective_scan_step(u[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, None if z is None else z[:, 0],
+                               initial_state, neg_eigval)
+    return y[:, None], h
 
 
 def _chunk(u, dt, B, C, h, A, neg_eigval, cu_seqlens=None):
@@ -139,13 +156,13 @@ def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigva
                    cu_seqlens=None):
     """The selective scan — the form layers call; same arguments and results as
     :func:`selective_scan_recurrent`. The form comes from :func:`rnnlab.ops.registry.select`: the
-    recurrence for one token, :func:`selective_scan_chunked` otherwise (``chunk_size`` None: the
+    step for one token, :func:`selective_scan_chunked` otherwise (``chunk_size`` None: the
     tuning table's). ``cu_seqlens``: None, or int64 (N + 1,) for N sequences packed in one row
     (B = 1), with initial and final states of N rows."""
     _check(u, dt, A, B, C, D, z, initial_state, cu_seqlens)
     form, backend = select("selective_scan", u=u, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state,
                            cu_seqlens=cu_seqlens)
-    if form == "reference":
-        return selective_scan_recurrent(u, dt, A, B, C, D, z, initial_state, neg_eigval, cu_seqlens)
+    if form == "step":
+        return one_token(u, dt, A, B, C, D, z, initial_state, neg_eigval)
     return implementation("selective_scan", form, backend)(u, dt, A, B, C, D, z, initial_state, neg_eigval,
                                                            chunk_size, cu_seqlens)
