@@ -28,7 +28,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig, state_batch
-from .common import normal_linears_
+from .common import normal_linears_, normalised, with_normaliser
 from .linear_attention import MatrixState
 
 __all__ = ["BasedConfig", "Based", "taylor_features"]
@@ -85,7 +85,7 @@ class Based(Mixer):
         heads = lambda t: rearrange(t, "b t (h d) -> b t h d", h=c.num_heads).to(acc)  # noqa: E731
         q, k = taylor_features(heads(self.q_proj(x))), taylor_features(heads(self.k_proj(x)))  # (B, T, H, 1+F+F²)
         v = heads(self.v_proj(x))
-        v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, T, H, V+1): last column sums φ(k)
+        v = with_normaliser(v)  # (B, T, H, V+1): last column sums φ(k)
         o, S = gated_delta_rule(q, k, v, scale=1.0, initial_state=st.S, cu_seqlens=cu_seqlens)
-        o = o[..., :-1] / (o[..., -1:] + c.eps)
+        o = normalised(o, c.eps)  # (B, T, H, V)
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)

@@ -11,7 +11,7 @@ from torch import nn
 from ..ops.bounds import PrefixLayout
 
 __all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope", "NORM_TYPES", "xavier_linears_",
-           "normal_linears_", "default_init_", "reset_norms_", "log_uniform_dt", "inverse_softplus", "split_heads"]
+           "normal_linears_", "default_init_", "reset_norms_", "log_uniform_dt", "inverse_softplus", "split_heads", "with_normaliser", "normalised"]
 
 
 class RMSNorm(nn.Module):
@@ -205,3 +205,15 @@ def split_heads(d_model: int, num_heads: int, head_dim: int | None) -> int:
     if not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be a positive int, got {head_dim!r}")
     return head_dim
+
+
+def with_normaliser(v: torch.Tensor) -> torch.Tensor:
+    """[v, 1] (..., V+1): run through a linear-attention state, the last column accumulates the
+    normaliser z = sum φ(k), so one recurrence gives both the numerator and φ(q)·z."""
+    return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
+
+
+def normalised(o: torch.Tensor, eps: float) -> torch.Tensor:
+    """The read of a state built with :func:`with_normaliser` divided by its last column, φ(q)·z
+    (+ eps): (..., V+1) -> (..., V)."""
+    return o[..., :-1] / (o[..., -1:] + eps)

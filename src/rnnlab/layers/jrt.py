@@ -47,7 +47,7 @@ from ..ops.bounds import check_cu_seqlens
 from ..ops.prefix import prefix_linear_attention, prefix_mask
 from .base import Mixer, state_batch
 from .based import BasedConfig, taylor_features
-from .common import normal_linears_
+from .common import normal_linears_, normalised, with_normaliser
 from .linear_attention import MatrixState
 
 __all__ = ["JRTConfig", "JRT"]
@@ -91,7 +91,7 @@ class JRT(Mixer):
         H = self.config.num_heads
         k = taylor_features(rearrange(k_proj(x), "b t (h f) -> b t h f", h=H).to(acc))  # (B, T, H, 1+F+F²)
         v = rearrange(v_proj(x), "b t (h v) -> b t h v", h=H).to(acc)  # (B, T, H, V)
-        return k, torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # last column sums φ(k)
+        return k, with_normaliser(v)  # last column sums φ(k)
 
     def mix(self, x, state, cu_seqlens=None, prefix_len=None):
         c = self.config
@@ -111,5 +111,5 @@ class JRT(Mixer):
             k_enc, v_enc = nn.functional.pad(k_enc, pad), nn.functional.pad(v_enc, pad)  # (B, T, H, .)
         o, S = prefix_linear_attention(q, k, v, k_enc, v_enc, in_prefix, scale=1.0, initial_state=st.S,
                                        cu_seqlens=cu_seqlens)  # (B, T, H, V+1)
-        o = o[..., :-1] / (o[..., -1:] + c.eps)  # (B, T, H, V)
+        o = normalised(o, c.eps)  # (B, T, H, V)
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig, state_batch
-from .common import RMSNorm, default_init_, split_heads
+from .common import RMSNorm, default_init_, normalised, split_heads, with_normaliser
 from .state import State
 
 __all__ = ["LinearAttentionConfig", "RetNetConfig", "MatrixState", "LinearAttention", "RetNet"]
@@ -107,9 +107,9 @@ class LinearAttention(Mixer):
         k = phi(rearrange(self.k_proj(x), "b t (h k) -> b t h k", h=c.num_heads).to(acc))
         v = rearrange(self.v_proj(x), "b t (h v) -> b t h v", h=c.num_heads).to(acc)  # (B, T, H, V)
         if c.normalize:  # 1. a column of ones accumulates z = sum φ(k)
-            v = torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)  # (B, T, H, V+1)
+            v = with_normaliser(v)  # (B, T, H, V+1)
             o, S = gated_delta_rule(q, k, v, scale=1.0, initial_state=st.S, cu_seqlens=cu_seqlens)
-            o = o[..., :-1] / (o[..., -1:] + c.eps)  # 2. divide by φ(q)·z
+            o = normalised(o, c.eps)  # 2. divide by φ(q)·z
         else:
             o, S = gated_delta_rule(q, k, v, initial_state=st.S, cu_seqlens=cu_seqlens)
         return self.o_proj(rearrange(o, "b t h v -> b t (h v)").to(x.dtype)), MatrixState(S=S)
