@@ -61,12 +61,15 @@ class Based(Mixer):
 
     def __init__(self, config: BasedConfig):
         super().__init__(config)
-        c = config
+        self.build(config)
+        self.reset_parameters()
+
+    def build(self, c: BasedConfig) -> None:
+        """The projections: q and k to H heads of F features, v and out at full width."""
         self.q_proj = nn.Linear(c.d_model, c.num_heads * c.feature_dim, bias=False)
         self.k_proj = nn.Linear(c.d_model, c.num_heads * c.feature_dim, bias=False)
         self.v_proj = nn.Linear(c.d_model, c.d_model, bias=False)
         self.o_proj = nn.Linear(c.d_model, c.d_model, bias=False)
-        self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The reference's init: every projection N(0, 0.02)."""

@@ -45,9 +45,9 @@ from torch import nn
 
 from ..ops.bounds import check_cu_seqlens
 from ..ops.prefix import prefix_linear_attention, prefix_mask
-from .base import Mixer, state_batch
-from .based import BasedConfig, taylor_features
-from .common import normal_linears_, normalised, with_normaliser
+from .base import state_batch
+from .based import Based, BasedConfig, taylor_features
+from .common import normalised, with_normaliser
 from .linear_attention import MatrixState
 
 __all__ = ["JRTConfig", "JRT"]
@@ -58,33 +58,16 @@ class JRTConfig(BasedConfig):
     """Based's fields (heads H, feature dim F, eps); the prefix length is an argument of each call."""
 
 
-class JRT(Mixer):
-    """Prefix linear attention of JRT-RNN (see module docstring)."""
+class JRT(Based):
+    """Prefix linear attention of JRT-RNN (see module docstring): Based with encoder keys and values."""
 
     config_cls = JRTConfig
-    state_cls = MatrixState
     reads_prefix = True
 
-    def __init__(self, config: JRTConfig):
-        super().__init__(config)
-        c = config
-        self.q_proj = nn.Linear(c.d_model, c.num_heads * c.feature_dim, bias=False)
-        self.k_proj = nn.Linear(c.d_model, c.num_heads * c.feature_dim, bias=False)
-        self.v_proj = nn.Linear(c.d_model, c.d_model, bias=False)
+    def build(self, c: JRTConfig) -> None:
+        super().build(c)
         self.k_enc_proj = nn.Linear(c.d_model, c.num_heads * c.feature_dim, bias=False)  # encoder keys
         self.v_enc_proj = nn.Linear(c.d_model, c.d_model, bias=False)  # encoder values
-        self.o_proj = nn.Linear(c.d_model, c.d_model, bias=False)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        """The reference's init: every projection N(0, 0.02)."""
-        normal_linears_(self, 0.02)
-
-    def init_state(self, batch_size, device=None, dtype=None) -> MatrixState:
-        c = self.config
-        Fx = 1 + c.feature_dim + c.feature_dim ** 2
-        return MatrixState(S=torch.zeros(batch_size, c.num_heads, Fx, c.d_model // c.num_heads + 1,
-                                         device=device, dtype=dtype or torch.float32))
 
     def _keys_values(self, x, k_proj, v_proj, acc):
         """φ(k) (B, T, H, 1+F+F²) and [v, 1] (B, T, H, V+1) of x (B, T, D) by the given projections."""
