@@ -4,22 +4,10 @@ import torch
 import torch.nn.functional as F
 
 import rnnlab
+from paper_loops import conv_silu, rmsnorm
 
 
-def conv_silu(conv, seq, t):
-    """Causal depthwise convolution output at step t (zeros before the start), then SiLU."""
-    w = conv.conv.weight[:, 0]  # (C, W)
-    W = w.shape[1]
-    acc = torch.zeros_like(seq[:, 0])
-    for j in range(W):
-        s = t - (W - 1) + j
-        if s >= 0:
-            acc = acc + w[:, j] * seq[:, s]
-    return F.silu(acc)
 
-
-def rmsnorm(x, weight, eps):
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
 
 
 def transcription(layer, x):

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnlab
+from paper_loops import conv_silu, rmsnorm
 from rnnlab.layers.mom import MoMState
 from rnnlab.ops import tuning
 
@@ -15,20 +16,7 @@ def small_chunks():
         yield
 
 
-def conv_silu(weight, seq, t):
-    """Causal depthwise convolution (weight (C, W)) of seq (B, T, C) at step t, zeros before the
-    start, then SiLU."""
-    W = weight.shape[1]
-    acc = torch.zeros_like(seq[:, 0])
-    for j in range(W):
-        s = t - (W - 1) + j
-        if s >= 0:
-            acc = acc + weight[:, j] * seq[:, s]
-    return F.silu(acc)
 
-
-def rmsnorm(x, weight, eps):
-    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
 
 
 def transcription(layer, x, S0):
