@@ -124,15 +124,6 @@ def _attend_block(q, k, v, mask, scale):
         o = o.masked_fill((at(last) - at(first)) > 0, float("nan"))  # (B, H, Tq, V)
     lse = torch.where(den > 0, torch.log(den.clamp_min(1e-30)) + m.squeeze(-1), float("-inf"))
     return o, lse
-    bad = ~torch.isfinite(v)  # (B, H, L, V)
-    o = torch.einsum("bhtl,bhlv->bhtv", p, v.masked_fill(bad, 0.0)) / den.clamp_min(1e-30).unsqueeze(-1)
-    first = mask.int().argmax(dim=-1)  # (B or 1, Tq) the first allowed key
-    last = first + mask.sum(dim=-1)  # (B or 1, Tq) one past the last allowed key
-    n_bad = torch.cat([torch.zeros_like(bad[..., :1, :], dtype=torch.long), bad.long().cumsum(dim=-2)], dim=-2)
-    at = lambda i: n_bad.gather(-2, i[:, None, :, None].expand(B, H, Tq, v.shape[-1]))  # noqa: E731
-    o = o.masked_fill((at(last) - at(first)) > 0, float("nan"))  # (B, H, Tq, V)
-    lse = torch.where(den > 0, torch.log(den.clamp_min(1e-30)) + m.squeeze(-1), float("-inf"))
-    return o, lse
 
 
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
