@@ -43,12 +43,19 @@ def check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens=None) -> li
     if q.dim() != 4 or k.shape != q.shape:
         raise ValueError(f"q and k must both be (B, T, H, K); got q {tuple(q.shape)}, k {tuple(k.shape)}")
     B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be (B, T, H, V) = ({B}, {T}, {H}, V), got {tuple(v.shape)}")
     if log_g is not None and log_g.shape not in ((B, T, H), (B, T, H, K)):
         raise ValueError(f"log_g must be None, (B, T, H) or (B, T, H, K) = ({B}, {T}, {H}, {K}); got {tuple(log_g.shape)}")
     if beta is not None and beta.shape != (B, T, H):
         raise ValueError(f"beta must be None or (B, T, H) = ({B}, {T}, {H}), got {tuple(beta.shape)}")
+    return check_values_and_state(q, v, initial_state, cu_seqlens)
+
+
+def check_values_and_state(q, v, initial_state, cu_seqlens=None) -> list[int] | None:
+    """The checks every (H, K, V) matrix-state op shares, for q (B, T, H, K): v is (B, T, H, V),
+    initial_state (B | N, H, K, V) or None. Returns ``cu_seqlens`` as a list (None without)."""
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:3] != (B, T, H):
+        raise ValueError(f"v must be (B, T, H, V) = ({B}, {T}, {H}, V), got {tuple(v.shape)}")
     cu = check_cu_seqlens(cu_seqlens, B, T)
     R = state_rows(B, cu)
     if initial_state is not None and initial_state.shape != (R, H, K, v.shape[-1]):

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import tuning
-from .bounds import ChunkLayout, causal_product, check_cu_seqlens, state_rows, token_carry
+from .bounds import ChunkLayout, causal_product, token_carry
+from .delta import check_values_and_state
 from .registry import implementation, select
 
 __all__ = ["dplr", "dplr_recurrent", "dplr_chunked", "check_dplr_args"]
@@ -41,16 +42,7 @@ def check_dplr_args(q, k, v, log_g, a, b, initial_state, cu_seqlens=None) -> lis
     for name, x in (("k", k), ("log_g", log_g), ("a", a), ("b", b)):
         if x.shape != q.shape:
             raise ValueError(f"{name} must be (B, T, H, K) = {tuple(q.shape)} like q, got {tuple(x.shape)}")
-    B, T, H, K = q.shape
-    if v.dim() != 4 or v.shape[:3] != (B, T, H):
-        raise ValueError(f"v must be (B, T, H, V) = ({B}, {T}, {H}, V), got {tuple(v.shape)}")
-    cu = check_cu_seqlens(cu_seqlens, B, T)
-    R = state_rows(B, cu)
-    if initial_state is not None and initial_state.shape != (R, H, K, v.shape[-1]):
-        rows = "B" if cu is None else "N"
-        raise ValueError(f"initial_state must be ({rows}, H, K, V) = ({R}, {H}, {K}, {v.shape[-1]}), "
-                         f"got {tuple(initial_state.shape)}")
-    return cu
+    return check_values_and_state(q, v, initial_state, cu_seqlens)
 
 
 def _acc(q):

@@ -94,13 +94,18 @@ def _check(q, k, v, log_g, log_eta, theta, initial_state, chunk_size, cu_seqlens
             if w.shape != (rows, H, outs[i], ins[i]):
                 raise ValueError(f"initial_state.{part}[{i}] must be ({who}, H, out, in) = "
                                  f"({rows}, {H}, {outs[i]}, {ins[i]}), got {tuple(w.shape)}")
-    pos = initial_state.pos
+    check_minibatch_pos(initial_state.pos, rows, who, chunk_size)
+    return cu
+
+
+def check_minibatch_pos(pos, rows: int, who: str, chunk_size: int) -> None:
+    """initial_state.pos of an op updated per mini-batch: an int64 (rows,) tensor of each row's
+    place in its mini-batch, in [0, chunk_size); ``who`` names the rows ("B" or "N")."""
     if not isinstance(pos, torch.Tensor) or pos.dtype != torch.int64 or pos.shape != (rows,):
         raise ValueError(f"initial_state.pos must be an int64 tensor of shape ({who},) = ({rows},), got "
                          f"{tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__}")
     if rows and not (0 <= int(pos.min()) and int(pos.max()) < chunk_size):
         raise ValueError(f"initial_state.pos must lie in [0, chunk_size={chunk_size}), got {pos.tolist()}")
-    return cu
 
 
 def _zero_state(rows, q, v, acc):

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from .bounds import Carry, causal_product, cat_rows, check_cu_seqlens, rows, state_rows, token_carry
-from .memory import minibatch_segments
+from .memory import check_minibatch_pos, minibatch_segments
 from .registry import implementation, select
 
 __all__ = ["TTTState", "ttt", "ttt_chunked", "ttt_recurrent", "minibatch_places", "default_token_eta"]
@@ -116,12 +116,7 @@ def _check(q, k, v, eta, ln_w, ln_b, token_eta, initial_state, chunk_size, cu_se
             if tuple(w.shape) != sh:
                 raise ValueError(f"initial_state.{part}[{i}] ({names[i]}) must be ({who}, H, ...) = {sh}, "
                                  f"got {tuple(w.shape)}")
-    pos = initial_state.pos
-    if not isinstance(pos, torch.Tensor) or pos.dtype != torch.int64 or pos.shape != (n,):
-        raise ValueError(f"initial_state.pos must be an int64 tensor of shape ({who},) = ({n},), got "
-                         f"{tuple(pos.shape) if isinstance(pos, torch.Tensor) else type(pos).__name__}")
-    if n and not (0 <= int(pos.min()) and int(pos.max()) < chunk_size):
-        raise ValueError(f"initial_state.pos must lie in [0, chunk_size={chunk_size}), got {pos.tolist()}")
+    check_minibatch_pos(initial_state.pos, n, who, chunk_size)
     return cu
 
 
