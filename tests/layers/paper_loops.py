@@ -18,3 +18,19 @@ def conv_silu(conv, seq, t):
 
 def rmsnorm(x, weight, eps):
     return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight
+
+
+def assert_matches_loop(label, layer, y, S, y_ref, S_ref):
+    """The layer's outputs y and final state S against the loop's (float64), then the gradients
+    of every parameter through both (a random weighting of y plus the sum of S)."""
+    dy, dS = (y - y_ref).abs().max().item(), (S - S_ref).abs().max().item()
+    print(f"{label} vs paper equations: max |dy| {dy:.2e}, max |dS| {dS:.2e}")
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+    torch.testing.assert_close(S, S_ref, atol=1e-10, rtol=1e-8)
+    w = torch.randn_like(y)
+    g = torch.autograd.grad((y * w).sum() + S.sum(), list(layer.parameters()))
+    g_ref = torch.autograd.grad((y_ref * w).sum() + S_ref.sum(), list(layer.parameters()))
+    dg = max((a - b).abs().max().item() for a, b in zip(g, g_ref))
+    print(f"{label} parameter gradients vs paper equations: max diff {dg:.2e}")
+    for (name, _), a, b in zip(layer.named_parameters(), g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}")

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnlab
-from paper_loops import conv_silu, rmsnorm
+from paper_loops import assert_matches_loop, conv_silu, rmsnorm
 from rnnlab.layers.deltanet import DeltaNetState
 
 
@@ -64,17 +64,7 @@ def test_matches_paper_equations(n_h, neg):
     S0 = torch.randn(2, c.num_heads, c.head_dim, c.head_v_dim, dtype=torch.float64)
     y, state = layer(x, with_S(layer, S0))
     y_ref, S_ref = transcription(layer, x, S0)
-    dy, dS = (y - y_ref).abs().max().item(), (state.S - S_ref).abs().max().item()
-    print(f"gated_deltaproduct(n_h={n_h}, neg={neg}) vs paper equations: max |dy| {dy:.2e}, max |dS| {dS:.2e}")
-    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(state.S, S_ref, atol=1e-10, rtol=1e-8)
-    w = torch.randn_like(y)
-    g = torch.autograd.grad((y * w).sum() + state.S.sum(), list(layer.parameters()))
-    g_ref = torch.autograd.grad((y_ref * w).sum() + S_ref.sum(), list(layer.parameters()))
-    dg = max((a - b).abs().max().item() for a, b in zip(g, g_ref))
-    print(f"gated_deltaproduct(n_h={n_h}, neg={neg}) parameter gradients: max diff {dg:.2e}")
-    for (name, _), a, b in zip(layer.named_parameters(), g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    assert_matches_loop(f"gated_deltaproduct(n_h={n_h}, neg={neg})", layer, y, state.S, y_ref, S_ref)
 
 
 @pytest.mark.parametrize("neg", [False, True])

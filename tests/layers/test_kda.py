@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnlab
-from paper_loops import conv_silu, rmsnorm
+from paper_loops import assert_matches_loop, conv_silu, rmsnorm
 from rnnlab.layers.deltanet import DeltaNetState
 
 
@@ -55,18 +55,7 @@ def test_matches_paper_equations(neg):
     st = layer.init_state(2, dtype=torch.float64)
     y, state = layer(x, DeltaNetState(S=S0, conv_q=st.conv_q, conv_k=st.conv_k, conv_v=st.conv_v))
     y_ref, S_ref = transcription(layer, x, S0)
-    dy, dS = (y - y_ref).abs().max().item(), (state.S - S_ref).abs().max().item()
-    print(f"kda(allow_neg_eigval={neg}) vs paper equations: max |dy| {dy:.2e}, max |dS| {dS:.2e}")
-    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(state.S, S_ref, atol=1e-10, rtol=1e-8)
-    # gradients of every parameter through both
-    w = torch.randn_like(y)
-    g = torch.autograd.grad((y * w).sum() + state.S.sum(), list(layer.parameters()))
-    g_ref = torch.autograd.grad((y_ref * w).sum() + S_ref.sum(), list(layer.parameters()))
-    dg = max((a - b).abs().max().item() for a, b in zip(g, g_ref))
-    print(f"kda(allow_neg_eigval={neg}) parameter gradients vs paper equations: max diff {dg:.2e}")
-    for (name, _), a, b in zip(layer.named_parameters(), g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    assert_matches_loop(f"kda(allow_neg_eigval={neg})", layer, y, state.S, y_ref, S_ref)
 
 
 def test_decay_is_per_key_channel():

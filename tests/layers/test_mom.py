@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 import rnnlab
-from paper_loops import conv_silu, rmsnorm
+from paper_loops import assert_matches_loop, conv_silu, rmsnorm
 from rnnlab.layers.mom import MoMState
 from rnnlab.ops import tuning
 
@@ -79,17 +79,7 @@ def test_matches_paper_equations(shared, small_chunks):
     y, state = layer(x, MoMState(S=S0, conv_q=st.conv_q, conv_k=st.conv_k, conv_v=st.conv_v))
     y_ref, S_ref, n_skipped = transcription(layer, x, S0)
     assert n_skipped == 2 * 40 * (c.num_memories - c.topk)  # the test does exercise the routing
-    dy, dS = (y - y_ref).abs().max().item(), (state.S - S_ref).abs().max().item()
-    print(f"mom(shared_memory={shared}) vs paper equations: max |dy| {dy:.2e}, max |dS| {dS:.2e}")
-    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
-    torch.testing.assert_close(state.S, S_ref, atol=1e-10, rtol=1e-8)
-    w = torch.randn_like(y)
-    g = torch.autograd.grad((y * w).sum() + state.S.sum(), list(layer.parameters()))
-    g_ref = torch.autograd.grad((y_ref * w).sum() + S_ref.sum(), list(layer.parameters()))
-    dg = max((a - b).abs().max().item() for a, b in zip(g, g_ref))
-    print(f"mom(shared_memory={shared}) parameter gradients vs paper equations: max diff {dg:.2e}")
-    for (name, _), a, b in zip(layer.named_parameters(), g, g_ref):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-7, msg=lambda m, n=name: f"{n}: {m}")
+    assert_matches_loop(f"mom(shared_memory={shared})", layer, y, state.S, y_ref, S_ref)
 
 
 def test_a_memory_no_token_is_routed_to_keeps_its_state():
