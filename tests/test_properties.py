@@ -353,3 +353,17 @@ def test_bad_cu_seqlens_name_the_argument(name):
     _, s = m(torch.randn(3, 4, D, dtype=torch.float64))
     with pytest.raises(StateError, match="3 rows, but cu_seqlens holds N = 2 sequences"):
         m(x, s, cu_seqlens=torch.tensor([0, 3, 7]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_negative_size_or_a_nan_option_names_the_field(name):
+    """Every config refuses a negative int, a non-finite float and num_heads = 0 with a ValueError
+    naming the field, before any tensor is built."""
+    from rnnlab.models.registry import options_help
+    for opt, default, _ in options_help(name):
+        if isinstance(default, bool) or not isinstance(default, (int, float)):
+            continue
+        bad = [-1] + ([0] if opt == "num_heads" else []) if isinstance(default, int) else [float("nan"), float("inf")]
+        for value in bad:
+            with pytest.raises(ValueError, match=opt):
+                build_mixer(name, 64, **{opt: value})
