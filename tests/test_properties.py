@@ -357,13 +357,13 @@ def test_bad_cu_seqlens_name_the_argument(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_a_negative_size_or_a_nan_option_names_the_field(name):
-    """Every config refuses a negative int, a non-finite float and num_heads = 0 with a ValueError
-    naming the field, before any tensor is built."""
+    """Every config refuses a negative int and a non-finite float with a ValueError naming the
+    field, before any tensor is built."""
     from rnnlab.models.registry import options_help
     for opt, default, _ in options_help(name):
         if isinstance(default, bool) or not isinstance(default, (int, float)):
             continue
-        bad = [-1] + ([0] if opt == "num_heads" else []) if isinstance(default, int) else [float("nan"), float("inf")]
+        bad = [-1] if isinstance(default, int) else [float("nan"), float("inf")]
         for value in bad:
             with pytest.raises(ValueError, match=opt):
                 build_mixer(name, 64, **{opt: value})

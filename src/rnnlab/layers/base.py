@@ -41,16 +41,16 @@ class MixerConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.d_model, int) or self.d_model < 1:
             raise ValueError(f"d_model must be a positive int, got {self.d_model!r}")
-        # what holds for every config: no size is negative, no number is NaN or infinite, and a
-        # head count is at least 1 (each config checks its own finer rules after this)
+        # what holds for every config: no size is negative, no number is NaN or infinite (each
+        # config checks its own finer rules after this; 0 is a "derive it" default in some)
         for f in dataclasses.fields(self):
             if not f.init:  # derived sizes: not set yet
                 continue
             value = getattr(self, f.name)
             if isinstance(value, bool):
                 continue
-            if isinstance(value, int) and (value < 0 or (f.name == "num_heads" and value < 1)):
-                raise ValueError(f"{f.name} must be {'>= 1' if f.name == 'num_heads' else '>= 0'}, got {value}")
+            if isinstance(value, int) and value < 0:
+                raise ValueError(f"{f.name} must be >= 0, got {value}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
 

@@ -198,6 +198,8 @@ def inverse_softplus(y: torch.Tensor) -> torch.Tensor:
 def split_heads(d_model: int, num_heads: int, head_dim: int | None) -> int:
     """The head dimension K: ``head_dim``, or d_model / num_heads when it is None (then
     num_heads must divide d_model). Raises a ValueError naming the field otherwise."""
+    if not isinstance(num_heads, int) or num_heads < 1:
+        raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
     if head_dim is None:
         if d_model % num_heads:
             raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}; set head_dim")
