@@ -106,8 +106,8 @@ def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
               if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
     events.sort(key=lambda e: e.start_ns())
     live = peak = 0
-    for e in events:
-        live += e.nbytes()
+    for e in events:  # freeing a tensor from before the call (old gradients) saves nothing of the call's
+        live = max(0, live + e.nbytes())
         peak = max(peak, live)
     return peak
 
