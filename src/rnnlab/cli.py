@@ -267,7 +267,7 @@ def cmd_generate(a) -> str:
             raise ValueError(f"--state-out {a.state_out}: the directory {target.parent} does not exist")
     device = parse_device(a.device)
     model = load_model(a.model, device=device).eval()
-    model = _with_cache(model, a.cache)
+    model = _with_cache(model, a.cache).compile_step(a.compile)
     tok = load_tokenizer(a.model)
     prefix = _decode_escapes(a.prefix) if a.escapes else a.prefix
     if a.read_twice and not prefix:
@@ -562,6 +562,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "(joined by a newline) before --prompt")
     s.add_argument("--prefix-cache", help="directory of states after prefixes: the --prefix is read once, later "
                                           "runs with the same --prefix and model resume from its state")
+    s.add_argument("--compile", action="store_true", help="decode through torch.compile (faster tokens after a "
+                                                         "first one that compiles for seconds; default: eager)")
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     _outputs(s, progress=False)
 

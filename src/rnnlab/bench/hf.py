@@ -5,9 +5,10 @@ with :func:`rnnlab.from_hf`, checked for equal logits, and both are timed:
 
 * prefill: one forward pass over T tokens (tokens/s), for each T;
 * decode: greedy generation of N tokens after a short prompt (tokens/s), transformers with its
-  cache, rnnlab with its recurrent state.
+  cache, rnnlab with its recurrent state (and with ``--compile`` also with its step compiled,
+  :meth:`rnnlab.LM.compile_step`).
 
-``python -m rnnlab.bench.hf [--archs mamba mamba2 llama recurrent_gemma xlstm] [--T 1024 4096] [--quick]``
+``python -m rnnlab.bench.hf [--archs mamba mamba2 llama recurrent_gemma xlstm] [--T 1024 4096] [--compile] [--quick]``
 Prints a table and a final JSON line.
 """
 from __future__ import annotations
@@ -50,7 +51,8 @@ def _time(fn, repeats: int) -> float:
 
 
 @torch.no_grad()
-def run(arch: str, Ts: list[int], decode_tokens: int, d_model: int, n_layers: int, repeats: int) -> list[dict]:
+def run(arch: str, Ts: list[int], decode_tokens: int, d_model: int, n_layers: int, repeats: int,
+        compile_step: bool = False) -> list[dict]:
     import transformers
 
     torch.manual_seed(0)
@@ -69,9 +71,12 @@ def run(arch: str, Ts: list[int], decode_tokens: int, d_model: int, n_layers: in
     prompt = x[:, :16]
     t_hf = _time(lambda: hf.generate(prompt, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
                                      do_sample=False), repeats)
-    t_us = _time(lambda: ours.generate(prompt, decode_tokens, temperature=0), repeats)
-    rows.append(dict(arch=arch, what=f"decode {decode_tokens} tok", transformers_tok_s=decode_tokens / t_hf,
-                     rnnlab_tok_s=decode_tokens / t_us, ratio=t_hf / t_us, max_logit_diff=diff))
+    for compiled in (False, True) if compile_step else (False,):
+        ours.compile_step(compiled)  # the warm-up call compiles
+        t_us = _time(lambda: ours.generate(prompt, decode_tokens, temperature=0), repeats)
+        rows.append(dict(arch=arch, what=f"decode {decode_tokens} tok" + (" +compile" if compiled else ""),
+                         transformers_tok_s=decode_tokens / t_hf, rnnlab_tok_s=decode_tokens / t_us,
+                         ratio=t_hf / t_us, max_logit_diff=diff))
     return rows
 
 
@@ -83,6 +88,8 @@ def build_parser() -> Parser:
     p.add_argument("--d-model", type=int_at_least(1), default=256, help="model width")
     p.add_argument("--n-layers", type=int_at_least(1), default=4, help="layers")
     p.add_argument("--repeats", type=int_at_least(1), default=3, help="timed calls; the median is reported")
+    p.add_argument("--compile", action="store_true", help="also decode with rnnlab's step compiled "
+                                                          "(LM.compile_step; transformers' path stays as it is)")
     p.add_argument("--quick", action="store_true", help="T=256, 16 decode tokens, 1 repeat")
     p.add_argument("--json", help="also write the results to this file")
     return p
@@ -95,10 +102,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         a.T, a.decode_tokens, a.repeats = [256], 16, 1
     rows = []
     for arch in a.archs:
-        rows += run(arch, a.T, a.decode_tokens, a.d_model, a.n_layers, a.repeats)
-    print(f"{'arch':8} {'what':18} {'transformers tok/s':>19} {'rnnlab tok/s':>13} {'rnnlab speed-up':>16} {'max |dlogit|':>13}")
+        rows += run(arch, a.T, a.decode_tokens, a.d_model, a.n_layers, a.repeats, a.compile)
+    print(f"{'arch':8} {'what':27} {'transformers tok/s':>19} {'rnnlab tok/s':>13} {'rnnlab speed-up':>16} {'max |dlogit|':>13}")
     for r in rows:
-        print(f"{r['arch']:8} {r['what']:18} {r['transformers_tok_s']:19.1f} {r['rnnlab_tok_s']:13.1f} "
+        print(f"{r['arch']:8} {r['what']:27} {r['transformers_tok_s']:19.1f} {r['rnnlab_tok_s']:13.1f} "
               f"{r['ratio']:15.2f}x {r['max_logit_diff']:13.2e}")
     report("hf", rows, a.json, device="cpu")
     return rows

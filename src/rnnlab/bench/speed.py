@@ -303,6 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-dim", type=int_at_least(1), default=None, help="head dimension (default 64; --quick 32)")
     p.add_argument("--batch", type=int_at_least(1), default=1, help="batch size B")
     p.add_argument("--steps", type=int_at_least(1), default=None, help="decode: timed single-token steps (default 32)")
+    p.add_argument("--compile", action="store_true", help="decode: also run each model with its one-token step "
+                                                          "compiled (LM.compile_step), labelled +compile")
     p.add_argument("--prefill-chunk", type=int_at_least(1), default=None, help="decode: prefill chunk length (default 2048)")
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed calls after the warm-up; median (default 3)")

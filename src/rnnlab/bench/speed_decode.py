@@ -15,6 +15,9 @@ untimed ones; the median is the latency. Beside it:
   matrix), and with the state read as well ``(weight + state bytes) / bandwidth``. Weight bytes
   count every parameter once (the embedding table too while it is tied to the output head).
 
+With ``--compile`` each model runs twice: eagerly, then with its step compiled
+(:meth:`rnnlab.LM.compile_step`, the first step compiling untimed), labelled ``+compile``.
+
 A step slower than ``--budget-s`` (or a state above ``--budget-gb``) stops that layout's larger
 contexts ("over budget").
 """
@@ -32,9 +35,10 @@ def default_layouts(a) -> list[tuple[str, str]]:
     from .speed import layout_item, width_options
     item = lambda name, **kw: layout_item(name, {**width_options(name, a.d_model, a.head_dim), **kw})  # noqa: E731
     window = 32 if a.quick else 1024
-    return [("gated_deltanet", item("gated_deltanet")), ("mamba2", item("mamba2")),
-            (f"gated_deltanet*3,swa(window={window},sinks=4)",
-             f"{item('gated_deltanet')}*3,{item('swa', window=window, sinks=4)}"),
+    r = min(3, a.n_layers - 1)  # recurrent layers per attention layer (the pattern must fit n_layers)
+    hybrid = [(f"gated_deltanet*{r},swa(window={window},sinks=4)",
+               f"{item('gated_deltanet')}*{r},{item('swa', window=window, sinks=4)}")] if r else []
+    return [("gated_deltanet", item("gated_deltanet")), ("mamba2", item("mamba2")), *hybrid,
             ("attention", item("attention"))]
 
 
@@ -63,53 +67,61 @@ def _weight_bytes(model) -> int:
 
 def run_decode(ctx):
     """Rows (layout, context): ms per token, state bytes, step peak, floors; and the plot panels."""
-    from .. import Stream
     a = ctx.a
     bw = ctx.bandwidth()
     print(f"{'model':44} {'context':>8} | {'ms/token':>10} {'floor w':>10} {'floor w+s':>10} | {'state MB':>9} "
           f"{'step MB':>9} | status   (floor: bytes read per token / {bw / 1e9:.1f} GB/s)")
     rows = []
     for label, layout, model in bench_models(ctx):
-        wbytes = _weight_bytes(model)
-        gen = torch.Generator().manual_seed(0)
-        stream, fed = Stream(model), 0
-        for L in sorted(a.contexts):
-            row = dict(model=label, layout=layout, context=L, steps=a.steps, weight_bytes=wbytes,
-                       floor_weights_s=wbytes / bw, ms_per_token=None, state_bytes=None, step_peak_bytes=None,
-                       status="ok")
-            rows.append(row)
-            stopped = ctx.budget.stopped(label)
-            if stopped:
-                row["status"] = stopped
-                _print(row)
-                continue
-            new = torch.randint(0, model.config.vocab_size, (a.batch, L - fed), generator=gen).to(ctx.device)
-            if new.shape[1]:
-                stream.feed(new, chunk_size=a.prefill_chunk)
-            fed = L
-            state, logits = stream.state, stream.logits
-            row["state_bytes"] = state.nbytes
-            row["floor_weights_state_s"] = (wbytes + state.nbytes) / bw
-            box = {"state": state, "tok": logits.argmax(-1, keepdim=True)}
-
-            @torch.no_grad()
-            def step():
-                out, box["state"] = model(box["tok"], box["state"])
-                box["tok"] = out[:, -1].argmax(-1, keepdim=True)
-
-            step()
-            t = timeit(step, ctx.device, a.steps, ctx.budget.seconds)
-            row["ms_per_token"] = t.seconds * 1e3
-            row["step_peak_bytes"] = peak_memory(step, ctx.device)
-            why = ctx.budget.passed(label, L, seconds=t.seconds, nbytes=state.nbytes)
-            if why:
-                row["status"] = why
-            _print(row)
-        del stream
+        for compiled in (False, True) if a.compile else (False,):
+            rows += _contexts(ctx, f"{label} +compile" if compiled else label, layout, model.compile_step(compiled), bw)
     panels = [(f"decode latency, {a.n_layers} layers, d_model {a.d_model}", _points(rows, "ms_per_token")),
               ("model state (MB)", {k: [(x, y / 2 ** 20 if y else None) for x, y in v]
                                     for k, v in _points(rows, "state_bytes").items()})]
     return rows, panels, "context (tokens)", "ms per token  |  MB", "attention"
+
+
+def _contexts(ctx, label: str, layout: str, model, bw: float) -> list[dict]:
+    """One model's rows: the stream prefilled to each context in turn, then its steps timed."""
+    from .. import Stream
+    a = ctx.a
+    rows = []
+    wbytes = _weight_bytes(model)
+    gen = torch.Generator().manual_seed(0)
+    stream, fed = Stream(model), 0
+    for L in sorted(a.contexts):
+        row = dict(model=label, layout=layout, context=L, steps=a.steps, weight_bytes=wbytes,
+                   floor_weights_s=wbytes / bw, ms_per_token=None, state_bytes=None, step_peak_bytes=None,
+                   status="ok")
+        rows.append(row)
+        stopped = ctx.budget.stopped(label)
+        if stopped:
+            row["status"] = stopped
+            _print(row)
+            continue
+        new = torch.randint(0, model.config.vocab_size, (a.batch, L - fed), generator=gen).to(ctx.device)
+        if new.shape[1]:
+            stream.feed(new, chunk_size=a.prefill_chunk)
+        fed = L
+        state, logits = stream.state, stream.logits
+        row["state_bytes"] = state.nbytes
+        row["floor_weights_state_s"] = (wbytes + state.nbytes) / bw
+        box = {"state": state, "tok": logits.argmax(-1, keepdim=True)}
+
+        @torch.no_grad()
+        def step():
+            out, box["state"] = model(box["tok"], box["state"])
+            box["tok"] = out[:, -1].argmax(-1, keepdim=True)
+
+        step()  # with --compile, the first step compiles
+        t = timeit(step, ctx.device, a.steps, ctx.budget.seconds)
+        row["ms_per_token"] = t.seconds * 1e3
+        row["step_peak_bytes"] = peak_memory(step, ctx.device)
+        why = ctx.budget.passed(label, L, seconds=t.seconds, nbytes=state.nbytes)
+        if why:
+            row["status"] = why
+        _print(row)
+    return rows
 
 
 def _points(rows, key):

@@ -182,6 +182,7 @@ class Attention(Mixer):
 
     config_cls = AttentionConfig
     state_cls = AttentionState
+    step_compiles = False  # KV-cache writes read positions on the host
     recurrent = False
 
     def __init__(self, config: AttentionConfig):

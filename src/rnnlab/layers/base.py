@@ -85,6 +85,10 @@ class Mixer(nn.Module):
     no_decay_params: ClassVar[tuple[str, ...]] = ()
     # True: mix() takes ``prefix_len`` (a prompt read non-causally, JRT-RNN); other mixers ignore it
     reads_prefix: ClassVar[bool] = False
+    # True: the one-token step (T = 1, no cu_seqlens) traces into one torch.compile graph, so
+    # LM.compile_step compiles it. False where the step reads positions on the host (KV-cache
+    # writes, chunk bookkeeping, range checks): such blocks stay eager between compiled ones.
+    step_compiles: ClassVar[bool] = True
 
     def __init__(self, config: MixerConfig):
         super().__init__()

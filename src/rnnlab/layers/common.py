@@ -109,7 +109,9 @@ class ShortConv(nn.Module):
             conv_state = self.init_state(B if cu is None else len(cu) - 1, x.device, x.dtype)
         if cu is None:
             xp = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, W-1+T, C)
-            return self._conv(xp), xp[:, xp.shape[1] - W1:]
+            # the state is a copy: a view would keep all of xp alive (a prefill's whole input) and
+            # give the state other strides after a prefill than after a step
+            return self._conv(xp), xp[:, xp.shape[1] - W1:].clone(memory_format=torch.contiguous_format)
         layout = PrefixLayout(cu, W1, x.device)
         xp = layout.pad(conv_state.to(x.dtype), x)  # (1, N(W-1)+T, C): each sequence after its own state
         return self._conv(xp)[:, layout.out], xp[0, layout.last]  # (1, T, C), (N, W-1, C)

@@ -65,6 +65,7 @@ class LSSL(Mixer):
 
     config_cls = LSSLConfig
     state_cls = LSSLState
+    step_compiles = False  # the discretisation cache compares data pointers
     no_decay_params = ("A", "log_dt")  # "A" is a buffer unless learn_A
 
     def __init__(self, config: LSSLConfig):

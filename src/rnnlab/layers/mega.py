@@ -94,6 +94,7 @@ class Mega(Mixer):
 
     config_cls = MegaConfig
     state_cls = MegaState
+    step_compiles = False  # the chunk layout is read on the host
     no_decay_params = ("ema_alpha", "ema_delta", "ema_omega", "qk_offset")
 
     def __init__(self, config: MegaConfig):

@@ -93,6 +93,7 @@ class Titans(Mixer):
 
     config_cls = TitansConfig
     state_cls = TitansState
+    step_compiles = False  # the mini-batch position is range-checked on the host
     no_decay_params = ("gate_bias",)
 
     def __init__(self, config: TitansConfig):

@@ -115,6 +115,7 @@ class TTT(Mixer):
 
     config_cls = TTTConfig
     state_cls = TTTLayerState
+    step_compiles = False  # the mini-batch position is range-checked on the host
     no_decay_params = ("lr_bias", "token_eta_bias", "ttt_norm_weight", "ttt_norm_bias")  # and the inner biases
 
     def __init__(self, config: TTTConfig):

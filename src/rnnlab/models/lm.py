@@ -335,10 +335,12 @@ class LM(nn.Module):
         x = self.embed(tokens.long())  # (B, T, D)
         if self.config.embed_scale != 1.0:
             x = x * self.config.embed_scale
-        new = []
-        for i, block in enumerate(self.blocks):
-            x, s = block(x, None if state is None else state.layers[i], cu_seqlens, prefix)
-            new.append(s)
+        layers = (None,) * len(self.blocks) if state is None else state.layers
+        step = self.__dict__.get("_compiled_step")
+        if step is not None and T == 1 and cu is None and prefix is None and not torch.is_grad_enabled():
+            x, new = _run_segments(step, x, layers)
+        else:
+            x, new = _run_blocks(self.blocks, x, layers, cu_seqlens, prefix)
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
@@ -346,6 +348,35 @@ class LM(nn.Module):
         seen = torch.zeros(state_rows(B, cu), dtype=torch.int64, device=tokens.device) if state is None else state.seen
         count = T if cu is None else cu_seqlens.to(seen.device).diff()  # () or (N,) tokens per row
         return logits, ModelState(tuple(new), seen + count)
+
+    def compile_step(self, enabled: bool = True) -> "LM":
+        """Run the one-token step (``T = 1``, no ``cu_seqlens`` or ``prefix_len``, no autograd:
+        decoding) through ``torch.compile``; ``enabled=False`` goes back to eager. Returns the model.
+
+        Consecutive blocks whose mixer ``step_compiles`` become one compiled graph each (a
+        recurrent model: one graph); attention-like blocks run eagerly between them. The first
+        step compiles (seconds to a minute); a new batch size recompiles once, with the batch
+        dimension dynamic from then on. Outputs agree with the eager step to float rounding (the
+        compiled graph fuses and reorders the elementwise work). Everything else (prefill, packed
+        calls, training) runs as before. Where compiling fails (no C++ compiler), the step runs
+        eagerly after one warning."""
+        from ..ops.backends import compile_or_eager
+        if not enabled:
+            self.__dict__.pop("_compiled_step", None)
+            return self
+        segments, run = [], []
+        for i, block in enumerate(self.blocks):
+            if block.mixer is None or block.mixer.step_compiles:
+                run.append(i)
+                continue
+            if run:
+                segments.append((run, compile_or_eager(_blocks_step(self.blocks, run))))
+                run = []
+            segments.append(([i], _blocks_step(self.blocks, [i])))
+        if run:
+            segments.append((run, compile_or_eager(_blocks_step(self.blocks, run))))
+        self.__dict__["_compiled_step"] = segments  # kept out of the module tree and the state dict
+        return self
 
     # -- generation -----------------------------------------------------------------------------
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
@@ -409,6 +440,33 @@ class LM(nn.Module):
 
 
 TEMP_PREFIX = ".tmp"  # names of unfinished writes: ours (``.tmp-*``) and the safetensors writer's own (``.tmpXXXXXX``)
+
+
+def _run_blocks(blocks, x: torch.Tensor, layers, cu_seqlens=None, prefix=None) -> tuple[torch.Tensor, list]:
+    """x (B, T, D) through ``blocks`` in order, block i from ``layers[i]``: (x, their new states)."""
+    new = []
+    for block, s in zip(blocks, layers):
+        x, s = block(x, s, cu_seqlens, prefix)
+        new.append(s)
+    return x, new
+
+
+def _blocks_step(blocks: nn.ModuleList, indices: list[int]):
+    """The one-token step of the blocks ``indices`` of a model, as one function of (x, their states)."""
+    chosen = tuple(blocks[i] for i in indices)
+
+    def step(x: torch.Tensor, layers: tuple) -> tuple[torch.Tensor, list]:
+        return _run_blocks(chosen, x, layers)
+    return step
+
+
+def _run_segments(segments, x: torch.Tensor, layers) -> tuple[torch.Tensor, list]:
+    """The one-token step through :meth:`LM.compile_step`'s segments, each given its blocks' states."""
+    new = []
+    for indices, run in segments:
+        x, s = run(x, tuple(layers[i] for i in indices))
+        new += s
+    return x, new
 
 
 def is_temp(path: str | os.PathLike) -> bool:

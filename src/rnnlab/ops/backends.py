@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["compiled", "compile_check", "fla_check", "fla_gated_delta_rule", "fla_gla", "fla_simple_gla"]
+__all__ = ["compiled", "compile_or_eager", "compile_check", "fla_check", "fla_gated_delta_rule", "fla_gla", "fla_simple_gla"]
 
 
 class _Compiled:
@@ -40,7 +40,7 @@ class _Compiled:
                 return self.compiled(*args)
             except Exception as e:  # a compiler failure must not stop the op: run it eagerly
                 self.failed = True
-                warnings.warn(f"torch.compile of {self.fn.__qualname__} failed ({type(e).__name__}: "
+                warnings.warn(f"torch.compile of {getattr(self.fn, '__qualname__', self.fn)} failed ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}); running it eagerly", RuntimeWarning)
         return self.fn(*args)
 
@@ -52,8 +52,14 @@ def compiled(fn: Callable) -> Callable:
     """The compiled version of a loop-free function, built on first use and shared afterwards."""
     c = _compiled.get(fn)
     if c is None:
-        c = _compiled[fn] = _Compiled(fn)
+        c = _compiled[fn] = compile_or_eager(fn)
     return c
+
+
+def compile_or_eager(fn: Callable) -> Callable:
+    """A new ``torch.compile(fn)`` (shapes made dynamic after the first change) that runs ``fn``
+    eagerly for good, with one warning, if compiling fails. Not shared: the caller keeps it."""
+    return _Compiled(fn)
 
 
 def compile_check(inputs: dict) -> str | None:

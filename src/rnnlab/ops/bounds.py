@@ -244,7 +244,7 @@ def known_finite(*xs: torch.Tensor | None) -> bool:
     over the data). Decided on CPU only, by one sum per tensor (any NaN or inf makes it non-finite;
     an overflow merely sends the op down the guarded path); on other devices the answer would
     cost a device-to-host sync per call, so it is always False there."""
-    if any(x is not None and x.device.type != "cpu" for x in xs):
+    if torch.compiler.is_compiling() or any(x is not None and x.device.type != "cpu" for x in xs):
         return False
     with torch.no_grad():
         return all(x is None or bool(torch.isfinite(x.sum())) for x in xs)

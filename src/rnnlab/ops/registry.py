@@ -279,12 +279,12 @@ def backend_status(family: str, form: str, **inputs) -> dict[str, str | None]:
 
 def families() -> list[str]:
     """The registered family names."""
-    return list(_build())
+    return list(_table())
 
 
 def get_family(name: str) -> Family:
     """The family entry of ``name``; a ValueError naming the families for an unknown one."""
-    table = _build()
+    table = _table()
     if name not in table:
         raise ValueError(f"unknown op family {name!r}; choose from {sorted(table)}")
     return table[name]
@@ -488,7 +488,17 @@ def _compile_check_delta(inputs):
 
 
 # -- the table ------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+_TABLE: dict[str, "Family"] = {}
+
+
+def _table() -> dict[str, Family]:
+    """The registered families, built on first use (a plain dict read afterwards, which
+    ``torch.compile`` traces as a constant)."""
+    if not _TABLE:
+        _TABLE.update(_build())
+    return _TABLE
+
+
 def _build() -> dict[str, Family]:
     from . import backends as bk
     # by module path: rnnlab.ops.mlstm (and gsa, lti, ...) as attributes of the package are the

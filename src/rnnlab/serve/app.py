@@ -109,7 +109,7 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
     else:
         name, lm = config.model_name or Path(model).resolve().name, load_model(model)
         tok = tokenizer or load_tokenizer(model)
-    lm = lm.eval()
+    lm = lm.eval().compile_step(config.compile_step)
     store = SessionStore(config.sessions_dir, lm, config.max_sessions, config.session_cache)
     engine = Engine(lm, tok.decode, getattr(tok, "eos_id", None), config.max_batch)
     in_flight = _Slots(config.max_concurrent)

@@ -21,6 +21,7 @@ class ServeConfig:
     max_batch: int = 8  # rows decoded together in one batch (1 for models with attention layers)
     max_sessions: int = 10000  # sessions kept on disk; creating more is refused with 429
     session_cache: int = 64  # sessions whose states stay in memory (least recently used are dropped)
+    compile_step: bool = False  # decode through torch.compile (LM.compile_step): faster steps after a first one that compiles
 
     def __post_init__(self) -> None:
         for name in ("max_prompt_tokens", "max_tokens", "max_concurrent", "max_batch", "max_sessions",
