@@ -1,6 +1,7 @@
 """Continuous batching: jobs decoded together (joining and leaving between steps) equal each alone."""
 import threading
 
+import pytest
 import torch
 
 import rnnlab
@@ -107,8 +108,12 @@ def test_models_with_attention_are_batched_too():
         assert results[(p, q)].text == TOK.decode(_alone(model, p, q, n))
 
 
-def test_concurrent_http_requests_equal_each_alone(make_client, model_dir):
-    c = make_client()
+@pytest.mark.parametrize("compile_step", [False, True])
+def test_concurrent_http_requests_equal_each_alone(make_client, model_dir, compile_step):
+    """... with the decode step eager or compiled (batches of changing size: one recompile, the
+    batch dimension dynamic afterwards)."""
+    torch._dynamo.reset()
+    c = make_client(compile_step=compile_step)
     model = rnnlab.load_model(model_dir).eval()
     prompts = {"a": 11, "a longer prompt here": 4, "mid length": 8, "z": 15}
     out = {}
