@@ -636,6 +636,9 @@ def main(argv: list[str] | None = None):
         p._subparsers._group_actions[0].choices[a.cmd].error(f"unrecognized arguments: {' '.join(rest)}")
     handlers = {"list": cmd_list, "train": cmd_train, "eval": cmd_eval, "generate": cmd_generate,
                 "convert": cmd_convert, "demo": cmd_demo, "data": cmd_data, "serve": cmd_serve}
+    if a.cmd in ("train", "eval", "bench", "demo"):  # long sequences: keep freed CPU memory for reuse
+        from .allocator import reuse_freed_memory
+        reuse_freed_memory()
     as_json = getattr(a, "json", False) is True
     name = f"rnnlab {a.cmd}" + (f" {a.data_cmd}" if a.cmd == "data" else f" {a.what}" if a.cmd == "bench" else "")
     try:
