@@ -43,7 +43,7 @@ def _speed(argv, tmp_path, capsys, name="out"):
     path = tmp_path / f"{name}.json"
     cli(["bench", "speed", *argv, "--json", str(path)])
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert last["bench"] == "speed" and last["mode"] == argv[0] and "load_avg" in last
+    assert last["bench"] == "speed" and last["mode"] == argv[0] and "load_avg" in last and "others_running" in last
     saved = json.loads(path.read_text())
     assert saved["results"] == last["results"]
     png = path.with_suffix(".png")

@@ -19,7 +19,8 @@ import torch
 
 from ..flops import matmul_peak, sync  # noqa: F401 (part of this module's interface)
 
-__all__ = ["Timing", "Budget", "sync", "timeit", "peak_memory", "matmul_peak", "bandwidth", "load_average"]
+__all__ = ["Timing", "Budget", "sync", "timeit", "peak_memory", "matmul_peak", "bandwidth", "load_average",
+           "others_running"]
 
 
 @dataclass
@@ -134,11 +135,29 @@ def bandwidth(device: torch.device, dtype: torch.dtype = torch.float32, nbytes: 
 
 
 def load_average() -> float | None:
-    """The 1-minute load average of the host (None where the OS has none)."""
+    """The 1-minute load average of the host (None where the OS has none). It decays over minutes,
+    so it still counts a benchmark that has just finished: :func:`others_running` does not."""
     try:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def others_running(samples: int = 20, interval: float = 0.05) -> float | None:
+    """The mean number of runnable tasks other than this one over ``samples`` readings of Linux's
+    ``/proc/stat`` (``procs_running``) ``interval`` seconds apart: about 0 on a quiet machine,
+    about 1 per busy neighbour. None where there is no /proc/stat."""
+    counts = []
+    for i in range(samples):
+        try:
+            with open("/proc/stat") as f:
+                line = next(line for line in f if line.startswith("procs_running"))
+        except (OSError, StopIteration):
+            return None
+        counts.append(int(line.split()[1]) - 1)  # this process, reading the file, is one of them
+        if i + 1 < samples:
+            time.sleep(interval)
+    return sum(counts) / len(counts)
 
 
 class Budget:

@@ -31,8 +31,9 @@ call, then the median of ``--repeats`` calls (``time.perf_counter``, the device 
 A mixer whose call passes ``--budget-s`` (or whose measured peak passes ``--budget-gb``) at some T
 is not run at larger T: those rows say "over budget". Calls run one after another with every
 mixer at one T before the next T, so compare rows of one run only; with another process on the
-cores (1-minute load average above 0.5: a warning, and ``load_avg`` in the JSON) the numbers mean
-little.
+cores (more than 0.5 other runnable processes on average over a second before the run, from
+/proc/stat; the 1-minute load average where there is none: a warning, and ``others_running`` and
+``load_avg`` in the JSON) the numbers mean little.
 
 ``rnnlab bench speed layers --mixers gated_deltanet mamba2 --T 1024 4096 [--quick] [--json F]``
 """
@@ -48,7 +49,7 @@ import torch.nn.functional as F
 
 from . import report
 from .flops import layer_flops
-from .measure import Budget, bandwidth, load_average, matmul_peak, peak_memory, timeit
+from .measure import Budget, bandwidth, load_average, matmul_peak, others_running, peak_memory, timeit
 from .plot import loglog
 from ..configs import Parser, int_at_least, parse_device
 from ..models.registry import build_mixer, make_config, mixers, options_help
@@ -371,14 +372,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.set_num_threads(a.threads)
     device = parse_device(a.device)
     dtype = getattr(torch, a.dtype)
-    load = load_average()
+    load, others = load_average(), others_running()
     ctx = Ctx(a, device, dtype, Budget(a.budget_s, a.budget_gb),
-              extra=dict(mode=a.mode, device=str(device), dtype=a.dtype, load_avg=load, torch=torch.__version__))
+              extra=dict(mode=a.mode, device=str(device), dtype=a.dtype, load_avg=load, others_running=others,
+                         torch=torch.__version__))
     print(f"rnnlab bench speed {a.mode}: torch {torch.__version__}, {device}, {a.dtype}, "
-          f"{torch.get_num_threads()} threads, 1-minute load average {load if load is None else round(load, 2)}")
-    if load is not None and load > LOAD_WARN:
-        print(f"WARNING: the 1-minute load average is {load:.2f} > {LOAD_WARN}: other processes share the cores, "
-              "so these timings are not meaningful; run again on a quiet machine")
+          f"{torch.get_num_threads()} threads, other runnable processes {others if others is None else round(others, 2)}, "
+          f"1-minute load average {load if load is None else round(load, 2)}")
+    busy = others > LOAD_WARN if others is not None else load is not None and load > LOAD_WARN
+    if busy:
+        what = (f"{others:.2f} other processes were runnable on average" if others is not None
+                else f"the 1-minute load average is {load:.2f}")
+        print(f"WARNING: {what} (> {LOAD_WARN}): they share the cores, so these timings are not meaningful; "
+              "run again on a quiet machine")
     if a.mode == "models":
         out = run_models(ctx)
     elif a.mode == "layers":
