@@ -52,6 +52,8 @@ def build_parser() -> Parser:
     p.add_argument("--crash", action="store_true", help="the crash check instead of the load: --clients sessions "
                                                         "take turns of --max-tokens, the server is killed with "
                                                         "SIGKILL among them and restarted, every session is checked")
+    p.add_argument("--compile-step", action="store_true", help="load: the servers decode with their step "
+                                                               "compiled (rnnlab serve --compile-step)")
     p.add_argument("--quick", action="store_true", help="smoke run: d_model 32, 2 clients x 2 requests, 4 tokens")
     p.add_argument("--json", help="results file (default: runs/bench/serve.json)")
     return p
@@ -261,20 +263,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"rnnlab bench serve: {a.clients} clients x {a.requests} requests, prompts of {a.prompt_tokens} bytes, "
           f"{a.max_tokens} tokens each, temperature 0" +
           ("" if a.model else f", {a.n_layers} layers, d_model {a.d_model}, random weights"))
-    print(f"{'model':30} {'requests/s':>11} {'tokens/s':>10} {'p50 s':>8} {'p99 s':>8} {'failed':>7}")
+    print(f"{'model':44} {'requests/s':>11} {'tokens/s':>10} {'p50 s':>8} {'p99 s':>8} {'failed':>7}")
     rows: list[dict] = []
     for lay in layouts:
         with tempfile.TemporaryDirectory(prefix="rnnlab-bench-serve-") as tmp:
             model_dir = a.model or _random_model(Path(tmp) / "model", lay, a.n_layers, a.d_model)
             limits = ("--max-concurrent", str(max(32, a.clients + 1)), "--max-tokens", str(max(1024, a.max_tokens)),
                       "--max-prompt-tokens", str(max(8192, a.prompt_tokens)))  # the server's limits: never reached
-            with ServerProcess(model_dir, Path(tmp) / "sessions", *limits) as server:
-                load_run(server.url, 1, 1, a.prompt_tokens, a.max_tokens)  # warm-up
-                row = {"model": str(a.model or lay), **load_run(server.url, a.clients, a.requests,
-                                                                a.prompt_tokens, a.max_tokens)}
+            flags = limits + (("--compile-step",) if a.compile_step else ())
+            with ServerProcess(model_dir, Path(tmp) / "sessions", *flags) as server:
+                # warm-up, with every client when the step compiles (each new batch size may recompile)
+                load_run(server.url, a.clients if a.compile_step else 1, 1, a.prompt_tokens, a.max_tokens)
+                row = {"model": str(a.model or lay) + (" +compile-step" if a.compile_step else ""),
+                       **load_run(server.url, a.clients, a.requests, a.prompt_tokens, a.max_tokens)}
         rows.append(row)
         p50, p99 = (f"{row[k]:8.3f}" if row[k] is not None else f"{'-':>8}" for k in ("p50_s", "p99_s"))
-        print(f"{row['model'][:30]:30} {row['requests_per_s']:11.2f} {row['completion_tokens_per_s']:10.1f} "
+        print(f"{row['model'][:44]:44} {row['requests_per_s']:11.2f} {row['completion_tokens_per_s']:10.1f} "
               f"{p50} {p99} {row['failed']:7d}", flush=True)
         if row["first_failure"]:
             print(f"  first failure: {row['first_failure']}")
