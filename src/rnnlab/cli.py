@@ -214,8 +214,9 @@ def cmd_eval(a) -> dict:
             curves[T] = curve
             bits = curve / math.log(2)
             q = max(1, T // 8)
-            rows.append({"length": T, "times_training": mult, "windows": a.windows, "bos": bos, "bits": float(bits.mean()),
-                         "bits_first_eighth": float(bits[:q].mean()), "bits_last_eighth": float(bits[-q:].mean())})
+            rows.append({"length": T, "times_training": mult, "windows": a.windows, "bos": bos,
+                         "bits": float(bits.mean()), "bits_first_eighth": float(bits[:q].mean()),
+                         "bits_last_eighth": float(bits[-q:].mean())})
     if not rows:
         raise ValueError(f"--lengths: the validation text ({len(val):,} tokens) is shorter than every length asked "
                          f"for ({', '.join(str(m * seq_len) for m in a.lengths)} tokens); give more text with --data "
