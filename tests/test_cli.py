@@ -57,6 +57,33 @@ def test_train_resume_eval_generate(tmp_path, text, capsys):
     assert first + rest == whole
 
 
+def test_train_and_eval_with_bos(tmp_path, text):
+    from rnnlab.train.run import make_sources
+    from rnnlab.train.trainer import TrainConfig
+    out = tmp_path / "run"
+    main(["train", "--layout", "attention", "--n-layers", "1", "--d-model", "16", "--batch-size", "2",
+          "--seq-len", "16", "--steps", "2", "--eval-every", "0", "--data", text, "--bos", "--out", str(out), "--quiet"])
+    assert json.loads((out / "run.json").read_text())["data"]["bos"] is True
+    data = rnnlab.data.TokenData.open(out / "data", "train")
+    train_src, val = make_sources(data, data, TrainConfig(batch_size=2, seq_len=16), seed=0, bos_id=256)
+    assert next(iter(train_src))[0][:, 0].tolist() == [256, 256]
+    assert all(bool((x[:, 0] == 256).all()) for x, _ in val())
+    ev = main(["eval", "--model", str(out), "--windows", "2", "--lengths", "1", "--quiet"])  # as trained: with BOS
+    plain = main(["eval", "--model", str(out), "--windows", "2", "--lengths", "1", "--no-bos", "--quiet"])
+    assert ev["results"][0]["bos"] is True and plain["results"][0]["bos"] is False
+    assert ev["results"][0]["bits"] != plain["results"][0]["bits"]
+    # a new generated stream opens with BOS too: greedy text equals a stream fed <bos> + prompt
+    gen = ["generate", "--model", str(out), "--prompt", "the ", "--temperature", "0", "--max-new-tokens", "12"]
+    stream = rnnlab.Stream(rnnlab.load_model(str(out)).eval())
+    stream.feed(torch.tensor([[256] + list(b"the ")]))
+    greedy = bytes(int(t[0]) for t in stream.sample(12, temperature=0) if int(t[0]) < 256).decode(errors="replace")
+    assert main(gen) == greedy
+    stream = rnnlab.Stream(rnnlab.load_model(str(out)).eval())
+    stream.feed(torch.tensor([list(b"the ")]))
+    greedy = bytes(int(t[0]) for t in stream.sample(12, temperature=0) if int(t[0]) < 256).decode(errors="replace")
+    assert main(gen + ["--no-bos"]) == greedy
+
+
 def test_train_config_file_preset_and_flags(tmp_path, text, capsys):
     cfg = tmp_path / "run.toml"
     cfg.write_text('[model]\nlayout = "gated_deltanet,swa(window=8)"\nn_layers = 2\n'

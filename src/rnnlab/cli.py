@@ -136,7 +136,8 @@ def cmd_train(a) -> dict:
             if tok_file is not None and not (out / "tokenizer.json").exists():
                 shutil.copyfile(tok_file, out / "tokenizer.json")
         batches, val = make_sources(train_data, val_data, cfg, data_cfg.seed, e.rank, e.world_size,
-                                    data_cfg.eval_batches, boundaries=data_cfg.packing == "documents")
+                                    data_cfg.eval_batches, boundaries=data_cfg.packing == "documents",
+                                    bos_id=_bos_id(tok) if data_cfg.bos else None)
     except BaseException:
         if created:
             shutil.rmtree(out, ignore_errors=True)
@@ -155,6 +156,17 @@ def cmd_train(a) -> dict:
     if res["interrupted"]:
         raise SystemExit(130)  # saved, but not finished: scripts can tell
     return res
+
+
+def _bos_id(tok) -> int:
+    """The tokenizer's beginning-of-sequence id, for ``--bos`` (an error naming the flag if it has none)."""
+    try:
+        return int(tok.bos_id)
+    except AttributeError:
+        raise ValueError(f"--bos: the tokenizer {getattr(tok, 'spec', tok)!r} has no beginning-of-sequence token "
+                         "(no bos_id)") from None
+    except ValueError as e:
+        raise ValueError(f"--bos: {e}") from None
 
 
 def _progress(a) -> bool | None:
@@ -184,6 +196,8 @@ def cmd_eval(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         _, val = open_data(data_cfg, tmp, progress=_progress(a))
         seq_len = a.seq_len or recorded.get("seq_len") or _trained_seq_len(run) or 256
+        bos = a.bos if a.bos is not None else bool(recorded.get("data", {}).get("bos", False))
+        bos_id = _bos_id(val.tokenizer()) if bos else None
         g = torch.Generator().manual_seed(a.seed)
         curves, rows = {}, []
         for mult in a.lengths:
@@ -192,12 +206,17 @@ def cmd_eval(a) -> dict:
                 print(f"(skipping {mult}x = {T} tokens: the validation text has only {len(val):,} tokens)", file=sys.stderr)
                 continue
             starts = torch.randint(0, len(val) - T - 1, (a.windows,), generator=g)
-            curve = loss_by_position(model, val.windows(starts, T + 1), a.batch_size)
+            if bos_id is None:
+                windows = val.windows(starts, T + 1)  # (N, T + 1)
+            else:  # a stream that opens with BOS, as the model was trained
+                windows = torch.cat([torch.full((a.windows, 1), bos_id), val.windows(starts, T)], dim=1)
+            curve = loss_by_position(model, windows, a.batch_size)
             curves[T] = curve
             bits = curve / math.log(2)
             q = max(1, T // 8)
-            rows.append({"length": T, "times_training": mult, "windows": a.windows, "bits": float(bits.mean()),
-                         "bits_first_eighth": float(bits[:q].mean()), "bits_last_eighth": float(bits[-q:].mean())})
+            rows.append({"length": T, "times_training": mult, "windows": a.windows, "bos": bos,
+                         "bits": float(bits.mean()), "bits_first_eighth": float(bits[:q].mean()),
+                         "bits_last_eighth": float(bits[-q:].mean())})
     if not rows:
         raise ValueError(f"--lengths: the validation text ({len(val):,} tokens) is shorter than every length asked "
                          f"for ({', '.join(str(m * seq_len) for m in a.lengths)} tokens); give more text with --data "
@@ -255,6 +274,7 @@ def _decode_escapes(text: str) -> str:
 def cmd_generate(a) -> str:
     from . import PrefixCache, Stream, load_model
     from .models.hf import load_tokenizer
+    from .train.run import read_run
     if not a.prompt and not a.prefix and not a.state_in:
         raise ValueError("--prompt: give the text to continue (or --state-in FILE to continue a saved stream)")
     if a.prefix_cache and not a.prefix:
@@ -275,18 +295,23 @@ def cmd_generate(a) -> str:
     if a.read_twice:  # JRT prompting: the context read twice, the question once
         prefix = prefix + "\n" + prefix
     prompt = _decode_escapes(a.prompt) if a.escapes else a.prompt
+    run = Path(a.model)
+    bos = a.bos if a.bos is not None else bool((read_run(run) if (run / "run.json").is_file() else {})
+                                               .get("data", {}).get("bos", False))
+    opening = torch.tensor([[_bos_id(tok)]]) if bos and not a.state_in else torch.zeros(1, 0, dtype=torch.long)
     if a.state_in:
         stream = Stream.load(model, a.state_in)
         if prefix:
             stream.feed(tok(prefix).to(device))
     elif prefix and a.prefix_cache:
-        stream = PrefixCache(_dir_arg(a.prefix_cache, "--prefix-cache"), model).stream(tok(prefix))
+        stream = PrefixCache(_dir_arg(a.prefix_cache, "--prefix-cache"), model).stream(
+            torch.cat([opening, tok(prefix)], dim=1))
         print(f"[prefix of {int(stream.state.seen[0])} tokens {'loaded from' if stream.hit else 'stored in'} "
               f"{a.prefix_cache}]", file=sys.stderr)
     else:
         stream = Stream(model)
-        if prefix:
-            stream.feed(tok(prefix).to(device))
+        if prefix or opening.numel():  # a new stream opens with BOS when the model was trained so
+            stream.feed(torch.cat([opening, tok(prefix)], dim=1).to(device))
     if prompt:
         stream.feed(tok(prompt).to(device))
     g = torch.Generator(device=device).manual_seed(a.seed)
@@ -507,6 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int_at_least(0), default=1234, help="seed of the window positions (default: 1234)")
     s.add_argument("--cache", help="evaluate the attention layers under a KV-cache policy: full, window=W or "
                                    "sinks=S,window=W (default: as trained)")
+    s.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="open every evaluated stream with the tokenizer's beginning-of-sequence token "
+                        "(default: as the run was trained, see `rnnlab train --bos`)")
     s.add_argument("--out", help="directory for eval.json and loss_by_position.png (default: the model directory)")
     s.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     _outputs(s)
@@ -558,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "(a system prompt, a document)")
     s.add_argument("--cache", help="KV-cache policy of the attention layers while streaming: full, window=W or "
                                    "sinks=S,window=W (StreamingLLM; default: as trained)")
+    s.add_argument("--bos", action=argparse.BooleanOptionalAction, default=None,
+                   help="open a new stream with the tokenizer's beginning-of-sequence token (default: as the run "
+                        "was trained, see `rnnlab train --bos`; never before a --state-in stream)")
     s.add_argument("--read-twice", action="store_true", help="JRT prompting: read the --prefix context twice "
                                                             "(joined by a newline) before --prompt")
     s.add_argument("--prefix-cache", help="directory of states after prefixes: the --prefix is read once, later "

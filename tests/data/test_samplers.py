@@ -193,3 +193,37 @@ def test_sequential_windows_errors():
         SequentialWindows(_arange(10), 2, 4, max_batches=0)
     with pytest.raises(IndexError, match="batch index 9"):
         SequentialWindows(_arange(10), 2, 4).batch(9)
+
+
+def test_bos_opens_every_window():
+    data = _arange(40, vocab=64)
+    rw = RandomWindows(data, batch_size=64, seq_len=5, seed=0, bos_id=63)
+    starts = set()
+    for x, y in _take(rw, 10):
+        assert x.shape == y.shape == (64, 5) and torch.all(x[:, 0] == 63)
+        first = y[:, 0]  # the first data token, predicted from the BOS alone
+        assert torch.equal(y, first[:, None] + torch.arange(5)) and torch.equal(x[:, 1:], y[:, :-1])
+        starts |= set(first.tolist())
+    assert starts == set(range(40 - 5 + 1))  # T data tokens per window: the last start is 35
+    exact = RandomWindows(_arange(5, vocab=64), batch_size=1, seq_len=5, bos_id=63)  # seq_len tokens suffice
+    assert next(iter(exact))[0].tolist() == [[63, 0, 1, 2, 3]]
+    with pytest.raises(ValueError, match=r"4 tokens, fewer than seq_len = 5"):
+        RandomWindows(_arange(4, vocab=64), 1, 5, bos_id=63)
+    with pytest.raises(ValueError, match=r"bos_id must be None or a token id in \[0, vocab_size=64\), got 64"):
+        RandomWindows(data, 2, 5, bos_id=64)
+    with pytest.raises(ValueError, match="saved with bos_id=None but this RandomWindows has bos_id=63"):
+        RandomWindows(data, 2, 5, bos_id=63).load_state_dict(RandomWindows(data, 2, 5).state_dict())
+
+
+@pytest.mark.parametrize("n,bs,T", [(101, 3, 10), (100, 4, 7), (12, 5, 11), (2, 1, 4)])
+def test_sequential_windows_with_bos_score_every_token_after_a_bos(n, bs, T):
+    data = TokenData.from_tensor(torch.arange(n) * 2, eod_id=1, vocab_size=2 * n + 1)
+    bos = 2 * n
+    sw = SequentialWindows(data, bs, T, bos_id=bos)
+    batches = list(sw)
+    assert len(batches) == len(sw) == -(-(-(-n // T)) // bs) and sw.scored_tokens == n
+    for x, y in batches:
+        assert torch.all(x[:, 0] == bos) and torch.all(x[:, 1:] != bos)
+    pairs = _scored(batches)
+    assert [t for _, t in pairs] == [2 * i for i in range(n)]  # every token scored once, the first too
+    assert [i for i, _ in pairs] == [bos if k % T == 0 else 2 * (k - 1) for k in range(n)]

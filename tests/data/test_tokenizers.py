@@ -69,6 +69,20 @@ def test_eos_from_tokenizer_config_then_candidates_then_error(tmp_path, make_wor
         HFTokenizer(bare, eos_token="nope")
 
 
+def test_bos_from_tokenizer_config_then_candidates_then_error(tmp_path, make_wordlevel):
+    d = tmp_path / "wl"
+    d.mkdir()
+    make_wordlevel(d / "tokenizer.json", {"[UNK]": 0, "a": 1, "<s>": 2, "<start>": 3, "</s>": 4})
+    assert load_tokenizer(d).bos_id == 2  # "<s>" is a known beginning-of-sequence name
+    (d / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "<start>", "special": True}}))
+    assert load_tokenizer(d).bos_id == 3 and load_tokenizer(d).eos_id == 4  # the config's bos_token wins
+    bare = tmp_path / "bare.json"
+    make_wordlevel(bare, {"[UNK]": 0, "x": 1, "</s>": 2})
+    with pytest.raises(ValueError, match="no beginning-of-sequence token"):
+        load_tokenizer(bare).bos_id
+    assert ByteTokenizer().bos_id == 256
+
+
 def test_load_tokenizer_errors(tmp_path):
     with pytest.raises(ValueError, match="neither 'bytes' nor an existing tokenizer.json"):
         load_tokenizer(str(tmp_path / "missing.json"))

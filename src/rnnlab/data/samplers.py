@@ -63,6 +63,14 @@ def _check_boundaries(boundaries: bool, data) -> bool:
     return boundaries
 
 
+def _check_bos(bos_id, data) -> int | None:
+    if bos_id is None:
+        return None
+    if isinstance(bos_id, bool) or not isinstance(bos_id, int) or not 0 <= bos_id < data.vocab_size:
+        raise ValueError(f"bos_id must be None or a token id in [0, vocab_size={data.vocab_size}), got {bos_id!r}")
+    return bos_id
+
+
 def _check_state(state, kind: str, expected: dict) -> None:
     if not isinstance(state, dict) or state.get("sampler") != kind:
         got = state.get("sampler") if isinstance(state, dict) else type(state).__name__
@@ -97,6 +105,10 @@ class RandomWindows:
         rank, world_size: this process's slice of the global batch.
         boundaries: also yield the documents' boundaries (see :func:`document_bounds`), so the
             model reads each document from a fresh state; False: documents run into each other.
+        bos_id: None, or a beginning-of-sequence token that opens every window: the inputs are
+            ``[bos_id, t_0, ..., t_{T-2}]`` and the targets ``t_0, ..., t_{T-1}`` (T tokens of the
+            data, the first predicted from the BOS alone), as a language model trained on
+            documents that open with BOS sees them; position 0 always holds the same token.
 
     Yields ``(x, y)``, each (batch_size // world_size, T) int64, ``y`` = ``x`` shifted by one token
     (every position scored); with ``boundaries``, ``(x, y, cu_seqlens)``. Every rank draws the same global batch and keeps rows
@@ -105,17 +117,20 @@ class RandomWindows:
     """
 
     def __init__(self, data, batch_size: int, seq_len: int, seed: int = 0, rank: int = 0, world_size: int = 1,
-                 boundaries: bool = False):
+                 boundaries: bool = False, bos_id: int | None = None):
         self.data = _as_token_data(data)
         self.boundaries = _check_boundaries(boundaries, self.data)
+        self.bos_id = _check_bos(bos_id, self.data)
         self.batch_size = _positive_int("batch_size", batch_size)
         self.seq_len = _positive_int("seq_len", seq_len)
         self.rank, self.world_size = _check_rank(rank, world_size)
         if self.batch_size % self.world_size:
             raise ValueError(f"batch_size ({batch_size}) must be divisible by world_size ({world_size})")
         self.local_batch_size = self.batch_size // self.world_size
-        if len(self.data) < self.seq_len + 1:
-            raise ValueError(f"data has {len(self.data)} tokens, fewer than seq_len + 1 = {self.seq_len + 1}")
+        self._span = self.seq_len + (self.bos_id is None)  # data tokens per window
+        if len(self.data) < self._span:
+            need = "seq_len" if self.bos_id is not None else "seq_len + 1"
+            raise ValueError(f"data has {len(self.data)} tokens, fewer than {need} = {self._span}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"seed must be an int, got {seed!r}")
         self.seed = seed
@@ -126,13 +141,15 @@ class RandomWindows:
         """Draw the next global batch and return this rank's rows ``(x, y)``, each (b, T) int64."""
         before = self._gen.get_state()
         try:
-            starts = torch.randint(0, len(self.data) - self.seq_len, (self.batch_size,), generator=self._gen)
+            starts = torch.randint(0, len(self.data) - self._span + 1, (self.batch_size,), generator=self._gen)
             mine = starts[self.rank * self.local_batch_size:(self.rank + 1) * self.local_batch_size]
-            w = self.data.windows(mine, self.seq_len + 1)  # (b, T + 1)
+            w = self.data.windows(mine, self._span)  # (b, T + 1), or (b, T) to follow a BOS
         except BaseException:
             self._gen.set_state(before)  # a failed read does not advance the stream
             raise
         self.batches += 1
+        if self.bos_id is not None:
+            w = torch.cat([torch.full_like(w[:, :1], self.bos_id), w], dim=1)  # (b, T + 1)
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
         return (x, y, document_bounds(x, self.data.eod_id)) if self.boundaries else (x, y)
 
@@ -144,13 +161,14 @@ class RandomWindows:
         """The generator state (a uint8 tensor) and the batches drawn, with the shapes they belong to."""
         return {"sampler": "RandomWindows", "generator": self._gen.get_state(), "batches": self.batches,
                 "seed": self.seed, "batch_size": self.batch_size, "seq_len": self.seq_len,
-                "data_tokens": len(self.data)}
+                "data_tokens": len(self.data), "bos_id": self.bos_id}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``; it must come from a sampler of the same seed, batch, seq_len and data size
-        (the world size may differ)."""
+        """Continue from ``state``; it must come from a sampler of the same seed, batch, seq_len, data size
+        and bos_id (the world size may differ)."""
         _check_state(state, "RandomWindows", {"seed": self.seed, "batch_size": self.batch_size,
-                                              "seq_len": self.seq_len, "data_tokens": len(self.data)})
+                                              "seq_len": self.seq_len, "data_tokens": len(self.data),
+                                              "bos_id": self.bos_id})
         g = state.get("generator")
         if not isinstance(g, torch.Tensor) or g.dtype != torch.uint8:
             raise ValueError(f"state['generator'] must be a uint8 tensor (torch.Generator.get_state()), got {type(g).__name__}")
@@ -165,7 +183,9 @@ class SequentialWindows:
     token but the first is scored exactly once. The last window is padded (inputs with ``eod_id``
     or 0, targets with -100). Batches hold ``batch_size`` consecutive windows; the last may hold
     fewer rows. ``max_batches`` keeps the first batches only. ``boundaries`` adds ``cu_seqlens``
-    as :class:`RandomWindows` does. With ``world_size > 1`` rank r takes
+    as :class:`RandomWindows` does. With ``bos_id`` every window opens with that token, as in
+    :class:`RandomWindows`: inputs ``[bos_id] + tokens [i*T, i*T + T - 1)``, targets ``[i*T, i*T + T)``,
+    so every token, the first included, is scored exactly once. With ``world_size > 1`` rank r takes
     batches r, r + world_size, ... (the union over ranks is the single-process pass).
 
     ``iter()`` continues from the current position (0, or what ``load_state_dict`` set); a pass that
@@ -173,9 +193,11 @@ class SequentialWindows:
     """
 
     def __init__(self, data, batch_size: int, seq_len: int, max_batches: int | None = None,
-                 rank: int = 0, world_size: int = 1, boundaries: bool = False):
+                 rank: int = 0, world_size: int = 1, boundaries: bool = False, bos_id: int | None = None):
         self.data = _as_token_data(data)
         self.boundaries = _check_boundaries(boundaries, self.data)
+        self.bos_id = _check_bos(bos_id, self.data)
+        self._unscored = int(self.bos_id is None)  # the data's first token is scored only after a BOS
         self.batch_size = _positive_int("batch_size", batch_size)
         self.seq_len = _positive_int("seq_len", seq_len)
         if max_batches is not None:
@@ -184,7 +206,7 @@ class SequentialWindows:
         self.rank, self.world_size = _check_rank(rank, world_size)
         if len(self.data) < 2:
             raise ValueError(f"data has {len(self.data)} tokens; evaluation needs at least 2")
-        self.num_windows = math.ceil((len(self.data) - 1) / self.seq_len)
+        self.num_windows = math.ceil((len(self.data) - self._unscored) / self.seq_len)
         total = math.ceil(self.num_windows / self.batch_size)
         self.total_batches = total if max_batches is None else min(total, max_batches)  # over all ranks
         self._pad = self.data.eod_id if self.data.eod_id is not None else 0
@@ -199,9 +221,10 @@ class SequentialWindows:
 
     @property
     def scored_tokens(self) -> int:
-        """Targets scored over a full pass of all ranks (``len(data) - 1`` without ``max_batches``)."""
+        """Targets scored over a full pass of all ranks (without ``max_batches``: ``len(data) - 1``, or
+        ``len(data)`` with ``bos_id``)."""
         last = min(self.total_batches * self.batch_size, self.num_windows)
-        return min(last * self.seq_len, len(self.data) - 1)
+        return min(last * self.seq_len, len(self.data) - self._unscored)
 
     def batch(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Global batch ``k`` as ``(x, y)``, each (rows, T) int64, ``y = -100`` on padding."""
@@ -212,7 +235,9 @@ class SequentialWindows:
         x = torch.full((last - first, T), self._pad, dtype=torch.int64)
         y = torch.full((last - first, T), IGNORE_INDEX, dtype=torch.int64)
         for row, i in enumerate(range(first, last)):
-            w = self.data.window(i * T, min(T + 1, n - i * T))
+            w = self.data.window(i * T, min(T + self._unscored, n - i * T))
+            if self.bos_id is not None:
+                w = torch.cat([w.new_full((1,), self.bos_id), w])
             x[row, :len(w) - 1] = w[:-1]
             y[row, :len(w) - 1] = w[1:]
         return (x, y, document_bounds(x, self.data.eod_id)) if self.boundaries else (x, y)
@@ -228,12 +253,12 @@ class SequentialWindows:
     def state_dict(self) -> dict:
         """The position in the pass, with the shapes it belongs to."""
         return {"sampler": "SequentialWindows", "batches": self.position, "batch_size": self.batch_size,
-                "seq_len": self.seq_len, "data_tokens": len(self.data)}
+                "seq_len": self.seq_len, "data_tokens": len(self.data), "bos_id": self.bos_id}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue the pass from ``state`` (same batch_size, seq_len and data size)."""
+        """Continue the pass from ``state`` (same batch_size, seq_len, data size and bos_id)."""
         _check_state(state, "SequentialWindows", {"batch_size": self.batch_size, "seq_len": self.seq_len,
-                                                  "data_tokens": len(self.data)})
+                                                  "data_tokens": len(self.data), "bos_id": self.bos_id})
         pos = int(state["batches"])
         if not 0 <= pos <= len(self):
             raise ValueError(f"state['batches'] = {pos} is outside [0, {len(self)}] for this rank")

@@ -13,11 +13,13 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "EOS_CANDIDATES"]
+__all__ = ["ByteTokenizer", "HFTokenizer", "load_tokenizer", "EOS_CANDIDATES", "BOS_CANDIDATES"]
 
 # Names of end-of-document tokens, in the order HFTokenizer looks for them when the tokenizer's
 # directory has no tokenizer_config.json naming its eos_token.
 EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eos|>", "[EOS]", "<|im_end|>")
+# Names of beginning-of-sequence tokens, looked for the same way when no bos_token is configured.
+BOS_CANDIDATES = ("<s>", "<|begin_of_text|>", "<bos>", "<|bos|>", "[BOS]", "<|startoftext|>")
 
 
 def _ids_list(ids, vocab_size: int, who: str) -> list[int]:
@@ -114,12 +116,14 @@ class HFTokenizer:
         if eos_token is not None and self._tok.token_to_id(eos_token) is None:
             raise ValueError(f"eos_token {eos_token!r} is not in the vocabulary of {self.spec!r}")
 
-    def _configured_eos(self) -> str | None:
+    def _configured(self, key: str) -> str | None:
+        """The token a ``tokenizer_config.json`` beside the file names under ``key`` (``"eos_token"``,
+        ``"bos_token"``), if the vocabulary has it."""
         cfg = self.file.parent / "tokenizer_config.json"
         if not cfg.is_file():
             return None
         try:
-            tok = json.loads(cfg.read_text()).get("eos_token")
+            tok = json.loads(cfg.read_text()).get(key)
         except (OSError, ValueError, AttributeError):
             return None
         if isinstance(tok, dict):  # transformers writes {"content": "</s>", ...} for AddedToken
@@ -130,7 +134,7 @@ class HFTokenizer:
     def eos_token(self) -> str:
         """The end-of-document token's text (see the class docstring for how it is found)."""
         if self._eos_token is None:
-            found = self._configured_eos()
+            found = self._configured("eos_token")
             if found is None:
                 found = next((t for t in EOS_CANDIDATES if self._tok.token_to_id(t) is not None), None)
             if found is None:
@@ -145,6 +149,19 @@ class HFTokenizer:
     def eos_id(self) -> int:
         """The end-of-document token's id."""
         return int(self._tok.token_to_id(self.eos_token))
+
+    @property
+    def bos_id(self) -> int:
+        """The beginning-of-sequence token's id: the ``bos_token`` of a ``tokenizer_config.json``
+        beside the file, else the first of :data:`BOS_CANDIDATES` the vocabulary has."""
+        found = self._configured("bos_token")
+        if found is None:
+            found = next((t for t in BOS_CANDIDATES if self._tok.token_to_id(t) is not None), None)
+        if found is None:
+            raise ValueError(f"the tokenizer {self.spec!r} has no beginning-of-sequence token: no "
+                             f"tokenizer_config.json bos_token beside it and none of {list(BOS_CANDIDATES)} "
+                             "in its vocabulary")
+        return int(self._tok.token_to_id(found))
 
     def encode(self, text: str) -> list[int]:
         """Text -> ids (no special tokens added)."""

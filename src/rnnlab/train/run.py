@@ -40,10 +40,13 @@ class DataConfig:
     eval_batches: int = 8  # validation batches per evaluation (batches of train.batch_size / grad_accum sequences)
     seed: int = 0  # seed of the model's initialisation and of the order of training windows
     packing: str = "concat"  # "documents": each document in a window starts from a fresh state (cu_seqlens); "concat": documents run into each other
+    bos: bool = False  # open every training and validation window with the tokenizer's beginning-of-sequence token (position 0 always the same token, as in LLM pretraining); eval then starts its streams with it
 
     def __post_init__(self) -> None:
         if self.packing not in ("concat", "documents"):
             raise ValueError(f"packing must be 'concat' or 'documents', got {self.packing!r}")
+        if not isinstance(self.bos, bool):
+            raise ValueError(f"bos must be True or False, got {self.bos!r}")
         for name, lo in (("max_bytes", 0), ("eval_batches", 1), ("seed", 0)):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < lo:
                 raise ValueError(f"{name} must be an int >= {lo}, got {getattr(self, name)!r}")
@@ -124,15 +127,17 @@ def open_data(d: DataConfig, cache_dir: str | Path, is_main: bool = True, barrie
 
 
 def make_sources(train_data, val_data, t: TrainConfig, seed: int, rank: int = 0, world_size: int = 1,
-                 eval_batches: int = 8, boundaries: bool = False) -> tuple[Any, Callable[[], Iterable]]:
+                 eval_batches: int = 8, boundaries: bool = False,
+                 bos_id: int | None = None) -> tuple[Any, Callable[[], Iterable]]:
     """The training batch source (this rank's share of random windows) and a factory of the
     validation pass (the first ``eval_batches`` batches of consecutive windows); ``boundaries``
-    keeps documents apart in both (DataConfig.packing = "documents")."""
+    keeps documents apart in both (DataConfig.packing = "documents"); ``bos_id`` opens every
+    window of both with that token (DataConfig.bos)."""
     from ..data import RandomWindows, SequentialWindows
     train_src = RandomWindows(train_data, t.micro_batch_size, t.seq_len, seed=seed, rank=rank, world_size=world_size,
-                              boundaries=boundaries)
+                              boundaries=boundaries, bos_id=bos_id)
     return train_src, lambda: SequentialWindows(val_data, t.micro_batch_size, t.seq_len, max_batches=eval_batches,
-                                                boundaries=boundaries)
+                                                boundaries=boundaries, bos_id=bos_id)
 
 
 def read_run(run_dir: str | Path) -> dict:
