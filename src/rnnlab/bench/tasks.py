@@ -73,11 +73,13 @@ import torch
 from . import report
 from .. import build_model
 from ..configs import Parser, float_in
+from ..inference.mitigation import with_mixer_options
 from ..models.layout import parse_layout
 from ..models.lm import atomic_write
 from ..models.registry import REGISTRY, mixers
 from ..tasks import (InductionConfig, MQARConfig, PasskeyConfig, SelectiveCopyConfig, SetDisjointnessConfig,
-                     StateTrackingConfig, TaskBatches, TaskConfig, evaluate_task, generate)
+                     StateTrackingConfig, TaskBatches, TaskConfig, after_filler, evaluate_task, generate,
+                     state_norms)
 from ..tasks.common import derive_seed
 from ..tasks.recall import STANDARD_SETTINGS
 from ..tasks.tracking import GROUPS
@@ -202,6 +204,10 @@ PRESETS: dict[str, Preset] = {
                                                 "mamba(allow_neg_eigval=True)"), (32,))
             + passkey_settings(64)
             + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
+    "cpu-jrt": Preset(  # set disjointness where the long set overflows a small recurrent state
+        mixers=("attention", "gated_deltanet", "retnet", "mamba2(d_state=8)"), d_models=(32,), lrs=(3e-3,), seeds=(0,),
+        n_layers=2, steps=500, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
+        settings=tuple(setdisj_settings(4, 32, 128))),
     "gpu": Preset(
         mixers=_GPU_MIXERS,
         d_models=(64, 128, 256, 512), lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), n_layers=2, steps=20000,
@@ -290,6 +296,7 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     for label, x, config in s.tests:
         inputs, targets = generate(config, p.test_examples, derive_seed("test", s.name, label))
         tests[label] = dict(x=x, **evaluate_task(model, inputs, targets, _eval_batch(config.seq_len)))
+    extras = passkey_extras(model, s, p, val_x) if s.family == "passkey" else {}
     with torch.no_grad():
         _, state = model(generate(s.train, 1, 0)[0].to(device))
     if not keep_checkpoints:
@@ -297,7 +304,131 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     return dict(setting=s.name, family=s.family, mixer=cell.mixer, d_model=cell.d_model, lr=cell.lr, seed=cell.seed,
                 steps=step, early_stop=val_accuracy >= p.target, val_accuracy=val_accuracy,
                 loss=result.get("loss"), params=model.num_params(), state_bytes=state.nbytes,
-                train_seconds=seconds, tests=tests)
+                train_seconds=seconds, tests=tests, **extras)
+
+
+# -- passkey: the state's norm and the mitigations of state collapse ------------------------------------
+FORGET_SCALE = 2.0  # the "forget" mitigation's decay_scale: every log decay doubled
+NORM_EXAMPLES = 16  # examples whose state norms are recorded (the mean over them is kept)
+
+
+def passkey_extras(model, s: Setting, p: Preset, val_x: torch.Tensor) -> dict:
+    """A passkey cell's extra results: ``state_norms`` {variant: {"positions": [...], "layers":
+    {block: [mean state norm at each position]}}} on the longest test set's first examples,
+    recorded every quarter of the training length; ``after_filler`` {variant: accuracy} on the
+    first test set's examples (the training length) preceded by filler up to the longest test
+    length, where only a collapsed state (not forgetting) fails; and ``mitigations`` {name: tests} for a model
+    whose mixers take the inference-time mitigations of state collapse (Mamba-2,
+    :mod:`rnnlab.inference.mitigation`), scored on the same test sets as the plain model:
+
+    * ``state-norm``: each layer's state bounded (``state_norm_max``) at the largest norm it reached
+      on the validation examples, which have the training length;
+    * ``forget``: every log decay multiplied by ``FORGET_SCALE`` (``decay_scale``).
+
+    The plain model's variant is ``""``."""
+    every = max(1, s.train.seq_len // 4)
+    label, _, longest = s.tests[-1]
+    probe = generate(longest, min(NORM_EXAMPLES, p.test_examples), derive_seed("test", s.name, label))[0]
+    variants = {"": model}
+    takes = [i for i, b in enumerate(model.blocks) if b.mixer is not None and hasattr(b.mixer.config, "state_norm_max")]
+    if takes:
+        _, val_norms = state_norms(model, val_x[:NORM_EXAMPLES], every)
+        variants["state-norm"] = with_mixer_options(model, {i: {"state_norm_max": float(val_norms[i].max())}
+                                                            for i in takes})
+        variants["forget"] = with_mixer_options(model, {i: {"decay_scale": FORGET_SCALE} for i in takes})
+    first_label, _, first = s.tests[0]
+    padded = after_filler(first, *generate(first, p.test_examples, derive_seed("test", s.name, first_label)),
+                          longest.seq_len, derive_seed("filler", s.name))
+    norms, filler, mitigations = {}, {}, {}
+    for name, m in variants.items():
+        positions, by_layer = state_norms(m, probe, every)
+        norms[name] = dict(positions=positions.tolist(), layers={str(i): v.mean(1).tolist() for i, v in by_layer.items()})
+        filler[name] = evaluate_task(m, *padded, _eval_batch(longest.seq_len))["accuracy"]
+        if name:
+            tests = {}
+            for label, x, config in s.tests:
+                inputs, targets = generate(config, p.test_examples, derive_seed("test", s.name, label))
+                tests[label] = dict(x=x, **evaluate_task(m, inputs, targets, _eval_batch(config.seq_len)))
+            mitigations[name] = tests
+    return dict(state_norms=norms, after_filler=filler, mitigations=mitigations)
+
+
+def with_mitigations(rows: list[dict]) -> list[dict]:
+    """The cell rows, each followed by one row per mitigation it was scored with (mixer
+    ``"<mixer> +<mitigation>"``, tests those of the mitigated model), so that tables, CSV and
+    plots show them beside the plain model."""
+    out = []
+    for r in rows:
+        out.append(r)
+        out += [{**r, "mixer": f"{r['mixer']} +{name}", "tests": tests, "mitigations": {}}
+                for name, tests in r.get("mitigations", {}).items()]
+    return out
+
+
+def print_state_norms(rows: list[dict], best: list[dict]) -> None:
+    """Per passkey cell (best learning rate, first seed) and variant: each recurrent layer's mean
+    state norm at each test length."""
+    picked = _norm_rows(rows, best)
+    if not picked:
+        return
+    print(f"\n{'passkey state norm':26} {'mixer':34} {'layer':>5} | mean norm at each test length")
+    for r in picked:
+        marks = {t["x"]: label for label, t in r["tests"].items()}
+        for name, rec in r["state_norms"].items():
+            mixer = f"{r['mixer']} +{name}" if name else r["mixer"]
+            first, last = min(marks), max(marks)
+            print(f"{r['setting']:26} {mixer:34} {'':>5} | accuracy with the key in the last {first} of {last} "
+                  f"tokens: {r['after_filler'][name]:.3f}")
+            at = dict(zip(rec["positions"], range(len(rec["positions"]))))
+            for layer, values in rec["layers"].items():
+                text = "  ".join(f"{marks[x]} {values[at[x]]:.3g}" for x in sorted(marks) if x in at)
+                print(f"{r['setting']:26} {mixer:34} {layer:>5} | {text}")
+
+
+def _norm_rows(rows: list[dict], best: list[dict]) -> list[dict]:
+    """The passkey cells with state norms at their group's best learning rate, the first seed each."""
+    lrs = {(b["setting"], b["mixer"], b["d_model"]): b["best_lr"] for b in best}
+    out = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        key = (r["setting"], r["mixer"], r["d_model"])
+        if r.get("state_norms") and lrs.get(key) == r["lr"]:
+            out.setdefault(key, r)
+    return list(out.values())
+
+
+def plot_state_norms(path: Path, rows: list[dict], best: list[dict], title: str) -> None:
+    """The PNG of the passkey cells' state norm against position: one panel per (cell, variant),
+    one line per recurrent layer, dotted lines at the test lengths."""
+    panels = [(r, name, rec) for r in _norm_rows(rows, best) for name, rec in r["state_norms"].items()
+              if rec["layers"]]
+    if not panels:
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (r, name, rec) in zip(axes.flat, panels):
+        for layer, values in rec["layers"].items():
+            ax.plot(rec["positions"], values, marker="o", markersize=2, linewidth=1.2, label=f"layer {layer}")
+        for label, t in r["tests"].items():
+            ax.axvline(t["x"], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("position (tokens read); dotted: the test lengths")
+        ax.set_ylabel("state norm (mean over examples)")
+        mixer = f"{r['mixer']} +{name}" if name else r["mixer"]
+        ax.set_title(f"{r['setting']} {mixer} d{r['d_model']}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
 
 
 # -- summaries ----------------------------------------------------------------------------------------
@@ -536,11 +667,14 @@ def _sweep(a: argparse.Namespace, preset: Preset, cells: list[Cell], out: Path, 
     bar.close()
     keys = {c.key(preset) for c in cells}
     rows = [r for k, r in done.items() if k in keys]
-    best = best_rows(rows)
+    best = best_rows(with_mitigations(rows))
     print_table(best)
-    write_csv(out / "results.csv", rows)
+    print_state_norms(rows, best)
+    write_csv(out / "results.csv", with_mitigations(rows))
     extra = dict(preset=a.preset, device=str(device), torch=torch.__version__, out=str(out),
                  csv=str(out / "results.csv"), json=str(out / "results.json"), png=str(out / "tasks.png"))
+    plot_state_norms(out / "passkey_state.png", rows, best,
+                     f"rnnlab bench tasks --preset {a.preset}: passkey state norm against position")
     payload = {"bench": "tasks", **extra, "preset_config": _preset_json(preset), "cells": rows, "best": best}
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     plot(out / "tasks.png", best, f"rnnlab bench tasks --preset {a.preset} (best learning rate per point)")
