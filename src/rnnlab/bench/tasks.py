@@ -14,7 +14,12 @@ The settings (``--tasks`` picks families or setting names; the preset gives the 
 * ``mqar``: Zoology's MQAR at several (seq_len, kv_pairs); tested at the trained setting;
 * ``state``: running parity / sums mod 3 and 5 / products in S3 and S5, trained on lengths 3-40,
   tested on the training lengths and on 41-64, 65-128 and 129-256;
-* ``passkey``: trained at one length, tested at 1x, 2x, 4x, 8x and 16x that length;
+* ``passkey``: trained at one length, tested at 1x, 2x, 4x, 8x and 16x that length; each cell
+  also records the norm of every recurrent layer's state against position up to 16x, the
+  accuracy on training-length examples after filler up to 16x (collapse without forgetting), and,
+  for Mamba-2, the same with each training-free mitigation of state collapse (state
+  normalisation, faster forgetting: :func:`passkey_extras`), shown as mixers ``"mamba2
+  +state-norm"`` and ``"mamba2 +forget"`` beside the plain one;
 * ``setdisj``: set disjointness, short set first or long set first, read once or twice (JRT);
 * ``copy`` and ``induction``: the Mamba paper's selective copying and induction heads (induction
   also tested at 4x its training length).
@@ -26,7 +31,8 @@ those, so an interrupted sweep continues where it stopped; a cell cut short cont
 last checkpoint), ``results.csv`` (one row per cell and test set), ``results.json`` (every cell
 and the best-learning-rate summary), ``tasks.png`` (MQAR accuracy against d_model and against
 the model's state bytes, state tracking accuracy against length, passkey accuracy against
-length, set disjointness per variant), a table on stdout and a final JSON line. Each cell's
+length, set disjointness per variant), ``passkey_state.png`` (each passkey cell's state norm
+against position, one line per layer), a table on stdout and a final JSON line. Each cell's
 training run lives in ``runs/<cell>/`` (``metrics.jsonl``, ``loss.png``; its checkpoints are
 removed once the cell is scored unless ``--keep-checkpoints``).
 
@@ -41,6 +47,10 @@ Presets:
   eigenvalues (DeltaNet, Mamba; d_model 32), passkey 64 -> 1024 tokens, set disjointness (sets
   of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
   d_model 32);
+* ``cpu-jrt``: set disjointness where the long set overflows a small recurrent state: sets of 4
+  and 32 out of 128 elements, short or long set first, read once or twice, for attention, Gated
+  DeltaNet, RetNet and Mamba-2 with d_state 8 (d_model 32, up to 500 steps; 16 cells, several
+  hours on a shared CPU core: run slices with ``--tasks`` / ``--mixers``);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
   20,000 steps of 256 examples per cell; every state-tracking group (with Gated DeltaProduct at
@@ -398,11 +408,15 @@ def _norm_rows(rows: list[dict], best: list[dict]) -> list[dict]:
 
 def plot_state_norms(path: Path, rows: list[dict], best: list[dict], title: str) -> None:
     """The PNG of the passkey cells' state norm against position: one panel per (cell, variant),
-    one line per recurrent layer, dotted lines at the test lengths."""
+    one line per recurrent layer, dotted lines at the test lengths; a cell's variants share the
+    y range."""
     panels = [(r, name, rec) for r in _norm_rows(rows, best) for name, rec in r["state_norms"].items()
               if rec["layers"]]
     if not panels:
         return
+    ranges: dict[int, list[float]] = {}  # id of the cell row -> the positive norms of all its variants
+    for r, _, rec in panels:
+        ranges.setdefault(id(r), []).extend(v for values in rec["layers"].values() for v in values if v > 0)
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -419,6 +433,8 @@ def plot_state_norms(path: Path, rows: list[dict], best: list[dict], title: str)
             ax.axvline(t["x"], color="grey", linestyle=":", linewidth=0.8)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        if ranges[id(r)]:
+            ax.set_ylim(min(ranges[id(r)]) / 1.2, max(ranges[id(r)]) * 1.2)
         ax.set_xlabel("position (tokens read); dotted: the test lengths")
         ax.set_ylabel("state norm (mean over examples)")
         mixer = f"{r['mixer']} +{name}" if name else r["mixer"]
