@@ -48,9 +48,10 @@ Presets:
   of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
   d_model 32);
 * ``cpu-jrt``: set disjointness where the long set overflows a small recurrent state: sets of 4
-  and 32 out of 128 elements, short or long set first, read once or twice, for attention, Gated
-  DeltaNet, RetNet and Mamba-2 with d_state 8 (d_model 32, up to 500 steps; 16 cells, several
-  hours on a shared CPU core: run slices with ``--tasks`` / ``--mixers``);
+  and 32 out of 128 elements (``setdisj-*``) and of 4 and 16 out of 64 (``setdisj-16-*``), short
+  or long set first, read once or twice, for attention, Gated DeltaNet, RetNet and Mamba-2 with
+  d_state 8 (d_model 32, up to 500 steps; 32 cells of 10-40 minutes each on a shared CPU core: run
+  slices with ``--tasks`` / ``--mixers``);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
   20,000 steps of 256 examples per cell; every state-tracking group (with Gated DeltaProduct at
@@ -159,13 +160,14 @@ def passkey_settings(seq_len: int, multiples=(1, 2, 4, 8, 16), key_len: int = 4)
     return [Setting(f"passkey-T{seq_len}", "passkey", c, tests)]
 
 
-def setdisj_settings(short_len: int, long_len: int, n_elements: int) -> list[Setting]:
-    """Set disjointness in its four variants: short or long set first, read once or twice."""
+def setdisj_settings(short_len: int, long_len: int, n_elements: int, tag: str = "") -> list[Setting]:
+    """Set disjointness in its four variants: short or long set first, read once or twice
+    (``tag`` goes into the names, to tell several sizes apart in one preset)."""
     out = []
     for jrt in (False, True):
         for short_first in (True, False):
             c = SetDisjointnessConfig(short_len, long_len, n_elements, short_first=short_first, jrt=jrt)
-            name = f"setdisj-{'short' if short_first else 'long'}-first{'-jrt' if jrt else ''}"
+            name = f"setdisj{tag}-{'short' if short_first else 'long'}-first{'-jrt' if jrt else ''}"
             out.append(Setting(name, "setdisj", c, (("test", c.seq_len, c),)))
     return out
 
@@ -217,7 +219,7 @@ PRESETS: dict[str, Preset] = {
     "cpu-jrt": Preset(  # set disjointness where the long set overflows a small recurrent state
         mixers=("attention", "gated_deltanet", "retnet", "mamba2(d_state=8)"), d_models=(32,), lrs=(3e-3,), seeds=(0,),
         n_layers=2, steps=500, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
-        settings=tuple(setdisj_settings(4, 32, 128))),
+        settings=tuple(setdisj_settings(4, 32, 128) + setdisj_settings(4, 16, 64, "-16"))),
     "gpu": Preset(
         mixers=_GPU_MIXERS,
         d_models=(64, 128, 256, 512), lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), n_layers=2, steps=20000,
