@@ -386,9 +386,9 @@ def print_state_norms(rows: list[dict], best: list[dict]) -> None:
     print(f"\n{'passkey state norm':26} {'mixer':34} {'layer':>5} | mean norm at each test length")
     for r in picked:
         marks = {t["x"]: label for label, t in r["tests"].items()}
+        first, last = min(marks), max(marks)
         for name, rec in r["state_norms"].items():
             mixer = f"{r['mixer']} +{name}" if name else r["mixer"]
-            first, last = min(marks), max(marks)
             print(f"{r['setting']:26} {mixer:34} {'':>5} | accuracy with the key in the last {first} of {last} "
                   f"tokens: {r['after_filler'][name]:.3f}")
             at = dict(zip(rec["positions"], range(len(rec["positions"]))))
