@@ -14,7 +14,12 @@ The settings (``--tasks`` picks families or setting names; the preset gives the 
 * ``mqar``: Zoology's MQAR at several (seq_len, kv_pairs); tested at the trained setting;
 * ``state``: running parity / sums mod 3 and 5 / products in S3 and S5, trained on lengths 3-40,
   tested on the training lengths and on 41-64, 65-128 and 129-256;
-* ``passkey``: trained at one length, tested at 1x, 2x, 4x, 8x and 16x that length;
+* ``passkey``: trained at one length, tested at 1x, 2x, 4x, 8x and 16x that length; each cell
+  also records the norm of every recurrent layer's state against position up to 16x, the
+  accuracy on training-length examples after filler up to 16x (collapse without forgetting), and,
+  for Mamba-2, the same with each training-free mitigation of state collapse (state
+  normalisation, faster forgetting: :func:`passkey_extras`), shown as mixers ``"mamba2
+  +state-norm"`` and ``"mamba2 +forget"`` beside the plain one;
 * ``setdisj``: set disjointness, short set first or long set first, read once or twice (JRT);
 * ``copy`` and ``induction``: the Mamba paper's selective copying and induction heads (induction
   also tested at 4x its training length).
@@ -26,7 +31,8 @@ those, so an interrupted sweep continues where it stopped; a cell cut short cont
 last checkpoint), ``results.csv`` (one row per cell and test set), ``results.json`` (every cell
 and the best-learning-rate summary), ``tasks.png`` (MQAR accuracy against d_model and against
 the model's state bytes, state tracking accuracy against length, passkey accuracy against
-length, set disjointness per variant), a table on stdout and a final JSON line. Each cell's
+length, set disjointness per variant), ``passkey_state.png`` (each passkey cell's state norm
+against position, one line per layer), a table on stdout and a final JSON line. Each cell's
 training run lives in ``runs/<cell>/`` (``metrics.jsonl``, ``loss.png``; its checkpoints are
 removed once the cell is scored unless ``--keep-checkpoints``).
 
@@ -41,6 +47,11 @@ Presets:
   eigenvalues (DeltaNet, Mamba; d_model 32), passkey 64 -> 1024 tokens, set disjointness (sets
   of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
   d_model 32);
+* ``cpu-jrt``: set disjointness where the long set overflows a small recurrent state: sets of 4
+  and 32 out of 128 elements (``setdisj-*``) and of 4 and 16 out of 64 (``setdisj-16-*``), short
+  or long set first, read once or twice, for attention, Gated DeltaNet, RetNet and Mamba-2 with
+  d_state 8 (d_model 32, up to 500 steps; 32 cells of 10-40 minutes each on a shared CPU core: run
+  slices with ``--tasks`` / ``--mixers``);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
   20,000 steps of 256 examples per cell; every state-tracking group (with Gated DeltaProduct at
@@ -73,11 +84,13 @@ import torch
 from . import report
 from .. import build_model
 from ..configs import Parser, float_in
+from ..inference.mitigation import with_mixer_options
 from ..models.layout import parse_layout
 from ..models.lm import atomic_write
 from ..models.registry import REGISTRY, mixers
 from ..tasks import (InductionConfig, MQARConfig, PasskeyConfig, SelectiveCopyConfig, SetDisjointnessConfig,
-                     StateTrackingConfig, TaskBatches, TaskConfig, evaluate_task, generate)
+                     StateTrackingConfig, TaskBatches, TaskConfig, after_filler, evaluate_task, generate,
+                     state_norms)
 from ..tasks.common import derive_seed
 from ..tasks.recall import STANDARD_SETTINGS
 from ..tasks.tracking import GROUPS
@@ -147,13 +160,14 @@ def passkey_settings(seq_len: int, multiples=(1, 2, 4, 8, 16), key_len: int = 4)
     return [Setting(f"passkey-T{seq_len}", "passkey", c, tests)]
 
 
-def setdisj_settings(short_len: int, long_len: int, n_elements: int) -> list[Setting]:
-    """Set disjointness in its four variants: short or long set first, read once or twice."""
+def setdisj_settings(short_len: int, long_len: int, n_elements: int, tag: str = "") -> list[Setting]:
+    """Set disjointness in its four variants: short or long set first, read once or twice
+    (``tag`` goes into the names, to tell several sizes apart in one preset)."""
     out = []
     for jrt in (False, True):
         for short_first in (True, False):
             c = SetDisjointnessConfig(short_len, long_len, n_elements, short_first=short_first, jrt=jrt)
-            name = f"setdisj-{'short' if short_first else 'long'}-first{'-jrt' if jrt else ''}"
+            name = f"setdisj{tag}-{'short' if short_first else 'long'}-first{'-jrt' if jrt else ''}"
             out.append(Setting(name, "setdisj", c, (("test", c.seq_len, c),)))
     return out
 
@@ -202,6 +216,10 @@ PRESETS: dict[str, Preset] = {
                                                 "mamba(allow_neg_eigval=True)"), (32,))
             + passkey_settings(64)
             + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
+    "cpu-jrt": Preset(  # set disjointness where the long set overflows a small recurrent state
+        mixers=("attention", "gated_deltanet", "retnet", "mamba2(d_state=8)"), d_models=(32,), lrs=(3e-3,), seeds=(0,),
+        n_layers=2, steps=500, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
+        settings=tuple(setdisj_settings(4, 32, 128) + setdisj_settings(4, 16, 64, "-16"))),
     "gpu": Preset(
         mixers=_GPU_MIXERS,
         d_models=(64, 128, 256, 512), lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), n_layers=2, steps=20000,
@@ -290,6 +308,7 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     for label, x, config in s.tests:
         inputs, targets = generate(config, p.test_examples, derive_seed("test", s.name, label))
         tests[label] = dict(x=x, **evaluate_task(model, inputs, targets, _eval_batch(config.seq_len)))
+    extras = passkey_extras(model, s, p, val_x) if s.family == "passkey" else {}
     with torch.no_grad():
         _, state = model(generate(s.train, 1, 0)[0].to(device))
     if not keep_checkpoints:
@@ -297,7 +316,137 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     return dict(setting=s.name, family=s.family, mixer=cell.mixer, d_model=cell.d_model, lr=cell.lr, seed=cell.seed,
                 steps=step, early_stop=val_accuracy >= p.target, val_accuracy=val_accuracy,
                 loss=result.get("loss"), params=model.num_params(), state_bytes=state.nbytes,
-                train_seconds=seconds, tests=tests)
+                train_seconds=seconds, tests=tests, **extras)
+
+
+# -- passkey: the state's norm and the mitigations of state collapse ------------------------------------
+FORGET_SCALE = 2.0  # the "forget" mitigation's decay_scale: every log decay doubled
+NORM_EXAMPLES = 16  # examples whose state norms are recorded (the mean over them is kept)
+
+
+def passkey_extras(model, s: Setting, p: Preset, val_x: torch.Tensor) -> dict:
+    """A passkey cell's extra results: ``state_norms`` {variant: {"positions": [...], "layers":
+    {block: [mean state norm at each position]}}} on the longest test set's first examples,
+    recorded every quarter of the training length; ``after_filler`` {variant: accuracy} on the
+    first test set's examples (the training length) preceded by filler up to the longest test
+    length, where only a collapsed state (not forgetting) fails; and ``mitigations`` {name: tests} for a model
+    whose mixers take the inference-time mitigations of state collapse (Mamba-2,
+    :mod:`rnnlab.inference.mitigation`), scored on the same test sets as the plain model:
+
+    * ``state-norm``: each layer's state bounded (``state_norm_max``) at the largest norm it reached
+      on the validation examples, which have the training length;
+    * ``forget``: every log decay multiplied by ``FORGET_SCALE`` (``decay_scale``).
+
+    The plain model's variant is ``""``."""
+    every = max(1, s.train.seq_len // 4)
+    label, _, longest = s.tests[-1]
+    probe = generate(longest, min(NORM_EXAMPLES, p.test_examples), derive_seed("test", s.name, label))[0]
+    variants = {"": model}
+    takes = [i for i, b in enumerate(model.blocks) if b.mixer is not None and hasattr(b.mixer.config, "state_norm_max")]
+    if takes:
+        _, val_norms = state_norms(model, val_x[:NORM_EXAMPLES], every)
+        variants["state-norm"] = with_mixer_options(model, {i: {"state_norm_max": float(val_norms[i].max())}
+                                                            for i in takes})
+        variants["forget"] = with_mixer_options(model, {i: {"decay_scale": FORGET_SCALE} for i in takes})
+    first_label, _, first = s.tests[0]
+    padded = after_filler(first, *generate(first, p.test_examples, derive_seed("test", s.name, first_label)),
+                          longest.seq_len, derive_seed("filler", s.name))
+    norms, filler, mitigations = {}, {}, {}
+    for name, m in variants.items():
+        positions, by_layer = state_norms(m, probe, every)
+        norms[name] = dict(positions=positions.tolist(), layers={str(i): v.mean(1).tolist() for i, v in by_layer.items()})
+        filler[name] = evaluate_task(m, *padded, _eval_batch(longest.seq_len))["accuracy"]
+        if name:
+            tests = {}
+            for label, x, config in s.tests:
+                inputs, targets = generate(config, p.test_examples, derive_seed("test", s.name, label))
+                tests[label] = dict(x=x, **evaluate_task(m, inputs, targets, _eval_batch(config.seq_len)))
+            mitigations[name] = tests
+    return dict(state_norms=norms, after_filler=filler, mitigations=mitigations)
+
+
+def with_mitigations(rows: list[dict]) -> list[dict]:
+    """The cell rows, each followed by one row per mitigation it was scored with (mixer
+    ``"<mixer> +<mitigation>"``, tests those of the mitigated model), so that tables, CSV and
+    plots show them beside the plain model."""
+    out = []
+    for r in rows:
+        out.append(r)
+        out += [{**r, "mixer": f"{r['mixer']} +{name}", "tests": tests, "mitigations": {}}
+                for name, tests in r.get("mitigations", {}).items()]
+    return out
+
+
+def print_state_norms(rows: list[dict], best: list[dict]) -> None:
+    """Per passkey cell (best learning rate, first seed) and variant: each recurrent layer's mean
+    state norm at each test length."""
+    picked = _norm_rows(rows, best)
+    if not picked:
+        return
+    print(f"\n{'passkey state norm':26} {'mixer':34} {'layer':>5} | mean norm at each test length")
+    for r in picked:
+        marks = {t["x"]: label for label, t in r["tests"].items()}
+        first, last = min(marks), max(marks)
+        for name, rec in r["state_norms"].items():
+            mixer = f"{r['mixer']} +{name}" if name else r["mixer"]
+            print(f"{r['setting']:26} {mixer:34} {'':>5} | accuracy with the key in the last {first} of {last} "
+                  f"tokens: {r['after_filler'][name]:.3f}")
+            at = dict(zip(rec["positions"], range(len(rec["positions"]))))
+            for layer, values in rec["layers"].items():
+                text = "  ".join(f"{marks[x]} {values[at[x]]:.3g}" for x in sorted(marks) if x in at)
+                print(f"{r['setting']:26} {mixer:34} {layer:>5} | {text}")
+
+
+def _norm_rows(rows: list[dict], best: list[dict]) -> list[dict]:
+    """The passkey cells with state norms at their group's best learning rate, the first seed each."""
+    lrs = {(b["setting"], b["mixer"], b["d_model"]): b["best_lr"] for b in best}
+    out = {}
+    for r in sorted(rows, key=lambda r: r["seed"]):
+        key = (r["setting"], r["mixer"], r["d_model"])
+        if r.get("state_norms") and lrs.get(key) == r["lr"]:
+            out.setdefault(key, r)
+    return list(out.values())
+
+
+def plot_state_norms(path: Path, rows: list[dict], best: list[dict], title: str) -> None:
+    """The PNG of the passkey cells' state norm against position: one panel per (cell, variant),
+    one line per recurrent layer, dotted lines at the test lengths; a cell's variants share the
+    y range."""
+    panels = [(r, name, rec) for r in _norm_rows(rows, best) for name, rec in r["state_norms"].items()
+              if rec["layers"]]
+    if not panels:
+        return
+    ranges: dict[int, list[float]] = {}  # id of the cell row -> the positive norms of all its variants
+    for r, _, rec in panels:
+        ranges.setdefault(id(r), []).extend(v for values in rec["layers"].values() for v in values if v > 0)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (r, name, rec) in zip(axes.flat, panels):
+        for layer, values in rec["layers"].items():
+            ax.plot(rec["positions"], values, marker="o", markersize=2, linewidth=1.2, label=f"layer {layer}")
+        for label, t in r["tests"].items():
+            ax.axvline(t["x"], color="grey", linestyle=":", linewidth=0.8)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        if ranges[id(r)]:
+            ax.set_ylim(min(ranges[id(r)]) / 1.2, max(ranges[id(r)]) * 1.2)
+        ax.set_xlabel("position (tokens read); dotted: the test lengths")
+        ax.set_ylabel("state norm (mean over examples)")
+        mixer = f"{r['mixer']} +{name}" if name else r["mixer"]
+        ax.set_title(f"{r['setting']} {mixer} d{r['d_model']}", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)
 
 
 # -- summaries ----------------------------------------------------------------------------------------
@@ -536,11 +685,14 @@ def _sweep(a: argparse.Namespace, preset: Preset, cells: list[Cell], out: Path, 
     bar.close()
     keys = {c.key(preset) for c in cells}
     rows = [r for k, r in done.items() if k in keys]
-    best = best_rows(rows)
+    best = best_rows(with_mitigations(rows))
     print_table(best)
-    write_csv(out / "results.csv", rows)
+    print_state_norms(rows, best)
+    write_csv(out / "results.csv", with_mitigations(rows))
     extra = dict(preset=a.preset, device=str(device), torch=torch.__version__, out=str(out),
                  csv=str(out / "results.csv"), json=str(out / "results.json"), png=str(out / "tasks.png"))
+    plot_state_norms(out / "passkey_state.png", rows, best,
+                     f"rnnlab bench tasks --preset {a.preset}: passkey state norm against position")
     payload = {"bench": "tasks", **extra, "preset_config": _preset_json(preset), "cells": rows, "best": best}
     atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
     plot(out / "tasks.png", best, f"rnnlab bench tasks --preset {a.preset} (best learning rate per point)")

@@ -11,6 +11,14 @@ Parameter names and maths follow the reference and Hugging Face ``transformers``
 (in_proj, conv1d, dt_bias, A_log, D, norm, out_proj), so checkpoints map one to one. rnnlab
 differs in: no fused kernels, and no ``time_step_limit`` clamp (the default limit is (0, inf)).
 
+Two inference-time options against state collapse past the training length (Chen et al. 2024,
+"Stuffed Mamba"; both add no parameter, so a trained model takes them as they are, e.g. through
+:func:`rnnlab.inference.with_mixer_options`): ``state_norm_max`` scales each sequence's state
+(all heads together) back to that Frobenius norm whenever an update takes it past (state
+normalisation; a loop over time, :func:`rnnlab.ops.gated_delta_rule_normalised`), and
+``decay_scale`` multiplies the log decay dt·A (> 1: every head forgets faster, the insertion
+dt·B x unchanged). Both off by default.
+
 Init follows mamba_ssm (``Mamba2.__init__`` and the model's ``_init_weights``): PyTorch's nn.Linear /
 Conv1d defaults, Linear biases zero, softplus(dt_bias) log-uniform in [dt_min, dt_max], A ~
 U(A_init_range), D = 1, norm weight 1. As there, dt_bias, A_log and D skip weight decay (and the
@@ -29,7 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..ops.delta import gated_delta_rule
+from ..ops.delta import gated_delta_rule, gated_delta_rule_normalised
 from .base import Mixer, MixerConfig, state_batch
 from .common import ShortConv, default_init_, inverse_softplus, log_uniform_dt
 from .state import State
@@ -51,6 +59,8 @@ class Mamba2Config(MixerConfig):
     dt_max: float = 0.1  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
     norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
+    state_norm_max: float = 0.0  # > 0: bound on the Frobenius norm of each sequence's state S (state normalisation); 0: off
+    decay_scale: float = 1.0  # the log decay dt·A is multiplied by this (> 1 forgets faster; 1: the trained decay)
     d_inner: int = 0  # derived: E
     num_heads: int = 0  # derived: H
 
@@ -62,6 +72,11 @@ class Mamba2Config(MixerConfig):
         self.num_heads = self.d_inner // self.head_dim
         if self.num_heads % self.n_groups:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by n_groups={self.n_groups}")
+        if isinstance(self.state_norm_max, bool) or not isinstance(self.state_norm_max, (int, float)) \
+                or self.state_norm_max < 0:
+            raise ValueError(f"state_norm_max must be a number >= 0 (0: off), got {self.state_norm_max!r}")
+        if isinstance(self.decay_scale, bool) or not isinstance(self.decay_scale, (int, float)) or self.decay_scale <= 0:
+            raise ValueError(f"decay_scale must be a number > 0, got {self.decay_scale!r}")
 
 
 @dataclass(frozen=True)
@@ -128,10 +143,15 @@ class Mamba2(Mixer):
         Cm = rearrange(Cm, "b t (g n) -> b t g n", g=c.n_groups).repeat_interleave(H // c.n_groups, dim=2)
         # 2. dt and the per-head decay
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
-        log_g = dt * -torch.exp(self.A_log.to(acc))  # (B, T, H)
-        # 3. SSD as gated linear attention: q = C, k = B, v = dt·x
-        y, S = gated_delta_rule(Cm, Bm, xs * dt[..., None], log_g=log_g, scale=1.0, initial_state=st.S,
-                                cu_seqlens=cu_seqlens)  # (B, T, H, P)
+        log_g = dt * -torch.exp(self.A_log.to(acc)) * c.decay_scale  # (B, T, H)
+        # 3. SSD as gated linear attention: q = C, k = B, v = dt·x (with a bound on the state's norm: a loop)
+        if c.state_norm_max > 0:
+            y, S = gated_delta_rule_normalised(Cm, Bm, xs * dt[..., None], log_g=log_g, scale=1.0,
+                                               max_norm=float(c.state_norm_max), initial_state=st.S,
+                                               cu_seqlens=cu_seqlens)  # (B, T, H, P)
+        else:
+            y, S = gated_delta_rule(Cm, Bm, xs * dt[..., None], log_g=log_g, scale=1.0, initial_state=st.S,
+                                    cu_seqlens=cu_seqlens)  # (B, T, H, P)
         y = y + self.D.to(acc)[:, None] * xs  # (B, T, H, P)
         # 4. gated RMSNorm and the output projection
         y = self._gated_norm(rearrange(y, "b t h p -> b t (h p)"), z.to(acc))

@@ -6,8 +6,8 @@ sizes behind those choices, per device type.
 """
 from . import registry, tuning
 from .attention import merge_attention, softmax_attention
-from .delta import (gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_recurrent,
-                    gated_delta_rule_step)
+from .delta import (gated_delta_rule, gated_delta_rule_chunked, gated_delta_rule_normalised,
+                    gated_delta_rule_recurrent, gated_delta_rule_step)
 from .rwkv6 import rwkv6, rwkv6_chunked, rwkv6_recurrent
 from .dplr import dplr, dplr_chunked, dplr_recurrent
 from .scan import (linear_scan, linear_scan_chunked, linear_scan_loop, linear_scan_recurrent, linear_scan_step,

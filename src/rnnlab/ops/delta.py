@@ -17,7 +17,9 @@ lengths of N sequences packed in one row, B = 1; :mod:`rnnlab.ops.bounds`): init
 
 Forms: :func:`gated_delta_rule_recurrent` (the definition), :func:`gated_delta_rule_chunked`
 (chunkwise parallel, UT transform), :func:`gated_delta_rule_step` (one token) and the dispatch
-:func:`gated_delta_rule` that layers call. In :mod:`rnnlab.ops.registry` this op is three families,
+:func:`gated_delta_rule` that layers call. :func:`gated_delta_rule_normalised` is the recurrence
+with state normalisation (a bound on the state's norm, an inference-time mitigation of state
+collapse): a loop over time, as the rescaling depends on the state. In :mod:`rnnlab.ops.registry` this op is three families,
 one per fast kernel of other libraries: "delta" (with the delta term), "gla" (vector decay),
 "ssd" (scalar decay or none: Mamba-2, RetNet, linear attention).
 """
@@ -33,7 +35,8 @@ from .bounds import ChunkLayout, causal_product, check_cu_seqlens, known_finite,
 from .registry import implementation, select
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_chunked",
-           "gated_delta_rule_chunked_compiled", "gated_delta_rule_step", "check_delta_args"]
+           "gated_delta_rule_chunked_compiled", "gated_delta_rule_step", "gated_delta_rule_normalised",
+           "check_delta_args"]
 
 
 def check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens=None) -> list[int] | None:
@@ -93,16 +96,53 @@ def gated_delta_rule_recurrent(q, k, v, log_g=None, beta=None, scale=None, initi
     return o.to(q.dtype), carry.final()  # (B, T, H, V), (B|N, H, K, V)
 
 
-def _step(q, k, v, log_g, beta, scale, S):
-    """One token: q, k (B, H, K), v (B, H, V), log_g (B, H) | (B, H, K), beta (B, H), S (B, H, K, V)."""
+def _update(k, v, log_g, beta, S):
+    """One token's decay and write: k (B, H, K), v (B, H, V), log_g (B, H) | (B, H, K), beta (B, H),
+    S (B, H, K, V) -> the new S."""
     if log_g is not None:  # 1. decay
         S = S * (log_g.exp()[..., None, None] if log_g.dim() == 2 else log_g.exp()[..., None])
     if beta is None:  # 2. write
-        S = S + k[..., :, None] * v[..., None, :]
-    else:  # delta rule: replace the value stored under k by v, with strength beta
-        err = v - torch.einsum("bhk,bhkv->bhv", k, S)  # (B, H, V)
-        S = S + beta[..., None, None] * k[..., :, None] * err[..., None, :]
+        return S + k[..., :, None] * v[..., None, :]
+    err = v - torch.einsum("bhk,bhkv->bhv", k, S)  # delta rule: replace the value stored under k by v, (B, H, V)
+    return S + beta[..., None, None] * k[..., :, None] * err[..., None, :]
+
+
+def _step(q, k, v, log_g, beta, scale, S):
+    """One token: q, k (B, H, K), v (B, H, V), log_g (B, H) | (B, H, K), beta (B, H), S (B, H, K, V)."""
+    S = _update(k, v, log_g, beta, S)
     return S, scale * torch.einsum("bhk,bhkv->bhv", q, S)  # 3. read
+
+
+def gated_delta_rule_normalised(q, k, v, log_g=None, beta=None, scale=None, max_norm=1.0, initial_state=None,
+                                cu_seqlens=None):
+    """The gated delta rule with state normalisation (Chen et al. 2024, "Stuffed Mamba"): after
+    each token's update the state of each sequence, all heads together, is scaled back to the
+    Frobenius norm ``max_norm`` when the update took it past, and the output reads that state::
+
+        S'_t = update(S_{t-1}),   S_t = S'_t · min(1, max_norm / ||S'_t||_F),   o_t = scale · S_t^T q_t
+
+    Below the bound it is :func:`gated_delta_rule_recurrent`. A loop over time (the scaling depends
+    on the state, so there is no chunked form); it obeys the chunking law. Arguments as there, with
+    ``max_norm`` a float > 0. Returns (o (B, T, H, V), final_state (B|N, H, K, V))."""
+    cu = check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
+    if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not 0 < max_norm < float("inf"):
+        raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
+    B, T, H, K = q.shape
+    acc = _acc(q)
+    scale = K ** -0.5 if scale is None else scale
+    carry = token_carry(cu, None if initial_state is None else initial_state.to(acc),
+                        lambda rows: q.new_zeros(rows, H, K, v.shape[-1], dtype=acc), B, T)
+    S, outs = None, []
+    for t in range(T):
+        S = carry.enter(t, S)
+        S = _update(k[:, t].to(acc), v[:, t].to(acc), None if log_g is None else log_g[:, t].to(acc),
+                    None if beta is None else beta[:, t].to(acc), S)
+        norm = torch.linalg.vector_norm(S, dim=(1, 2, 3))  # (B,)
+        S = S * (max_norm / norm.clamp_min(max_norm))[:, None, None, None]
+        carry.leave(t, S)
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t].to(acc), S))
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1], dtype=acc)
+    return o.to(q.dtype), carry.final()  # (B, T, H, V), (B|N, H, K, V)
 
 
 def gated_delta_rule_step(q, k, v, log_g=None, beta=None, scale=None, state=None):

@@ -7,7 +7,8 @@ is scored; :func:`generate` calls the right one for any config. Families:
 * recall (``recall.py``): :func:`mqar` (Zoology's multi-query associative recall);
 * state tracking (``tracking.py``): :func:`state_tracking` (parity, mod 3 / mod 5 sums, S3 / S5
   products);
-* length extrapolation (``extrapolation.py``): :func:`passkey`;
+* length extrapolation (``extrapolation.py``): :func:`passkey`, :func:`after_filler` (a passkey of the
+  training length after filler) and :func:`state_norms` (the norm of each layer's state against position);
 * order and prompting (``order.py``): :func:`set_disjointness` (short or long set first, read
   once or twice);
 * the Mamba paper's synthetic tasks (``copying.py``): :func:`selective_copy`, :func:`induction_heads`.
@@ -24,14 +25,15 @@ import torch
 
 from .common import IGNORE, check_int, derive_seed
 from .copying import InductionConfig, SelectiveCopyConfig, induction_heads, selective_copy
-from .extrapolation import PasskeyConfig, passkey
+from .extrapolation import PasskeyConfig, after_filler, passkey, state_norm, state_norms
 from .order import SetDisjointnessConfig, set_disjointness
 from .recall import MQARConfig, mqar
 from .scoring import accuracy, evaluate_task, exact_match, predict
 from .tracking import StateTrackingConfig, state_tracking
 
 __all__ = ["IGNORE", "TaskConfig", "GENERATORS", "generate", "TaskBatches", "MQARConfig", "mqar",
-           "StateTrackingConfig", "state_tracking", "PasskeyConfig", "passkey", "SetDisjointnessConfig",
+           "StateTrackingConfig", "state_tracking", "PasskeyConfig", "passkey", "after_filler", "state_norm", "state_norms",
+           "SetDisjointnessConfig",
            "set_disjointness", "SelectiveCopyConfig", "selective_copy", "InductionConfig", "induction_heads",
            "predict", "accuracy", "exact_match", "evaluate_task"]
 

@@ -15,6 +15,15 @@ Train at one length, then test the same model at 1x, 2x, ... 16x that length: re
 whose state is tuned to the training length may lose the key past it (Chen et al. 2024,
 "Stuffed Mamba").
 
+:func:`after_filler` separates forgetting from collapse: it puts filler before examples of the
+training length, so the key stays as close to the question as in training and only the amount read
+before it grows; a model that forgets what is far but whose state has not collapsed still answers.
+
+Why they lose it shows in the state: :func:`state_norms` feeds examples in pieces and records the
+norm of each recurrent layer's state at every piece boundary (exact by the chunking law), so a
+state that grows past anything seen in training ("state collapse") shows as a curve leaving its
+training-length range.
+
 Token ids: digits [0, n_digits), KEY = n_digits, ASK = n_digits + 1, filler after those.
 """
 from __future__ import annotations
@@ -25,7 +34,7 @@ import torch
 
 from .common import IGNORE, check_int, make_generator
 
-__all__ = ["PasskeyConfig", "passkey"]
+__all__ = ["PasskeyConfig", "passkey", "after_filler", "state_norm", "state_norms"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +92,52 @@ def passkey(config: PasskeyConfig, n: int, generator: torch.Generator | int = 0)
     targets = torch.full((n, T), IGNORE, dtype=torch.int64)
     targets[:, T - K:] = key
     return inputs, targets
+
+
+def after_filler(config: PasskeyConfig, inputs: torch.Tensor, targets: torch.Tensor, seq_len: int,
+                 generator: torch.Generator | int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Passkey examples ``(inputs, targets)`` (n, T) of ``config`` preceded by filler tokens up to
+    ``seq_len`` >= T: (n, seq_len) int64 each, the prepended positions unscored."""
+    check_int("seq_len", seq_len, inputs.shape[1])
+    g = make_generator(generator)
+    n, pad = inputs.shape[0], seq_len - inputs.shape[1]
+    filler = torch.randint(config.n_digits + 2, config.vocab_size, (n, pad), generator=g)
+    return (torch.cat([filler, inputs], dim=1),
+            torch.cat([torch.full((n, pad), IGNORE, dtype=torch.int64), targets], dim=1))
+
+
+def state_norm(state) -> torch.Tensor:
+    """The Frobenius norm of one layer's memory per row: (B,) float32, over every floating tensor
+    field of the layer state (:class:`rnnlab.layers.state.State`) but the short convolutions' buffers
+    (fields named ``conv*``), which hold the last few inputs rather than memory."""
+    parts = [t.detach().flatten(1).abs().float().pow(2).sum(1) for name, t in state.tensors().items()
+             if not name.startswith("conv") and (t.is_floating_point() or t.is_complex())]
+    if not parts:
+        raise ValueError(f"state_norm: {type(state).__name__} has no floating tensor besides its convolution buffers")
+    return torch.stack(parts).sum(0).sqrt()
+
+
+@torch.no_grad()
+def state_norms(model, inputs: torch.Tensor, every: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The norm of each recurrent layer's state against position: ``inputs`` (N, T) int64 are fed
+    ``every`` tokens at a time, passing the state on, and after each piece :func:`state_norm` of
+    every block whose mixer is recurrent (attention's growing cache and MLP blocks are left out)
+    is recorded. By the chunking law these are the states a single call on ``inputs[:, :t]`` ends
+    with. Returns ``(positions (P,) int64, {block index: (P, N) float32})``, positions = the tokens
+    read so far: every, 2·every, ..., T (the last piece may be shorter)."""
+    if not isinstance(inputs, torch.Tensor) or inputs.dtype != torch.int64 or inputs.dim() != 2 or not inputs.numel():
+        raise ValueError(f"inputs must be a non-empty (N, T) int64 tensor, got "
+                         f"{getattr(inputs, 'dtype', type(inputs).__name__)} of shape {tuple(getattr(inputs, 'shape', ()))}")
+    check_int("every", every, 1)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    recurrent = [i for i, block in enumerate(model.blocks) if block.mixer is not None and block.mixer.recurrent]
+    positions, norms, state = [], {i: [] for i in recurrent}, None
+    for piece in inputs.split(every, dim=1):
+        _, state = model(piece.to(device), state)
+        positions.append((positions[-1] if positions else 0) + piece.shape[1])
+        for i in recurrent:
+            norms[i].append(state_norm(state.layers[i]).cpu())
+    model.train(was_training)
+    return torch.tensor(positions), {i: torch.stack(v) for i, v in norms.items()}
