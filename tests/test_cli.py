@@ -266,7 +266,7 @@ def test_files_follow_the_umask_and_stale_temporaries_go(tmp_path, text):
         os.umask(old)
     assert not list(run.glob(".tmp*")) and not list((run / "checkpoints").glob(".tmp*"))
     for f in [run / "metrics.jsonl", run / "run.json", run / "loss.png", run / "checkpoints" / "latest",
-              *(run / "checkpoints" / "step_00000003").iterdir()]:
+              *(run / "checkpoints" / "step_00000003").iterdir(), *(run / "data").iterdir()]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     assert stat.S_IMODE((run / "checkpoints" / "step_00000003").stat().st_mode) == 0o755
 
