@@ -202,6 +202,8 @@ def test_console_script_exit_codes_json_and_logs(tmp_path, text):
     assert json.loads(q.stdout)["train_seq_len"] == 16  # the run's own length and data, from run.json
     g = _console("generate", "--model", str(run), "--prompt", "the", "--max-new-tokens", "3", "--temperature", "0")
     assert g.returncode == 0 and g.stdout.startswith(g.stdout.strip()[:1]) and g.stderr == ""
+    d = _console("data", "prepare", text, "--out", str(tmp_path / "prepared"))
+    assert d.returncode == 0 and "\r" not in d.stderr and "train with" in d.stdout, d.stderr
     v = _console("--version")
     assert v.returncode == 0 and v.stdout.startswith(f"rnnlab {rnnlab.__version__}")
     h = _console("bench", "ops", "--help")

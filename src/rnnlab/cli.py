@@ -239,7 +239,8 @@ def cmd_data(a) -> dict:
     from .data import prepare_corpus
     _dir_arg(a.out, "--out")
     meta = prepare_corpus(a.paths or None, a.out, tokenizer=a.tokenizer, shard_tokens=a.shard_tokens,
-                          val_fraction=a.val_fraction, max_bytes=a.max_bytes or None, progress=_progress(a) is not False)
+                          val_fraction=a.val_fraction, max_bytes=a.max_bytes or None,
+                          progress=sys.stderr.isatty() if _progress(a) is None else _progress(a))
     for split, st in meta["splits"].items():
         print(f"{split:6} {st['tokens']:>14,} tokens {st['documents']:>8,} documents {len(st['shards']):>4} shard(s)")
     print(f"-> {a.out} (vocab {meta['vocab_size']}, {meta['dtype']}); train with: rnnlab train --data {a.out} --out RUN")
