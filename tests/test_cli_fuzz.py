@@ -62,7 +62,8 @@ def fx(tmp_path_factory) -> dict[str, str]:
              "typo_toml": "typo.toml", "state": "state.safetensors", "other_state": "other_state.safetensors",
              "cut_state": "cut_state.safetensors"}
     names = ("bindir", "a_file", "run", "model", "truncated", "emptyweights", "other", "foreign", "badjson", "emptydir")
-    return {k: str(d / v) for k, v in files.items()} | {k: str(d / k) for k in names} | {"dir": str(d)}
+    return ({k: str(d / v) for k, v in files.items()} | {k: str(d / k) for k in names} | {"dir": str(d)}
+            | {"not_utf8": "\udcff"})  # the byte 0xff in argv, as Python decodes it
 
 
 T = ["train", "--out", "r", "--steps", "1", "--n-layers", "1", "--d-model", "16", "--seq-len", "16",
@@ -199,6 +200,10 @@ CASES: list[tuple[list[str], str]] = [
     (G + ["--prefix-cache", "pc"], "--prefix-cache"),
     (G + ["--prefix", "x", "--prefix-cache", "{a_file}"], "a_file"),
     (G + ["--state-dtype", "float16"], "--state-dtype"),
+    (G + ["--escapes", "--prompt", "a\\x"], "--prompt"),
+    (G + ["--escapes", "--prompt", "\\ud800"], "--prompt"),
+    (G + ["--escapes", "--prefix", "\\N{{nosuch}}"], "--prefix"),
+    (G + ["--prompt", "caf{not_utf8}"], "--prompt"),
     (["generate", "--model", "{truncated}", "--prompt", "hi"], "truncated"),
     (["generate", "--model", "{foreign}", "--prompt", "hi"], "foreign"),
     # data prepare

@@ -253,6 +253,18 @@ def _decode_escapes(text: str) -> str:
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
 
 
+def _text_arg(text: str, flag: str, escapes: bool) -> str:
+    """The text given with ``flag``, its backslash escapes decoded when ``escapes``; refused, naming
+    ``flag``, when it is no valid text (a broken escape, or bytes that are not UTF-8)."""
+    try:
+        text = _decode_escapes(text) if escapes else text
+        text.encode("utf-8")
+    except UnicodeError as e:
+        hint = "; with --escapes a backslash is written \\\\" if escapes else ""
+        raise ValueError(f"{flag}: not valid text ({e.reason}){hint}") from None
+    return text
+
+
 def cmd_generate(a) -> str:
     from . import PrefixCache, Stream, load_model
     from .models.hf import load_tokenizer
@@ -266,16 +278,16 @@ def cmd_generate(a) -> str:
             raise ValueError(f"--state-out {a.state_out}: is a directory; expected a file name such as s.safetensors")
         if not target.parent.resolve().is_dir():
             raise ValueError(f"--state-out {a.state_out}: the directory {target.parent} does not exist")
-    device = parse_device(a.device)
-    model = load_model(a.model, device=device).eval()
-    model = _with_cache(model, a.cache)
-    tok = load_tokenizer(a.model)
-    prefix = _decode_escapes(a.prefix) if a.escapes else a.prefix
+    prefix = _text_arg(a.prefix, "--prefix", a.escapes)
     if a.read_twice and not prefix:
         raise ValueError("--read-twice repeats the context given with --prefix; give --prefix")
     if a.read_twice:  # JRT prompting: the context read twice, the question once
         prefix = prefix + "\n" + prefix
-    prompt = _decode_escapes(a.prompt) if a.escapes else a.prompt
+    prompt = _text_arg(a.prompt, "--prompt", a.escapes)
+    device = parse_device(a.device)
+    model = load_model(a.model, device=device).eval()
+    model = _with_cache(model, a.cache)
+    tok = load_tokenizer(a.model)
     if a.state_in:
         stream = Stream.load(model, a.state_in)
         if prefix:
@@ -544,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "--prompt 'Summary:'"))
     s.add_argument("--model", required=True, help="a run directory, a checkpoint or a saved model")
     s.add_argument("--prompt", default="", help="text to feed before sampling (needed unless --state-in is given)")
-    s.add_argument("--escapes", action="store_true", help="interpret backslash escapes such as \\n in --prompt")
+    s.add_argument("--escapes", action="store_true",
+                   help="interpret backslash escapes such as \\n in --prompt and --prefix")
     s.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="tokens to sample (default: 200)")
     s.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature >= 0; 0 = greedy (default: 0.8)")
     s.add_argument("--top-k", type=int_at_least(1), default=None, help="sample among the k most likely tokens (default: all)")
