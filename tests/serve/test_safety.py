@@ -23,6 +23,9 @@ def test_api_key_guards_everything_but_health(make_client):
             assert err["type"] == "authentication_error"
     ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+    for url in ("/docs", "/redoc", "/openapi.json"):  # the schema and docs are not served around the key
+        _err(c.get(url), 404)
+    assert make_client().get("/openapi.json").status_code == 200  # without a key they are
 
 
 def test_api_key_from_the_environment(monkeypatch, model_dir, tmp_path):

@@ -123,7 +123,8 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
         finally:
             await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="rnnlab", lifespan=lifespan)
+    # with an API key, no interactive docs or schema: they would be the endpoints left outside the key
+    app = FastAPI(title="rnnlab", lifespan=lifespan, openapi_url=None if config.api_key else "/openapi.json")
     app.state.engine, app.state.sessions, app.state.in_flight = engine, store, in_flight
 
     @app.exception_handler(ApiError)
