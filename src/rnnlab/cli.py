@@ -340,7 +340,8 @@ def cmd_serve(a) -> dict:
     if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {a.host} without an API key: anyone who reaches it can use the model "
               "(set --api-key or RNNLAB_API_KEY)", file=sys.stderr)
-    app = create_app(a.model, cfg)
+    with _as_flags(["sessions_dir"]):
+        app = create_app(a.model, cfg)
     print(f"serving {a.model} on http://{a.host}:{a.port} (sessions in {cfg.sessions_dir}"
           f"{', API key required' if key else ''})", file=sys.stderr)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
