@@ -172,6 +172,7 @@ CASES: list[tuple[list[str], str]] = [
     (E + ["--lengths", "0"], "--lengths"),
     (E + ["--lengths", "-1"], "--lengths"),
     (E + ["--seq-len", "0"], "--seq-len"),
+    (E + ["--seq-len", "100000000"], "--lengths"),  # longer than the validation text at every length
     (E + ["--out", "{a_file}"], "a_file"),
     (E + ["--data", "/no/such/file"], "/no/such/file"),
     (E + ["--data", "{empty}"], "empty.txt"),

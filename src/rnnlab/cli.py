@@ -185,11 +185,11 @@ def cmd_eval(a) -> dict:
         _, val = open_data(data_cfg, tmp, progress=_progress(a))
         seq_len = a.seq_len or recorded.get("seq_len") or _trained_seq_len(run) or 256
         g = torch.Generator().manual_seed(a.seed)
-        curves, rows = {}, []
+        curves, rows, skipped = {}, [], []
         for mult in a.lengths:
             T = mult * seq_len
             if len(val) < T + 2:
-                print(f"(skipping {mult}x = {T} tokens: the validation text has only {len(val):,} tokens)", file=sys.stderr)
+                skipped.append(f"(skipping {mult}x = {T} tokens: the validation text has only {len(val):,} tokens)")
                 continue
             starts = torch.randint(0, len(val) - T - 1, (a.windows,), generator=g)
             curve = loss_by_position(model, val.windows(starts, T + 1), a.batch_size)
@@ -202,6 +202,8 @@ def cmd_eval(a) -> dict:
         raise ValueError(f"--lengths: the validation text ({len(val):,} tokens) is shorter than every length asked "
                          f"for ({', '.join(str(m * seq_len) for m in a.lengths)} tokens); give more text with --data "
                          "or lower --seq-len")
+    for note in skipped:
+        print(note, file=sys.stderr)
     out = out or (run if run.is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'length':>8} {'x train':>8} {'bits/token':>11} {'first 1/8':>10} {'last 1/8':>10}")
