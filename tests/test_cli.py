@@ -24,6 +24,8 @@ def test_list(capsys):
     assert "attention" in out and "swa" in out
     main(["list", "--markdown"])
     assert capsys.readouterr().out.strip() == markdown_table().strip()
+    main(["list", "gla", "--d-model", "100000000"])  # sizes of a width no machine could allocate
+    assert "at d_model=100000000" in capsys.readouterr().out
 
 
 def test_train_resume_eval_generate(tmp_path, text, capsys):

@@ -84,6 +84,7 @@ CASES: list[tuple[list[str], str]] = [
     (["list", "--d-model", "abc"], "--d-model"),
     (["list", "--d-model", "-5"], "--d-model"),
     (["list", "gla", "--d-model", "7"], "d_model"),
+    (["list", "--markdown", "--d-model", "100000000"], "out of memory"),  # the table runs attention's forward
     # train: the layout
     (T + ["--layout", "gla*0"], "--layout"),
     (T + ["--layout", "gla*99999999999"], "--layout"),

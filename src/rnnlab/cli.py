@@ -48,9 +48,13 @@ def cmd_list(a) -> list[dict]:
     if a.markdown:
         print(markdown_table(a.d_model))
         return []
+
+    def build(name: str):  # on the meta device: sizes and options without allocating any weight
+        with torch.device("meta"):
+            return build_mixer(name, a.d_model)
     if a.mixer:
         spec = get_spec(a.mixer)
-        layer = build_mixer(a.mixer, a.d_model)
+        layer = build(a.mixer)
         print(f"{spec.name} — {spec.paper}\n{spec.description}\n")
         print(f"options (in a layout: {spec.name}(option=value,...); in Python: build_mixer({spec.name!r}, d_model, option=value)):")
         for field_name, default, note in options_help(a.mixer):
@@ -63,7 +67,7 @@ def cmd_list(a) -> list[dict]:
     print(f"{'mixer':18} {'state bytes/layer':>18}  {'paper':34} description")
     for name in mixers():
         spec = REGISTRY[name]
-        layer = build_mixer(name, a.d_model)
+        layer = build(name)
         size = f"{layer.state_size():,}" if layer.recurrent else f"{spec.state_size.split(' (')[0]}"
         print(f"{name:18} {size:>18}  {spec.paper[:34]:34} {spec.description}")
         rows.append({"mixer": name, "paper": spec.paper, "state_bytes": layer.state_size() if layer.recurrent else None})
@@ -663,7 +667,11 @@ def main(argv: list[str] | None = None):
         # bad flags, values and files: one line that names them; anything else is a bug and keeps its traceback
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (MemoryError, torch.OutOfMemoryError) as e:
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError, or the CPU allocator's plain RuntimeError; other RuntimeErrors are bugs
+        if isinstance(e, RuntimeError) and not (isinstance(e, torch.OutOfMemoryError)
+                                                or "can't allocate memory" in str(e)):
+            raise
         print(f"{name}: error: out of memory ({' '.join(str(e).split())[:200]}); lower the sizes", file=sys.stderr)
         raise SystemExit(2) from None
     if as_json:
