@@ -212,6 +212,16 @@ def test_console_script_exit_codes_json_and_logs(tmp_path, text):
     assert h.returncode == 0 and "--quick" in h.stdout and "--families" in h.stdout
 
 
+def test_a_diverging_run_is_one_line_and_keeps_its_checkpoint(tmp_path, text):
+    run = tmp_path / "run"
+    p = _console("train", "--layout", "gla", "--n-layers", "1", "--d-model", "16", "--seq-len", "16", "--batch-size",
+                 "2", "--steps", "20", "--lr", "1e6", "--warmup", "0", "--eval-every", "0", "--data", text,
+                 "--out", str(run), "--quiet")
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "the loss became" in err and "--lr" in err and (run / "checkpoints" / "latest").is_file()
+
+
 def test_train_is_reproducible_with_a_seed(tmp_path, text):
     def weights(name, seed):
         main(["train", "--layout", "gated_deltanet,swa(window=8)", "--n-layers", "2", "--d-model", "16",

@@ -639,6 +639,7 @@ def main(argv: list[str] | None = None):
     Bad input raises SystemExit(2) after printing one line on stderr."""
     from .layers.state import StateError
     from .train.checkpoint import CheckpointError
+    from .train.trainer import NonFiniteLossError
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
@@ -663,7 +664,7 @@ def main(argv: list[str] | None = None):
     except BrokenPipeError:  # the reader of stdout went away (`rnnlab ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
-    except (*_USER_ERRORS, StateError, CheckpointError) as e:
+    except (*_USER_ERRORS, StateError, CheckpointError, NonFiniteLossError) as e:
         # bad flags, values and files: one line that names them; anything else is a bug and keeps its traceback
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
