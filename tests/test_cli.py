@@ -222,6 +222,22 @@ def test_a_diverging_run_is_one_line_and_keeps_its_checkpoint(tmp_path, text):
     assert "the loss became" in err and "--lr" in err and (run / "checkpoints" / "latest").is_file()
 
 
+def test_eval_reads_windows_a_batch_at_a_time(tmp_path, text, monkeypatch):
+    from rnnlab.data.shards import TokenData
+    run = tmp_path / "run"
+    main(["train", "--layout", "gla", "--n-layers", "1", "--d-model", "16", "--seq-len", "8", "--batch-size", "2",
+          "--steps", "1", "--eval-every", "0", "--data", text, "--out", str(run), "--quiet"])
+    args = ["eval", "--model", str(run), "--lengths", "1", "2", "--quiet", "--out", str(tmp_path / "e")]
+    whole = main(args + ["--windows", "6", "--batch-size", "6"])["results"]
+    read, windows = [], TokenData.windows
+    monkeypatch.setattr(TokenData, "windows",
+                        lambda data, starts, n: read.append(len(starts)) or windows(data, starts, n))
+    batched = main(args + ["--windows", "6", "--batch-size", "4"])["results"]
+    assert read == [4, 2, 4, 2]  # never all 6 windows at once
+    for w, b in zip(whole, batched):
+        assert b["bits"] == pytest.approx(w["bits"], rel=1e-6)
+
+
 def test_train_is_reproducible_with_a_seed(tmp_path, text):
     def weights(name, seed):
         main(["train", "--layout", "gated_deltanet,swa(window=8)", "--n-layers", "2", "--d-model", "16",
