@@ -24,6 +24,8 @@ def test_list(capsys):
     assert "attention" in out and "swa" in out
     main(["list", "--markdown"])
     assert capsys.readouterr().out.strip() == markdown_table().strip()
+    main(["list", "gla", "--d-model", "100000000"])  # sizes of a width no machine could allocate
+    assert "at d_model=100000000" in capsys.readouterr().out
 
 
 def test_train_resume_eval_generate(tmp_path, text, capsys):
@@ -229,10 +231,38 @@ def test_console_script_exit_codes_json_and_logs(tmp_path, text):
     assert json.loads(q.stdout)["train_seq_len"] == 16  # the run's own length and data, from run.json
     g = _console("generate", "--model", str(run), "--prompt", "the", "--max-new-tokens", "3", "--temperature", "0")
     assert g.returncode == 0 and g.stdout.startswith(g.stdout.strip()[:1]) and g.stderr == ""
+    d = _console("data", "prepare", text, "--out", str(tmp_path / "prepared"))
+    assert d.returncode == 0 and "\r" not in d.stderr and "train with" in d.stdout, d.stderr
     v = _console("--version")
     assert v.returncode == 0 and v.stdout.startswith(f"rnnlab {rnnlab.__version__}")
     h = _console("bench", "ops", "--help")
     assert h.returncode == 0 and "--quick" in h.stdout and "--families" in h.stdout
+
+
+def test_a_diverging_run_is_one_line_and_keeps_its_checkpoint(tmp_path, text):
+    run = tmp_path / "run"
+    p = _console("train", "--layout", "gla", "--n-layers", "1", "--d-model", "16", "--seq-len", "16", "--batch-size",
+                 "2", "--steps", "20", "--lr", "1e6", "--warmup", "0", "--eval-every", "0", "--data", text,
+                 "--out", str(run), "--quiet")
+    err = p.stderr.strip()
+    assert p.returncode == 2 and "Traceback" not in err and len(err.splitlines()) == 1, err
+    assert "the loss became" in err and "--lr" in err and (run / "checkpoints" / "latest").is_file()
+
+
+def test_eval_reads_windows_a_batch_at_a_time(tmp_path, text, monkeypatch):
+    from rnnlab.data.shards import TokenData
+    run = tmp_path / "run"
+    main(["train", "--layout", "gla", "--n-layers", "1", "--d-model", "16", "--seq-len", "8", "--batch-size", "2",
+          "--steps", "1", "--eval-every", "0", "--data", text, "--out", str(run), "--quiet"])
+    args = ["eval", "--model", str(run), "--lengths", "1", "2", "--quiet", "--out", str(tmp_path / "e")]
+    whole = main(args + ["--windows", "6", "--batch-size", "6"])["results"]
+    read, windows = [], TokenData.windows
+    monkeypatch.setattr(TokenData, "windows",
+                        lambda data, starts, n: read.append(len(starts)) or windows(data, starts, n))
+    batched = main(args + ["--windows", "6", "--batch-size", "4"])["results"]
+    assert read == [4, 2, 4, 2]  # never all 6 windows at once
+    for w, b in zip(whole, batched):
+        assert b["bits"] == pytest.approx(w["bits"], rel=1e-6)
 
 
 def test_train_is_reproducible_with_a_seed(tmp_path, text):
@@ -293,7 +323,7 @@ def test_files_follow_the_umask_and_stale_temporaries_go(tmp_path, text):
         os.umask(old)
     assert not list(run.glob(".tmp*")) and not list((run / "checkpoints").glob(".tmp*"))
     for f in [run / "metrics.jsonl", run / "run.json", run / "loss.png", run / "checkpoints" / "latest",
-              *(run / "checkpoints" / "step_00000003").iterdir()]:
+              *(run / "checkpoints" / "step_00000003").iterdir(), *(run / "data").iterdir()]:
         assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
     assert stat.S_IMODE((run / "checkpoints" / "step_00000003").stat().st_mode) == 0o755
 

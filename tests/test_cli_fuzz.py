@@ -62,7 +62,8 @@ def fx(tmp_path_factory) -> dict[str, str]:
              "typo_toml": "typo.toml", "state": "state.safetensors", "other_state": "other_state.safetensors",
              "cut_state": "cut_state.safetensors"}
     names = ("bindir", "a_file", "run", "model", "truncated", "emptyweights", "other", "foreign", "badjson", "emptydir")
-    return {k: str(d / v) for k, v in files.items()} | {k: str(d / k) for k in names} | {"dir": str(d)}
+    return ({k: str(d / v) for k, v in files.items()} | {k: str(d / k) for k in names} | {"dir": str(d)}
+            | {"not_utf8": "\udcff"})  # the byte 0xff in argv, as Python decodes it
 
 
 T = ["train", "--out", "r", "--steps", "1", "--n-layers", "1", "--d-model", "16", "--seq-len", "16",
@@ -83,6 +84,7 @@ CASES: list[tuple[list[str], str]] = [
     (["list", "--d-model", "abc"], "--d-model"),
     (["list", "--d-model", "-5"], "--d-model"),
     (["list", "gla", "--d-model", "7"], "d_model"),
+    (["list", "--markdown", "--d-model", "100000000"], "out of memory"),  # the table runs attention's forward
     # train: the layout
     (T + ["--layout", "gla*0"], "--layout"),
     (T + ["--layout", "gla*99999999999"], "--layout"),
@@ -148,6 +150,9 @@ CASES: list[tuple[list[str], str]] = [
     (T + ["--config", "{unknown_toml}"], "optimizer"),
     (T + ["--config", "{wrongtype_toml}"], "steps"),
     (T + ["--config", "{typo_toml}"], "d_modle"),
+    (T + ["--config", "{binary}"], "binary.bin"),
+    (T + ["--config", "{bindir}"], "bindir"),
+    (T + ["--d-ff", "100000000"], "--d-ff"),
     (T + ["--preset", "huge"], "--preset"),
     (["train", "--out", "{a_file}", "--steps", "1"], "a_file"),
     (["train", "--out", "{run}", "--steps", "1"], "--resume"),
@@ -168,6 +173,7 @@ CASES: list[tuple[list[str], str]] = [
     (E + ["--lengths", "0"], "--lengths"),
     (E + ["--lengths", "-1"], "--lengths"),
     (E + ["--seq-len", "0"], "--seq-len"),
+    (E + ["--seq-len", "100000000"], "--lengths"),  # longer than the validation text at every length
     (E + ["--out", "{a_file}"], "a_file"),
     (E + ["--data", "/no/such/file"], "/no/such/file"),
     (E + ["--data", "{empty}"], "empty.txt"),
@@ -199,6 +205,10 @@ CASES: list[tuple[list[str], str]] = [
     (G + ["--prefix-cache", "pc"], "--prefix-cache"),
     (G + ["--prefix", "x", "--prefix-cache", "{a_file}"], "a_file"),
     (G + ["--state-dtype", "float16"], "--state-dtype"),
+    (G + ["--escapes", "--prompt", "a\\x"], "--prompt"),
+    (G + ["--escapes", "--prompt", "\\ud800"], "--prompt"),
+    (G + ["--escapes", "--prefix", "\\N{{nosuch}}"], "--prefix"),
+    (G + ["--prompt", "caf{not_utf8}"], "--prompt"),
     (["generate", "--model", "{truncated}", "--prompt", "hi"], "truncated"),
     (["generate", "--model", "{foreign}", "--prompt", "hi"], "foreign"),
     # data prepare

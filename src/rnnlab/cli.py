@@ -48,9 +48,13 @@ def cmd_list(a) -> list[dict]:
     if a.markdown:
         print(markdown_table(a.d_model))
         return []
+
+    def build(name: str):  # on the meta device: sizes and options without allocating any weight
+        with torch.device("meta"):
+            return build_mixer(name, a.d_model)
     if a.mixer:
         spec = get_spec(a.mixer)
-        layer = build_mixer(a.mixer, a.d_model)
+        layer = build(a.mixer)
         print(f"{spec.name} — {spec.paper}\n{spec.description}\n")
         print(f"options (in a layout: {spec.name}(option=value,...); in Python: build_mixer({spec.name!r}, d_model, option=value)):")
         for field_name, default, note in options_help(a.mixer):
@@ -63,7 +67,7 @@ def cmd_list(a) -> list[dict]:
     print(f"{'mixer':18} {'state bytes/layer':>18}  {'paper':34} description")
     for name in mixers():
         spec = REGISTRY[name]
-        layer = build_mixer(name, a.d_model)
+        layer = build(name)
         size = f"{layer.state_size():,}" if layer.recurrent else f"{spec.state_size.split(' (')[0]}"
         print(f"{name:18} {size:>18}  {spec.paper[:34]:34} {spec.description}")
         rows.append({"mixer": name, "paper": spec.paper, "state_bytes": layer.state_size() if layer.recurrent else None})
@@ -174,6 +178,14 @@ def _progress(a) -> bool | None:
     return False if a.quiet else True if a.progress else None
 
 
+def _eval_windows(val, starts, T: int, bos_id: int | None):
+    """Validation windows of T + 1 tokens at ``starts`` (N,): (N, T + 1); with ``bos_id`` each opens
+    with BOS followed by T tokens, as a model trained with --bos saw its windows."""
+    if bos_id is None:
+        return val.windows(starts, T + 1)
+    return torch.cat([torch.full((len(starts), 1), bos_id), val.windows(starts, T)], dim=1)
+
+
 def cmd_eval(a) -> dict:
     import tempfile
     from . import load_model
@@ -199,18 +211,16 @@ def cmd_eval(a) -> dict:
         bos = a.bos if a.bos is not None else bool(recorded.get("data", {}).get("bos", False))
         bos_id = _bos_id(val.tokenizer()) if bos else None
         g = torch.Generator().manual_seed(a.seed)
-        curves, rows = {}, []
+        curves, rows, skipped = {}, [], []
         for mult in a.lengths:
             T = mult * seq_len
             if len(val) < T + 2:
-                print(f"(skipping {mult}x = {T} tokens: the validation text has only {len(val):,} tokens)", file=sys.stderr)
+                skipped.append(f"(skipping {mult}x = {T} tokens: the validation text has only {len(val):,} tokens)")
                 continue
             starts = torch.randint(0, len(val) - T - 1, (a.windows,), generator=g)
-            if bos_id is None:
-                windows = val.windows(starts, T + 1)  # (N, T + 1)
-            else:  # a stream that opens with BOS, as the model was trained
-                windows = torch.cat([torch.full((a.windows, 1), bos_id), val.windows(starts, T)], dim=1)
-            curve = loss_by_position(model, windows, a.batch_size)
+            # read a batch of windows at a time: memory does not grow with --windows
+            curve = sum(loss_by_position(model, _eval_windows(val, part, T, bos_id), a.batch_size) * len(part)
+                        for part in starts.split(a.batch_size)) / a.windows
             curves[T] = curve
             bits = curve / math.log(2)
             q = max(1, T // 8)
@@ -221,6 +231,8 @@ def cmd_eval(a) -> dict:
         raise ValueError(f"--lengths: the validation text ({len(val):,} tokens) is shorter than every length asked "
                          f"for ({', '.join(str(m * seq_len) for m in a.lengths)} tokens); give more text with --data "
                          "or lower --seq-len")
+    for note in skipped:
+        print(note, file=sys.stderr)
     out = out or (run if run.is_dir() else Path("."))
     out.mkdir(parents=True, exist_ok=True)
     print(f"{'length':>8} {'x train':>8} {'bits/token':>11} {'first 1/8':>10} {'last 1/8':>10}")
@@ -258,7 +270,8 @@ def cmd_data(a) -> dict:
     from .data import prepare_corpus
     _dir_arg(a.out, "--out")
     meta = prepare_corpus(a.paths or None, a.out, tokenizer=a.tokenizer, shard_tokens=a.shard_tokens,
-                          val_fraction=a.val_fraction, max_bytes=a.max_bytes or None, progress=_progress(a) is not False)
+                          val_fraction=a.val_fraction, max_bytes=a.max_bytes or None,
+                          progress=sys.stderr.isatty() if _progress(a) is None else _progress(a))
     for split, st in meta["splits"].items():
         print(f"{split:6} {st['tokens']:>14,} tokens {st['documents']:>8,} documents {len(st['shards']):>4} shard(s)")
     print(f"-> {a.out} (vocab {meta['vocab_size']}, {meta['dtype']}); train with: rnnlab train --data {a.out} --out RUN")
@@ -269,6 +282,18 @@ def cmd_data(a) -> dict:
 def _decode_escapes(text: str) -> str:
     """Backslash escapes (\\n, \\t, \\u00e9 ...) decoded; other characters, non-ASCII included, kept."""
     return text.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+def _text_arg(text: str, flag: str, escapes: bool) -> str:
+    """The text given with ``flag``, its backslash escapes decoded when ``escapes``; refused, naming
+    ``flag``, when it is no valid text (a broken escape, or bytes that are not UTF-8)."""
+    try:
+        text = _decode_escapes(text) if escapes else text
+        text.encode("utf-8")
+    except UnicodeError as e:
+        hint = "; with --escapes a backslash is written \\\\" if escapes else ""
+        raise ValueError(f"{flag}: not valid text ({e.reason}){hint}") from None
+    return text
 
 
 def cmd_generate(a) -> str:
@@ -285,16 +310,16 @@ def cmd_generate(a) -> str:
             raise ValueError(f"--state-out {a.state_out}: is a directory; expected a file name such as s.safetensors")
         if not target.parent.resolve().is_dir():
             raise ValueError(f"--state-out {a.state_out}: the directory {target.parent} does not exist")
-    device = parse_device(a.device)
-    model = load_model(a.model, device=device).eval()
-    model = _with_cache(model, a.cache).compile_step(a.compile)
-    tok = load_tokenizer(a.model)
-    prefix = _decode_escapes(a.prefix) if a.escapes else a.prefix
+    prefix = _text_arg(a.prefix, "--prefix", a.escapes)
     if a.read_twice and not prefix:
         raise ValueError("--read-twice repeats the context given with --prefix; give --prefix")
     if a.read_twice:  # JRT prompting: the context read twice, the question once
         prefix = prefix + "\n" + prefix
-    prompt = _decode_escapes(a.prompt) if a.escapes else a.prompt
+    prompt = _text_arg(a.prompt, "--prompt", a.escapes)
+    device = parse_device(a.device)
+    model = load_model(a.model, device=device).eval()
+    model = _with_cache(model, a.cache).compile_step(a.compile)
+    tok = load_tokenizer(a.model)
     run = Path(a.model)
     bos = a.bos if a.bos is not None else bool((read_run(run) if (run / "run.json").is_file() else {})
                                                .get("data", {}).get("bos", False))
@@ -352,7 +377,8 @@ def cmd_serve(a) -> dict:
     if a.host not in ("127.0.0.1", "localhost", "::1") and key is None:
         print(f"warning: serving on {a.host} without an API key: anyone who reaches it can use the model "
               "(set --api-key or RNNLAB_API_KEY)", file=sys.stderr)
-    app = create_app(a.model, cfg)
+    with _as_flags(["sessions_dir"]):
+        app = create_app(a.model, cfg)
     print(f"serving {a.model} on http://{a.host}:{a.port} (sessions in {cfg.sessions_dir}"
           f"{', API key required' if key else ''})", file=sys.stderr)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
@@ -571,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "--prompt 'Summary:'"))
     s.add_argument("--model", required=True, help="a run directory, a checkpoint or a saved model")
     s.add_argument("--prompt", default="", help="text to feed before sampling (needed unless --state-in is given)")
-    s.add_argument("--escapes", action="store_true", help="interpret backslash escapes such as \\n in --prompt")
+    s.add_argument("--escapes", action="store_true",
+                   help="interpret backslash escapes such as \\n in --prompt and --prefix")
     s.add_argument("--max-new-tokens", type=int_at_least(0), default=200, help="tokens to sample (default: 200)")
     s.add_argument("--temperature", type=float_in(0), default=0.8, help="sampling temperature >= 0; 0 = greedy (default: 0.8)")
     s.add_argument("--top-k", type=int_at_least(1), default=None, help="sample among the k most likely tokens (default: all)")
@@ -651,6 +678,7 @@ def main(argv: list[str] | None = None):
     Bad input raises SystemExit(2) after printing one line on stderr."""
     from .layers.state import StateError
     from .train.checkpoint import CheckpointError
+    from .train.trainer import NonFiniteLossError
     argv = list(sys.argv[1:] if argv is None else argv)
     p = build_parser()
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version"):
@@ -678,11 +706,15 @@ def main(argv: list[str] | None = None):
     except BrokenPipeError:  # the reader of stdout went away (`rnnlab ... | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(141) from None
-    except (*_USER_ERRORS, StateError, CheckpointError) as e:
+    except (*_USER_ERRORS, StateError, CheckpointError, NonFiniteLossError) as e:
         # bad flags, values and files: one line that names them; anything else is a bug and keeps its traceback
         print(f"{name}: error: {' '.join(str(e).split())}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (MemoryError, torch.OutOfMemoryError) as e:
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError, or the CPU allocator's plain RuntimeError; other RuntimeErrors are bugs
+        if isinstance(e, RuntimeError) and not (isinstance(e, torch.OutOfMemoryError)
+                                                or "can't allocate memory" in str(e)):
+            raise
         print(f"{name}: error: out of memory ({' '.join(str(e).split())[:200]}); lower the sizes", file=sys.stderr)
         raise SystemExit(2) from None
     if as_json:

@@ -119,7 +119,9 @@ def load_toml(path: str) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise FileNotFoundError(f"--config {path!r}: no such file") from None
-    except tomllib.TOMLDecodeError as e:
+    except IsADirectoryError:
+        raise ValueError(f"--config {path!r}: is a directory; expected a TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # bad syntax, or a binary file
         raise ValueError(f"--config {path!r} is not valid TOML: {e}") from None
 
 

@@ -23,6 +23,9 @@ def test_api_key_guards_everything_but_health(make_client):
             assert err["type"] == "authentication_error"
     ok = c.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200
+    for url in ("/docs", "/redoc", "/openapi.json"):  # the schema and docs are not served around the key
+        _err(c.get(url), 404)
+    assert make_client().get("/openapi.json").status_code == 200  # without a key they are
 
 
 def test_api_key_from_the_environment(monkeypatch, model_dir, tmp_path):
@@ -109,6 +112,15 @@ def test_malformed_bodies(make_client):
         r = c.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
         assert 400 <= r.status_code < 500, (raw, r.text)
         assert "error" in r.json()
+    json_type = {"content-type": "application/json"}
+    err = _err(c.post("/v1/completions", content=b'{"prompt": "a",}', headers=json_type), 400)
+    assert err["param"] is None and "not valid JSON" in err["message"]
+    for url, raw, param in (("/v1/completions", b'{"prompt": "a\\ud800"}', "prompt"),
+                            ("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\udfff"}]}',
+                             "messages"),
+                            ("/v1/sessions", b'{"prefix": "\\ud83d"}', "prefix")):  # valid JSON, no valid text
+        err = _err(c.post(url, content=raw, headers=json_type), 400, param)
+        assert "surrogate" in err["message"]
     r = c.post("/v1/completions", content=b'{"prompt": "a"}', headers={"content-type": "text/plain"})
     assert "Content-Type: application/json" in _err(r, 400)["message"]
     _err(c.get("/v1/nothing"), 404)

@@ -132,3 +132,33 @@ def test_a_killed_write_does_not_count_as_a_session(make_client, tmp_path):
     assert not ours.exists() and not writers.exists()
     assert c.post("/v1/sessions").status_code == 201
     assert c.app.state.sessions.count() == 1
+
+
+def test_sessions_of_another_model(make_client, tmp_path, capsys):
+    """A sessions directory of another model is refused when the server starts; a foreign or
+    damaged file among good ones is a 409 for that session alone, which can then be deleted."""
+    import pytest
+
+    import rnnlab.cli as cli
+    d = tmp_path / "s"
+    c = make_client(sessions_dir=str(d))
+    sid = c.post("/v1/sessions", json={"prefix": "mine"}).json()["id"]
+    other = rnnlab.build_model(layout="gla", n_layers=1, d_model=16)
+    with pytest.raises(ValueError, match="sessions_dir"):
+        make_client(model=other, sessions_dir=str(d))
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve", "--model", str(tmp_path / "other"), "--sessions-dir", str(d)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--sessions-dir" in err
+    stray, damaged = "f" * 32, "d" * 32
+    rnnlab.save_state(other(torch.randint(0, 256, (1, 3)))[1], d / f"{stray}.safetensors", model=other)
+    (d / f"{damaged}.safetensors").write_bytes(b"not a state")
+    for bad in (stray, damaged):
+        for method, url, body, param in (("get", f"/v1/sessions/{bad}", None, "session_id"),
+                                         ("post", "/v1/completions", {"prompt": "a", "session": bad}, "session"),
+                                         ("post", "/v1/sessions", {"fork": bad}, "fork")):
+            r = c.request(method, url, json=body)
+            assert r.status_code == 409 and r.json()["error"]["param"] == param, r.text
+        assert c.delete(f"/v1/sessions/{bad}").status_code == 200
+    assert c.post("/v1/completions", json={"prompt": "a", "session": sid, "max_tokens": 1}).status_code == 200

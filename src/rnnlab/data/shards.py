@@ -34,6 +34,15 @@ _SPLITS = ("train", "val")
 
 
 # -- atomic files -----------------------------------------------------------------------------------
+def _publish(tmp: str, path: Path) -> None:
+    """Rename the finished temporary file ``tmp`` onto ``path`` with the mode a plain ``open()``
+    would give it (mkstemp makes 0600; the user's umask decides)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, path)
+
+
 def _atomic_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file beside ``path``, fsync, then rename onto ``path``."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.name)
@@ -42,7 +51,7 @@ def _atomic_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        _publish(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -74,7 +83,7 @@ class _ShardWriter:
         os.fsync(self._f.fileno())
         self._f.close()
         name = self._name()
-        os.replace(self._tmp, self.out_dir / name)
+        _publish(self._tmp, self.out_dir / name)
         self.shards.append({"name": name, "tokens": self._n, "sha256": self._hash.hexdigest()})
         self._f = self._tmp = None
 

@@ -123,7 +123,8 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
         finally:
             await run_in_threadpool(engine.stop)
 
-    app = FastAPI(title="rnnlab", lifespan=lifespan)
+    # with an API key, no interactive docs or schema: they would be the endpoints left outside the key
+    app = FastAPI(title="rnnlab", lifespan=lifespan, openapi_url=None if config.api_key else "/openapi.json")
     app.state.engine, app.state.sessions, app.state.in_flight = engine, store, in_flight
 
     @app.exception_handler(ApiError)
@@ -148,7 +149,8 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
             if theirs[:1] == loc[:1]:
                 loc = [a for a, b in zip(loc, theirs) if a == b]
         param = ".".join(loc) or None
-        if first["type"] == "json_invalid":
+        if first["type"] == "json_invalid":  # its location is a character position, not a field
+            param = None
             message = f"the request body is not valid JSON ({first.get('ctx', {}).get('error', first['msg'])})"
         elif first["type"] == "extra_forbidden":
             message = f"{param}: unknown field"
@@ -191,6 +193,10 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
                                 "retry later", "rate_limit_error", None)
 
     def encode(text: str, param: str) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's "\ud800": a lone surrogate is no character
+            raise ApiError(400, f"{param}: not valid text ({e.reason}: {text[e.start:e.end]!r})", param=param) from None
         ids = tok.encode(text)
         if len(ids) > config.max_prompt_tokens:
             raise ApiError(400, f"{param}: {len(ids)} tokens exceed the server's max_prompt_tokens="

@@ -18,7 +18,7 @@ class ServeConfig:
     max_tokens: int = 1024  # largest max_tokens a request may ask for
     default_max_tokens: int = 16  # max_tokens of a request that gives none
     max_concurrent: int = 32  # requests in flight at once; more are refused with 429
-    max_batch: int = 8  # rows decoded together in one batch (1 for models with attention layers)
+    max_batch: int = 8  # rows decoded together in one batch (requests join and leave it between steps)
     max_sessions: int = 10000  # sessions kept on disk; creating more is refused with 429
     session_cache: int = 64  # sessions whose states stay in memory (least recently used are dropped)
     compile_step: bool = False  # decode through torch.compile (LM.compile_step): faster steps after a first one that compiles

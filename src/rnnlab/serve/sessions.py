@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from ..inference.state_io import load_extra, load_state, save_state
+from ..layers.state import StateError
 from ..models.lm import LM, ModelState, is_temp
 
 __all__ = ["Session", "SessionStore", "SessionError"]
@@ -65,6 +66,13 @@ class SessionStore:
         for stale in self.directory.iterdir():  # unfinished writes of a server that was killed
             if is_temp(stale) and stale.is_file():
                 stale.unlink(missing_ok=True)
+        sample = next((p for p in self.directory.glob("*.safetensors") if _ID.match(p.stem)), None)
+        if sample is not None:  # a restart with another model: refused before serving, not per request
+            try:
+                load_state(sample, model)
+            except StateError as e:
+                raise ValueError(f"sessions_dir {str(directory)!r} holds sessions this model cannot continue "
+                                 f"({e}); give this model its own sessions_dir") from None
         self.max_sessions, self.cache_size = max_sessions, cache_size
         self._cache: OrderedDict[str, Session] = OrderedDict()
         self._busy: set[str] = set()
@@ -113,8 +121,12 @@ class SessionStore:
         self._check_id(session_id, param)
         path = self._path(session_id)
         device = next(self.model.parameters()).device
-        session = Session(session_id, load_state(path, self.model, device=device),
-                          None if (lg := load_extra(path, "logits")) is None else lg.to(device))
+        try:
+            state = load_state(path, self.model, device=device)
+        except StateError:
+            raise SessionError(f"session {session_id!r} was stored by another model or its file is damaged; "
+                               "delete it (DELETE /v1/sessions/ID)", 409, "conflict_error", param) from None
+        session = Session(session_id, state, None if (lg := load_extra(path, "logits")) is None else lg.to(device))
         self._remember(session)
         return session
 

@@ -206,9 +206,10 @@ def check_fits(m: LMConfig, t: TrainConfig, train_data, val_data, device) -> Non
     n, state, act = training_bytes(m, t)
     gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
     if state > total:
-        raise ValueError(f"--d-model {m.d_model}, --n-layers {m.n_layers}, --layout {m.layout!r}: the model has "
-                         f"{n:,} parameters; their weights, gradients and AdamW moments need about {gib(state)}, "
-                         f"more than the {gib(total)} of this {device.type} device")
+        sizes = f"--d-model {m.d_model}, --n-layers {m.n_layers}, --layout {m.layout!r}" + (
+            f", --d-ff {m.d_ff}" if m.d_ff is not None else "")
+        raise ValueError(f"{sizes}: the model has {n:,} parameters; their weights, gradients and AdamW moments "
+                         f"need about {gib(state)}, more than the {gib(total)} of this {device.type} device")
     if state + act > total:
         raise ValueError(f"--batch-size {t.batch_size} (--grad-accum {t.grad_accum}) x --seq-len {t.seq_len}: the "
                          f"activations of one micro-batch need about {gib(act)} besides {gib(state)} for the model, "

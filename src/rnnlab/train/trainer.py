@@ -236,7 +236,7 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     t_start, start_step, last_ckpt = time.time(), step, None
     tokens_per_step = c.batch_size * c.seq_len
     row: dict = {"step": step}
-    with _StopSignals() as stop:
+    with _StopSignals() as stop, bar:  # the bar is closed on any exit, so an error is printed on a line of its own
         while step < c.steps:
             lr = lr_at(step, c)
             for group in opt.param_groups:
@@ -294,7 +294,6 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
                 last_ckpt = save(step)
             if last:
                 break
-    bar.close()
     if metrics_file is not None:
         metrics_file.close()
         plot_losses(history, out / "loss.png")
