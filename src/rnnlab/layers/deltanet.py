@@ -35,7 +35,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .common import (GatedRMSNorm, RMSNorm, ShortConv, default_init_, inverse_softplus, log_uniform_dt, split_heads,
                      xavier_linears_)
 from .state import State
@@ -50,7 +50,7 @@ class DeltaNetConfig(MixerConfig):
     expand_v: float = 1.0  # V = expand_v * K
     conv_size: int = 4  # width of the short causal convolutions on q, k, v (1 = none)
     allow_neg_eigval: bool = False  # b in (0, 2) instead of (0, 1): negative eigenvalues
-    norm_eps: float = 1e-5  # epsilon of the output RMSNorm
+    norm_eps: float = positive(1e-5)  # epsilon of the output RMSNorm
     head_v_dim: int = 0  # derived: V
 
     def __post_init__(self) -> None:
@@ -65,8 +65,8 @@ class DeltaNetConfig(MixerConfig):
 class GatedDeltaNetConfig(DeltaNetConfig):
     expand_v: float = 2.0  # V = expand_v * K (the reference's value expansion)
     A_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range); the decay rate is exp(A_log) = A
-    dt_min: float = 0.001  # softplus(dt_bias) is initialised log-uniformly in [dt_min, dt_max]
-    dt_max: float = 0.1  # upper end of that initial range
+    dt_min: float = positive(0.001)  # softplus(dt_bias) is initialised log-uniformly in [dt_min, dt_max]
+    dt_max: float = positive(0.1)  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
 
 

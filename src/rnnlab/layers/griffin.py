@@ -45,7 +45,7 @@ from torch import nn
 
 from ..ops import linear_scan
 from ..ops.bounds import check_cu_seqlens
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import ShortConv
 from .state import State
 
@@ -55,10 +55,10 @@ __all__ = ["RGLRUConfig", "RGLRUState", "RGLRU"]
 @dataclass
 class RGLRUConfig(MixerConfig):
     lru_width: int | None = None  # E, the recurrence width; None = d_model (RecurrentGemma)
-    num_heads: int = 4  # H, blocks of the block-diagonal gate matrices
-    conv_width: int = 4  # W, the causal depthwise convolution before the RG-LRU
-    c: float = 8.0  # the gate's sharpness: a_t = a^(c·r_t)
-    init_layers: int = 12  # L in linear_out's init variance 2 / (L·E) (RecurrentGemma: the model's depth)
+    num_heads: int = at_least(1, 4)  # H, blocks of the block-diagonal gate matrices
+    conv_width: int = at_least(1, 4)  # W, the causal depthwise convolution before the RG-LRU
+    c: float = positive(8.0)  # the gate's sharpness: a_t = a^(c·r_t)
+    init_layers: int = at_least(1, 12)  # L in linear_out's init variance 2 / (L·E) (RecurrentGemma: the model's depth)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,10 +67,6 @@ class RGLRUConfig(MixerConfig):
         if not isinstance(self.lru_width, int) or self.lru_width < 1 or self.lru_width % self.num_heads:
             raise ValueError(f"lru_width must be a positive int divisible by num_heads={self.num_heads}, "
                              f"got {self.lru_width!r}")
-        if not isinstance(self.conv_width, int) or self.conv_width < 1:
-            raise ValueError(f"conv_width must be an int >= 1, got {self.conv_width!r}")
-        if not self.c > 0 or not isinstance(self.init_layers, int) or self.init_layers < 1:
-            raise ValueError(f"c must be > 0 and init_layers an int >= 1, got {self.c!r}, {self.init_layers!r}")
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import ShortConv, default_init_, inverse_softplus, log_uniform_dt
 from .state import State
 
@@ -40,17 +40,17 @@ __all__ = ["Mamba2Config", "Mamba2State", "Mamba2"]
 @dataclass
 class Mamba2Config(MixerConfig):
     d_state: int = 64  # N
-    expand: int = 2  # E = expand · d_model
-    head_dim: int = 64  # P
-    n_groups: int = 1  # G groups sharing B and C
-    conv_size: int = 4  # W
+    expand: int = at_least(1, 2)  # E = expand · d_model
+    head_dim: int = at_least(1, 64)  # P
+    n_groups: int = at_least(1, 1)  # G groups sharing B and C
+    conv_size: int = at_least(1, 4)  # W, causal depthwise conv width (always on)
     conv_bias: bool = True  # bias of the conv
     bias: bool = False  # biases of in_proj and out_proj
     A_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range), A_log = log A
-    dt_min: float = 0.001  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1  # upper end of that initial range
+    dt_min: float = positive(0.001)  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
+    dt_max: float = positive(0.1)  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
-    norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
+    norm_eps: float = positive(1e-5)  # epsilon of the gated RMSNorm
     d_inner: int = 0  # derived: E
     num_heads: int = 0  # derived: H
 
