@@ -63,9 +63,13 @@ class MixerConfig:
     """Fields every mixer config has.
 
     A field declared with :func:`positive` or :func:`at_least` carries its range; the checks here
-    refuse a value outside it, naming the field."""
+    refuse a value outside it, naming the field. ``renamed`` maps option names a config used to
+    have to their new names: :func:`rnnlab.models.registry.make_config` and the layout parser
+    still accept them (with a DeprecationWarning)."""
 
     d_model: int  # model width D
+
+    renamed: ClassVar[dict[str, str]] = {}  # old option name -> its new name
 
     def __post_init__(self) -> None:
         if not isinstance(self.d_model, int) or self.d_model < 1:

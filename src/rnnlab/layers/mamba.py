@@ -154,5 +154,5 @@ class Mamba(SelectiveBlock):
     def ssm(self, x, dt, Bm, Cm, h, cu_seqlens):
         dt = F.softplus(self.dt_proj(dt).to(x.dtype))  # (B, T, E)
         A = -torch.exp(self.A_log.to(x.dtype))  # (E, N)
-        return selective_scan(x, dt, A, Bm, Cm, None, None, h, neg_eigval=self.config.allow_neg_eigval,
+        return selective_scan(x, dt, A, Bm, Cm, None, None, h, allow_neg_eigval=self.config.allow_neg_eigval,
                               cu_seqlens=cu_seqlens)
