@@ -355,15 +355,40 @@ def test_bad_cu_seqlens_name_the_argument(name):
         m(x, s, cu_seqlens=torch.tensor([0, 3, 7]))
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_a_negative_size_or_a_nan_option_names_the_field(name):
-    """Every config refuses a negative int and a non-finite float with a ValueError naming the
-    field, before any tensor is built."""
+def _number_options(name: str) -> list[str]:
+    """The options of mixer ``name`` that hold an int or a float (or None)."""
+    from rnnlab.configs import _base_type
     from rnnlab.models.registry import options_help
-    for opt, default, _ in options_help(name):
-        if isinstance(default, bool) or not isinstance(default, (int, float)):
-            continue
-        bad = [-1] if isinstance(default, int) else [float("nan"), float("inf")]
-        for value in bad:
-            with pytest.raises(ValueError, match=opt):
-                build_mixer(name, 64, **{opt: value})
+    return [opt for opt, _, _ in options_help(name) if _base_type(REGISTRY[name].config, opt) in (int, float)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_number_option_works_or_names_the_field(name):
+    """Every int and float option of every config, set to 0, -1, -1.0, NaN or infinity, either
+    gives a working layer (finite outputs) or a ValueError naming the option: never a traceback
+    from inside the layer, never a NaN."""
+    x = torch.randn(1, 6, D)
+    for opt in _number_options(name):
+        for value in (0, -1, -1.0, float("nan"), float("inf")):
+            torch.manual_seed(0)
+            try:
+                layer = build_mixer(name, D, **{**REGISTRY[name].tiny, opt: value})
+            except ValueError as e:
+                assert opt in str(e), f"{name}({opt}={value}): the error does not name {opt}: {e}"
+                continue
+            with torch.no_grad():
+                y, _ = layer(x)
+            assert torch.isfinite(y).all(), f"{name}({opt}={value}) gives non-finite outputs"
+
+
+def test_subclassed_configs_keep_their_fields_ranges():
+    """A config that re-declares an inherited field (a new default) keeps the range the base
+    declared (e.g. norm_eps > 0)."""
+    for spec in REGISTRY.values():
+        for base in spec.config.__mro__[1:]:
+            if not dataclasses.is_dataclass(base):
+                continue
+            ranges = {f.name: f.metadata.get("range") for f in dataclasses.fields(spec.config)}
+            for f in dataclasses.fields(base):
+                assert f.metadata.get("range") == ranges[f.name], \
+                    f"{spec.config.__name__}.{f.name} lost the range {base.__name__} declares"

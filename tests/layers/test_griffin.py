@@ -7,7 +7,7 @@ import rnnlab
 
 def _loop(layer, x, st):
     c = layer.config
-    E, H, W = c.lru_width, c.num_heads, c.conv_width
+    E, H, W = c.lru_width, c.num_heads, c.conv_size
     y = F.gelu(layer.linear_y(x), approximate="tanh")
     xs = torch.cat([st.conv, layer.linear_x(x)], dim=1)  # (B, W-1+T, E)
     h, started, outs = st.h, st.started, []

@@ -25,8 +25,8 @@ def test_chunked_equals_reference_with_gradients(G, neg, with_dz):
     args = [u, dt, A, Bm, Cm, D, z, h0]
     leaves = [None if a is None else a.clone().requires_grad_() for a in args]
     leaves2 = [None if a is None else a.clone().requires_grad_() for a in args]
-    y1, h1 = selective_scan_recurrent(*leaves, neg_eigval=neg)
-    y2, h2 = selective_scan(*leaves2, neg_eigval=neg, chunk_size=16)
+    y1, h1 = selective_scan_recurrent(*leaves, allow_neg_eigval=neg)
+    y2, h2 = selective_scan(*leaves2, allow_neg_eigval=neg, chunk_size=16)
     torch.testing.assert_close(y2, y1)
     torch.testing.assert_close(h2, h1)
     cot, cot_h = torch.randn_like(y1), torch.randn_like(h1)

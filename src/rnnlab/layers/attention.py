@@ -45,7 +45,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.attention import causal_attention, merge_attention, softmax_attention
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, at_least, positive
 from .common import apply_rope, normal_linears_, split_heads
 from .state import State
 
@@ -55,11 +55,11 @@ __all__ = ["AttentionConfig", "SWAConfig", "AttentionState", "Attention", "seen_
 @dataclass
 class AttentionConfig(MixerConfig):
     num_heads: int = 4  # query heads H
-    num_kv_heads: int | None = None  # key/value heads G (grouped-query attention); None = H
+    num_kv_heads: int | None = at_least(1, None)  # key/value heads G (grouped-query attention); None = H
     head_dim: int | None = None  # K; None = d_model // num_heads
     window: int | None = None  # sliding window w (tokens a query sees, itself included); None = full
     sinks: int = 0  # attention sinks s: first tokens kept for ever (needs a window)
-    rope_theta: float = 10000.0  # RoPE base
+    rope_theta: float = positive(10000.0)  # RoPE base
     rope_fraction: float = 1.0  # the fraction of each head's dims RoPE rotates, the first ones (RecurrentGemma: 0.5)
     bias: bool = False  # biases in the q, k, v projections (and o, unless out_bias says otherwise)
     out_bias: bool | None = None  # a bias in the o projection; None = bias (RecurrentGemma: True with bias=False)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -29,14 +29,47 @@ from ..ops.bounds import check_cu_seqlens, state_rows
 from .common import NORM_TYPES
 from .state import State, StateError
 
-__all__ = ["MixerConfig", "Mixer", "check_tokens_input", "check_prefix_len", "state_batch"]
+__all__ = ["MixerConfig", "Mixer", "Range", "positive", "at_least", "check_tokens_input", "check_prefix_len",
+           "state_batch"]
+
+
+@dataclass(frozen=True)
+class Range:
+    """The numbers a config field accepts: above ``lo`` (or at it, unless ``lo_open``)."""
+
+    lo: float  # the lower bound
+    lo_open: bool = False  # True: lo itself is refused
+
+    def __contains__(self, value: float) -> bool:
+        return value > self.lo if self.lo_open else value >= self.lo
+
+    def __str__(self) -> str:
+        return f"{'>' if self.lo_open else '>='} {self.lo}"
+
+
+def positive(default: float) -> Any:
+    """A config field (default ``default``) that must be > 0, e.g. a norm's epsilon or a base."""
+    return field(default=default, metadata={"range": Range(0, lo_open=True)})
+
+
+def at_least(lo: int, default: int | float | None) -> Any:
+    """A config field (default ``default``) that must be >= ``lo`` when set (None is left to the
+    config's own rule), e.g. a convolution width that cannot be 0."""
+    return field(default=default, metadata={"range": Range(lo)})
 
 
 @dataclass
 class MixerConfig:
-    """Fields every mixer config has."""
+    """Fields every mixer config has.
+
+    A field declared with :func:`positive` or :func:`at_least` carries its range; the checks here
+    refuse a value outside it, naming the field. ``renamed`` maps option names a config used to
+    have to their new names: :func:`rnnlab.models.registry.make_config` and the layout parser
+    still accept them (with a DeprecationWarning)."""
 
     d_model: int  # model width D
+
+    renamed: ClassVar[dict[str, str]] = {}  # old option name -> its new name
 
     def __post_init__(self) -> None:
         if not isinstance(self.d_model, int) or self.d_model < 1:
@@ -53,6 +86,9 @@ class MixerConfig:
                 raise ValueError(f"{f.name} must be >= 0, got {value}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
+            allowed = f.metadata.get("range")
+            if allowed is not None and isinstance(value, (int, float)) and value not in allowed:
+                raise ValueError(f"{f.name} must be {allowed}, got {value}")
 
 
 def state_batch(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, state_batch
 from .common import normal_linears_, normalised, with_normaliser
 from .linear_attention import MatrixState
 
@@ -43,8 +43,8 @@ def taylor_features(x: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class BasedConfig(MixerConfig):
-    num_heads: int = 4  # H
-    feature_dim: int = 16  # F, the projected q/k size
+    num_heads: int = at_least(1, 4)  # H
+    feature_dim: int = at_least(1, 16)  # F, the projected q/k size
     eps: float = 1e-6  # added to the normaliser
 
     def __post_init__(self) -> None:

@@ -83,21 +83,25 @@ class ShortConv(nn.Module):
     conv_state (B, W-1, C). With ``cu_seqlens`` (N sequences packed in one row, B = 1, already
     checked) conv_state has N rows and each sequence's window sees only its own state and inputs
     (:class:`rnnlab.ops.bounds.PrefixLayout`).
+
+    Width 0 is no convolution (a layer's ``conv_size = 0``): y = SiLU(x) (x itself without
+    ``activation``), no parameters, and a conv_state of shape (B, 0, C).
     """
 
     def __init__(self, channels: int, width: int = 4, bias: bool = False, activation: bool = True):
         super().__init__()
-        if width < 1:
-            raise ValueError(f"conv width must be >= 1, got {width}")
-        self.width, self.activation = width, activation
-        self.conv = nn.Conv1d(channels, channels, width, groups=channels, bias=bias)
+        if width < 0:
+            raise ValueError(f"conv width must be >= 0 (0 = no convolution), got {width}")
+        self.channels, self.width, self.activation = channels, width, activation
+        self.conv = nn.Conv1d(channels, channels, width, groups=channels, bias=bias) if width else None
 
     def reset_parameters(self) -> None:
         """PyTorch's Conv1d default (kaiming-uniform weight, uniform bias), as the references keep."""
-        self.conv.reset_parameters()
+        if self.conv is not None:
+            self.conv.reset_parameters()
 
     def init_state(self, batch_size: int, device=None, dtype=None) -> torch.Tensor:
-        return torch.zeros(batch_size, self.width - 1, self.conv.in_channels, device=device,
+        return torch.zeros(batch_size, max(self.width - 1, 0), self.channels, device=device,
                            dtype=dtype or torch.float32)
 
     def forward(self, x: torch.Tensor, conv_state: torch.Tensor | None,
@@ -107,6 +111,8 @@ class ShortConv(nn.Module):
         cu = None if cu_seqlens is None else cu_seqlens.tolist()
         if conv_state is None:
             conv_state = self.init_state(B if cu is None else len(cu) - 1, x.device, x.dtype)
+        if self.conv is None:  # width 0: no convolution, nothing to remember
+            return (F.silu(x) if self.activation else x), conv_state
         if cu is None:
             xp = torch.cat([conv_state.to(x.dtype), x], dim=1)  # (B, W-1+T, C)
             # the state is a copy: a view would keep all of xp alive (a prefill's whole input) and

@@ -8,8 +8,9 @@
   ``a_t = exp(-exp(A_log) * softplus(W_a x_t + dt_bias))`` per head.
 
 Both follow flash-linear-attention's reference layers: q, k, v projections, each through a short
-causal depthwise convolution (width 4) with SiLU; q and k L2-normalised per head; ``b =
-sigmoid(W_b x)``; per-head RMSNorm on the output, gated by ``silu(W_g x)`` in Gated DeltaNet.
+causal depthwise convolution (width 4; ``conv_size = 0``: none, as the reference's
+``use_short_conv=False``) with SiLU; q and k L2-normalised per head; ``b = sigmoid(W_b x)``;
+per-head RMSNorm on the output, gated by ``silu(W_g x)`` in Gated DeltaNet.
 ``allow_neg_eigval=True`` uses ``b = 2 sigmoid(W_b x)`` in (0, 2), so the transition ``I - b k k^T``
 can have the eigenvalue ``1 - b < 0`` along k (Grazzi et al. 2024, "Unlocking State-Tracking in
 Linear RNNs Through Negative Eigenvalues"): needed to solve parity and other state-tracking tasks.
@@ -35,7 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .common import (GatedRMSNorm, RMSNorm, ShortConv, default_init_, inverse_softplus, log_uniform_dt, split_heads,
                      xavier_linears_)
 from .state import State
@@ -48,25 +49,25 @@ class DeltaNetConfig(MixerConfig):
     num_heads: int = 4  # heads H
     head_dim: int | None = None  # K; None = d_model // num_heads
     expand_v: float = 1.0  # V = expand_v * K
-    conv_size: int = 4  # width of the short causal convolutions on q, k, v (1 = none)
+    conv_size: int = 4  # width W of the short causal convolutions on q, k, v (0 = none: SiLU on the projections)
     allow_neg_eigval: bool = False  # b in (0, 2) instead of (0, 1): negative eigenvalues
-    norm_eps: float = 1e-5  # epsilon of the output RMSNorm
+    norm_eps: float = positive(1e-5)  # epsilon of the output RMSNorm
     head_v_dim: int = 0  # derived: V
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.head_dim = split_heads(self.d_model, self.num_heads, self.head_dim)
         self.head_v_dim = int(self.head_dim * self.expand_v)
-        if self.head_v_dim < 1 or self.conv_size < 1:
-            raise ValueError(f"expand_v={self.expand_v} and conv_size={self.conv_size} must give V >= 1, width >= 1")
+        if self.head_v_dim < 1:
+            raise ValueError(f"expand_v={self.expand_v} must give V = int(expand_v · head_dim) >= 1")
 
 
 @dataclass
 class GatedDeltaNetConfig(DeltaNetConfig):
     expand_v: float = 2.0  # V = expand_v * K (the reference's value expansion)
     A_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range); the decay rate is exp(A_log) = A
-    dt_min: float = 0.001  # softplus(dt_bias) is initialised log-uniformly in [dt_min, dt_max]
-    dt_max: float = 0.1  # upper end of that initial range
+    dt_min: float = positive(0.001)  # softplus(dt_bias) is initialised log-uniformly in [dt_min, dt_max]
+    dt_max: float = positive(0.1)  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
 
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from ..ops.bounds import check_cu_seqlens
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .common import RMSNorm, reset_norms_, xavier_linears_
 from .state import State
 
@@ -43,8 +43,8 @@ __all__ = ["GateLoopConfig", "GateLoopState", "GateLoop"]
 @dataclass
 class GateLoopConfig(MixerConfig):
     num_heads: int = 4  # H
-    gate_logit_normalizer: float = 16.0  # τ: |a| = sigmoid(W_a x)^(1/τ), slow decay at init (as GLA)
-    norm_eps: float = 1e-5  # epsilon of the per-head output RMSNorm
+    gate_logit_normalizer: float = positive(16.0)  # τ: |a| = sigmoid(W_a x)^(1/τ), slow decay at init (as GLA)
+    norm_eps: float = positive(1e-5)  # epsilon of the per-head output RMSNorm
 
     def __post_init__(self) -> None:
         super().__post_init__()

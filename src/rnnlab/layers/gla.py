@@ -32,7 +32,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import RMSNorm, reset_norms_, xavier_linears_
 from .linear_attention import MatrixState
 
@@ -41,12 +41,12 @@ __all__ = ["GLAConfig", "HGRN2Config", "GLA", "HGRN2"]
 
 @dataclass
 class GLAConfig(MixerConfig):
-    num_heads: int = 4  # H
-    expand_k: float = 0.5  # H·K = expand_k · d_model
-    expand_v: float = 1.0  # H·V = expand_v · d_model
+    num_heads: int = at_least(1, 4)  # H
+    expand_k: float = positive(0.5)  # H·K = expand_k · d_model
+    expand_v: float = positive(1.0)  # H·V = expand_v · d_model
     gate_low_rank_dim: int = 16  # R of the decay's low-rank projection
-    gate_logit_normalizer: float = 16.0  # τ: log α = logsigmoid(·) / τ
-    norm_eps: float = 1e-5  # epsilon of the per-head output norm
+    gate_logit_normalizer: float = positive(16.0)  # τ: log α = logsigmoid(·) / τ
+    norm_eps: float = positive(1e-5)  # epsilon of the per-head output norm
     key_dim: int = 0  # derived: H·K
     value_dim: int = 0  # derived: H·V
 
@@ -60,10 +60,10 @@ class GLAConfig(MixerConfig):
 
 @dataclass
 class HGRN2Config(MixerConfig):
-    num_heads: int | None = None  # H; None = d_model // expand_ratio (at least 1)
-    expand_ratio: int = 128  # K, the state expansion (forget-gate dim per head)
+    num_heads: int | None = at_least(1, None)  # H; None = d_model // expand_ratio (at least 1)
+    expand_ratio: int = at_least(1, 128)  # K, the state expansion (forget-gate dim per head)
     lower_bound: float = 0.0  # β in [0, 1): the forget gate's lower bound; a model sets block_index / n_layers
-    norm_eps: float = 1e-5  # epsilon of the output RMSNorm
+    norm_eps: float = positive(1e-5)  # epsilon of the output RMSNorm
 
     def __post_init__(self) -> None:
         super().__post_init__()

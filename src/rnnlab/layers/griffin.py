@@ -45,7 +45,7 @@ from torch import nn
 
 from ..ops import linear_scan
 from ..ops.bounds import check_cu_seqlens
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import ShortConv
 from .state import State
 
@@ -55,10 +55,12 @@ __all__ = ["RGLRUConfig", "RGLRUState", "RGLRU"]
 @dataclass
 class RGLRUConfig(MixerConfig):
     lru_width: int | None = None  # E, the recurrence width; None = d_model (RecurrentGemma)
-    num_heads: int = 4  # H, blocks of the block-diagonal gate matrices
-    conv_width: int = 4  # W, the causal depthwise convolution before the RG-LRU
-    c: float = 8.0  # the gate's sharpness: a_t = a^(c·r_t)
-    init_layers: int = 12  # L in linear_out's init variance 2 / (L·E) (RecurrentGemma: the model's depth)
+    num_heads: int = at_least(1, 4)  # H, blocks of the block-diagonal gate matrices
+    conv_size: int = at_least(1, 4)  # W, the causal depthwise convolution before the RG-LRU (always on)
+    c: float = positive(8.0)  # the gate's sharpness: a_t = a^(c·r_t)
+    init_layers: int = at_least(1, 12)  # L in linear_out's init variance 2 / (L·E) (RecurrentGemma: the model's depth)
+
+    renamed = {"conv_width": "conv_size"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -67,10 +69,6 @@ class RGLRUConfig(MixerConfig):
         if not isinstance(self.lru_width, int) or self.lru_width < 1 or self.lru_width % self.num_heads:
             raise ValueError(f"lru_width must be a positive int divisible by num_heads={self.num_heads}, "
                              f"got {self.lru_width!r}")
-        if not isinstance(self.conv_width, int) or self.conv_width < 1:
-            raise ValueError(f"conv_width must be an int >= 1, got {self.conv_width!r}")
-        if not self.c > 0 or not isinstance(self.init_layers, int) or self.init_layers < 1:
-            raise ValueError(f"c must be > 0 and init_layers an int >= 1, got {self.c!r}, {self.init_layers!r}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +92,7 @@ class RGLRU(Mixer):
         self.linear_x = nn.Linear(c.d_model, E)
         self.linear_y = nn.Linear(c.d_model, E)
         self.linear_out = nn.Linear(E, c.d_model)
-        self.conv = ShortConv(E, c.conv_width, bias=True, activation=False)
+        self.conv = ShortConv(E, c.conv_size, bias=True, activation=False)
         self.input_gate_weight = nn.Parameter(torch.empty(H, E // H, E // H))
         self.input_gate_bias = nn.Parameter(torch.empty(H, E // H))
         self.recurrent_gate_weight = nn.Parameter(torch.empty(H, E // H, E // H))
@@ -111,7 +109,7 @@ class RGLRU(Mixer):
                              (self.linear_out, math.sqrt(2 / (c.init_layers * E)))):
                 nn.init.normal_(lin.weight, 0.0, std)
                 nn.init.zeros_(lin.bias)
-            nn.init.normal_(self.conv.conv.weight, 0.0, math.sqrt(0.01 / c.conv_width))
+            nn.init.normal_(self.conv.conv.weight, 0.0, math.sqrt(0.01 / c.conv_size))
             nn.init.zeros_(self.conv.conv.bias)
             for w in (self.input_gate_weight, self.recurrent_gate_weight):
                 nn.init.normal_(w, 0.0, math.sqrt(0.01 / (E // H)))
@@ -124,7 +122,7 @@ class RGLRU(Mixer):
         c = self.config
         dt = dtype or torch.float32
         return RGLRUState(h=torch.zeros(batch_size, c.lru_width, device=device, dtype=dt),
-                          conv=torch.zeros(batch_size, c.conv_width - 1, c.lru_width, device=device, dtype=dt),
+                          conv=torch.zeros(batch_size, c.conv_size - 1, c.lru_width, device=device, dtype=dt),
                           started=torch.zeros(batch_size, device=device, dtype=dt))
 
     def _gate(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:

@@ -29,7 +29,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.gsa import gsa
-from .base import Mixer, MixerConfig
+from .base import Mixer, MixerConfig, positive
 from .common import RMSNorm, reset_norms_, xavier_linears_
 from .state import State
 
@@ -40,8 +40,8 @@ __all__ = ["GSAConfig", "GSAState", "GSA"]
 class GSAConfig(MixerConfig):
     num_heads: int = 4  # H
     num_slots: int = 64  # M memory slots per head
-    gate_logit_normalizer: float = 8.0  # τ: log α = logsigmoid(W_α x) / τ
-    norm_eps: float = 1e-5  # epsilon of the output RMSNorm
+    gate_logit_normalizer: float = positive(8.0)  # τ: log α = logsigmoid(W_α x) / τ
+    norm_eps: float = positive(1e-5)  # epsilon of the output RMSNorm
     head_dim: int = 0  # derived: K = V = d_model / H
 
     def __post_init__(self) -> None:

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import linear_scan
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .common import GatedRMSNorm, reset_norms_, xavier_linears_
 from .state import State
 
@@ -42,7 +42,7 @@ __all__ = ["HGRNConfig", "HGRNState", "HGRN"]
 class HGRNConfig(MixerConfig):
     expand_ratio: int = 1  # E / D: the hidden width relative to the model width
     lower_bound: float = 0.0  # β in [0, 1): the forget gate's lower bound; a model sets block_index / n_layers
-    norm_eps: float = 1e-5  # epsilon of the gated output RMSNorm
+    norm_eps: float = positive(1e-5)  # epsilon of the gated output RMSNorm
     d_hidden: int = 0  # derived: E = expand_ratio · d_model
 
     def __post_init__(self) -> None:

@@ -86,7 +86,8 @@ class KDA(DeltaNet):
         normal_linears_(self, c.init_std)
         with torch.no_grad():
             for conv in (self.q_conv, self.k_conv, self.v_conv):
-                nn.init.normal_(conv.conv.weight, 0.0, c.init_std)
+                if conv.conv is not None:  # conv_size = 0: no convolution
+                    nn.init.normal_(conv.conv.weight, 0.0, c.init_std)
         init_decay_(self.A_log, self.dt_bias, c)
 
     def decay(self, x):

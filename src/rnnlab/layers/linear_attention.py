@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import RMSNorm, default_init_, normalised, split_heads, with_normaliser
 from .state import State
 
@@ -57,10 +57,10 @@ class LinearAttentionConfig(MixerConfig):
 
 @dataclass
 class RetNetConfig(MixerConfig):
-    num_heads: int = 4  # H
+    num_heads: int = at_least(1, 4)  # H
     head_dim: int | None = None  # K; None = d_model // num_heads
     value_factor: int = 2  # V = value_factor · K
-    norm_eps: float = 1e-6  # epsilon of the per-head norm
+    norm_eps: float = positive(1e-6)  # epsilon of the per-head norm
 
     def __post_init__(self) -> None:
         super().__post_init__()

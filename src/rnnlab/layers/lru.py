@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..ops.scan import linear_scan
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, state_batch
 from .state import State
 
 __all__ = ["LRUConfig", "LRUState", "LRU"]
@@ -34,10 +34,10 @@ __all__ = ["LRUConfig", "LRUState", "LRU"]
 
 @dataclass
 class LRUConfig(MixerConfig):
-    d_state: int | None = None  # N complex states; None = d_model
+    d_state: int | None = at_least(1, None)  # N complex states; None = d_model
     r_min: float = 0.9  # ring initialisation: smallest |λ|
     r_max: float = 0.999  # largest |λ|
-    max_phase: float = 2 * math.pi  # phases of λ start uniform in [0, max_phase]
+    max_phase: float = at_least(0, 2 * math.pi)  # phases of λ start uniform in [0, max_phase]
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lti import bilinear, hippo_legs, lti
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .state import State
 
 __all__ = ["LSSLConfig", "LSSLState", "LSSL"]
@@ -43,16 +43,16 @@ __all__ = ["LSSLConfig", "LSSLState", "LSSL"]
 @dataclass
 class LSSLConfig(MixerConfig):
     d_state: int = 64  # N, the dense state per channel
-    dt_min: float = 0.001  # log dt starts uniform in [log dt_min, log dt_max]
-    dt_max: float = 0.1  # upper end of that initial range
+    dt_min: float = positive(0.001)  # log dt starts uniform in [log dt_min, log dt_max]
+    dt_max: float = positive(0.1)  # upper end of that initial range
     learn_A: bool = False  # False: A is the fixed HiPPO-LegS matrix (LSSL-fixed); True: trained from it
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.d_state, int) or self.d_state < 1:
             raise ValueError(f"d_state must be a positive int, got {self.d_state!r}")
-        if not 0 < self.dt_min <= self.dt_max:
-            raise ValueError(f"need 0 < dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
+        if not self.dt_min <= self.dt_max:
+            raise ValueError(f"need dt_min <= dt_max, got dt_min={self.dt_min}, dt_max={self.dt_max}")
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.selective_scan import selective_scan
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import ShortConv, default_init_, inverse_softplus, log_uniform_dt
 from .state import State
 
@@ -42,7 +42,7 @@ __all__ = ["SelectiveBlockConfig", "SelectiveBlock", "MambaConfig", "MambaState"
 class SelectiveBlockConfig(MixerConfig):
     d_state: int = 16  # N
     expand: int = 2  # E = expand · d_model
-    conv_size: int = 4  # W, causal depthwise conv width
+    conv_size: int = at_least(1, 4)  # W, causal depthwise conv width (always on)
     dt_rank: int | None = None  # R; None = ceil(d_model / 16)
     conv_bias: bool = True  # bias of the conv
     bias: bool = False  # biases of in_proj and out_proj
@@ -53,9 +53,9 @@ class SelectiveBlockConfig(MixerConfig):
         if self.dt_rank is None:
             self.dt_rank = math.ceil(self.d_model / 16)
         self.d_inner = self.expand * self.d_model
-        if self.d_state < 1 or self.conv_size < 1 or self.dt_rank < 1 or self.expand < 1:
-            raise ValueError(f"d_state, expand, conv_size and dt_rank must be >= 1, got {self.d_state}, "
-                             f"{self.expand}, {self.conv_size}, {self.dt_rank}")
+        if self.d_state < 1 or self.dt_rank < 1 or self.expand < 1:
+            raise ValueError(f"d_state, expand and dt_rank must be >= 1, got {self.d_state}, {self.expand}, "
+                             f"{self.dt_rank}")
 
 
 class SelectiveBlock(Mixer):
@@ -119,8 +119,8 @@ class SelectiveBlock(Mixer):
 
 @dataclass
 class MambaConfig(SelectiveBlockConfig):
-    dt_min: float = 0.001  # softplus(dt_proj.bias) starts log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1  # upper end of that initial range
+    dt_min: float = positive(0.001)  # softplus(dt_proj.bias) starts log-uniform in [dt_min, dt_max]
+    dt_max: float = positive(0.1)  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
     allow_neg_eigval: bool = False  # decay 2 exp(dt A) - 1: negative eigenvalues
 
@@ -154,5 +154,5 @@ class Mamba(SelectiveBlock):
     def ssm(self, x, dt, Bm, Cm, h, cu_seqlens):
         dt = F.softplus(self.dt_proj(dt).to(x.dtype))  # (B, T, E)
         A = -torch.exp(self.A_log.to(x.dtype))  # (E, N)
-        return selective_scan(x, dt, A, Bm, Cm, None, None, h, neg_eigval=self.config.allow_neg_eigval,
+        return selective_scan(x, dt, A, Bm, Cm, None, None, h, allow_neg_eigval=self.config.allow_neg_eigval,
                               cu_seqlens=cu_seqlens)

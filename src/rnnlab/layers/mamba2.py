@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule, gated_delta_rule_normalised
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import ShortConv, default_init_, inverse_softplus, log_uniform_dt
 from .state import State
 
@@ -48,19 +48,19 @@ __all__ = ["Mamba2Config", "Mamba2State", "Mamba2"]
 @dataclass
 class Mamba2Config(MixerConfig):
     d_state: int = 64  # N
-    expand: int = 2  # E = expand · d_model
-    head_dim: int = 64  # P
-    n_groups: int = 1  # G groups sharing B and C
-    conv_size: int = 4  # W
+    expand: int = at_least(1, 2)  # E = expand · d_model
+    head_dim: int = at_least(1, 64)  # P
+    n_groups: int = at_least(1, 1)  # G groups sharing B and C
+    conv_size: int = at_least(1, 4)  # W, causal depthwise conv width (always on)
     conv_bias: bool = True  # bias of the conv
     bias: bool = False  # biases of in_proj and out_proj
     A_init_range: tuple[float, float] = (1.0, 16.0)  # A ~ U(range), A_log = log A
-    dt_min: float = 0.001  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
-    dt_max: float = 0.1  # upper end of that initial range
+    dt_min: float = positive(0.001)  # softplus(dt_bias) starts log-uniform in [dt_min, dt_max]
+    dt_max: float = positive(0.1)  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
-    norm_eps: float = 1e-5  # epsilon of the gated RMSNorm
-    state_norm_max: float = 0.0  # > 0: bound on the Frobenius norm of each sequence's state S (state normalisation); 0: off
-    decay_scale: float = 1.0  # the log decay dt·A is multiplied by this (> 1 forgets faster; 1: the trained decay)
+    norm_eps: float = positive(1e-5)  # epsilon of the gated RMSNorm
+    state_norm_max: float = at_least(0.0, 0.0)  # > 0: bound on the Frobenius norm of each sequence's state S (state normalisation); 0: off
+    decay_scale: float = positive(1.0)  # the log decay dt·A is multiplied by this (> 1 forgets faster; 1: the trained decay)
     d_inner: int = 0  # derived: E
     num_heads: int = 0  # derived: H
 
@@ -72,11 +72,6 @@ class Mamba2Config(MixerConfig):
         self.num_heads = self.d_inner // self.head_dim
         if self.num_heads % self.n_groups:
             raise ValueError(f"num_heads={self.num_heads} is not divisible by n_groups={self.n_groups}")
-        if isinstance(self.state_norm_max, bool) or not isinstance(self.state_norm_max, (int, float)) \
-                or self.state_norm_max < 0:
-            raise ValueError(f"state_norm_max must be a number >= 0 (0: off), got {self.state_norm_max!r}")
-        if isinstance(self.decay_scale, bool) or not isinstance(self.decay_scale, (int, float)) or self.decay_scale <= 0:
-            raise ValueError(f"decay_scale must be a number > 0, got {self.decay_scale!r}")
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.mlstm import mlstm
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import ShortConv
 from .state import State
 
@@ -52,10 +52,10 @@ __all__ = ["MLSTMConfig", "MLSTMState", "MLSTM", "MLSTM7BConfig", "MLSTM7BState"
 
 @dataclass
 class MLSTMConfig(MixerConfig):
-    num_heads: int = 4  # H
-    proj_factor: float = 2.0  # E = proj_factor · d_model
-    conv_size: int = 4  # causal conv width on the q/k path
-    norm_eps: float = 1e-5  # epsilon of the per-head layer norm (xLSTM's MultiHeadLayerNorm default)
+    num_heads: int = at_least(1, 4)  # H
+    proj_factor: float = positive(2.0)  # E = proj_factor · d_model
+    conv_size: int = at_least(1, 4)  # W, causal conv width on the q/k path (always on)
+    norm_eps: float = positive(1e-5)  # epsilon of the per-head layer norm (xLSTM's MultiHeadLayerNorm default)
     d_inner: int = 0  # derived: E
 
     def __post_init__(self) -> None:
@@ -144,12 +144,12 @@ class MLSTM(Mixer):
 
 @dataclass
 class MLSTM7BConfig(MixerConfig):
-    num_heads: int = 8  # H
+    num_heads: int = at_least(1, 8)  # H
     qk_dim_factor: float = 0.5  # q and k are int(qk_dim_factor · d_model) wide
     v_dim_factor: float = 1.0  # v and the output gate are int(v_dim_factor · d_model) wide
     gate_softcap: float | None = 15.0  # input/forget gate pre-activations z -> c·tanh(z / c); None = no cap
     eps: float = 1e-6  # added to the stabilised denominator of h (the op's eps)
-    norm_eps: float = 1e-6  # epsilon of the per-head layer norm
+    norm_eps: float = positive(1e-6)  # epsilon of the per-head layer norm
     bias: bool = False  # biases in the q, k, v, output-gate and output projections and the norm
     init_layers: int = 1  # L in out_proj's "wang init" std 2 / (L · sqrt(D)) (xLSTM 7B: the model's depth)
     qk_dim: int = 0  # derived: H·K
@@ -164,8 +164,8 @@ class MLSTM7BConfig(MixerConfig):
                                  f"num_heads={self.num_heads}")
         if self.gate_softcap is not None and not self.gate_softcap > 0:
             raise ValueError(f"gate_softcap must be > 0 or None, got {self.gate_softcap!r}")
-        if not self.eps >= 0 or not self.norm_eps > 0:
-            raise ValueError(f"eps must be >= 0 and norm_eps > 0, got {self.eps!r}, {self.norm_eps!r}")
+        if not self.eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {self.eps!r}")
         if not isinstance(self.init_layers, int) or self.init_layers < 1:
             raise ValueError(f"init_layers must be an int >= 1, got {self.init_layers!r}")
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.lti import lti
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .state import State
 
 __all__ = ["S4DConfig", "S4DState", "S4D"]
@@ -40,8 +40,8 @@ __all__ = ["S4DConfig", "S4DState", "S4D"]
 class S4DConfig(MixerConfig):
     d_state: int = 64  # N (N/2 complex conjugate pairs kept)
     init: str = "lin"  # "lin" (S4D-Lin: -1/2 + iπn) or "real" (S4D-Real: -(n+1))
-    dt_min: float = 0.001  # log dt starts uniform in [log dt_min, log dt_max]
-    dt_max: float = 0.1  # upper end of that initial range
+    dt_min: float = positive(0.001)  # log dt starts uniform in [log dt_min, log dt_max]
+    dt_max: float = positive(0.1)  # upper end of that initial range
 
     def __post_init__(self) -> None:
         super().__post_init__()

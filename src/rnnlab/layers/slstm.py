@@ -45,7 +45,7 @@ from torch import nn
 
 from ..ops import rnn_newton, rnn_sequential
 from ..ops.newton import check_newton_block
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .common import ShortConv
 from .state import State
 
@@ -92,7 +92,7 @@ class SLSTMConfig(MixerConfig):
     num_heads: int = 4  # heads H (block-diagonal R and W); the reference's default
     conv_size: int = 4  # width of the causal conv feeding the i and f gates (0 = none)
     parallel: bool = False  # Newton-parallel form (DEER / ParaRNN) instead of the sequential loop
-    norm_eps: float = 1e-5  # epsilon of the per-head output LayerNorm
+    norm_eps: float = positive(1e-5)  # epsilon of the per-head output LayerNorm
     head_dim: int = 0  # derived: K = d_model // num_heads
 
     def __post_init__(self) -> None:

@@ -41,7 +41,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.memory import MemoryState, neural_memory
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import GatedRMSNorm, ShortConv, default_init_, normal_linears_
 from .state import State
 
@@ -56,8 +56,8 @@ class TitansConfig(MixerConfig):
     chunk_size: int = 16  # b: tokens per mini-batch of the inner gradient descent
     forget_to_init: bool = False  # forgetting pulls toward the learned initial memory instead of zero
     max_lr: float = 0.03  # θ_t = max_lr · sigmoid(·); 0.1 let the MLP memory diverge on inputs of std 3
-    conv_size: int = 4  # W, causal depthwise conv width after the q, k, v projections
-    norm_eps: float = 1e-5  # epsilon of the per-head output norm
+    conv_size: int = at_least(1, 4)  # W, causal depthwise conv width after the q, k, v projections (always on)
+    norm_eps: float = positive(1e-5)  # epsilon of the per-head output norm
     head_dim: int = 0  # derived: K = d_model / H
 
     def __post_init__(self) -> None:
@@ -66,9 +66,8 @@ class TitansConfig(MixerConfig):
             raise ValueError(f"num_heads={self.num_heads} must be >= 1 and divide d_model={self.d_model}")
         if self.memory not in ("mlp", "linear"):
             raise ValueError(f"memory must be 'mlp' or 'linear', got {self.memory!r}")
-        if self.memory_expand < 1 or self.chunk_size < 1 or self.conv_size < 1:
-            raise ValueError(f"memory_expand, chunk_size and conv_size must be >= 1, got {self.memory_expand}, "
-                             f"{self.chunk_size}, {self.conv_size}")
+        if self.memory_expand < 1 or self.chunk_size < 1:
+            raise ValueError(f"memory_expand and chunk_size must be >= 1, got {self.memory_expand}, {self.chunk_size}")
         if self.max_lr <= 0:
             raise ValueError(f"max_lr must be > 0, got {self.max_lr}")
         self.head_dim = self.d_model // self.num_heads

@@ -47,7 +47,7 @@ from torch import nn
 
 from ..ops.ttt import TTTState as InnerState
 from ..ops.ttt import default_token_eta, minibatch_places, ttt
-from .base import Mixer, MixerConfig, state_batch
+from .base import Mixer, MixerConfig, positive, state_batch
 from .common import apply_rope, default_init_, normal_linears_
 from .state import State
 
@@ -62,9 +62,9 @@ class TTTConfig(MixerConfig):
     chunk_size: int = 16  # b: tokens per mini-batch of the inner gradient descent
     base_lr: float = 1.0  # eta_t = base_lr · sigmoid(w_h · x_t + c_h) / K (0.1 for TTT-MLP)
     rope: bool = True  # RoPE on q and k at the place within the mini-batch, as the reference
-    rope_theta: float = 10000.0  # RoPE base
+    rope_theta: float = positive(10000.0)  # RoPE base
     use_gate: bool = False  # gate the output by gelu(W_g x) (the reference's Mamba backbone)
-    norm_eps: float = 1e-6  # epsilon of the inner LayerNorm and of the output LayerNorm
+    norm_eps: float = positive(1e-6)  # epsilon of the inner LayerNorm and of the output LayerNorm
     head_dim: int = 0  # derived: K = d_model / H
 
     def __post_init__(self) -> None:
@@ -78,8 +78,6 @@ class TTTConfig(MixerConfig):
                 raise ValueError(f"{name} must be an int >= 1, got {getattr(self, name)!r}")
         if not self.base_lr > 0:
             raise ValueError(f"base_lr must be > 0, got {self.base_lr}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         self.head_dim = self.d_model // self.num_heads
         if self.rope and self.head_dim % 2:
             raise ValueError(f"rope=True needs an even head dim, got K = d_model / num_heads = {self.head_dim}")

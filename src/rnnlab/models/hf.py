@@ -214,7 +214,7 @@ def _recurrent_gemma_config(cfg: dict) -> LMConfig:
     G, E = cfg.get("num_key_value_heads") or H, cfg.get("lru_width") or D
     theta, frac = _rope_of(cfg)
     cap = cfg.get("logits_soft_cap", 30.0)
-    rec = f"rg_lru(lru_width={E},num_heads={H},conv_width={cfg.get('conv1d_width', 4)},init_layers={n})"
+    rec = f"rg_lru(lru_width={E},num_heads={H},conv_size={cfg.get('conv1d_width', 4)},init_layers={n})"
     att = (f"swa(window={cfg.get('attention_window_size', 2048)},num_heads={H},num_kv_heads={G},head_dim={D // H},"
            f"rope_theta={theta!r},rope_fraction={frac!r},bias={bool(cfg.get('attention_bias', False))},out_bias=True)")
     kinds = list(cfg.get("block_types") or ("recurrent", "recurrent", "attention"))[:n]
@@ -262,7 +262,7 @@ def _recurrent_gemma_export(model: LM) -> dict:
             "num_hidden_layers": c.n_layers, "num_attention_heads": H,
             "num_key_value_heads": a.num_kv_heads if a is not None else H, "head_dim": c.d_model // H,
             "lru_width": r.lru_width if r is not None else c.d_model,
-            "conv1d_width": r.conv_width if r is not None else 4,
+            "conv1d_width": r.conv_size if r is not None else 4,
             "attention_window_size": a.window if a is not None else 2048,
             "block_types": _period(["recurrent" if b.name == "rg_lru" else "attention" for b in c.blocks]),
             "logits_soft_cap": c.logit_softcap, "rms_norm_eps": c.norm_eps, "hidden_activation": "gelu_pytorch_tanh",

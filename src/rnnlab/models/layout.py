@@ -6,6 +6,9 @@ A layout is a comma-separated pattern of items, cycled over the model's blocks:
 * ``name(opt=value, ...)`` — the same with config options, e.g. ``swa(window=256,sinks=4)``;
 * ``item*n`` — the item repeated n times, e.g. ``gated_deltanet*3,attention``;
 * ``mlp`` — a block with an MLP only (for layouts such as Samba's ``mamba,mlp,swa,mlp``).
+
+Options a mixer has renamed are still read under their old names (with a DeprecationWarning);
+:func:`upgrade_layout` rewrites a layout with the new names.
 """
 from __future__ import annotations
 
@@ -14,9 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .registry import get_spec, make_config
+from .registry import REGISTRY, get_spec, make_config, upgrade_options
 
-__all__ = ["BlockSpec", "parse_layout"]
+__all__ = ["BlockSpec", "parse_layout", "upgrade_layout"]
 
 _ITEM = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(?:\((.*)\))?\s*(?:\*\s*(\d+))?\s*$")
 
@@ -81,10 +84,29 @@ def parse_layout(layout: str, n_layers: int, d_model: int) -> tuple[BlockSpec, .
             if options:
                 raise ValueError("an 'mlp' layout item takes no options (set mlp/d_ff on the model config)")
         else:
+            options = upgrade_options(name, options)
             make_config(name, d_model, **options)  # checks the name and the options now
-            get_spec(name)
         pattern += [BlockSpec(name, tuple(sorted(options.items())))] * times
     return tuple(_with_depth(pattern[i % len(pattern)], i, n_layers) for i in range(n_layers))
+
+
+def upgrade_layout(layout: str) -> str:
+    """``layout`` with every option a mixer has renamed written under its new name (a
+    DeprecationWarning for each), e.g. ``rg_lru(conv_width=4)*2,swa`` -> ``rg_lru(conv_size=4)*2,swa``.
+    Everything else is kept as written; items that do not parse are left for :func:`parse_layout`."""
+    if not isinstance(layout, str):
+        return layout
+    items = []
+    for item in _split_top(layout):
+        m = _ITEM.match(item)
+        if m and m.group(2) and m.group(1) in REGISTRY and REGISTRY[m.group(1)].config.renamed:
+            opts = [kv.split("=", 1) for kv in _split_top(m.group(2))]
+            old = {kv[0].strip(): kv[1].strip() for kv in opts if len(kv) == 2}
+            if len(old) == len(opts) and set(old) & set(REGISTRY[m.group(1)].config.renamed):
+                new = upgrade_options(m.group(1), old)
+                item = item[:m.start(2)] + ",".join(f"{key}={val}" for key, val in new.items()) + item[m.end(2):]
+        items.append(item)
+    return ",".join(items)
 
 
 def _with_depth(spec: BlockSpec, index: int, n_layers: int) -> BlockSpec:

@@ -35,7 +35,7 @@ from ..layers.base import Mixer, check_prefix_len, check_tokens_input
 from ..ops.bounds import check_cu_seqlens, state_rows
 from ..layers.common import NORM_TYPES, RMSNorm
 from ..layers.state import State, StateError
-from .layout import BlockSpec, parse_layout
+from .layout import BlockSpec, parse_layout, upgrade_layout
 from .registry import OptionError, build_mixer
 
 __all__ = ["LMConfig", "LM", "ModelState", "MLP", "build_model", "load_model", "atomic_write", "is_temp",
@@ -82,6 +82,7 @@ class LMConfig:
         if self.d_ff is None:
             raw = 4 * self.d_model if self.mlp == "gelu" else 8 * self.d_model / 3
             self.d_ff = int(64 * math.ceil(raw / 64))
+        self.layout = upgrade_layout(self.layout)  # renamed mixer options: saved under their new names
         self.blocks = parse_layout(self.layout, self.n_layers, self.d_model)
 
     def to_dict(self) -> dict:

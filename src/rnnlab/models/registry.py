@@ -6,6 +6,7 @@ the README's mixer table and the shared property tests (so a mixer added here is
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,8 @@ from ..layers.deltaproduct import GatedDeltaProduct, GatedDeltaProductConfig
 from ..layers.kda import KDA, KDAConfig
 from ..layers.mom import MoM, MoMConfig
 
-__all__ = ["UnknownMixerError", "OptionError", "MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config", "options_help"]
+__all__ = ["UnknownMixerError", "OptionError", "MixerSpec", "REGISTRY", "mixers", "get_spec", "build_mixer", "make_config",
+           "options_help", "upgrade_options"]
 
 
 @dataclass(frozen=True)
@@ -295,9 +297,27 @@ def get_spec(name: str) -> MixerSpec:
     return REGISTRY[name]
 
 
+def upgrade_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` of mixer ``name`` with the option names its config has renamed (``renamed``)
+    written the new way, each with a DeprecationWarning naming the new option."""
+    renamed = get_spec(name).config.renamed
+    out = {}
+    for key, value in options.items():
+        new = renamed.get(key, key)
+        if new != key:
+            if new in options:
+                raise OptionError(f"mixer {name!r}: {key} is the old name of {new}; give {new} only")
+            warnings.warn(f"mixer {name!r}: option {key} is now called {new}; write {new}=...",
+                          DeprecationWarning, stacklevel=3)
+        out[new] = value
+    return out
+
+
 def make_config(name: str, d_model: int, **options: Any) -> MixerConfig:
-    """The config of mixer ``name`` at width ``d_model`` with ``options`` set (names checked)."""
+    """The config of mixer ``name`` at width ``d_model`` with ``options`` set (names checked; old
+    names of renamed options are accepted, see :func:`upgrade_options`)."""
     spec = get_spec(name)
+    options = upgrade_options(name, options)
     names = {f.name for f in dataclasses.fields(spec.config) if f.init}
     unknown = set(options) - names
     if unknown:

@@ -3,7 +3,7 @@
 Per channel d and state index n:
     h_t[d, n] = exp(dt_t[d] A[d, n]) h_{t-1}[d, n] + dt_t[d] B_t[n] u_t[d],
     y_t[d]    = sum_n C_t[n] h_t[d, n] + D[d] u_t[d],   then y_t *= silu(z_t) if z is given.
-With ``neg_eigval=True`` the decay is ``2 exp(dt A) - 1`` in (-1, 1) (Grazzi et al. 2024).
+With ``allow_neg_eigval=True`` the decay is ``2 exp(dt A) - 1`` in (-1, 1) (Grazzi et al. 2024).
 
 Shapes: u, dt, z (B, T, D); A (D, N); B, C (B, T, N) or (B, T, G, N) with G groups dividing D;
 D (D,); state h (B, D, N). y is returned in u's dtype, the state in float32 or wider. The
@@ -59,9 +59,9 @@ def _per_channel(X: torch.Tensor, Dm: int) -> torch.Tensor:
     return X.repeat_interleave(Dm // X.shape[2], dim=2)  # (B, T, D, N)
 
 
-def _decay(dt, A, neg_eigval):
+def _decay(dt, A, allow_neg_eigval):
     a = torch.exp(dt.unsqueeze(-1) * A)  # (B, T, D, N)
-    return 2 * a - 1 if neg_eigval else a
+    return 2 * a - 1 if allow_neg_eigval else a
 
 
 def _finish(y, u, D, z):
@@ -72,7 +72,8 @@ def _finish(y, u, D, z):
     return y
 
 
-def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, cu_seqlens=None):
+def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None, allow_neg_eigval=False,
+                             cu_seqlens=None):
     """The definition: a loop over time. Returns (y (B, T, D), final_state (B, D, N)); with
     ``cu_seqlens`` h is reset to sequence n's initial state (row n, or zeros) at its first token
     and the final state is (N, D, N)."""
@@ -85,14 +86,14 @@ def selective_scan_recurrent(u, dt, A, B, C, D=None, z=None, initial_state=None,
     h, ys = None, []
     for t in range(u.shape[1]):
         h = carry.enter(t, h)
-        h = _decay(dt[:, t], A, neg_eigval) * h + (dt[:, t] * u[:, t]).unsqueeze(-1) * Bc[:, t]  # (B, D, N)
+        h = _decay(dt[:, t], A, allow_neg_eigval) * h + (dt[:, t] * u[:, t]).unsqueeze(-1) * Bc[:, t]  # (B, D, N)
         carry.leave(t, h)
         ys.append((h * Cc[:, t]).sum(-1))  # (B, D)
     y = _finish(torch.stack(ys, dim=1), u, None if D is None else D.to(acc), None if z is None else z.to(acc))
     return y.to(dtype), carry.final()
 
 
-def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=False):
+def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, allow_neg_eigval=False):
     """One token: u, dt, z (B, D); B, C (B, N) or (B, G, N); state (B, D, N). Returns (y (B, D), state).
 
     The loop's update written for one token, with no per-call bookkeeping: decoding runs it once
@@ -102,30 +103,30 @@ def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, neg_eigval=F
     Bc = B.to(acc)[:, None] if B.dim() == 2 else B.to(acc).repeat_interleave(u.shape[1] // B.shape[1], dim=1)
     Cc = C.to(acc)[:, None] if C.dim() == 2 else C.to(acc).repeat_interleave(u.shape[1] // C.shape[1], dim=1)
     h = u.new_zeros(*u.shape, A.shape[-1]) if state is None else state.to(acc)  # (B, D, N)
-    h = torch.addcmul(_decay(dt, A, neg_eigval) * h, (dt * u).unsqueeze(-1), Bc)  # (B, D, N)
+    h = torch.addcmul(_decay(dt, A, allow_neg_eigval) * h, (dt * u).unsqueeze(-1), Bc)  # (B, D, N)
     y = (h * Cc).sum(-1)  # (B, D)
     y = _finish(y, u, None if D is None else D.to(acc), None if z is None else z.to(acc))
     return y.to(dtype), h
 
 
-def one_token(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False):
+def one_token(u, dt, A, B, C, D=None, z=None, initial_state=None, allow_neg_eigval=False):
     """The step form on a sequence of one token (u (B, 1, D), ...): what the dispatch runs when
     decoding. Returns (y (B, 1, D), final_state (B, D, N))."""
     y, h = selective_scan_step(u[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, None if z is None else z[:, 0],
-                               initial_state, neg_eigval)
+                               initial_state, allow_neg_eigval)
     return y[:, None], h
 
 
-def _chunk(u, dt, B, C, h, A, neg_eigval, cu_seqlens=None):
+def _chunk(u, dt, B, C, h, A, allow_neg_eigval, cu_seqlens=None):
     """One time-chunk on family A: (B, Tc, D), ... , h (B, D, N) -> y without D/z (B, Tc, D), h
     (packed: h and the result one row per sequence piece of ``cu_seqlens``)."""
-    a = _decay(dt, A, neg_eigval)  # (B, Tc, D, N)
+    a = _decay(dt, A, allow_neg_eigval)  # (B, Tc, D, N)
     b = (dt * u).unsqueeze(-1) * _per_channel(B, u.shape[2])  # (B, Tc, D, N)
     hs, h_last = linear_scan(a, b, h, cu_seqlens=cu_seqlens)
     return (hs * _per_channel(C, u.shape[2])).sum(-1), h_last  # (B, Tc, D)
 
 
-def selective_scan_chunked(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None,
+def selective_scan_chunked(u, dt, A, B, C, D=None, z=None, initial_state=None, allow_neg_eigval=False, chunk_size=None,
                            cu_seqlens=None):
     """Time-chunked form; same arguments and results as :func:`selective_scan_recurrent`.
 
@@ -142,17 +143,17 @@ def selective_scan_chunked(u, dt, A, B, C, D=None, z=None, initial_state=None, n
     zeros = lambda rows: u_.new_zeros(rows, *A.shape)  # noqa: E731
     if cu is None:
         h = zeros(u.shape[0]) if initial_state is None else initial_state.to(acc)
-        y, h = over_time_chunks(lambda u, dt, B, C, h: _chunk(u, dt, B, C, h, A_, neg_eigval),
+        y, h = over_time_chunks(lambda u, dt, B, C, h: _chunk(u, dt, B, C, h, A_, allow_neg_eigval),
                                 (u_, dt_, B_, C_), h, chunk_size)
     else:
-        y, h = over_time_chunks(lambda u, dt, B, C, h, cu: _chunk(u, dt, B, C, h, A_, neg_eigval, cu),
+        y, h = over_time_chunks(lambda u, dt, B, C, h, cu: _chunk(u, dt, B, C, h, A_, allow_neg_eigval, cu),
                                 (u_, dt_, B_, C_), None if initial_state is None else initial_state.to(acc),
                                 chunk_size, cu, zeros)
     y = _finish(y, u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
     return y.to(u.dtype), h
 
 
-def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigval=False, chunk_size=None,
+def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, allow_neg_eigval=False, chunk_size=None,
                    cu_seqlens=None):
     """The selective scan — the form layers call; same arguments and results as
     :func:`selective_scan_recurrent`. The form comes from :func:`rnnlab.ops.registry.select`: the
@@ -163,6 +164,6 @@ def selective_scan(u, dt, A, B, C, D=None, z=None, initial_state=None, neg_eigva
     form, backend = select("selective_scan", u=u, dt=dt, A=A, B=B, C=C, D=D, z=z, initial_state=initial_state,
                            cu_seqlens=cu_seqlens)
     if form == "step":
-        return one_token(u, dt, A, B, C, D, z, initial_state, neg_eigval)
-    return implementation("selective_scan", form, backend)(u, dt, A, B, C, D, z, initial_state, neg_eigval,
+        return one_token(u, dt, A, B, C, D, z, initial_state, allow_neg_eigval)
+    return implementation("selective_scan", form, backend)(u, dt, A, B, C, D, z, initial_state, allow_neg_eigval,
                                                            chunk_size, cu_seqlens)
