@@ -97,18 +97,28 @@ def _cells(*argv):
     return bench.resolve(parser, parser.parse_args(["--list", *argv]))
 
 
-def test_state_tracking_cells_train_to_their_own_target():
-    """cpu-small's parity cells train until the validation set is perfect (longer than the other
-    settings' early stop, for extrapolation); --target and --steps still override every cell."""
+def test_state_tracking_cells_train_their_whole_budget():
+    """cpu-small's parity cells have no early stop (stopping once the training lengths are solved
+    costs extrapolation) while the other settings keep the preset's target; --target brings the
+    stop back and --steps overrides every budget."""
     preset, cells = _cells("--preset", "cpu-small")
     parity = [c for c in cells if c.setting.family == "state"]
     assert {c.mixer for c in parity} == {"deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
                                          "mamba(allow_neg_eigval=True)"}
-    assert {(c.target, c.steps, c.d_model) for c in parity} == {(1.0, 500, 32)}
+    assert {(c.target, c.steps, c.d_model) for c in parity} == {(None, 500, 32)}
     assert {c.target for c in cells if c.setting.family != "state"} == {preset.target} and preset.target < 1.0
-    assert json.loads(parity[0].key(preset))["target"] == 1.0
+    assert json.loads(parity[0].key(preset))["target"] is None
     _, cells = _cells("--preset", "cpu-small", "--tasks", "state", "--target", "0.9", "--steps", "7")
     assert {(c.target, c.steps) for c in cells} == {(0.9, 7)}
+
+
+@pytest.mark.parametrize("target, steps", [(0.5, 4), (None, 8)])
+def test_a_cell_without_target_runs_its_whole_budget(target, steps, tmp_path, monkeypatch):
+    preset, cells = _cells("--preset", "tiny", "--tasks", "copy", "--mixers", "attention")
+    monkeypatch.setattr(bench, "evaluate_task", lambda *a: dict(accuracy=1.0, exact_match=1.0))
+    row = bench.run_cell(bench.replace(cells[0], target=target), preset, tmp_path / "run", bench.torch.device("cpu"),
+                         keep_checkpoints=False)
+    assert (row["steps"], row["early_stop"]) == (steps, target is not None)  # eval_every 4 of a budget of 8
 
 
 def test_cpu_tracking_preset_compares_householder_steps_on_s3(tmp_path):
