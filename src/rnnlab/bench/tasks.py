@@ -35,14 +35,14 @@ Presets:
 
 * ``tiny``: a smoke run of every family (d_model 32, 8 steps; Gated DeltaProduct on parity too):
   seconds; the tests run it;
-* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 30
+* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 35
   minutes (extrapolated from single cells measured on this host): MQAR (T 64, 8 pairs,
   vocabulary 64, up to 1200 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
   (widen it with ``--tasks mqar --d-models 32 64 128``), parity with and without negative
   eigenvalues (DeltaNet, Mamba; d_model 32; each cell trains its whole 500 steps, with no early
-  stop: stopping once the training lengths are solved costs extrapolation), passkey 64 -> 1024 tokens, set disjointness (sets
-  of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
-  d_model 32);
+  stop: stopping once the training lengths are solved costs extrapolation), passkey 64 -> 1024
+  tokens, set disjointness (sets of 2 and 8 out of 32 elements) short or long set first, read
+  once or twice (Gated DeltaNet, d_model 32);
 * ``cpu-tracking``: permutation composition in S3 on a CPU: one layer (d_model 32) of Gated DeltaNet
   with negative eigenvalues (one Householder step per token, n_h = 1) against Gated DeltaProduct
   (n_h = 2, negative eigenvalues), trained on lengths 3-24 until the validation set is perfect or
