@@ -5,8 +5,9 @@ builds a model of the preset's ``n_layers`` blocks of one mixer with the setting
 trains it with :func:`rnnlab.train.train` on fresh batches of the task (AdamW, linear warmup then
 a constant learning rate, so that stopping early is the same run cut short) for at most
 ``--steps`` steps, checks the accuracy on a validation set every ``eval_every`` steps and stops as
-soon as it reaches ``--target`` (default: the setting's target, else the preset's), then scores the model on the setting's test sets
-(:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored positions, exact match per example).
+soon as it reaches ``--target`` (default: the setting's target, else the preset's), then scores the
+model on the setting's test sets (:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored
+positions, exact match per example).
 The test sets are the same for every cell of a setting.
 
 The settings (``--tasks`` picks families or setting names; the preset gives the sizes):
