@@ -88,4 +88,53 @@ def test_presets_list_their_cells(capsys):
     for preset in bench.PRESETS:
         bench.main(["--preset", preset, "--list"])
         text = capsys.readouterr().out
-        assert text.strip().endswith("cells") and all(s.name in text for s in bench.PRESETS[preset].settings)
+        assert text.strip().endswith("cells")
+        assert all(f"{s.name}__" in text for s in bench.PRESETS[preset].settings)  # every setting has cells
+
+
+def _cells(*argv):
+    parser = bench.build_parser()
+    return bench.resolve(parser, parser.parse_args(["--list", *argv]))
+
+
+def test_state_tracking_cells_train_their_whole_budget():
+    """cpu-small's parity cells have no early stop (stopping once the training lengths are solved
+    costs extrapolation) while the other settings keep the preset's target; --target brings the
+    stop back and --steps overrides every budget."""
+    preset, cells = _cells("--preset", "cpu-small")
+    parity = [c for c in cells if c.setting.family == "state"]
+    assert {c.mixer for c in parity} == {"deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
+                                         "mamba(allow_neg_eigval=True)"}
+    assert {(c.target, c.steps, c.d_model) for c in parity} == {(None, 500, 32)}
+    assert {c.target for c in cells if c.setting.family != "state"} == {preset.target} and preset.target < 1.0
+    assert json.loads(parity[0].key(preset))["target"] is None
+    _, cells = _cells("--preset", "cpu-small", "--tasks", "state", "--target", "0.9", "--steps", "7")
+    assert {(c.target, c.steps) for c in cells} == {(0.9, 7)}
+
+
+@pytest.mark.parametrize("target, steps", [(0.5, 4), (None, 8)])
+def test_a_cell_without_target_runs_its_whole_budget(target, steps, tmp_path, monkeypatch):
+    preset, cells = _cells("--preset", "tiny", "--tasks", "copy", "--mixers", "attention")
+    monkeypatch.setattr(bench, "evaluate_task", lambda *a: dict(accuracy=1.0, exact_match=1.0))
+    row = bench.run_cell(bench.replace(cells[0], target=target), preset, tmp_path / "run", bench.torch.device("cpu"),
+                         keep_checkpoints=False)
+    assert (row["steps"], row["early_stop"]) == (steps, target is not None)  # eval_every 4 of a budget of 8
+
+
+def test_cpu_tracking_preset_compares_householder_steps_on_s3(tmp_path):
+    """cpu-tracking: one layer of Gated DeltaNet with negative eigenvalues (one reflection per
+    token) against Gated DeltaProduct (two), on S3 trained at 3-24 and tested up to 128."""
+    preset, cells = _cells("--preset", "cpu-tracking")
+    assert preset.n_layers == 1
+    assert [(c.setting.name, c.mixer, c.seed) for c in cells] == [
+        ("state-s3", m, s) for m in ("gated_deltanet(allow_neg_eigval=True)", "gated_deltaproduct") for s in (0, 1)]
+    assert [label for label, _, _ in cells[0].setting.tests] == ["3-24", "25-64", "65-128"]
+    assert cells[0].setting.train.group == "s3" and {(c.target, c.steps) for c in cells} == {(1.0, 600)}
+    small = bench.replace(preset, val_examples=4, test_examples=4, warmup=1)
+    row = bench.run_cell(bench.replace(cells[-1], steps=1), small, tmp_path / "run", bench.torch.device("cpu"),
+                         keep_checkpoints=False)
+    assert row["steps"] == 1 and set(row["tests"]) == {"3-24", "25-64", "65-128"}
+    model = bench.build_model(layout=bench.layout_for(cells[-1].mixer, preset), n_layers=1, d_model=32,
+                              vocab_size=7)
+    mixer = model.blocks[0].mixer
+    assert mixer.config.num_householder == 2 and mixer.config.allow_neg_eigval

@@ -44,7 +44,7 @@ def test_every_mixer_trains_a_step_on_every_task(name, one_thread):
 def _cell(setting, mixer, d_model, lr, steps, **preset):
     p = bench.Preset(mixers=(mixer,), d_models=(d_model,), lrs=(lr,), seeds=(0,), settings=(setting,), steps=steps,
                      **preset)
-    return bench.Cell(setting, mixer, d_model, lr, 0, steps), p
+    return bench.Cell(setting, mixer, d_model, lr, 0, steps, p.target), p
 
 
 def test_two_layer_attention_solves_small_mqar(tmp_path, one_thread):

@@ -5,15 +5,17 @@ builds a model of the preset's ``n_layers`` blocks of one mixer with the setting
 trains it with :func:`rnnlab.train.train` on fresh batches of the task (AdamW, linear warmup then
 a constant learning rate, so that stopping early is the same run cut short) for at most
 ``--steps`` steps, checks the accuracy on a validation set every ``eval_every`` steps and stops as
-soon as it reaches ``--target``, then scores the model on the setting's test sets
-(:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored positions, exact match per example).
+soon as it reaches ``--target`` (default: the setting's target, else the preset's), then scores the
+model on the setting's test sets (:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored
+positions, exact match per example).
 The test sets are the same for every cell of a setting.
 
 The settings (``--tasks`` picks families or setting names; the preset gives the sizes):
 
 * ``mqar``: Zoology's MQAR at several (seq_len, kv_pairs); tested at the trained setting;
 * ``state``: running parity / sums mod 3 and 5 / products in S3 and S5, trained on lengths 3-40,
-  tested on the training lengths and on 41-64, 65-128 and 129-256;
+  tested on the training lengths and on 41-64, 65-128 and 129-256 (``cpu-tracking``'s S3: trained on
+  3-24, tested there and on 25-64 and 65-128);
 * ``passkey``: trained at one length, tested at 1x, 2x, 4x, 8x and 16x that length; each cell
   also records the norm of every recurrent layer's state against position up to 16x, the
   accuracy on training-length examples after filler up to 16x (collapse without forgetting), and,
@@ -40,13 +42,19 @@ Presets:
 
 * ``tiny``: a smoke run of every family (d_model 32, 8 steps; Gated DeltaProduct on parity too):
   seconds; the tests run it;
-* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 30
+* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 35
   minutes (extrapolated from single cells measured on this host): MQAR (T 64, 8 pairs,
   vocabulary 64, up to 1200 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
   (widen it with ``--tasks mqar --d-models 32 64 128``), parity with and without negative
-  eigenvalues (DeltaNet, Mamba; d_model 32), passkey 64 -> 1024 tokens, set disjointness (sets
-  of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
-  d_model 32);
+  eigenvalues (DeltaNet, Mamba; d_model 32; each cell trains its whole 500 steps, with no early
+  stop: stopping once the training lengths are solved costs extrapolation), passkey 64 -> 1024
+  tokens, set disjointness (sets of 2 and 8 out of 32 elements) short or long set first, read
+  once or twice (Gated DeltaNet, d_model 32);
+* ``cpu-tracking``: permutation composition in S3 on a CPU: one layer (d_model 32) of Gated DeltaNet
+  with negative eigenvalues (one Householder step per token, n_h = 1) against Gated DeltaProduct
+  (n_h = 2, negative eigenvalues), trained on lengths 3-24 until the validation set is perfect or
+  600 steps, tested at 3-24, 25-64 and 65-128, seeds 0 and 1: one reflection per token cannot
+  express S3's rotations (its 3-cycles) in one layer, a product of two can;
 * ``cpu-jrt``: set disjointness where the long set overflows a small recurrent state: sets of 4
   and 32 out of 128 elements (``setdisj-*``) and of 4 and 16 out of 64 (``setdisj-16-*``), short
   or long set first, read once or twice, for attention, Gated DeltaNet, RetNet and Mamba-2 with
@@ -110,6 +118,8 @@ class Setting:
     mixers: tuple[str, ...] = ()  # the mixers this setting trains (empty: the preset's); --mixers overrides
     d_models: tuple[int, ...] = ()  # the widths this setting trains (empty: the preset's); --d-models overrides
     steps: int = 0  # this setting's step budget per cell (0: the preset's); --steps overrides
+    target: float | None = 0.0  # this setting's early-stop validation accuracy (0: the preset's; None: no early
+    # stop, every cell trains its whole step budget); --target overrides
 
 
 @dataclass(frozen=True)
@@ -128,7 +138,7 @@ class Preset:
     eval_every: int = 100  # steps between validation checks (early stop)
     val_examples: int = 256  # examples in the validation set
     test_examples: int = 512  # examples per test set
-    target: float = 0.99  # stop a cell once its validation accuracy reaches this
+    target: float = 0.99  # stop a cell once its validation accuracy reaches this (unless its setting has its own)
     tiny_options: bool = False  # bare mixer names get the registry's tiny options (for d_model 32)
 
 
@@ -186,9 +196,10 @@ def induction_settings(seq_len: int, n_symbols: int, multiples=(1, 4)) -> list[S
 
 
 def only(settings: list[Setting], mixers: tuple[str, ...] = (), d_models: tuple[int, ...] = (),
-         steps: int = 0) -> list[Setting]:
-    """The settings with their own mixers, widths and step budget (empty / 0: the preset's)."""
-    return [replace(s, mixers=mixers, d_models=d_models, steps=steps) for s in settings]
+         steps: int = 0, target: float | None = 0.0) -> list[Setting]:
+    """The settings with their own mixers, widths, step budget and early-stop target (empty / 0: the
+    preset's; target None: no early stop)."""
+    return [replace(s, mixers=mixers, d_models=d_models, steps=steps, target=target) for s in settings]
 
 
 # The gpu preset's mixers: every registered one and the negative-eigenvalue variants. Its state
@@ -213,13 +224,17 @@ PRESETS: dict[str, Preset] = {
         settings=tuple(
             only(mqar_settings([(64, 8)], 64), steps=1200)
             + only(state_settings(["parity"]), ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
-                                                "mamba(allow_neg_eigval=True)"), (32,))
+                                                "mamba(allow_neg_eigval=True)"), (32,), 500, None)
             + passkey_settings(64)
             + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
     "cpu-jrt": Preset(  # set disjointness where the long set overflows a small recurrent state
         mixers=("attention", "gated_deltanet", "retnet", "mamba2(d_state=8)"), d_models=(32,), lrs=(3e-3,), seeds=(0,),
         n_layers=2, steps=500, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
         settings=tuple(setdisj_settings(4, 32, 128) + setdisj_settings(4, 16, 64, "-16"))),
+    "cpu-tracking": Preset(
+        mixers=("gated_deltanet(allow_neg_eigval=True)", "gated_deltaproduct"), d_models=(32,), lrs=(3e-3,),
+        seeds=(0, 1), n_layers=1, steps=600, batch_size=64, warmup=30, eval_every=100, val_examples=256,
+        test_examples=256, target=1.0, settings=tuple(state_settings(["s3"], (3, 24), ((25, 64), (65, 128))))),
     "gpu": Preset(
         mixers=_GPU_MIXERS,
         d_models=(64, 128, 256, 512), lrs=(1e-4, 3e-4, 1e-3, 3e-3), seeds=(0, 1, 2), n_layers=2, steps=20000,
@@ -243,13 +258,14 @@ class Cell:
     lr: float
     seed: int
     steps: int  # optimiser steps at most
+    target: float | None  # stop once the validation accuracy reaches this (None: train the whole budget)
 
     def key(self, p: Preset) -> str:
         """Everything that decides the cell's result, as one string (the resume key)."""
         return json.dumps(dict(setting=self.setting.name, task=repr(self.setting.train), mixer=self.mixer,
                                d_model=self.d_model, lr=self.lr, seed=self.seed, steps=self.steps,
                                n_layers=p.n_layers, batch_size=p.batch_size, warmup=p.warmup, eval_every=p.eval_every,
-                               val_examples=p.val_examples, target=p.target, tiny_options=p.tiny_options),
+                               val_examples=p.val_examples, target=self.target, tiny_options=p.tiny_options),
                           sort_keys=True)
 
     def dirname(self) -> str:
@@ -300,7 +316,8 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
         progress(result["step"] - step)
         step = result["step"]
         val_accuracy = evaluate_task(model, val_x, val_y, _eval_batch(s.train.seq_len))["accuracy"]
-        if val_accuracy >= p.target or step >= budget:
+        stopped = cell.target is not None and val_accuracy >= cell.target
+        if stopped or step >= budget:
             break
     seconds = time.time() - t0
     progress(budget - step)
@@ -314,7 +331,7 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return dict(setting=s.name, family=s.family, mixer=cell.mixer, d_model=cell.d_model, lr=cell.lr, seed=cell.seed,
-                steps=step, early_stop=val_accuracy >= p.target, val_accuracy=val_accuracy,
+                steps=step, early_stop=stopped, val_accuracy=val_accuracy,
                 loss=result.get("loss"), params=model.num_params(), state_bytes=state.nbytes,
                 train_seconds=seconds, tests=tests, **extras)
 
@@ -582,13 +599,15 @@ def build_parser() -> Parser:
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: the preset's)")
     p.add_argument("--steps", type=int, help="optimiser steps per cell at most (default: each setting's budget in "
                                              "the preset)")
-    p.add_argument("--target", type=float_in(0, 1, lo_open=True), help="stop a cell at this validation accuracy (default: the preset's)")
+    p.add_argument("--target", type=float_in(0, 1, lo_open=True), help="stop a cell at this validation accuracy "
+                                                                     "(default: each setting's target in the preset)")
     p.add_argument("--out", help="results directory (default runs/bench/tasks_<preset>)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models are many tiny "
                                                           "ops, which run fastest on one thread)")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep each cell's final checkpoint")
-    p.add_argument("--list", action="store_true", help="print the sweep's cells with their step budgets, train nothing")
+    p.add_argument("--list", action="store_true", help="print the sweep's cells with their step budgets and "
+                                                           "targets, train nothing")
     return p
 
 
@@ -619,7 +638,8 @@ def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, 
         settings = [s for s in settings if s.name in a.tasks or s.family in a.tasks]
         if not settings:
             p.error(f"--tasks {' '.join(a.tasks)}: preset {a.preset} has no such settings")
-    cells = [Cell(s, m, d, lr, seed, a.steps or s.steps or preset.steps) for s in settings
+    cells = [Cell(s, m, d, lr, seed, a.steps or s.steps or preset.steps,
+                  a.target or (preset.target if s.target == 0 else s.target)) for s in settings
              for m in (a.mixers or s.mixers or preset.mixers) for d in (a.d_models or s.d_models or preset.d_models)
              for lr in preset.lrs for seed in preset.seeds]
     for mixer, d in sorted({(c.mixer, c.d_model) for c in cells}):
@@ -646,7 +666,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     device = torch.device(a.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if a.list:
         for c in cells:
-            print(f"{c.dirname()}  (at most {c.steps} steps)")
+            stop = "no early stop" if c.target is None else f"stopping at validation accuracy {c.target:g}"
+            print(f"{c.dirname()}  (at most {c.steps} steps, {stop})")
         print(f"{len(cells)} cells")
         return []
     out.mkdir(parents=True, exist_ok=True)
