@@ -97,6 +97,6 @@ def test_cpu_jrt_settings_train_a_step(mixer, tmp_path):
     preset = bench.replace(bench.PRESETS["cpu-jrt"], batch_size=4, val_examples=4, test_examples=4, warmup=1)
     setting = next(s for s in preset.settings if s.name == "setdisj-long-first-jrt")
     assert (setting.train.short_len, setting.train.long_len, setting.train.seq_len) == (4, 32, 77)
-    row = bench.run_cell(bench.Cell(setting, mixer, 32, 3e-3, 0, 1), preset, tmp_path / "run",
+    row = bench.run_cell(bench.Cell(setting, mixer, 32, 3e-3, 0, 1, preset.target), preset, tmp_path / "run",
                          torch.device("cpu"), keep_checkpoints=False)
     assert row["steps"] == 1 and 0 <= row["tests"]["test"]["accuracy"] <= 1 and row["loss"] > 0
