@@ -104,3 +104,12 @@ def test_presets_list_their_cells(capsys):
         bench.main(["--preset", preset, "--list"])
         text = capsys.readouterr().out
         assert text.strip().endswith("cells") and "mqar" in text
+
+
+def test_a_hybrid_layout_is_one_mixer_item(capsys):
+    """A layout pattern of several blocks (cycled over the preset's n_layers) is a --mixers item."""
+    bench.main(["--preset", "tiny", "--tasks", "mqar", "--mixers", "swa(window=2),attention", "--list"])
+    assert "mqar-T16-kv2__swa_window=2_attention__d32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # three blocks do not fit the tiny preset's two
+        bench.main(["--preset", "tiny", "--tasks", "mqar", "--mixers", "swa(window=2),attention*2", "--list"])
+    assert "more blocks than n_layers" in capsys.readouterr().err

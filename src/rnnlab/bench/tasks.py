@@ -475,7 +475,7 @@ def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, 
              for lr in preset.lrs for seed in preset.seeds]
     for mixer, d in sorted({(c.mixer, c.d_model) for c in cells}):
         try:
-            parse_layout(layout_for(mixer, preset), 1, d)
+            parse_layout(layout_for(mixer, preset), preset.n_layers, d)
         except (ValueError, TypeError, KeyError) as e:
             p.error(f"--mixers: {mixer!r} at d_model {d}: {e}")
     return preset, cells
