@@ -41,14 +41,15 @@ Presets:
   eigenvalues (DeltaNet, Mamba; d_model 32), passkey 64 -> 1024 tokens, set disjointness (sets
   of 2 and 8 out of 32 elements) short or long set first, read once or twice (Gated DeltaNet,
   d_model 32);
-* ``cpu-mqar``: MQAR alone at CPU scale, 12 cells: T 64, 8 pairs, vocabulary 256, batch 32, up to
-  1000 steps, attention, GLA, Gated DeltaNet and Mamba-2 at d_model 32, 64 and 128, each mixer the
-  second block after a ``swa(window=2)`` block. That block (attention to itself and the previous
-  token) stands in for the short convolution Zoology puts before every mixer: without it a 2-layer
-  attention model must first learn a previous-token head from RoPE, and at this scale it stays at
-  about 1/8 (a value of the context at random) for 2000 steps. The vocabulary of 256 keeps a
-  query's key from recurring among the filler before it (2.8% of the queries; 15% at vocabulary
-  64, where looking the key up cannot reach 0.99);
+* ``cpu-mqar``: MQAR alone at CPU scale, 24 cells: T 64, 8 pairs, vocabulary 256, batch 32, up to
+  1000 steps, learning rates 1e-3 and 3e-3 (the wider models need the lower one), attention, GLA,
+  Gated DeltaNet and Mamba-2 at d_model 32, 64 and 128, each mixer the second block after a
+  ``swa(window=2)`` block. That block (attention to itself and the previous token) stands in for
+  the short convolution Zoology puts before every mixer: without it a 2-layer attention model must
+  first learn a previous-token head from RoPE, and at this scale it stays at about 1/8 (a value of
+  the context at random) for 2000 steps. The vocabulary of 256 keeps a query's key from recurring
+  among the filler before it (2.8% of the queries; 15% at vocabulary 64, where looking the key up
+  cannot reach 0.99);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
   registered mixer plus the negative-eigenvalue variants, four learning rates, three seeds, up to
   20,000 steps of 256 examples per cell; every state-tracking group (with Gated DeltaProduct at
@@ -212,7 +213,7 @@ PRESETS: dict[str, Preset] = {
             + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
     "cpu-mqar": Preset(
         mixers=tuple(f"swa(window=2),{m}" for m in ("attention", "gla", "gated_deltanet", "mamba2")),
-        d_models=(32, 64, 128), lrs=(3e-3,), seeds=(0,), n_layers=2, steps=1000, batch_size=32, warmup=30,
+        d_models=(32, 64, 128), lrs=(1e-3, 3e-3), seeds=(0,), n_layers=2, steps=1000, batch_size=32, warmup=30,
         eval_every=100, val_examples=256, test_examples=256, settings=tuple(mqar_settings([(64, 8)], 256))),
     "gpu": Preset(
         mixers=_GPU_MIXERS,
