@@ -71,6 +71,21 @@ def test_interrupted_cell_continues_from_its_checkpoint(tmp_path, capsys):
     assert steps == list(range(1, 9))  # each step once, across the two calls
 
 
+def test_best_rows_pick_the_learning_rate_per_width_by_the_seed_mean():
+    """Each (setting, mixer, d_model) gets its own learning rate: the one whose seeds score best on
+    average, not the one with the single best seed."""
+    def row(d_model, lr, seed, accuracy):
+        return dict(setting="mqar-T64-kv8", family="mqar", mixer="attention", d_model=d_model, lr=lr, seed=seed,
+                    steps=100, state_bytes=d_model, params=1, tests={"test": dict(x=64, accuracy=accuracy,
+                                                                                  exact_match=0.0)})
+    rows = [row(32, 1e-3, 0, 0.6), row(32, 1e-3, 1, 0.6), row(32, 1e-2, 0, 0.9), row(32, 1e-2, 1, 0.1),
+            row(64, 1e-3, 0, 0.5), row(64, 1e-3, 1, 0.5), row(64, 1e-2, 0, 0.7), row(64, 1e-2, 1, 0.5)]
+    best = {b["d_model"]: b for b in bench.best_rows(rows)}
+    assert (best[32]["best_lr"], best[64]["best_lr"]) == (1e-3, 1e-2)
+    assert best[32]["score"] == pytest.approx(0.6) and best[64]["tests"]["test"]["accuracy"] == pytest.approx(0.6)
+    assert best[32]["seeds"] == 2 and best[32]["lrs_tried"] == [1e-3, 1e-2]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--mixers", "nosuchmixer"], "--mixers"),
     (["--tasks", "nosuchtask"], "--tasks"),
@@ -138,3 +153,12 @@ def test_cpu_tracking_preset_compares_householder_steps_on_s3(tmp_path):
                               vocab_size=7)
     mixer = model.blocks[0].mixer
     assert mixer.config.num_householder == 2 and mixer.config.allow_neg_eigval
+
+
+def test_a_hybrid_layout_is_one_mixer_item(capsys):
+    """A layout pattern of several blocks (cycled over the preset's n_layers) is a --mixers item."""
+    bench.main(["--preset", "tiny", "--tasks", "mqar", "--mixers", "swa(window=2),attention", "--list"])
+    assert "mqar-T16-kv2__swa_window=2_attention__d32" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # three blocks do not fit the tiny preset's two
+        bench.main(["--preset", "tiny", "--tasks", "mqar", "--mixers", "swa(window=2),attention*2", "--list"])
+    assert "more blocks than n_layers" in capsys.readouterr().err
