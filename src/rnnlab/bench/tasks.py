@@ -473,10 +473,7 @@ def plot_state_norms(path: Path, rows: list[dict], best: list[dict], title: str)
         ax.set_title(f"{r['setting']} {mixer} d{r['d_model']}", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 # -- summaries ----------------------------------------------------------------------------------------
@@ -593,10 +590,7 @@ def plot(path: Path, best: list[dict], title: str) -> None:
         ax.set_title(panel, fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
-    fig.suptitle(title)
-    fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
+    _save_figure(fig, path, title)
 
 
 # -- the command --------------------------------------------------------------------------------------
@@ -745,3 +739,12 @@ def _preset_json(p: Preset) -> dict:
 
 if __name__ == "__main__":
     main()
+
+
+def _save_figure(fig, path: Path, title: str) -> None:
+    """Title ``fig``, write it to ``path`` as a PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+    fig.suptitle(title)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+    plt.close(fig)

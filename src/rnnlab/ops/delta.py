@@ -79,6 +79,12 @@ def gated_delta_rule_recurrent(q, k, v, log_g=None, beta=None, scale=None, initi
     sequence n's initial state (row n of ``initial_state`` (N, H, K, V), or zeros) at its first
     token, and the final state is (N, H, K, V): row n after sequence n's last token."""
     cu = check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
+    return _loop(q, k, v, log_g, beta, scale, initial_state, cu, None)
+
+
+def _loop(q, k, v, log_g, beta, scale, initial_state, cu, max_norm):
+    """The loop over time of the definition on checked arguments; ``max_norm`` (None: none) bounds
+    the Frobenius norm of each sequence's state, all heads together, after every update."""
     B, T, H, K = q.shape
     acc = _acc(q)
     scale = K ** -0.5 if scale is None else scale
@@ -87,11 +93,13 @@ def gated_delta_rule_recurrent(q, k, v, log_g=None, beta=None, scale=None, initi
     S, outs = None, []
     for t in range(T):
         S = carry.enter(t, S)
-        S, o = _step(q[:, t].to(acc), k[:, t].to(acc), v[:, t].to(acc),
-                     None if log_g is None else log_g[:, t].to(acc),
-                     None if beta is None else beta[:, t].to(acc), scale, S)
+        S = _update(k[:, t].to(acc), v[:, t].to(acc), None if log_g is None else log_g[:, t].to(acc),
+                    None if beta is None else beta[:, t].to(acc), S)
+        if max_norm is not None:
+            norm = torch.linalg.vector_norm(S, dim=(1, 2, 3))  # (B,)
+            S = S * (max_norm / norm.clamp_min(max_norm))[:, None, None, None]
         carry.leave(t, S)
-        outs.append(o)
+        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t].to(acc), S))  # 3. read
     o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1], dtype=acc)
     return o.to(q.dtype), carry.final()  # (B, T, H, V), (B|N, H, K, V)
 
@@ -127,22 +135,7 @@ def gated_delta_rule_normalised(q, k, v, log_g=None, beta=None, scale=None, max_
     cu = check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not 0 < max_norm < float("inf"):
         raise ValueError(f"max_norm must be a finite number > 0, got {max_norm!r}")
-    B, T, H, K = q.shape
-    acc = _acc(q)
-    scale = K ** -0.5 if scale is None else scale
-    carry = token_carry(cu, None if initial_state is None else initial_state.to(acc),
-                        lambda rows: q.new_zeros(rows, H, K, v.shape[-1], dtype=acc), B, T)
-    S, outs = None, []
-    for t in range(T):
-        S = carry.enter(t, S)
-        S = _update(k[:, t].to(acc), v[:, t].to(acc), None if log_g is None else log_g[:, t].to(acc),
-                    None if beta is None else beta[:, t].to(acc), S)
-        norm = torch.linalg.vector_norm(S, dim=(1, 2, 3))  # (B,)
-        S = S * (max_norm / norm.clamp_min(max_norm))[:, None, None, None]
-        carry.leave(t, S)
-        outs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t].to(acc), S))
-    o = torch.stack(outs, dim=1) if outs else q.new_zeros(B, 0, H, v.shape[-1], dtype=acc)
-    return o.to(q.dtype), carry.final()  # (B, T, H, V), (B|N, H, K, V)
+    return _loop(q, k, v, log_g, beta, scale, initial_state, cu, float(max_norm))
 
 
 def gated_delta_rule_step(q, k, v, log_g=None, beta=None, scale=None, state=None):
