@@ -114,3 +114,10 @@ def test_old_format_config_json_loads_and_saves_the_new_names(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         rnnlab.load_model(tmp_path / "new")
+
+
+@pytest.mark.parametrize("name", ["gated_deltanet", "gated_deltaproduct", "mamba2", "kda", "mom"])
+@pytest.mark.parametrize("bad", [(-1.0, 16.0), (4.0, 2.0), (float("nan"), 2.0), (1.0, float("inf")), (1.0,)])
+def test_a_decay_init_range_that_would_give_nan_names_the_field(name, bad):
+    with pytest.raises(ValueError, match="A_init_range"):
+        rnnlab.build_mixer(name, d_model=64, A_init_range=bad)

@@ -91,6 +91,16 @@ class MixerConfig:
                 raise ValueError(f"{f.name} must be {allowed}, got {value}")
 
 
+def check_init_range(name: str, value: Any) -> None:
+    """Refuse, naming the field, an initial range that is not (low, high) with 0 <= low <= high,
+    both finite (a decay rate A ~ U(low, high) whose log is taken)."""
+    ok = (isinstance(value, (tuple, list)) and len(value) == 2
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+          and 0 <= value[0] <= value[1])
+    if not ok:
+        raise ValueError(f"{name} must be (low, high) with 0 <= low <= high, both finite, got {value!r}")
+
+
 def state_batch(x: torch.Tensor, cu_seqlens: torch.Tensor | None) -> int:
     """Rows of a mixer's state for input ``x`` (B, T, D): B, or N sequences with ``cu_seqlens``."""
     return x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1

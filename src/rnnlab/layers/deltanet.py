@@ -36,7 +36,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule
-from .base import Mixer, MixerConfig, positive, state_batch
+from .base import Mixer, MixerConfig, check_init_range, positive, state_batch
 from .common import (GatedRMSNorm, RMSNorm, ShortConv, default_init_, inverse_softplus, log_uniform_dt, split_heads,
                      xavier_linears_)
 from .state import State
@@ -69,6 +69,10 @@ class GatedDeltaNetConfig(DeltaNetConfig):
     dt_min: float = positive(0.001)  # softplus(dt_bias) is initialised log-uniformly in [dt_min, dt_max]
     dt_max: float = positive(0.1)  # upper end of that initial range
     dt_init_floor: float = 1e-4  # lower clamp of that initial dt
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_init_range("A_init_range", self.A_init_range)
 
 
 @dataclass(frozen=True)

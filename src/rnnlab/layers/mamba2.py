@@ -38,7 +38,7 @@ from einops import rearrange
 from torch import nn
 
 from ..ops.delta import gated_delta_rule, gated_delta_rule_normalised
-from .base import Mixer, MixerConfig, at_least, positive, state_batch
+from .base import Mixer, MixerConfig, at_least, check_init_range, positive, state_batch
 from .common import ShortConv, default_init_, inverse_softplus, log_uniform_dt
 from .state import State
 
@@ -66,6 +66,7 @@ class Mamba2Config(MixerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_init_range("A_init_range", self.A_init_range)
         self.d_inner = self.expand * self.d_model
         if self.d_inner % self.head_dim:
             raise ValueError(f"expand·d_model = {self.d_inner} is not divisible by head_dim={self.head_dim}")
