@@ -12,9 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import torch
-
-from ..models.lm import LM, LMConfig
+from ..models.lm import LM
+from .mitigation import with_mixer_options
 
 __all__ = ["CachePolicy", "parse_cache", "with_cache"]
 
@@ -61,17 +60,7 @@ def with_cache(model: LM, cache: str | CachePolicy) -> LM:
     policy = parse_cache(cache) if isinstance(cache, str) else cache
     if not isinstance(model, LM):
         raise TypeError(f"model must be an rnnlab LM, got {type(model).__name__}")
-    items = []
-    for spec in model.config.blocks:
-        opts = dict(spec.options)
-        if spec.name in _ATTENTION:
-            opts.update(window=policy.window, sinks=policy.sinks)
-        args = ",".join(f"{k}={v!r}" for k, v in sorted(opts.items()))
-        items.append(f"{spec.name}({args})" if args else spec.name)
     if all(spec.name not in _ATTENTION for spec in model.config.blocks):
         raise ValueError(f"cache policy {policy}: the model ({model.config.layout!r}) has no attention layer")
-    config = LMConfig(**{**model.config.to_dict(), "layout": ",".join(items)})
-    with torch.device("meta"):
-        view = LM(config)
-    view.load_state_dict(model.state_dict(), assign=True)  # the same tensors: nothing is copied
-    return view.train(model.training)
+    return with_mixer_options(model, {i: dict(window=policy.window, sinks=policy.sinks)
+                                      for i, spec in enumerate(model.config.blocks) if spec.name in _ATTENTION})

@@ -18,6 +18,7 @@ as ``build_mixer`` alone. :meth:`LM.param_groups` gives the two AdamW groups.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -365,17 +366,12 @@ class LM(nn.Module):
         if not enabled:
             self.__dict__.pop("_compiled_step", None)
             return self
-        segments, run = [], []
-        for i, block in enumerate(self.blocks):
-            if block.mixer is None or block.mixer.step_compiles:
-                run.append(i)
-                continue
-            if run:
-                segments.append((run, compile_or_eager(_blocks_step(self.blocks, run))))
-                run = []
-            segments.append(([i], _blocks_step(self.blocks, [i])))
-        if run:
-            segments.append((run, compile_or_eager(_blocks_step(self.blocks, run))))
+        segments = []  # (block indices, their step): runs of blocks that compile, and of blocks that do not
+        for compiles, run in itertools.groupby(range(len(self.blocks)), key=lambda i: self.blocks[i].mixer is None
+                                               or self.blocks[i].mixer.step_compiles):
+            run = list(run)
+            step = _blocks_step(self.blocks, run)
+            segments.append((run, compile_or_eager(step) if compiles else step))
         self.__dict__["_compiled_step"] = segments  # kept out of the module tree and the state dict
         return self
 
