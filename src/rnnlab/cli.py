@@ -178,18 +178,11 @@ def _progress(a) -> bool | None:
     return False if a.quiet else True if a.progress else None
 
 
-def _eval_windows(val, starts, T: int, bos_id: int | None):
-    """Validation windows of T + 1 tokens at ``starts`` (N,): (N, T + 1); with ``bos_id`` each opens
-    with BOS followed by T tokens, as a model trained with --bos saw its windows."""
-    if bos_id is None:
-        return val.windows(starts, T + 1)
-    return torch.cat([torch.full((len(starts), 1), bos_id), val.windows(starts, T)], dim=1)
-
-
 def cmd_eval(a) -> dict:
     import tempfile
     from . import load_model
     from .models.hf import load_tokenizer
+    from .data.samplers import bos_windows
     from .train import loss_by_position, plot_loss_by_position
     from .train.run import DataConfig, open_data, read_run
     out = _dir_arg(a.out, "--out") if a.out else None
@@ -219,7 +212,7 @@ def cmd_eval(a) -> dict:
                 continue
             starts = torch.randint(0, len(val) - T - 1, (a.windows,), generator=g)
             # read a batch of windows at a time: memory does not grow with --windows
-            curve = sum(loss_by_position(model, _eval_windows(val, part, T, bos_id), a.batch_size) * len(part)
+            curve = sum(loss_by_position(model, bos_windows(val, part, T, bos_id), a.batch_size) * len(part)
                         for part in starts.split(a.batch_size)) / a.windows
             curves[T] = curve
             bits = curve / math.log(2)

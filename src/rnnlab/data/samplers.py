@@ -13,7 +13,7 @@ import torch
 
 from .shards import TokenData
 
-__all__ = ["BatchSource", "RandomWindows", "SequentialWindows", "IGNORE_INDEX", "document_bounds"]
+__all__ = ["BatchSource", "RandomWindows", "SequentialWindows", "IGNORE_INDEX", "document_bounds", "bos_windows"]
 
 IGNORE_INDEX = -100  # target id of positions that are not scored (cross_entropy's ignore_index)
 
@@ -61,6 +61,16 @@ def _check_boundaries(boundaries: bool, data) -> bool:
     if boundaries and data.eod_id is None:
         raise ValueError("boundaries=True needs data with an end-of-document token (eod_id); this data has none")
     return boundaries
+
+
+def bos_windows(data, starts: torch.Tensor, seq_len: int, bos_id: int | None) -> torch.Tensor:
+    """Windows of ``seq_len + 1`` tokens at ``starts`` (N,) of ``data``: (N, seq_len + 1); with
+    ``bos_id`` each opens with that token followed by ``seq_len`` tokens of the data (so inputs
+    ``[bos, t_0, ...]`` predict every data token, the first included)."""
+    if bos_id is None:
+        return data.windows(starts, seq_len + 1)
+    w = data.windows(starts, seq_len)  # (N, T)
+    return torch.cat([torch.full_like(w[:, :1], bos_id), w], dim=1)  # (N, T + 1)
 
 
 def _check_bos(bos_id, data) -> int | None:
@@ -143,13 +153,11 @@ class RandomWindows:
         try:
             starts = torch.randint(0, len(self.data) - self._span + 1, (self.batch_size,), generator=self._gen)
             mine = starts[self.rank * self.local_batch_size:(self.rank + 1) * self.local_batch_size]
-            w = self.data.windows(mine, self._span)  # (b, T + 1), or (b, T) to follow a BOS
+            w = bos_windows(self.data, mine, self.seq_len, self.bos_id)  # (b, T + 1)
         except BaseException:
             self._gen.set_state(before)  # a failed read does not advance the stream
             raise
         self.batches += 1
-        if self.bos_id is not None:
-            w = torch.cat([torch.full_like(w[:, :1], self.bos_id), w], dim=1)  # (b, T + 1)
         x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
         return (x, y, document_bounds(x, self.data.eod_id)) if self.boundaries else (x, y)
 
