@@ -162,6 +162,22 @@ def test_bfloat16_autocast(name):
     assert torch.isfinite(y.float()).all() and torch.isfinite(y2.float()).all()
     rel = (y.float() - y32).norm() / y32.norm()
     assert rel < 0.1, f"{name}: bf16 autocast relative error {rel:.3f}"
+    # training under autocast: the backward runs (outside autocast, as the trainer runs it) and
+    # every gradient is finite, in its parameter's dtype and near the float32 gradient
+    m.zero_grad(set_to_none=True)
+    y32.float().pow(2).mean().backward()
+    g32 = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = m(x)
+    y.float().pow(2).mean().backward()
+    for n, p in m.named_parameters():
+        if n not in g32:
+            continue
+        assert p.grad is not None and p.grad.dtype == p.dtype, f"{name}: {n} has no {p.dtype} gradient under autocast"
+        assert torch.isfinite(p.grad).all(), f"{name}: {n}'s gradient is not finite under autocast"
+        err = (p.grad - g32[n]).norm() / g32[n].norm().clamp_min(1e-12)
+        assert err < 0.25, f"{name}: {n}'s gradient under autocast is {err:.3f} from float32's"
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -58,21 +58,24 @@ class _CausalConvCPU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xp, weight, bias):
         ctx.save_for_backward(xp, weight)
-        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return _depthwise_cl(xp, weight, bias)
 
     @staticmethod
     def backward(ctx, gy):
         xp, weight = ctx.saved_tensors
-        gy = gy.contiguous()  # it may arrive in another layout (a later rearrange's gradient); products need xp's
+        # it may arrive in another layout (a later rearrange's gradient) and, under autocast, in
+        # the lower precision the forward ran in: products need xp's layout and dtype
+        gy = gy.contiguous().to(xp.dtype)
         W, n = weight.shape[-1], gy.shape[1]
         gx = gw = gb = None
         if ctx.needs_input_grad[0]:  # dxp[s] = sum_j w[j] gy[s - j]
-            gx = _depthwise_cl(F.pad(gy, (0, 0, W - 1, W - 1)), weight.flip(-1), None)  # (B, W-1+n, C)
+            gx = _depthwise_cl(F.pad(gy, (0, 0, W - 1, W - 1)), weight.flip(-1).to(gy.dtype), None)  # (B, W-1+n, C)
         if ctx.needs_input_grad[1]:  # dw[c, j] = sum_{b, t} gy[b, t, c] xp[b, t + j, c]
-            gw = torch.stack([(gy * xp[:, j:j + n]).sum((0, 1)) for j in range(W)], dim=-1)[:, None]  # (C, 1, W)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            gb = gy.sum((0, 1))  # (C,)
+            gw = torch.stack([torch.linalg.vecdot(gy, xp[:, j:j + n], dim=1).sum(0) for j in range(W)], dim=-1)
+            gw = gw[:, None].to(weight.dtype)  # (C, 1, W)
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 1)).to(ctx.bias_dtype)  # (C,)
         return gx, gw, gb
 
 
