@@ -87,6 +87,17 @@ def test_speed_models(tmp_path, capsys):
     assert mine["train_vs_attention"] == pytest.approx(mine["train_tok_s"] / att["train_tok_s"])
 
 
+def test_speed_models_and_layers_under_autocast(tmp_path, capsys):
+    """--autocast bf16 trains and prefills (models) and runs fwd / fwd+bwd (layers) under bfloat16
+    autocast, for a mixer with a short convolution too, and says so in the JSON."""
+    last, _ = _speed(["models", "--quick", "--mixers", "gated_deltanet", "--T", "32", "--autocast", "bf16"],
+                     tmp_path, capsys)
+    assert last["autocast"] == "bf16" and [r["mixer"] for r in last["results"]] == ["attention", "gated_deltanet"]
+    assert all(r["status"] == "ok" and r["train_tok_s"] > 0 and r["prefill_tok_s"] > 0 for r in last["results"])
+    last, _ = _speed(["layers", "--quick", "--mixers", "mamba2", "--T", "32", "--autocast", "bf16"], tmp_path, capsys, "l")
+    assert last["autocast"] == "bf16" and all(r["status"] == "ok" and r["fwdbwd_s"] > 0 for r in last["results"])
+
+
 def test_speed_models_same_params(tmp_path, capsys):
     """--same-params times, beside each mixer's model, the Transformer whose MLP makes its parameter
     count match (to within one step of 8 hidden units)."""
@@ -182,7 +193,8 @@ def test_speed_bad_arguments(capsys):
     from rnnlab.bench import speed
     for argv, flag in ((["layers", "--T", "0"], "--T"), (["models", "--mixers", "nope"], "--mixers"),
                        (["efficiency", "--families", "nope"], "--families"), (["peers", "--peers", "x"], "--peers"),
-                       (["layers", "--d-model", "48", "--head-dim", "32"], "--d-model")):
+                       (["layers", "--d-model", "48", "--head-dim", "32"], "--d-model"),
+                       (["decode", "--autocast", "bf16"], "--autocast")):
         with pytest.raises(SystemExit):
             speed.main(argv)
         assert flag in capsys.readouterr().err

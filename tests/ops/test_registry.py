@@ -124,6 +124,20 @@ def test_dispatcher_keeps_the_input_dtype(name, small_chunks):
         assert _rel(s, r) < 1e-5, f"{name}: final state off by {_rel(s, r):.1e}"
 
 
+@pytest.mark.parametrize("name", [n for n in registry.families() if registry.get_family(n).dispatch is not None])
+def test_dispatcher_ignores_autocast(name, small_chunks):
+    """Under bfloat16 autocast a dispatcher computes exactly as without it (ops keep their own
+    precision): float32 inputs give the same float32 output and state, bit for bit."""
+    fam = registry.get_family(name)
+    x = fam.inputs(B=2, T=40, H=2, K=4, V=3, dtype=torch.float32)
+    want, want_state = fam.dispatch(**x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, got_state = fam.dispatch(**x)
+    assert got.dtype == want.dtype and torch.equal(got, want), f"{name}: autocast changed the output"
+    for g, w in zip(registry.tensors(got_state), registry.tensors(want_state)):
+        assert g.dtype == w.dtype and torch.equal(g, w), f"{name}: autocast changed the state"
+
+
 def test_families_and_bad_names():
     assert {"delta", "gla", "ssd", "scan", "lssl", "s4d", "newton"} <= set(registry.families())
     with pytest.raises(ValueError, match="unknown op family 'nope'"):

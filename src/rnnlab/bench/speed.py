@@ -71,11 +71,17 @@ class Ctx:
     budget: Budget
     extra: dict = field(default_factory=dict)  # written into the JSON beside the rows
 
+    def autocast(self):
+        """The forward's precision context: bfloat16 autocast with ``--autocast bf16``, else none."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.a.autocast == "bf16")
+
     def mm_peak(self) -> float:
+        """The torch.mm peak in the dtype the projections run in (bfloat16 under autocast)."""
         if "mm_peak_flops" not in self.extra:
             sizes, reps = ((256, 512), 2) if self.a.quick else ((1024, 1536, 2048), 5)
-            self.extra["mm_peak_flops"] = matmul_peak(self.device, self.dtype, sizes, reps)
-            print(f"torch.mm peak ({str(self.dtype).removeprefix('torch.')}, best of {reps} at n = "
+            dtype = torch.bfloat16 if self.a.autocast == "bf16" else self.dtype
+            self.extra["mm_peak_flops"] = matmul_peak(self.device, dtype, sizes, reps)
+            print(f"torch.mm peak ({str(dtype).removeprefix('torch.')}, best of {reps} at n = "
                   f"{', '.join(map(str, sizes))}): {self.extra['mm_peak_flops'] / 1e9:.1f} GFLOP/s", flush=True)
         return self.extra["mm_peak_flops"]
 
@@ -165,12 +171,13 @@ def run_models(ctx: Ctx):
 
         def train():
             opt.zero_grad(set_to_none=True)
-            logits, _ = model(x)
+            with ctx.autocast():
+                logits, _ = model(x)
             F.cross_entropy(logits.float().flatten(0, 1), y.flatten()).backward()
             opt.step()
 
         def prefill():
-            with torch.no_grad():
+            with torch.no_grad(), ctx.autocast():
                 model(x)
 
         row = dict(mixer=name, T=T, B=a.batch, options=opts, params=model.num_params(), train_s=None,
@@ -249,14 +256,15 @@ def run_layers(ctx: Ctx):
             w = torch.randn_like(x)
 
             def fwd():
-                with torch.no_grad():
+                with torch.no_grad(), ctx.autocast():
                     layer(x)
 
             def fwd_bwd():
                 layer.zero_grad(set_to_none=True)
                 x.grad = None
-                y, _ = layer(x)
-                (y * w).sum().backward()
+                with ctx.autocast():
+                    y, _ = layer(x)
+                (y.float() * w).sum().backward()
 
             fl = layer_flops(layer, name, a.batch, T)
             row = dict(mixer=name, T=T, B=a.batch, d_model=a.d_model, options=opts, fwd_s=None, fwdbwd_s=None,
@@ -314,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gb", type=float, default=None, help="... or its measured peak memory (layers) or "
                                                                  "state (decode) passes this many GB (default: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and activation dtype")
+    p.add_argument("--autocast", default="none", choices=["none", "bf16"],
+                   help="models, layers: run the forward under bfloat16 autocast, as `rnnlab train --autocast bf16` "
+                        "does (parameters stay --dtype; the floor uses the bfloat16 mm peak)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--quick", action="store_true", help="smoke run: d_model 64, 2 layers, head dim 32, T 128 and "
                                                         "256, 1 repeat, small peak measurements")
@@ -341,6 +352,8 @@ def _resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     for name in ("d_model", "n_layers", "head_dim", "batch", "repeats", "steps", "prefill_chunk", "threads",
                  "T", "contexts"):
         _positive(p, "--" + name.replace("_", "-"), getattr(a, name))
+    if a.autocast != "none" and a.mode not in ("models", "layers"):
+        p.error(f"--autocast applies to the models and layers modes, not {a.mode}")
     if a.d_model % a.head_dim:
         p.error(f"--d-model {a.d_model} is not a multiple of --head-dim {a.head_dim}")
     if a.mixers:
@@ -374,9 +387,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, a.dtype)
     load, others = load_average(), others_running()
     ctx = Ctx(a, device, dtype, Budget(a.budget_s, a.budget_gb),
-              extra=dict(mode=a.mode, device=str(device), dtype=a.dtype, load_avg=load, others_running=others,
+              extra=dict(mode=a.mode, device=str(device), dtype=a.dtype, autocast=a.autocast, load_avg=load, others_running=others,
                          torch=torch.__version__))
-    print(f"rnnlab bench speed {a.mode}: torch {torch.__version__}, {device}, {a.dtype}, "
+    print(f"rnnlab bench speed {a.mode}: torch {torch.__version__}, {device}, {a.dtype}"
+          f"{', bfloat16 autocast' if a.autocast == 'bf16' else ''}, "
           f"{torch.get_num_threads()} threads, other runnable processes {others if others is None else round(others, 2)}, "
           f"1-minute load average {load if load is None else round(load, 2)}")
     busy = others > LOAD_WARN if others is not None else load is not None and load > LOAD_WARN
@@ -406,7 +420,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     png_path = a.png or str(Path(json_path).with_suffix(".png"))
     ctx.extra.update(json=json_path, png=png_path)
     _write_json(json_path, {"bench": "speed", "threads": torch.get_num_threads(), **ctx.extra, "results": rows})
-    loglog(png_path, panels, xlabel, ylabel, f"rnnlab bench speed {a.mode} ({device}, {a.dtype})", reference)
+    precision = a.dtype + (" + bf16 autocast" if a.autocast == "bf16" else "")
+    loglog(png_path, panels, xlabel, ylabel, f"rnnlab bench speed {a.mode} ({device}, {precision})", reference)
     report("speed", rows, None, **ctx.extra)
     return rows
 

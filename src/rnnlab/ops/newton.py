@@ -32,7 +32,7 @@ import torch
 
 from . import tuning
 from .bounds import check_cu_seqlens, token_carry
-from .registry import select
+from .registry import outside_autocast, select
 from .scan import linear_scan
 
 __all__ = ["rnn_sequential", "rnn_newton", "newton_solve", "NewtonInfo", "matrix_scan", "matrix_scan_recurrent",
@@ -185,7 +185,9 @@ def matrix_scan(J: torch.Tensor, r: torch.Tensor, h0: torch.Tensor, chunk_size: 
     if J.shape[-1] == 1:
         return linear_scan(J[..., 0], r, h0)[0]
     form, _ = select("matrix_scan", J=J, r=r, h0=h0)  # torch is its only backend
-    return matrix_scan_loop(J, r, h0) if form == "loop" else matrix_scan_chunked(J, r, h0, chunk_size)
+    if form == "loop":
+        return outside_autocast(matrix_scan_loop)(J, r, h0)
+    return outside_autocast(matrix_scan_chunked)(J, r, h0, chunk_size)
 
 
 def _shift(h: torch.Tensor, h0: torch.Tensor, starts: _Starts | None = None) -> torch.Tensor:
