@@ -1,5 +1,5 @@
 """Option names: one name per meaning across the mixer configs, old names still read (with a
-DeprecationWarning) and written the new way, and conv_size = 0 meaning no convolution."""
+FutureWarning) and written the new way, and conv_size = 0 meaning no convolution."""
 import dataclasses
 import json
 import warnings
@@ -78,12 +78,12 @@ def test_no_convolution_is_silu_of_the_projections(name):
 
 
 def test_old_names_are_read_and_map_to_the_new():
-    with pytest.warns(DeprecationWarning, match="conv_width is now called conv_size"):
+    with pytest.warns(FutureWarning, match="conv_width is now called conv_size"):
         layer = build_mixer("rg_lru", D, num_heads=2, conv_width=3)
     assert layer.config.conv_size == 3 and layer.conv.width == 3
     with pytest.raises(OptionError, match="conv_width is the old name of conv_size"):
         build_mixer("rg_lru", D, conv_width=3, conv_size=3)
-    with pytest.warns(DeprecationWarning, match="conv_size"):
+    with pytest.warns(FutureWarning, match="conv_size"):
         assert upgrade_layout("rg_lru(num_heads=2, conv_width = 3)*2,swa(window=4)") == \
             "rg_lru(num_heads=2,conv_size=3)*2,swa(window=4)"
     with warnings.catch_warnings():
@@ -100,7 +100,7 @@ def test_old_format_config_json_loads_and_saves_the_new_names(tmp_path):
     meta = json.loads(path.read_text())
     meta["config"]["layout"] = "rg_lru(num_heads=2,conv_width=3),deltanet(conv_size=1)"  # as written before the rename
     path.write_text(json.dumps(meta))
-    with pytest.warns(DeprecationWarning, match="conv_size"):
+    with pytest.warns(FutureWarning, match="conv_size"):
         loaded = rnnlab.load_model(tmp_path / "old")
     assert loaded.config.layout == "rg_lru(num_heads=2,conv_size=3),deltanet(conv_size=1)"
     assert loaded.blocks[0].mixer.config.conv_size == 3
@@ -121,3 +121,12 @@ def test_old_format_config_json_loads_and_saves_the_new_names(tmp_path):
 def test_a_decay_init_range_that_would_give_nan_names_the_field(name, bad):
     with pytest.raises(ValueError, match="A_init_range"):
         rnnlab.build_mixer(name, d_model=64, A_init_range=bad)
+
+
+@pytest.mark.parametrize("name,option", [("retnet", "value_factor"), ("gla", "gate_low_rank_dim"),
+                                         ("kda", "gate_low_rank_dim"), ("rwkv6", "gate_low_rank_dim"),
+                                         ("rwkv7", "gate_low_rank_dim")])
+def test_zero_widths_are_refused_naming_the_option(name, option):
+    """A width of 0 would build a layer with empty projections: it is refused, naming the option."""
+    with pytest.raises(ValueError, match=f"{option} must be >= 1, got 0"):
+        rnnlab.build_mixer(name, 64, **{option: 0})

@@ -65,7 +65,7 @@ class MixerConfig:
     A field declared with :func:`positive` or :func:`at_least` carries its range; the checks here
     refuse a value outside it, naming the field. ``renamed`` maps option names a config used to
     have to their new names: :func:`rnnlab.models.registry.make_config` and the layout parser
-    still accept them (with a DeprecationWarning)."""
+    still accept them (with a FutureWarning)."""
 
     d_model: int  # model width D
 

@@ -44,7 +44,7 @@ class GLAConfig(MixerConfig):
     num_heads: int = at_least(1, 4)  # H
     expand_k: float = positive(0.5)  # H·K = expand_k · d_model
     expand_v: float = positive(1.0)  # H·V = expand_v · d_model
-    gate_low_rank_dim: int = 16  # R of the decay's low-rank projection
+    gate_low_rank_dim: int = at_least(1, 16)  # R of the decay's low-rank projection
     gate_logit_normalizer: float = positive(16.0)  # τ: log α = logsigmoid(·) / τ
     norm_eps: float = positive(1e-5)  # epsilon of the per-head output norm
     key_dim: int = 0  # derived: H·K

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .base import at_least
 from .common import default_init_, normal_linears_
 from .deltanet import DeltaNet, GatedDeltaNetConfig, init_decay_
 
@@ -46,7 +47,7 @@ __all__ = ["KDAConfig", "KDA"]
 @dataclass
 class KDAConfig(GatedDeltaNetConfig):
     expand_v: float = 1.0  # V = expand_v * K (the reference's: no value expansion)
-    gate_low_rank_dim: int | None = None  # R of the decay and output-gate projections; None = V
+    gate_low_rank_dim: int | None = at_least(1, None)  # R of the decay and output-gate projections; None = V
     init_std: float = 0.02  # std of the N(0, std) init of projections and short convolutions
 
     def __post_init__(self) -> None:

@@ -59,7 +59,7 @@ class LinearAttentionConfig(MixerConfig):
 class RetNetConfig(MixerConfig):
     num_heads: int = at_least(1, 4)  # H
     head_dim: int | None = None  # K; None = d_model // num_heads
-    value_factor: int = 2  # V = value_factor · K
+    value_factor: int = at_least(1, 2)  # V = value_factor · K
     norm_eps: float = positive(1e-6)  # epsilon of the per-head norm
 
     def __post_init__(self) -> None:

@@ -46,7 +46,7 @@ from torch import nn
 from ..ops.bounds import PrefixLayout
 from ..ops.dplr import dplr
 from ..ops.rwkv6 import rwkv6
-from .base import Mixer, MixerConfig, positive, state_batch
+from .base import Mixer, MixerConfig, at_least, positive, state_batch
 from .common import reset_norms_, xavier_linears_
 from .state import State
 
@@ -61,7 +61,7 @@ class RWKV6Config(MixerConfig):
     expand_k: float = positive(0.5)  # H·K = expand_k · d_model
     expand_v: float = positive(1.0)  # H·V = expand_v · d_model
     proj_low_rank_dim: int = 32  # R of the ddlerp token-shift LoRA (one per branch r, w, k, v, g)
-    gate_low_rank_dim: int = 64  # R of the decay LoRA
+    gate_low_rank_dim: int = at_least(1, 64)  # R of the decay LoRA
     norm_eps: float = positive(1e-5)  # epsilon of the per-head GroupNorm
     key_dim: int = 0  # derived: H·K
     value_dim: int = 0  # derived: H·V
@@ -82,7 +82,7 @@ class RWKV7Config(MixerConfig):
     head_dim: int = 64  # K = V; H = d_model // head_dim
     decay_low_rank_dim: int | None = None  # R of the decay LoRA; None: fla's rule from d_model and head_dim
     a_low_rank_dim: int | None = None  # R of the in-context learning rate LoRA; None: as decay_low_rank_dim
-    gate_low_rank_dim: int | None = None  # R of the output gate LoRA; None: fla's rule from d_model
+    gate_low_rank_dim: int | None = at_least(1, None)  # R of the output gate LoRA; None: fla's rule from d_model
     norm_eps: float = positive(1e-5)  # GroupNorm epsilon per element (times head_dim, as in the reference)
     depth: float = 0.0  # i / L for block i of L (a model sets it): shapes the init only
     num_heads: int = 0  # derived: H

@@ -7,7 +7,7 @@ A layout is a comma-separated pattern of items, cycled over the model's blocks:
 * ``item*n`` — the item repeated n times, e.g. ``gated_deltanet*3,attention``;
 * ``mlp`` — a block with an MLP only (for layouts such as Samba's ``mamba,mlp,swa,mlp``).
 
-Options a mixer has renamed are still read under their old names (with a DeprecationWarning);
+Options a mixer has renamed are still read under their old names (with a FutureWarning);
 :func:`upgrade_layout` rewrites a layout with the new names.
 """
 from __future__ import annotations
@@ -92,7 +92,7 @@ def parse_layout(layout: str, n_layers: int, d_model: int) -> tuple[BlockSpec, .
 
 def upgrade_layout(layout: str) -> str:
     """``layout`` with every option a mixer has renamed written under its new name (a
-    DeprecationWarning for each), e.g. ``rg_lru(conv_width=4)*2,swa`` -> ``rg_lru(conv_size=4)*2,swa``.
+    FutureWarning for each), e.g. ``rg_lru(conv_width=4)*2,swa`` -> ``rg_lru(conv_size=4)*2,swa``.
     Everything else is kept as written; items that do not parse are left for :func:`parse_layout`."""
     if not isinstance(layout, str):
         return layout

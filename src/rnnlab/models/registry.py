@@ -299,7 +299,8 @@ def get_spec(name: str) -> MixerSpec:
 
 def upgrade_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
     """``options`` of mixer ``name`` with the option names its config has renamed (``renamed``)
-    written the new way, each with a DeprecationWarning naming the new option."""
+    written the new way, each with a FutureWarning naming the new option (a FutureWarning, not a
+    DeprecationWarning, because Python shows it to users of a library by default)."""
     renamed = get_spec(name).config.renamed
     out = {}
     for key, value in options.items():
@@ -308,7 +309,7 @@ def upgrade_options(name: str, options: dict[str, Any]) -> dict[str, Any]:
             if new in options:
                 raise OptionError(f"mixer {name!r}: {key} is the old name of {new}; give {new} only")
             warnings.warn(f"mixer {name!r}: option {key} is now called {new}; write {new}=...",
-                          DeprecationWarning, stacklevel=3)
+                          FutureWarning, stacklevel=3)
         out[new] = value
     return out
 
