@@ -65,6 +65,19 @@ def test_limits(make_client):
     assert slots.used == 0  # every request gave its slot back, refused ones included
 
 
+def test_request_body_size_is_capped(make_client):
+    """A body over max_body_bytes is a 413 naming the limit, whether its Content-Length says so or
+    it arrives in chunks without one; a body within it is answered."""
+    c = make_client(max_body_bytes=200)
+    err = _err(c.post("/v1/completions", json={"prompt": "a" * 300}), 413)
+    assert "max_body_bytes=200" in err["message"] and "Content-Length" in err["message"]
+    chunks = iter([b'{"prompt": "', b"a" * 150, b"a" * 150, b'"}'])  # no Content-Length: streamed
+    err = _err(c.post("/v1/completions", content=chunks, headers={"Content-Type": "application/json"}), 413)
+    assert "max_body_bytes=200" in err["message"]
+    assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 1}).status_code == 200
+    assert c.app.state.in_flight.used == 0
+
+
 BAD = [  # (endpoint, body, the field named)
     ("/v1/completions", {}, "prompt"),
     ("/v1/completions", {"prompt": 5}, "prompt"),

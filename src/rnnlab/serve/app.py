@@ -56,6 +56,39 @@ def _error(status: int, message: str, kind: str, param: str | None, headers: dic
     return JSONResponse({"error": {"message": message, "type": kind, "param": param}}, status, headers=headers)
 
 
+class _BodyLimit:
+    """ASGI middleware answering a request whose body passes ``limit`` bytes with a 413 JSON error:
+    at once when its Content-Length says so, else as soon as the bytes received pass the limit
+    (the body is read here, at most ``limit`` bytes of it, and handed on), so an oversized body is
+    never held whole."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = f"the request body is larger than the server's max_body_bytes={self.limit}"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _error(413, f"{too_big} (Content-Length {int(declared)})", "invalid_request_error",
+                                None)(scope, receive, send)
+        messages, received = [], 0
+        while True:  # the whole body, refused once it passes the limit
+            message = await receive()
+            messages.append(message)
+            received += len(message.get("body", b""))
+            if received > self.limit:
+                return await _error(413, too_big, "invalid_request_error", None)(scope, receive, send)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+
+        async def replay():
+            return messages.pop(0) if messages else await receive()
+
+        await self.app(scope, replay, send)
+
+
 # -- requests -----------------------------------------------------------------------------------------
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -126,6 +159,7 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
     # with an API key, no interactive docs or schema: they would be the endpoints left outside the key
     app = FastAPI(title="rnnlab", lifespan=lifespan, openapi_url=None if config.api_key else "/openapi.json")
     app.state.engine, app.state.sessions, app.state.in_flight = engine, store, in_flight
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes)
 
     @app.exception_handler(ApiError)
     async def _api_error(_req, e: ApiError):

@@ -15,6 +15,7 @@ class ServeConfig:
     api_key: str | None = field(default=None, repr=False)  # if set, all but /health need 'Authorization: Bearer KEY'
     model_name: str | None = None  # the model id reported by /v1/models; None = the model directory's name
     max_prompt_tokens: int = 8192  # most tokens a request's prompt (or messages, or session prefix) may have
+    max_body_bytes: int = 1 << 20  # largest request body in bytes; a larger one is refused (413) before it is read whole
     max_tokens: int = 1024  # largest max_tokens a request may ask for
     default_max_tokens: int = 16  # max_tokens of a request that gives none
     max_concurrent: int = 32  # requests in flight at once; more are refused with 429
@@ -24,8 +25,8 @@ class ServeConfig:
     compile_step: bool = False  # decode through torch.compile (LM.compile_step): faster steps after a first one that compiles
 
     def __post_init__(self) -> None:
-        for name in ("max_prompt_tokens", "max_tokens", "max_concurrent", "max_batch", "max_sessions",
-                     "session_cache"):
+        for name in ("max_prompt_tokens", "max_body_bytes", "max_tokens", "max_concurrent", "max_batch",
+                     "max_sessions", "session_cache"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
