@@ -93,3 +93,32 @@ def test_chat_completion_and_stream(make_client, model_dir):
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant"}
     assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
     assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == expected
+
+
+def test_fresh_text_opens_with_bos_when_the_run_was_trained_so(make_client, model_dir, tmp_path):
+    """A run trained with --bos (run.json data.bos) is served with BOS before every fresh prompt and
+    session prefix, as `rnnlab generate` does; --no-bos (bos=False) and plain model directories don't."""
+    import shutil
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run)
+    (run / "run.json").write_text(json.dumps({"data": {"bos": True}, "seq_len": 16, "tokenizer": "bytes"}))
+    bos = rnnlab.ByteTokenizer().bos_id
+
+    def direct(ids, n):
+        s = rnnlab.Stream(rnnlab.load_model(model_dir).eval())
+        s.feed(torch.tensor([ids]))
+        return _text([int(t[0]) for t in s.sample(n, 0.0)])
+
+    prompt = list(b"def main():")
+    ask = {"prompt": "def main():", "max_tokens": 12, "temperature": 0}
+    with_bos, without = direct([bos] + prompt, 12), direct(prompt, 12)
+    assert with_bos != without  # the test can tell the two apart
+    r = make_client(run).post("/v1/completions", json=ask).json()
+    assert r["choices"][0]["text"] == with_bos and r["usage"]["prompt_tokens"] == 12
+    assert make_client(run, bos=False).post("/v1/completions", json=ask).json()["choices"][0]["text"] == without
+    assert make_client(model_dir).post("/v1/completions", json=ask).json()["choices"][0]["text"] == without
+    c = make_client(run)  # a session's prefix opens with BOS too; its next turn continues without one
+    sid = c.post("/v1/sessions", json={"prefix": "def main():"}).json()["id"]
+    turn = c.post("/v1/completions", json={**ask, "prompt": "", "session": sid})
+    assert turn.status_code == 200, turn.text
+    assert turn.json()["choices"][0]["text"] == with_bos

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..data.tokenizer import ByteTokenizer
 from ..models.hf import load_tokenizer
 from ..models.lm import LM, load_model
+from ..train.run import read_run
 from .config import ServeConfig
 from .engine import Engine, Job, Result
 from .sessions import SessionError, SessionStore
@@ -131,6 +132,20 @@ def render_chat(messages: list[Message]) -> str:
 
 
 # -- the application ----------------------------------------------------------------------------------
+def _opening(model, tok, bos: bool | None) -> list[int]:
+    """What fresh text opens with: [the tokenizer's BOS id] when ``bos`` (None: when ``model`` is a
+    run trained with ``--bos``, as ``rnnlab generate`` decides), else nothing."""
+    if bos is None:
+        run = None if isinstance(model, LM) else Path(model) / "run.json"
+        bos = run is not None and run.is_file() and bool(read_run(run.parent).get("data", {}).get("bos", False))
+    if not bos:
+        return []
+    try:
+        return [int(tok.bos_id)]
+    except (AttributeError, ValueError):
+        raise ValueError(f"bos: the tokenizer {getattr(tok, 'spec', tok)!r} has no beginning-of-sequence token") from None
+
+
 def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokenizer=None) -> "FastAPI":
     """The server for ``model`` (a saved model or run directory, or an :class:`LM`), with
     ``config``'s sessions directory, API key and limits. ``tokenizer`` defaults to the model
@@ -143,6 +158,7 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
         name, lm = config.model_name or Path(model).resolve().name, load_model(model)
         tok = tokenizer or load_tokenizer(model)
     lm = lm.eval().compile_step(config.compile_step)
+    opening = _opening(model, tok, config.bos)
     store = SessionStore(config.sessions_dir, lm, config.max_sessions, config.session_cache)
     engine = Engine(lm, tok.decode, getattr(tok, "eos_id", None), config.max_batch)
     in_flight = _Slots(config.max_concurrent)
@@ -278,8 +294,10 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
                 except BaseException:
                     store.release(req.session)
                     raise
-            if not ids and (session is None or session.logits is None):
-                raise ApiError(400, f"{param}: empty, and there is no earlier text to continue", param=param)
+            if session is None or session.logits is None:  # fresh text
+                if not ids:
+                    raise ApiError(400, f"{param}: empty, and there is no earlier text to continue", param=param)
+                ids = opening + ids
         except BaseException:
             _release(store, session, in_flight)
             raise
@@ -317,7 +335,7 @@ def create_app(model: str | Path | LM, config: ServeConfig | None = None, tokeni
         req = req or SessionRequest()
         if req.prefix is not None and req.fork is not None:
             raise ApiError(400, "fork: give prefix or fork, not both", param="fork")
-        ids = encode(req.prefix, "prefix") if req.prefix else []
+        ids = opening + encode(req.prefix, "prefix") if req.prefix else []
         sid = store.new_id()
         try:
             if req.fork is not None:

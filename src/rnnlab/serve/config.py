@@ -22,6 +22,7 @@ class ServeConfig:
     max_batch: int = 8  # rows decoded together in one batch (requests join and leave it between steps)
     max_sessions: int = 10000  # sessions kept on disk; creating more is refused with 429
     session_cache: int = 64  # sessions whose states stay in memory (least recently used are dropped)
+    bos: bool | None = None  # open fresh text (a prompt or session with no state yet) with the tokenizer's BOS token; None = as the run was trained (rnnlab train --bos)
     compile_step: bool = False  # decode through torch.compile (LM.compile_step): faster steps after a first one that compiles
 
     def __post_init__(self) -> None:
