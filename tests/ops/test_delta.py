@@ -191,3 +191,28 @@ def test_known_finite_sees_every_non_finite_value():
         assert not known_finite(x, y)
     assert not known_finite(torch.full((3,), 3e38))  # an overflowing sum: the guarded path, never a wrong one
     assert not known_finite(x, torch.empty(3, device="meta"))  # off the CPU: no look at the values at all
+
+
+@pytest.mark.parametrize("per_token, factored", [(0.5, True), (30.0, False)])
+@pytest.mark.parametrize("beta", [None, 1.0])
+def test_vector_decay_scores_are_factored_only_within_range(per_token, factored, beta, monkeypatch):
+    """Finite inputs whose cumulative log-decays within a chunk stay inside the dtype's range
+    (float64: |c| <= 600) get their scores as (x_t e^c_t) . (k_s e^-c_s), two matmuls; past it
+    (30 per token over chunks of 32) the masked decay tensor. Both equal the loop, gradients too."""
+    from rnnlab.ops import delta
+    calls = []
+    original = delta._vector_scores
+    monkeypatch.setattr(delta, "_vector_scores", lambda *a: calls.append(1) or original(*a))
+    q, k, v, log_g, b, S0 = make(T=70, gate="vector", beta=beta, seed=5)
+    log_g = -per_token * (0.5 + torch.rand(log_g.shape, generator=torch.Generator().manual_seed(1), dtype=log_g.dtype))
+    cot_o, cot_s = torch.randn(2, 70, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, 4, dtype=torch.float64)
+    ref = lambda q, k, v, g, b, s: gated_delta_rule_recurrent(q, k, v, g, b, None, s)  # noqa: E731
+    fast = lambda q, k, v, g, b, s: gated_delta_rule_chunked(q, k, v, g, b, None, s, chunk_size=32)  # noqa: E731
+    o1, S1, g1 = _grads(ref, [q, k, v, log_g, b, S0], cot_o, cot_s)
+    o2, S2, g2 = _grads(fast, [q, k, v, log_g, b, S0], cot_o, cot_s)
+    assert bool(calls) != factored
+    torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(S2, S1, atol=1e-10, rtol=1e-10)
+    for name, a, b_ in zip(["q", "k", "v", "log_g", "beta", "initial_state"], g1, g2):
+        if a is not None:
+            torch.testing.assert_close(b_, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")

@@ -109,3 +109,30 @@ def test_bad_shapes_name_the_argument():
         rnnlab.ops.rwkv6(**{**y, "u": y["u"][0]})
     with pytest.raises(ValueError, match="log_g must be"):
         rnnlab.ops.rwkv6_chunked(**{**y, "log_g": y["log_g"][..., 0]})
+
+
+@pytest.mark.parametrize("per_token, factored", [(0.5, True), (30.0, False)])
+def test_scores_are_factored_only_within_range(per_token, factored, monkeypatch):
+    """Finite inputs whose cumulative log-decays stay within float64's range for e^c and e^-c get
+    their scores as matmuls; strong decays (30 per token over chunks of 32) the masked decay
+    tensor. Both equal the loop, gradients included."""
+    import importlib
+    dplr = importlib.import_module("rnnlab.ops.dplr")  # the module, not the function of that name
+    calls = []
+    original = dplr._scores
+    monkeypatch.setattr(dplr, "_scores", lambda *a: calls.append(1) or original(*a))
+    fam = registry.get_family("dplr")
+    x = fam.inputs(B=2, T=70, H=2, K=4, V=3, dtype=F64, seed=3)
+    x["log_g"] = -per_token * (0.5 + torch.rand(x["log_g"].shape, generator=torch.Generator().manual_seed(1), dtype=F64))
+    leaves = {n: t.detach().requires_grad_() for n, t in x.items() if isinstance(t, torch.Tensor)}
+    results = []
+    for fn in (rnnlab.ops.dplr_recurrent, rnnlab.ops.dplr_chunked):
+        o, S = fn(**{**x, **leaves})
+        grads = torch.autograd.grad(o.sum() + (S * S).sum(), list(leaves.values()))
+        results.append((o, S, grads))
+    assert bool(calls) != factored
+    (o1, S1, g1), (o2, S2, g2) = results
+    torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(S2, S1, atol=1e-10, rtol=1e-10)
+    for name, a, b in zip(leaves, g1, g2):
+        torch.testing.assert_close(b, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")

@@ -45,7 +45,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "PrefixLayout", "causal_product",
-           "known_finite", "rows", "cat_rows"]
+           "known_finite", "decay_factors_fit", "rows", "cat_rows"]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
@@ -248,6 +248,24 @@ def known_finite(*xs: torch.Tensor | None) -> bool:
         return False
     with torch.no_grad():
         return all(x is None or bool(torch.isfinite(x.sum())) for x in xs)
+
+
+# Largest |cumulative log-decay| within a chunk for which e^c and e^-c both lie far inside the
+# dtype's range (float32 overflows at e^88.7, float64 at e^709).
+_FACTOR_LIMIT = {torch.float64: 600.0}
+_FACTOR_LIMIT_DEFAULT = 60.0
+
+
+def decay_factors_fit(cum: torch.Tensor) -> bool:
+    """Whether every cumulative log-decay in ``cum`` (any shape, e.g. (B, H, N, C, K) from each
+    chunk's start) lies within the range where a vector decay's scores may be formed as
+    ``(x_t e^c_t) . (y_s e^-c_s)`` (two matmuls) instead of from the masked (C, C, K) decay
+    tensor: |c| <= 60 in float32 (and lower precisions), 600 in float64. One reduction and a host
+    read: for CPU inputs already :func:`known_finite` (a non-finite value would leak through the
+    matmuls into earlier positions)."""
+    lo, hi = torch.aminmax(cum)
+    limit = _FACTOR_LIMIT.get(cum.dtype, _FACTOR_LIMIT_DEFAULT)
+    return bool(-limit <= lo) and bool(hi <= limit)
 
 
 def causal_product(A: torch.Tensor, U: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from einops import rearrange
 
 from . import tuning
 from .backends import compiled
-from .bounds import ChunkLayout, causal_product, check_cu_seqlens, known_finite, state_rows, token_carry
+from .bounds import (ChunkLayout, causal_product, check_cu_seqlens, decay_factors_fit, known_finite, state_rows,
+                     token_carry)
 from .registry import implementation, select
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_chunked",
@@ -243,7 +244,11 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: 
     tri_incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
     tri_strict = tri_incl.tril(-1)  # s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
-    if vector:
+    if vector and finite and decay_factors_fit(cum):  # (x_t e^c_t) . (k_s e^-c_s): two matmuls
+        k_inv = (kc * torch.exp(-cum)).transpose(-1, -2)  # (B, H, N, K, C)
+        A_qk = (qc * cum.exp()) @ k_inv  # (B, H, N, C, C); above the diagonal finite, masked below
+        A_kk = (kc * cum.exp()) @ k_inv if beta is not None else None
+    elif vector:
         A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)
     else:
         diff = cum[..., :, None, 0] - cum[..., None, :, 0]  # (B, H, N, C, C)

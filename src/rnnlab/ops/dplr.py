@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import tuning
-from .bounds import ChunkLayout, causal_product, token_carry
+from .bounds import ChunkLayout, causal_product, decay_factors_fit, known_finite, token_carry
 from .delta import check_values_and_state
 from .registry import implementation, select
 
@@ -70,6 +70,15 @@ def dplr_recurrent(q, k, v, log_g, a, b, scale=None, initial_state=None, cu_seql
     return o.to(q.dtype), carry.final()
 
 
+def _factored_scores(x, cx, ys, cy, strict: bool) -> list[torch.Tensor]:
+    """:func:`_scores` as ``(x_t e^cx_t) . (y_s e^-cy_s)``: one matmul per y, for finite inputs
+    whose cumulative log-decays pass :func:`rnnlab.ops.bounds.decay_factors_fit`."""
+    C = x.shape[-2]
+    keep = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
+    xe, inv = x * cx.exp(), torch.exp(-cy)  # (B, H, N, C, K)
+    return [torch.where(keep, xe @ (y * inv).transpose(-1, -2), 0.0) for y in ys]  # (B, H, N, C, C)
+
+
 def _scores(x, cx, ys, cy, strict: bool, sub: int) -> list[torch.Tensor]:
     """``A[t, s] = sum_i x_t,i y_s,i exp(cx_t,i - cy_s,i)`` for s <= t (s < t if ``strict``; 0
     elsewhere) for each y of ``ys``, per chunk: x, cx, y, cy (B, H, N, C, K) -> (B, H, N, C, C).
@@ -103,7 +112,7 @@ def _scores(x, cx, ys, cy, strict: bool, sub: int) -> list[torch.Tensor]:
     return out
 
 
-def _intra_chunk(q, k, v, log_g, a, b, C: int, sub: int):
+def _intra_chunk(q, k, v, log_g, a, b, C: int, sub: int, finite: bool = False):
     """Everything the chunks can do in parallel. Inputs (B, T, H, K|V) in the accumulation dtype.
 
     Within a chunk with cumulative log-decays ``c_t`` (from the chunk start, inclusive) and the
@@ -122,8 +131,12 @@ def _intra_chunk(q, k, v, log_g, a, b, C: int, sub: int):
     qc, kc, vc, ac, bc = (chunks(x) for x in (q, k, v, a, b))
     cum = chunks(log_g).cumsum(dim=3)  # (B, H, N, C, K): c_t
     cum_before = F.pad(cum[..., :-1, :], (0, 0, 1, 0))  # c_{t-1} (0 at the chunk start)
-    A_qk, A_qb = _scores(qc, cum, [kc, bc], cum, False, sub)  # s <= t: decay exp(c_t - c_s)
-    A_ak, A_ab = _scores(ac, cum_before, [kc, bc], cum, True, sub)  # s < t: decay exp(c_{t-1} - c_s)
+    if finite and decay_factors_fit(cum):  # products of e^c and e^-c: matmuls
+        A_qk, A_qb = _factored_scores(qc, cum, [kc, bc], cum, False)
+        A_ak, A_ab = _factored_scores(ac, cum_before, [kc, bc], cum, True)
+    else:
+        A_qk, A_qb = _scores(qc, cum, [kc, bc], cum, False, sub)  # s <= t: decay exp(c_t - c_s)
+        A_ak, A_ab = _scores(ac, cum_before, [kc, bc], cum, True, sub)  # s < t: decay exp(c_{t-1} - c_s)
     eye = torch.eye(C, dtype=q.dtype, device=q.device)
     rhs = torch.cat([causal_product(A_ak, vc), ac * cum_before.exp()], dim=-1)  # (B, H, N, C, V+K)
     UW = torch.linalg.solve_triangular(eye - A_ab, rhs, upper=False, unitriangular=True)  # one solve for both
@@ -153,7 +166,8 @@ def dplr_chunked(q, k, v, log_g, a, b, scale=None, initial_state=None, chunk_siz
     layout = None if cu is None else ChunkLayout(cu, C, q.device)
     cast = lambda x: x.to(acc) if layout is None else layout.pad(x.to(acc))  # noqa: E731
     U_v, W, q_plus, AV, A_qb, g_end, k_end, b_end, vc = _intra_chunk(
-        *(cast(x) for x in (q, k, v, log_g, a, b)), C, tuning.get("dplr.sub_chunk", q.device))
+        *(cast(x) for x in (q, k, v, log_g, a, b)), C, tuning.get("dplr.sub_chunk", q.device),
+        known_finite(q, k, v, log_g, a, b, initial_state))
     N = U_v.shape[2]
     zeros = lambda rows: q.new_zeros(rows, H, K, V, dtype=acc)  # noqa: E731
     init = None if initial_state is None else initial_state.to(acc)

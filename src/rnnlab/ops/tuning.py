@@ -28,10 +28,12 @@ _DEFAULT: dict[str, int | None] = {
     # Gated delta rule / gated linear attention with no decay or a scalar decay per head: chunks of
     # 64 tokens (DESIGN.md §3 "chunk 64 by default", the size fla's kernels use as well).
     "delta.chunk_size": 64,
-    # Vector decays (GLA, HGRN2): chunks of 32 cut into sub-chunks of 8; between sub-chunks the
-    # decay factors through the earlier sub-chunk's end, so those blocks are matmuls. Measured:
-    # fwd+bwd 2x faster than chunks of 16 without sub-chunks (T=1024: 323 -> 169 ms, T=4096:
-    # 1986 -> 996 ms; commit 69a5566).
+    # Vector decays (GLA, HGRN2, KDA, RWKV-6): chunks of 32. On finite CPU inputs whose cumulative
+    # log-decays fit (rnnlab.ops.bounds.decay_factors_fit) the scores are two matmuls; otherwise
+    # chunks are cut into sub-chunks of 8, between which the decay factors through the earlier
+    # sub-chunk's end. Measured: sub-chunks fwd+bwd 2x faster than chunks of 16 without them
+    # (T=4096: 1986 -> 996 ms; commit 69a5566); the factored scores halve GLA's layer again
+    # (d_model 512, T=4096, one thread: 1379-1574 -> 719 ms), and chunks of 64 time the same as 32.
     "gla.chunk_size": 32,
     "gla.sub_chunk": 8,
     # The chunked delta rule on long sequences: blocks of this many tokens run one after another
