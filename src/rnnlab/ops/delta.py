@@ -244,10 +244,11 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: 
     tri_incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
     tri_strict = tri_incl.tril(-1)  # s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
-    if vector and finite and decay_factors_fit(cum):  # (x_t e^c_t) . (k_s e^-c_s): two matmuls
-        k_inv = (kc * torch.exp(-cum)).transpose(-1, -2)  # (B, H, N, K, C)
-        A_qk = (qc * cum.exp()) @ k_inv  # (B, H, N, C, C); above the diagonal finite, masked below
-        A_kk = (kc * cum.exp()) @ k_inv if beta is not None else None
+    rel = cum - cum[..., C // 2:C // 2 + 1, :] if vector and finite else None  # from the chunk's middle
+    if rel is not None and decay_factors_fit(rel):  # (x_t e^rel_t) . (k_s e^-rel_s): two matmuls
+        k_inv = (kc * torch.exp(-rel)).transpose(-1, -2)  # (B, H, N, K, C)
+        A_qk = (qc * rel.exp()) @ k_inv  # (B, H, N, C, C); above the diagonal finite, masked below
+        A_kk = (kc * rel.exp()) @ k_inv if beta is not None else None
     elif vector:
         A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)
     else:

@@ -72,7 +72,8 @@ def dplr_recurrent(q, k, v, log_g, a, b, scale=None, initial_state=None, cu_seql
 
 def _factored_scores(x, cx, ys, cy, strict: bool) -> list[torch.Tensor]:
     """:func:`_scores` as ``(x_t e^cx_t) . (y_s e^-cy_s)``: one matmul per y, for finite inputs
-    whose cumulative log-decays pass :func:`rnnlab.ops.bounds.decay_factors_fit`."""
+    whose cumulative log-decays (taken from a common reference) pass
+    :func:`rnnlab.ops.bounds.decay_factors_fit`."""
     C = x.shape[-2]
     keep = torch.ones(C, C, dtype=torch.bool, device=x.device).tril(-1 if strict else 0)
     xe, inv = x * cx.exp(), torch.exp(-cy)  # (B, H, N, C, K)
@@ -131,9 +132,10 @@ def _intra_chunk(q, k, v, log_g, a, b, C: int, sub: int, finite: bool = False):
     qc, kc, vc, ac, bc = (chunks(x) for x in (q, k, v, a, b))
     cum = chunks(log_g).cumsum(dim=3)  # (B, H, N, C, K): c_t
     cum_before = F.pad(cum[..., :-1, :], (0, 0, 1, 0))  # c_{t-1} (0 at the chunk start)
-    if finite and decay_factors_fit(cum):  # products of e^c and e^-c: matmuls
-        A_qk, A_qb = _factored_scores(qc, cum, [kc, bc], cum, False)
-        A_ak, A_ab = _factored_scores(ac, cum_before, [kc, bc], cum, True)
+    ref = cum[..., C // 2:C // 2 + 1, :]  # (B, H, N, 1, K): decays counted from the chunk's middle
+    if finite and decay_factors_fit(torch.cat([cum, cum_before], dim=-2) - ref):  # e^c and e^-c: matmuls
+        A_qk, A_qb = _factored_scores(qc, cum - ref, [kc, bc], cum - ref, False)
+        A_ak, A_ab = _factored_scores(ac, cum_before - ref, [kc, bc], cum - ref, True)
     else:
         A_qk, A_qb = _scores(qc, cum, [kc, bc], cum, False, sub)  # s <= t: decay exp(c_t - c_s)
         A_ak, A_ab = _scores(ac, cum_before, [kc, bc], cum, True, sub)  # s < t: decay exp(c_{t-1} - c_s)
