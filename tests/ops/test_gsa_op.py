@@ -53,3 +53,33 @@ def test_bad_shapes():
         gsa(q, k[..., :2], v, s, log_g)
     with pytest.raises(ValueError, match="initial_state"):
         gsa(q, k, v, s, log_g, (st0[0], st0[0]))
+
+
+@pytest.mark.parametrize("per_token, factored", [(0.3, True), (200.0, False)])
+def test_decays_factor_only_within_range(per_token, factored, monkeypatch):
+    """Finite inputs with mild decays take long chunks whose decays factor into matmuls; strong
+    decays (200 per token) the masked decay tensor in short chunks. Both equal the loop, with gradients."""
+    import importlib
+    mod = importlib.import_module("rnnlab.ops.gsa")
+    chunks = []
+    original = mod._block
+    monkeypatch.setattr(mod, "_block", lambda *a: chunks.append(a[6]) or original(*a))
+    fits = []
+    fit = mod.decay_factors_fit
+    monkeypatch.setattr(mod, "decay_factors_fit", lambda x: fits.append(fit(x)) or fits[-1])
+    q, k, v, s, _, (K0, V0) = make(T=150)
+    log_g = -per_token * (0.5 + torch.rand(s.shape, generator=torch.Generator().manual_seed(1), dtype=s.dtype))
+    args = [q, k, v, s, log_g, K0, V0]
+    l1 = [a.clone().requires_grad_() for a in args]
+    l2 = [a.clone().requires_grad_() for a in args]
+    o1, (K1, V1) = gsa_recurrent(*l1[:5], (l1[5], l1[6]))
+    o2, (K2, V2) = gsa_chunked(*l2[:5], (l2[5], l2[6]))
+    assert set(chunks) == ({64} if factored else {8}) and set(fits) == {factored}
+    torch.testing.assert_close(o2, o1)
+    torch.testing.assert_close(K2, K1)
+    torch.testing.assert_close(V2, V1)
+    c = [torch.randn_like(t) for t in (o1, K1, V1)]
+    f1 = sum((a * b).sum() for a, b in zip((o1, K1, V1), c))
+    f2 = sum((a * b).sum() for a, b in zip((o2, K2, V2), c))
+    for a, b in zip(torch.autograd.grad(f1, l1), torch.autograd.grad(f2, l2)):
+        torch.testing.assert_close(b, a)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import tuning
-from .bounds import ChunkLayout, causal_product, check_cu_seqlens, state_rows, token_carry
+from .bounds import ChunkLayout, causal_product, check_cu_seqlens, decay_factors_fit, known_finite, state_rows, token_carry
 from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
@@ -86,19 +86,25 @@ def gsa_recurrent(q, k, v, s, log_g, initial_state=None, cu_seqlens=None):
     return torch.stack(os, dim=1).to(dtype), carry.final()
 
 
-def _block(q, k, v, s, log_g, state, chunk_size, cu_local=None):
+def _block(q, k, v, s, log_g, state, chunk_size, cu_local=None, finite=False):
     """Chunked form on a block of T' tokens (T' a multiple of chunk_size); tensors (B, H, n, C, ·).
     Packed (``cu_local``: int64 cumulative lengths in the block, multiples of chunk_size, one per
-    sequence piece): the state has one row per piece and the scan over chunks restarts at each."""
+    sequence piece): the state has one row per piece and the scan over chunks restarts at each.
+    ``finite``: the inputs are known finite, so the decays may factor (see step 1)."""
     Kt0, Vt0 = state
     K = q.shape[-1]
     q, k, v, s, log_g = (rearrange(t, "b (n c) h d -> b h n c d", c=chunk_size) for t in (q, k, v, s, log_g))
     C = chunk_size
-    # 1. cumulative log decay inside each chunk and the masked (C, C, M) decay between positions
+    # 1. cumulative log decay inside each chunk; the decay from s to t, exp(G_t - G_s), either
+    # factors as e^(G_t - r) e^(r - G_s) around the chunk's middle r (when both stay in range),
+    # so both passes below are matmuls, or is the masked (C, C, M) tensor
     G = log_g.cumsum(dim=3)  # (B, H, n, C, M)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    diff = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
-    Dts = diff.exp()  # (B, H, n, C, C, M): prod of g over (s, t], zero above the diagonal
+    rel = G - G[..., C // 2:C // 2 + 1, :] if finite else None
+    if rel is None or not decay_factors_fit(rel):
+        rel = None
+        diff = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))
+        Dts = diff.exp()  # (B, H, n, C, C, M): prod of g over (s, t], zero above the diagonal
     # 2. chunk-start states: one scan over chunks of [K̃ | Ṽ] with the chunk's total decay
     w_end = (G[..., -1:, :] - G).exp() * s  # (B, H, n, C, M): weight of each write at chunk end
     U = torch.einsum("bhncm,bhncd->bhnmd", w_end, torch.cat([k, v], dim=-1))  # (B, H, n, M, K+V)
@@ -116,12 +122,19 @@ def _block(q, k, v, s, log_g, state, chunk_size, cu_local=None):
     Kst, Vst = starts[..., :K], starts[..., K:]
     # 3. pass 1: slot scores K̃_t q_t = decayed start state + intra-chunk writes
     A = torch.where(causal, q @ k.transpose(-1, -2), 0.0)  # (B, H, n, C, C); selections keep 0 * NaN out
-    DS = torch.where(causal[:, :, None], Dts * s[..., None, :, :], 0.0)  # (B, H, n, C, C, M): decay s -> t, s's weight
-    scores = (A.unsqueeze(-2) @ DS).squeeze(-2)  # sum_s A[t, s] DS[t, s, m]
+    if rel is not None:  # sum_s A[t, s] e^(G_t - G_s) s_s = e^(G_t - r) (A @ s e^(r - G))[t]
+        e_to, e_from = rel.exp(), torch.exp(-rel) * s  # (B, H, n, C, M)
+        scores = e_to * (A @ e_from)
+    else:
+        DS = torch.where(causal[:, :, None], Dts * s[..., None, :, :], 0.0)  # (B, H, n, C, C, M): decay s -> t, s's weight
+        scores = (A.unsqueeze(-2) @ DS).squeeze(-2)  # sum_s A[t, s] DS[t, s, m]
     scores = scores + G.exp() * (q @ Kst.transpose(-1, -2))  # (B, H, n, C, M)
     p = torch.softmax(scores, dim=-1)  # (B, H, n, C, M)
     # 4. pass 2: o_t = Ṽ_t^T p_t, the same decays with the slots as keys
-    P = (DS @ p.unsqueeze(-1)).squeeze(-1)  # (B, H, n, C, C): sum_m p[t, m] DS[t, s, m]
+    if rel is not None:  # sum_m p[t, m] e^(G_t,m - G_s,m) s_s,m, s <= t
+        P = torch.where(causal, (p * e_to) @ e_from.transpose(-1, -2), 0.0)  # (B, H, n, C, C)
+    else:
+        P = (DS @ p.unsqueeze(-1)).squeeze(-1)  # (B, H, n, C, C): sum_m p[t, m] DS[t, s, m]
     o = causal_product(P, v) + torch.einsum("bhncm,bhnmd->bhncd", p * G.exp(), Vst)  # (B, H, n, C, V)
     return rearrange(o, "b h n c d -> b (n c) h d"), (end[..., :K], end[..., K:])
 
@@ -130,11 +143,17 @@ def gsa_chunked(q, k, v, s, log_g, initial_state=None, chunk_size=None, block_si
     """Chunked form (same results as :func:`gsa_recurrent`). Chunks of ``chunk_size`` are computed
     in parallel within blocks of ``block_size`` tokens; blocks run one after the other and, under
     autograd, are recomputed in the backward pass, so memory is O(block · C · M) per head. None:
-    the tuning table's ``gsa.chunk_size`` and ``gsa.block_size``. With ``cu_seqlens`` every
+    the tuning table's ``gsa.block_size`` and ``gsa.factored_chunk_size`` where the decays factor
+    in every chunk of that size, else ``gsa.chunk_size``. With ``cu_seqlens`` every
     sequence is padded to whole chunks (:class:`rnnlab.ops.bounds.ChunkLayout`)."""
     cu = _check(q, k, v, s, log_g, initial_state, cu_seqlens)
     acc = torch.promote_types(q.dtype, torch.float32)
-    chunk_size = chunk_size or tuning.get("gsa.chunk_size", q.device)
+    finite = known_finite(q, k, v, s, log_g, *(initial_state or ()))
+    if chunk_size is None:  # long chunks where every chunk's decays will factor: a chunk's middle is
+        # at most C/2 tokens from any of its positions
+        long = tuning.get("gsa.factored_chunk_size", q.device)
+        fits = finite and long is not None and decay_factors_fit(log_g.to(acc).abs().amax() * (long // 2))
+        chunk_size = long if fits else tuning.get("gsa.chunk_size", q.device)
     block_size = block_size or tuning.get("gsa.block_size", q.device)
     T = q.shape[1]
     init, zeros = _start(q, v, s, initial_state, acc)
@@ -142,12 +161,12 @@ def gsa_chunked(q, k, v, s, log_g, initial_state=None, chunk_size=None, block_si
     if cu is None:
         pad = -T % chunk_size  # padded tokens write nothing (s = 0) and do not decay (log_g = 0)
         seqs = [F.pad(t.to(acc), (0, 0, 0, 0, 0, pad)) for t in (q, k, v, s, log_g)]
-        o, (Kt, Vt) = over_time_chunks(lambda *a: _block(*a[:5], a[5], chunk_size), seqs,
+        o, (Kt, Vt) = over_time_chunks(lambda *a: _block(*a[:5], a[5], chunk_size, None, finite), seqs,
                                        zeros(q.shape[0]) if init is None else init, block)
         return o[:, :T].to(q.dtype), (Kt, Vt)
     layout = ChunkLayout(cu, chunk_size, q.device)  # zero padding: s = 0, log_g = 0
     seqs = [layout.pad(t.to(acc)) for t in (q, k, v, s, log_g)]
-    o, (Kt, Vt) = over_time_chunks(lambda *a: _block(*a[:5], a[5], chunk_size, a[6]), seqs, init, block,
+    o, (Kt, Vt) = over_time_chunks(lambda *a: _block(*a[:5], a[5], chunk_size, a[6], finite), seqs, init, block,
                                    layout.padded_cu, zeros)
     return layout.unpad(o).to(q.dtype), (Kt, Vt)
 

@@ -68,6 +68,11 @@ _DEFAULT: dict[str, int | None] = {
     # against 16; 2-layer d=128 training step 714 -> 358 ms, prefill 8.6k -> 19.7k tok/s; commit
     # ef27129), computed in parallel within blocks of 256 tokens that are recomputed in backward.
     "gsa.chunk_size": 8,
+    # ... and chunks of this many tokens where the decays factor as matmuls (finite CPU inputs whose
+    # per-token decays keep every chunk within rnnlab.ops.bounds.decay_factors_fit), with no
+    # (C, C, M) tensor. Measured: one gsa layer (d_model 512) fwd+bwd at T=2048, one thread,
+    # 1672 ms with chunks of 8 before the factored form; with it 1320 (8), 963 (16), 800 (32), 732 (64).
+    "gsa.factored_chunk_size": 64,
     "gsa.block_size": 256,
     # LTI convolution form: time-chunks of 1024 with the state passed, the chunk kernels computed
     # once, so the Krylov memory (D * N * T) is bounded. Measured: lssl T=16384 fwd+bwd 6.7 s,
