@@ -152,6 +152,11 @@ def test_kernel_flops_match_the_kernels():
         with FlopCounterMode(display=False) as counter:
             registry.get_family(case).form("chunked")(**x, chunk_size=64)
         assert kernel_flops(case, B, T, H, K, K, 64) == counter.get_total_flops() + solve
+    # vector decays with factored scores (finite inputs in range): the counter misses the 2CK scalings
+    x = registry.get_family("gla").inputs(B, T, H, K)
+    with FlopCounterMode(display=False) as counter:
+        registry.get_family("gla").form("chunked")(**x, chunk_size=32)
+    assert kernel_flops("gla", B, T, H, K, K, 32, None) == counter.get_total_flops() + B * H * 7 * 2 * 32 * K  # 7 chunks
 
 
 def test_layer_flops_attention():

@@ -28,9 +28,11 @@ pads), key size K and value size V; B·H sequences (the scan: B·H·K lanes):
   against I, then its products with V and K) ``+ 2C²V`` (A U) ``+ 6CKV`` (W S, Q S, K^T U);
 * ``delta_vector`` (gated delta rule, decay vector over K, sub-chunks of c, m = C/c): the scores
   become ``4C²K + 6CcK + 2mCK`` (masked decay tensors within sub-chunks, decay-factored matmuls
-  between them), the rest as for ``delta``;
+  between them) or, where the decays factor over the whole chunk (finite CPU inputs within
+  range), ``4C²K + 3CK`` (q and k scaled by e^c, k by e^-c, two matmuls); the rest as for ``delta``;
 * ``ssd`` (scalar decay, no delta term): ``4C²K + 2C²V + 4CKV`` (K K^T is computed as well);
-* ``gla`` (vector decay, no delta term): ``4C²K + 6CcK + 2mCK + 2C²V + 4CKV``;
+* ``gla`` (vector decay, no delta term): ``4C²K + 6CcK + 2mCK + 2C²V + 4CKV`` (factored:
+  ``2C²K + 2CK + 2C²V + 4CKV``: Q K^T alone);
 * ``mlstm`` (chunks of L = C, the last one shorter): ``2L²K + 2L²V + 4LKV + 2LK + 2L²``;
 * ``scan`` (Hillis-Steele within chunks, per lane): ``3 · sum_{d=1,2,4..<C} (C-d)`` per chunk,
   ``2`` per chunk for the carry and ``2`` per element to apply it; the loop form: 2 per element;
@@ -48,25 +50,27 @@ def _chunks(T: int, C: int) -> int:
     return -(-T // C)
 
 
-def _scores_vector(C: int, K: int, sub: int) -> float:
+def _scores_vector(C: int, K: int, sub: int | None, delta: bool) -> float:
+    if sub is None:  # factored: (q e^c) (k e^-c)^T (and (k e^c) (k e^-c)^T with the delta term), and the scalings
+        return (4 * C * C * K + 3 * C * K) if delta else (2 * C * C * K + 2 * C * K)
     c = sub if C % sub == 0 else C
     return 4 * C * C * K + 6 * C * c * K + 2 * (C // c) * C * K
 
 
-def kernel_flops(case: str, B: int, T: int, H: int, K: int, V: int, chunk: int, sub_chunk: int = 8) -> float:
+def kernel_flops(case: str, B: int, T: int, H: int, K: int, V: int, chunk: int, sub_chunk: int | None = 8) -> float:
     """Forward FLOPs of the chunked kernel ``case`` (one of :data:`KERNEL_CASES`) on B sequences of
     T tokens with H heads of key size K and value size V, chunks of ``chunk`` (the vector-decay
-    cases: sub-chunks of ``sub_chunk``). See the module docstring for the formulas."""
+    cases: sub-chunks of ``sub_chunk``, None for the factored scores). See the module docstring."""
     C = chunk
     N = _chunks(T, C)
     if case == "delta":
         per = 4 * C * C * K + C ** 3 + 2 * C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
     elif case == "delta_vector":
-        per = _scores_vector(C, K, sub_chunk) + C ** 3 + 2 * C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
+        per = _scores_vector(C, K, sub_chunk, True) + C ** 3 + 2 * C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
     elif case == "ssd":
         per = 4 * C * C * K + 2 * C * C * V + 4 * C * K * V
     elif case == "gla":
-        per = _scores_vector(C, K, sub_chunk) + 2 * C * C * V + 4 * C * K * V
+        per = _scores_vector(C, K, sub_chunk, False) + 2 * C * C * V + 4 * C * K * V
     elif case == "mlstm":  # no padding: full chunks and a shorter last one
         def block(L):
             return 2 * L * L * K + 2 * L * L * V + 4 * L * K * V + 2 * L * K + 2 * L * L
@@ -92,9 +96,9 @@ KERNEL_CASES = ("delta", "delta_vector", "ssd", "gla", "mlstm", "scan", "scan_lo
 # N chunks of C, sub-chunks of c, m = C/c; the scan per lane)
 FORMULAS = {
     "delta": "N·(4C²K + C³ + 2C²(K+V) + 2C²V + 6CKV)",
-    "delta_vector": "N·(4C²K + 6CcK + 2mCK + C³ + 2C²(K+V) + 2C²V + 6CKV)",
+    "delta_vector": "N·(4C²K + 6CcK + 2mCK + C³ + 2C²(K+V) + 2C²V + 6CKV); scores factored: 4C²K + 3CK",
     "ssd": "N·(4C²K + 2C²V + 4CKV)",
-    "gla": "N·(4C²K + 6CcK + 2mCK + 2C²V + 4CKV)",
+    "gla": "N·(4C²K + 6CcK + 2mCK + 2C²V + 4CKV); scores factored: 2C²K + 2CK",
     "mlstm": "sum over chunks of L: 2L²K + 2L²V + 4LKV + 2LK + 2L²",
     "scan": "per lane: N·3·sum_{d=1,2,4..<C}(C-d) + 2(N-1) + 2NC",
     "scan_loop": "per lane: 2T",
