@@ -30,7 +30,7 @@ pads), key size K and value size V; B·H sequences (the scan: B·H·K lanes):
   become ``4C²K + 6CcK + 2mCK`` (masked decay tensors within sub-chunks, decay-factored matmuls
   between them) or, where the decays factor over the whole chunk (finite CPU inputs within
   range), ``4C²K + 3CK`` (q and k scaled by e^c, k by e^-c, two matmuls); the rest as for ``delta``;
-* ``ssd`` (scalar decay, no delta term): ``4C²K + 2C²V + 4CKV`` (K K^T is computed as well);
+* ``ssd`` (scalar decay, no delta term): ``2C²K + 2C²V + 4CKV``;
 * ``gla`` (vector decay, no delta term): ``4C²K + 6CcK + 2mCK + 2C²V + 4CKV`` (factored:
   ``2C²K + 2CK + 2C²V + 4CKV``: Q K^T alone);
 * ``mlstm`` (chunks of L = C, the last one shorter): ``2L²K + 2L²V + 4LKV + 2LK + 2L²``;
@@ -68,7 +68,7 @@ def kernel_flops(case: str, B: int, T: int, H: int, K: int, V: int, chunk: int, 
     elif case == "delta_vector":
         per = _scores_vector(C, K, sub_chunk, True) + C ** 3 + 2 * C * C * (K + V) + 2 * C * C * V + 6 * C * K * V
     elif case == "ssd":
-        per = 4 * C * C * K + 2 * C * C * V + 4 * C * K * V
+        per = 2 * C * C * K + 2 * C * C * V + 4 * C * K * V
     elif case == "gla":
         per = _scores_vector(C, K, sub_chunk, False) + 2 * C * C * V + 4 * C * K * V
     elif case == "mlstm":  # no padding: full chunks and a shorter last one
@@ -97,7 +97,7 @@ KERNEL_CASES = ("delta", "delta_vector", "ssd", "gla", "mlstm", "scan", "scan_lo
 FORMULAS = {
     "delta": "N·(4C²K + C³ + 2C²(K+V) + 2C²V + 6CKV)",
     "delta_vector": "N·(4C²K + 6CcK + 2mCK + C³ + 2C²(K+V) + 2C²V + 6CKV); scores factored: 4C²K + 3CK",
-    "ssd": "N·(4C²K + 2C²V + 4CKV)",
+    "ssd": "N·(2C²K + 2C²V + 4CKV)",
     "gla": "N·(4C²K + 6CcK + 2mCK + 2C²V + 4CKV); scores factored: 2C²K + 2CK",
     "mlstm": "sum over chunks of L: 2L²K + 2L²V + 4LKV + 2LK + 2L²",
     "scan": "per lane: N·3·sum_{d=1,2,4..<C}(C-d) + 2(N-1) + 2NC",

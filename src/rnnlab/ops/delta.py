@@ -255,7 +255,7 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: 
         diff = cum[..., :, None, 0] - cum[..., None, :, 0]  # (B, H, N, C, C)
         decay = torch.exp(diff.masked_fill(~tri_incl, float("-inf")))
         A_qk = (qc @ kc.transpose(-1, -2)) * decay
-        A_kk = (kc @ kc.transpose(-1, -2)) * decay
+        A_kk = (kc @ kc.transpose(-1, -2)) * decay if beta is not None else None  # only the delta term needs it
     # masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN
     A_qk = torch.where(tri_incl, A_qk, 0.0)
     q_plus = qc * cum.exp()  # (B, H, N, C, K): q_t decayed from the chunk start
