@@ -216,3 +216,13 @@ def test_vector_decay_scores_are_factored_only_within_range(per_token, factored,
     for name, a, b_ in zip(["q", "k", "v", "log_g", "beta", "initial_state"], g1, g2):
         if a is not None:
             torch.testing.assert_close(b_, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
+
+
+def test_chunks_are_no_longer_than_the_key_size():
+    """Small heads get short chunks (the (C, C) work would outweigh the (K, V) work): C = K within
+    [delta.chunk_min, delta.chunk_size]; a vector decay keeps gla.chunk_size."""
+    from rnnlab.ops import tuning
+    from rnnlab.ops.delta import _chunk_size
+    sizes = {K: _chunk_size(torch.zeros(1, 1, 1, K), vector=False) for K in (4, 8, 16, 32, 64, 128)}
+    assert sizes == {4: 16, 8: 16, 16: 16, 32: 32, 64: 64, 128: 64}
+    assert _chunk_size(torch.zeros(1, 1, 1, 8), vector=True) == tuning.get("gla.chunk_size", "cpu")

@@ -91,6 +91,9 @@ def run_efficiency(ctx):
             chunk = tuning.get(chunk_key, ctx.device) if chunk_key else None  # None: no chunks
             sub = tuning.get(sub_key, ctx.device) if sub_key else None
             x = _inputs(case, a.batch, T, H, K, ctx.dtype, ctx.device)
+            if chunk_key == "delta.chunk_size":  # as the op picks it: no longer than the key size
+                from ..ops.delta import _chunk_size
+                chunk = _chunk_size(x["q"], vector=False)
             if sub_key and _factored(x, chunk):
                 sub = None  # the scores are two matmuls: no sub-chunks
             row = dict(case=case, family=family or "sdpa", form=form, chunk=chunk, sub_chunk=sub, T=T, B=a.batch,

@@ -276,6 +276,15 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: 
     return UW[..., :V], UW[..., V:], q_plus, A_qk, g_end, k_end
 
 
+def _chunk_size(q, vector: bool) -> int:
+    """The tuning table's chunk size for these inputs: ``gla.chunk_size`` for a vector decay; else
+    ``delta.chunk_size``, but no longer than the key size K (at least ``delta.chunk_min``): with
+    small heads the (C, C) work per token would outweigh the (K, V) work."""
+    if vector:
+        return tuning.get("gla.chunk_size", q.device)
+    return min(tuning.get("delta.chunk_size", q.device), max(tuning.get("delta.chunk_min", q.device), q.shape[-1]))
+
+
 def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_seqlens):
     cu = check_delta_args(q, k, v, log_g, beta, initial_state, cu_seqlens)
     block = tuning.get("delta.block_tokens", q.device)
@@ -286,7 +295,7 @@ def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_s
     scale = K ** -0.5 if scale is None else scale
     vector = log_g is not None and log_g.dim() == 4
     if chunk_size is None:
-        chunk_size = tuning.get("gla.chunk_size" if vector else "delta.chunk_size", q.device)
+        chunk_size = _chunk_size(q, vector)
     layout = None if cu is None else ChunkLayout(cu, chunk_size, q.device)
     cast = lambda x: None if x is None else (x.to(acc) if layout is None else layout.pad(x.to(acc)))  # noqa: E731
     finite = known_finite(q, k, v, log_g, beta, initial_state)  # then no guards against 0 * NaN
@@ -320,7 +329,7 @@ def _in_blocks(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, bl
     the next (a multiple of the chunk size, so the chunks are those of one call). Inputs are split,
     not sliced: a slice's backward would fill a zero tensor of the whole input per block."""
     vector = log_g is not None and log_g.dim() == 4
-    C = chunk_size or tuning.get("gla.chunk_size" if vector else "delta.chunk_size", q.device)
+    C = chunk_size or _chunk_size(q, vector)
     block = max(C, block // C * C)
     parts = [x.split(block, dim=1) if x is not None else [None] * -(-q.shape[1] // block)
              for x in (q, k, v, log_g, beta)]
