@@ -13,14 +13,12 @@ def make(B=2, T=45, H=2, K=4, V=3, M=5, seed=0):
     return r(B, T, H, K), r(B, T, H, K), r(B, T, H, V), 1 - log_g.exp(), log_g, (r(B, H, M, K), r(B, H, M, V))
 
 
-@pytest.mark.parametrize("T,chunk,block", [(1, 16, 256), (45, 16, 256), (45, 8, 16), (64, 16, 32)])
-def test_chunked_equals_reference_with_gradients(T, chunk, block):
-    q, k, v, s, log_g, (K0, V0) = make(T=T)
-    args = [q, k, v, s, log_g, K0, V0]
+def _equals_reference(args, **chunked):
+    """gsa_chunked(**chunked) on args = (q, k, v, s, log_g, K0, V0) equals the loop, gradients too."""
     l1 = [a.clone().requires_grad_() for a in args]
     l2 = [a.clone().requires_grad_() for a in args]
     o1, (K1, V1) = gsa_recurrent(*l1[:5], (l1[5], l1[6]))
-    o2, (K2, V2) = gsa_chunked(*l2[:5], (l2[5], l2[6]), chunk_size=chunk, block_size=block)
+    o2, (K2, V2) = gsa_chunked(*l2[:5], (l2[5], l2[6]), **chunked)
     torch.testing.assert_close(o2, o1)
     torch.testing.assert_close(K2, K1)
     torch.testing.assert_close(V2, V1)
@@ -29,6 +27,12 @@ def test_chunked_equals_reference_with_gradients(T, chunk, block):
     f2 = sum((a * b).sum() for a, b in zip((o2, K2, V2), c))
     for a, b in zip(torch.autograd.grad(f1, l1), torch.autograd.grad(f2, l2)):
         torch.testing.assert_close(b, a)
+
+
+@pytest.mark.parametrize("T,chunk,block", [(1, 16, 256), (45, 16, 256), (45, 8, 16), (64, 16, 32)])
+def test_chunked_equals_reference_with_gradients(T, chunk, block):
+    q, k, v, s, log_g, (K0, V0) = make(T=T)
+    _equals_reference([q, k, v, s, log_g, K0, V0], chunk_size=chunk, block_size=block)
 
 
 def test_splitting_strong_decay_and_zero_state():
@@ -69,17 +73,5 @@ def test_decays_factor_only_within_range(per_token, factored, monkeypatch):
     monkeypatch.setattr(mod, "decay_factors_fit", lambda x: fits.append(fit(x)) or fits[-1])
     q, k, v, s, _, (K0, V0) = make(T=150)
     log_g = -per_token * (0.5 + torch.rand(s.shape, generator=torch.Generator().manual_seed(1), dtype=s.dtype))
-    args = [q, k, v, s, log_g, K0, V0]
-    l1 = [a.clone().requires_grad_() for a in args]
-    l2 = [a.clone().requires_grad_() for a in args]
-    o1, (K1, V1) = gsa_recurrent(*l1[:5], (l1[5], l1[6]))
-    o2, (K2, V2) = gsa_chunked(*l2[:5], (l2[5], l2[6]))
+    _equals_reference([q, k, v, s, log_g, K0, V0])
     assert set(chunks) == ({64} if factored else {8}) and set(fits) == {factored}
-    torch.testing.assert_close(o2, o1)
-    torch.testing.assert_close(K2, K1)
-    torch.testing.assert_close(V2, V1)
-    c = [torch.randn_like(t) for t in (o1, K1, V1)]
-    f1 = sum((a * b).sum() for a, b in zip((o1, K1, V1), c))
-    f2 = sum((a * b).sum() for a, b in zip((o2, K2, V2), c))
-    for a, b in zip(torch.autograd.grad(f1, l1), torch.autograd.grad(f2, l2)):
-        torch.testing.assert_close(b, a)
