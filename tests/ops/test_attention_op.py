@@ -164,3 +164,25 @@ def test_causal_attention_keeps_a_nan_from_earlier_queries(where, ragged):
     assert torch.equal(o[0, heads, 4:].isnan(), ref[0, heads, 4:].isnan()) and o[0, heads, 4:].isnan().any()
     fine = ~ref.isnan()
     torch.testing.assert_close(o[fine], ref[fine], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("window, block", [(None, 256), (6, 4), (3, 8)])
+def test_without_lse_equals_with_it(window, block, monkeypatch):
+    """with_lse=False (masked SDPA per block on finite inputs) gives the output of the log-sum-exp
+    path, gradients included, rows at their own positions; it is the SDPA path that ran."""
+    import torch.nn.functional as F
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **kw: calls.append(1) or sdpa(*a, **kw))
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 8, dtype=F64, requires_grad=True) for n in (9, 14, 14))
+    starts = torch.tensor([0, 5, 40])
+    q_idx, k_idx = starts[:, None] + 5 + torch.arange(9), starts[:, None] + torch.arange(14)
+    want, _ = softmax_attention(q, k, v, q_idx, k_idx, window=window, block_size=block)
+    assert not calls
+    got, lse = softmax_attention(q, k, v, q_idx, k_idx, window=window, block_size=block, with_lse=False)
+    assert lse is None and calls
+    torch.testing.assert_close(got, want)
+    cot = torch.randn_like(want)
+    for a, b in zip(torch.autograd.grad(want, (q, k, v), cot), torch.autograd.grad(got, (q, k, v), cot)):
+        torch.testing.assert_close(b, a)

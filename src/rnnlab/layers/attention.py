@@ -296,7 +296,7 @@ class Attention(Mixer):
         vb = torch.cat([cache_v.to(v.dtype), v], dim=2)
         k_idx = torch.cat([seen[:, None] - W + torch.arange(W, device=k.device), pos], dim=1)  # (B, W+T)
         o, lse = softmax_attention(qr, kb.repeat_interleave(rep, dim=1), vb.repeat_interleave(rep, dim=1),
-                                   pos, k_idx, window=c.window, min_key=c.sinks)
+                                   pos, k_idx, window=c.window, min_key=c.sinks, with_lse=bool(c.sinks))
         if c.sinks:  # sinks at their own cache positions, merged by log-sum-exp
             o_s, lse_s = softmax_attention(qs, sink_k.repeat_interleave(rep, dim=1),
                                            sink_v.repeat_interleave(rep, dim=1), pos,

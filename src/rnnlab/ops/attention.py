@@ -129,7 +129,8 @@ def _attend_block(q, k, v, mask, scale):
 def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: torch.Tensor,
                       k_idx: torch.Tensor, window: int | None = None, min_key: int = 0,
                       scale: float | None = None, block_size: int = 256,
-                      cu_seqlens: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      cu_seqlens: torch.Tensor | None = None,
+                      with_lse: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Causal softmax attention with an optional sliding window, returning the log-sum-exp.
 
     Query ``t`` (absolute index ``q_idx[t]``) attends to key ``j`` iff
@@ -146,9 +147,12 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
         cu_seqlens: None, or int64 (N + 1,) cumulative lengths of N sequences packed in one row
             (B = 1) over positions 0 .. q_idx[-1]: a query also needs ``k_idx[j] >= cu_seqlens[n]``
             for its sequence n (block-diagonal causal attention).
+        with_lse: False when the caller needs no log-sum-exp (returned as None): on finite CPU
+            inputs with ``min_key = 0`` and no ``cu_seqlens`` (so every query sees at least itself)
+            each block then runs as one masked SDPA call.
     Returns:
         o (B, H, T, V) in float32 (float64 for float64 inputs) (zeros for a query with no allowed key) and lse (B, H, T)
-        (``-inf`` for such a query).
+        (``-inf`` for such a query), or None without ``with_lse``.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     B, H, T, _ = q.shape
@@ -161,6 +165,7 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
         cu = cu_seqlens.to(q_idx.device)
         seq_start = cu[torch.searchsorted(cu, q_idx, right=True) - 1]
     outs, lses = [], []
+    sdpa = not with_lse and min_key == 0 and cu_seqlens is None and known_finite(q, k, v)
     for t0 in range(0, T, block_size):
         qi = q_idx[:, t0:t0 + block_size]  # (B or 1, Tq)
         if T <= block_size:  # one block: every key given, masked (no host sync; decoding is such a call)
@@ -177,10 +182,15 @@ def softmax_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_idx: 
             mask &= kj >= seq_start[:, t0:t0 + block_size, None]
         if window is not None:
             mask &= (qi[:, :, None] - kj) < window
-        o, lse = _attend_block(q[:, :, t0:t0 + block_size], k[:, :, j0:j1], v[:, :, j0:j1], mask, scale)
+        qb, kb, vb = q[:, :, t0:t0 + block_size], k[:, :, j0:j1], v[:, :, j0:j1]
+        if sdpa:  # every query sees itself: no empty row, which SDPA would turn into NaN
+            acc = torch.promote_types(q.dtype, torch.float32)
+            outs.append(F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask[:, None], scale=scale).to(acc))
+            continue
+        o, lse = _attend_block(qb, kb, vb, mask, scale)
         outs.append(o)
         lses.append(lse)
-    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+    return torch.cat(outs, dim=2), (torch.cat(lses, dim=2) if with_lse else None)
 
 
 def merge_attention(o1: torch.Tensor, lse1: torch.Tensor, o2: torch.Tensor,
