@@ -111,7 +111,8 @@ def test_a_bad_mitigation_is_named(kwargs, message):
 
 def test_a_setting_scores_its_own_mitigations_on_the_blocks_it_names(tmp_path):
     preset = bench.PRESETS["tiny"]
-    own = (bench.Mitigation("forget-0", "decay_scale", 1.5, (0,)), bench.Mitigation("norm-0", "state_norm_max", 0.5, (0,)))
+    own = (bench.Mitigation("forget-0", "decay_scale", 1.5, (0,)),
+           bench.Mitigation("norm-0", "state_norm_max", 0.5, (0,)))
     setting = bench.replace(bench.passkey_settings(12, (1, 2), key_len=2)[0], mitigations=own)
     cell = bench.Cell(setting, "mamba2,attention", 32, 3e-3, 0, 2, None)
     row = bench.run_cell(cell, preset, tmp_path / "run", torch.device("cpu"), keep_checkpoints=False)
@@ -137,7 +138,8 @@ def test_cpu_passkey_preset_tests_both_training_lengths_at_the_same_lengths():
     short, long = settings["passkey-T64"], settings["passkey-T128"]
     assert (short.train.seq_len, long.train.seq_len) == (64, 128)
     for s in (short, long):
-        assert [(label, x, c.seq_len) for label, x, c in s.tests] == [(f"{m}x", 64 * m, 64 * m) for m in (1, 2, 4, 8, 16)]
+        lengths = [(label, x, c.seq_len) for label, x, c in s.tests]
+        assert lengths == [(f"{m}x", 64 * m, 64 * m) for m in (1, 2, 4, 8, 16)]
     assert {m.name for m in short.mitigations} == {"state-norm", "forget", "forget-0 x1.2", "forget-0 x1.5"}
     assert all(m.blocks == (0,) for m in short.mitigations if m.name.startswith("forget-0"))
     assert long.mitigations == ()

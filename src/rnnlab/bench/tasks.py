@@ -251,18 +251,19 @@ def only(settings: list[Setting], mixers: tuple[str, ...] = (), d_models: tuple[
     return [replace(s, mixers=mixers, d_models=d_models, steps=steps, target=target) for s in settings]
 
 
-# The gpu preset's mixers: every registered one and the negative-eigenvalue variants. Its state
-# tracking settings add Gated DeltaProduct with n_h = 4 Householder steps per token (the registry's
-# default is 2; gated_deltanet(allow_neg_eigval=True) is n_h = 1): reflections compose into
-# rotations, which the groups beyond parity need.
 # Faster forgetting on the first block alone, the one whose state norm grows past its training range
 # in the cpu-small passkey cell (the second block's stays flat), at two strengths.
-PASSKEY_BLOCK0 = (Mitigation("forget-0 x1.2", "decay_scale", 1.2, (0,)), Mitigation("forget-0 x1.5", "decay_scale", 1.5, (0,)))
+PASSKEY_BLOCK0 = (Mitigation("forget-0 x1.2", "decay_scale", 1.2, (0,)),
+                  Mitigation("forget-0 x1.5", "decay_scale", 1.5, (0,)))
 
 # cpu-jrt's sets of 2 and 16 out of 32: a Gated DeltaNet layer with one head of 4 key dimensions (a 4 x 8
 # state), too small to hold the long set, against attention, whose cache holds every token.
 JRT_SMALL_STATE = ("gated_deltanet(num_heads=1,head_dim=4)", "attention")
 
+# The gpu preset's mixers: every registered one and the negative-eigenvalue variants. Its state
+# tracking settings add Gated DeltaProduct with n_h = 4 Householder steps per token (the registry's
+# default is 2; gated_deltanet(allow_neg_eigval=True) is n_h = 1): reflections compose into
+# rotations, which the groups beyond parity need.
 _GPU_MIXERS = tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
                                  "mamba(allow_neg_eigval=True)")
 
