@@ -100,3 +100,58 @@ def test_cpu_jrt_settings_train_a_step(mixer, tmp_path):
     row = bench.run_cell(bench.Cell(setting, mixer, 32, 3e-3, 0, 1, preset.target), preset, tmp_path / "run",
                          torch.device("cpu"), keep_checkpoints=False)
     assert row["steps"] == 1 and 0 <= row["tests"]["test"]["accuracy"] <= 1 and row["loss"] > 0
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(option="dt_scale"), "option"), (dict(value=0.0), "value"),
+                                             (dict(blocks=(-1,)), "blocks"), (dict(blocks=(True,)), "blocks")])
+def test_a_bad_mitigation_is_named(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        bench.Mitigation(**{**dict(name="m", option="decay_scale", value=1.2), **kwargs})
+
+
+def test_a_setting_scores_its_own_mitigations_on_the_blocks_it_names(tmp_path):
+    preset = bench.PRESETS["tiny"]
+    own = (bench.Mitigation("forget-0", "decay_scale", 1.5, (0,)),
+           bench.Mitigation("norm-0", "state_norm_max", 0.5, (0,)))
+    setting = bench.replace(bench.passkey_settings(12, (1, 2), key_len=2)[0], mitigations=own)
+    cell = bench.Cell(setting, "mamba2,attention", 32, 3e-3, 0, 2, None)
+    row = bench.run_cell(cell, preset, tmp_path / "run", torch.device("cpu"), keep_checkpoints=False)
+    assert set(row["mitigations"]) == {"forget-0", "norm-0"} and set(row["after_filler"]) == {"", "forget-0", "norm-0"}
+    norms = row["state_norms"]
+    assert set(norms[""]["layers"]) == {"0"}  # the attention block has no recurrent state
+    assert norms["forget-0"]["layers"]["0"] != norms[""]["layers"]["0"]
+    # the bound is half the largest norm block 0 reached on the validation examples, far below the
+    # plain model's norms at 2x
+    assert max(norms["norm-0"]["layers"]["0"]) < max(norms[""]["layers"]["0"])
+    plain = bench.replace(setting, mitigations=bench.MITIGATIONS)
+    assert cell.key(preset) != bench.replace(cell, setting=plain).key(preset)
+    assert "mitigations" not in json.loads(bench.replace(cell, setting=plain).key(preset))  # default: earlier keys
+    wrong = bench.replace(setting, mitigations=(bench.Mitigation("forget-1", "decay_scale", 1.5, (1,)),))
+    with pytest.raises(ValueError, match="forget-1.*blocks \\[1\\]"):
+        bench.run_cell(bench.replace(cell, setting=wrong), preset, tmp_path / "run2", torch.device("cpu"),
+                       keep_checkpoints=False)
+
+
+def test_cpu_passkey_preset_tests_both_training_lengths_at_the_same_lengths():
+    settings = {s.name: s for s in bench.PRESETS["cpu-passkey"].settings}
+    assert set(settings) == {"passkey-T64", "passkey-T128"}
+    short, long = settings["passkey-T64"], settings["passkey-T128"]
+    assert (short.train.seq_len, long.train.seq_len) == (64, 128)
+    for s in (short, long):
+        lengths = [(label, x, c.seq_len) for label, x, c in s.tests]
+        assert lengths == [(f"{m}x", 64 * m, 64 * m) for m in (1, 2, 4, 8, 16)]
+    assert {m.name for m in short.mitigations} == {"state-norm", "forget", "forget-0 x1.2", "forget-0 x1.5"}
+    assert all(m.blocks == (0,) for m in short.mitigations if m.name.startswith("forget-0"))
+    assert long.mitigations == ()
+    with pytest.raises(ValueError, match="base"):
+        bench.passkey_settings(64, base=-1)
+
+
+def test_cpu_jrt_small_state_settings():
+    settings = {s.name: s for s in bench.PRESETS["cpu-jrt"].settings if s.name.startswith("setdisj-2x16")}
+    assert len(settings) == 4 and all(s.mixers == bench.JRT_SMALL_STATE and s.steps == 1500 for s in settings.values())
+    c = settings["setdisj-2x16-long-first-jrt"].train
+    assert (c.short_len, c.long_len, c.n_elements, c.short_first, c.jrt) == (2, 16, 32, False, True)
+    model = rnnlab.build_model(layout=bench.JRT_SMALL_STATE[0], n_layers=2, d_model=32, vocab_size=c.vocab_size)
+    _, state = model(generate(c, 3, 0)[0])
+    assert [tuple(s.S.shape) for s in state.layers] == [(3, 1, 4, 8)] * 2  # one head, 4 keys x 8 values per layer

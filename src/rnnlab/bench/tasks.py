@@ -19,9 +19,10 @@ The settings (``--tasks`` picks families or setting names; the preset gives the 
 * ``passkey``: trained at one length, tested at 1x, 2x, 4x, 8x and 16x that length; each cell
   also records the norm of every recurrent layer's state against position up to 16x, the
   accuracy on training-length examples after filler up to 16x (collapse without forgetting), and,
-  for Mamba-2, the same with each training-free mitigation of state collapse (state
-  normalisation, faster forgetting: :func:`passkey_extras`), shown as mixers ``"mamba2
-  +state-norm"`` and ``"mamba2 +forget"`` beside the plain one;
+  for Mamba-2, the same with each training-free mitigation of state collapse the setting names
+  (:class:`Mitigation`; by default state normalisation and faster forgetting on every block:
+  :func:`passkey_extras`), shown as mixers ``"mamba2 +state-norm"``, ``"mamba2 +forget"``, ...
+  beside the plain one;
 * ``setdisj``: set disjointness, short set first or long set first, read once or twice (JRT);
 * ``copy`` and ``induction``: the Mamba paper's selective copying and induction heads (induction
   also tested at 4x its training length).
@@ -55,11 +56,18 @@ Presets:
   (n_h = 2, negative eigenvalues), trained on lengths 3-24 until the validation set is perfect or
   600 steps, tested at 3-24, 25-64 and 65-128, seeds 0 and 1: one reflection per token cannot
   express S3's rotations (its 3-cycles) in one layer, a product of two can;
+* ``cpu-passkey``: state collapse and its mitigations: cpu-small's passkey cell (Mamba-2, d_model
+  64, 400 steps at T = 64) scored with the two default mitigations and with faster forgetting on
+  the first block alone (decay x1.2 and x1.5: the block whose state norm leaves its training range),
+  and the trained mitigation, the same model trained at T = 128 (``passkey-T128``), tested at the
+  same lengths 64 .. 1024; 512 test examples per length;
 * ``cpu-jrt``: set disjointness where the long set overflows a small recurrent state: sets of 4
   and 32 out of 128 elements (``setdisj-*``) and of 4 and 16 out of 64 (``setdisj-16-*``), short
   or long set first, read once or twice, for attention, Gated DeltaNet, RetNet and Mamba-2 with
   d_state 8 (d_model 32, up to 500 steps; 32 cells of 10-40 minutes each on a shared CPU core: run
-  slices with ``--tasks`` / ``--mixers``);
+  slices with ``--tasks`` / ``--mixers``); and sets of 2 and 16 out of 32 (``setdisj-2x16-*``, up to
+  1500 steps) for a Gated DeltaNet with one head of 4 key dimensions (a 4 x 8 state per layer)
+  against attention;
 * ``cpu-mqar``: MQAR alone at CPU scale, 24 cells: T 64, 8 pairs, vocabulary 256, batch 32, up to
   1000 steps, learning rates 1e-3 and 3e-3 (the wider models need the lower one), attention, GLA,
   Gated DeltaNet and Mamba-2 at d_model 32, 64 and 128, each mixer the second block after a
@@ -108,12 +116,38 @@ from ..models.registry import REGISTRY, mixers
 from ..tasks import (InductionConfig, MQARConfig, PasskeyConfig, SelectiveCopyConfig, SetDisjointnessConfig,
                      StateTrackingConfig, TaskBatches, TaskConfig, after_filler, evaluate_task, generate,
                      state_norms)
-from ..tasks.common import derive_seed
+from ..tasks.common import check_int, derive_seed
 from ..tasks.recall import STANDARD_SETTINGS
 from ..tasks.tracking import GROUPS
 from ..train import TrainConfig, latest_checkpoint, train
 
 FAMILIES = ("mqar", "state", "passkey", "setdisj", "copy", "induction")
+
+
+@dataclass(frozen=True)
+class Mitigation:
+    """A training-free mitigation of state collapse that a passkey cell is also scored with: one
+    option of its trained model's Mamba-2 blocks, set by :func:`rnnlab.inference.with_mixer_options`."""
+
+    name: str  # shown as the mixer "<mixer> +<name>" beside the plain model
+    option: str  # "decay_scale" (the log decay times value) or "state_norm_max" (a bound of value times the
+    # largest norm the block's state reached on the validation examples, which have the training length)
+    value: float  # the factor, > 0
+    blocks: tuple[int, ...] = ()  # the block indices it is set on (empty: every block whose mixer has the option)
+
+    def __post_init__(self) -> None:
+        if self.option not in ("decay_scale", "state_norm_max"):
+            raise ValueError(f"Mitigation option must be 'decay_scale' or 'state_norm_max', got {self.option!r}")
+        if not self.value > 0:
+            raise ValueError(f"Mitigation value must be > 0, got {self.value!r}")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.blocks):
+            raise ValueError(f"Mitigation blocks must be block indices >= 0, got {self.blocks!r}")
+
+
+FORGET_SCALE = 2.0  # the default "forget" mitigation's decay_scale: every log decay doubled
+# What every passkey setting is scored with unless it names its own (Stuffed Mamba's two training-free
+# mitigations, on every Mamba-2 block): state normalisation at the training-length bound, and faster forgetting.
+MITIGATIONS = (Mitigation("state-norm", "state_norm_max", 1.0), Mitigation("forget", "decay_scale", FORGET_SCALE))
 
 
 @dataclass(frozen=True)
@@ -129,6 +163,7 @@ class Setting:
     steps: int = 0  # this setting's step budget per cell (0: the preset's); --steps overrides
     target: float | None = 0.0  # this setting's early-stop validation accuracy (0: the preset's; None: no early
     # stop, every cell trains its whole step budget); --target overrides
+    mitigations: tuple[Mitigation, ...] = MITIGATIONS  # passkey: the mitigations scored beside the plain model
 
 
 @dataclass(frozen=True)
@@ -172,11 +207,16 @@ def state_settings(groups, train=(3, 40), buckets=((41, 64), (65, 128), (129, 25
     return out
 
 
-def passkey_settings(seq_len: int, multiples=(1, 2, 4, 8, 16), key_len: int = 4) -> list[Setting]:
-    """Passkey trained at ``seq_len``, tested at each multiple of it."""
+def passkey_settings(seq_len: int, multiples=(1, 2, 4, 8, 16), key_len: int = 4, base: int = 0,
+                     mitigations: tuple[Mitigation, ...] = MITIGATIONS) -> list[Setting]:
+    """Passkey trained at ``seq_len``, tested at each multiple of ``base`` tokens (0: of ``seq_len``;
+    a model trained longer is then tested at the same lengths as one trained at ``base``), scored
+    with ``mitigations`` beside the plain model."""
+    check_int("base", base, 0)
     c = PasskeyConfig(seq_len=seq_len, key_len=key_len)
-    tests = tuple((f"{m}x", m * seq_len, replace(c, seq_len=m * seq_len)) for m in multiples)
-    return [Setting(f"passkey-T{seq_len}", "passkey", c, tests)]
+    unit = base or seq_len
+    tests = tuple((f"{m}x", m * unit, replace(c, seq_len=m * unit)) for m in multiples)
+    return [Setting(f"passkey-T{seq_len}", "passkey", c, tests, mitigations=mitigations)]
 
 
 def setdisj_settings(short_len: int, long_len: int, n_elements: int, tag: str = "") -> list[Setting]:
@@ -211,6 +251,15 @@ def only(settings: list[Setting], mixers: tuple[str, ...] = (), d_models: tuple[
     return [replace(s, mixers=mixers, d_models=d_models, steps=steps, target=target) for s in settings]
 
 
+# Faster forgetting on the first block alone, the one whose state norm grows past its training range
+# in the cpu-small passkey cell (the second block's stays flat), at two strengths.
+PASSKEY_BLOCK0 = (Mitigation("forget-0 x1.2", "decay_scale", 1.2, (0,)),
+                  Mitigation("forget-0 x1.5", "decay_scale", 1.5, (0,)))
+
+# cpu-jrt's sets of 2 and 16 out of 32: a Gated DeltaNet layer with one head of 4 key dimensions (a 4 x 8
+# state), too small to hold the long set, against attention, whose cache holds every token.
+JRT_SMALL_STATE = ("gated_deltanet(num_heads=1,head_dim=4)", "attention")
+
 # The gpu preset's mixers: every registered one and the negative-eigenvalue variants. Its state
 # tracking settings add Gated DeltaProduct with n_h = 4 Householder steps per token (the registry's
 # default is 2; gated_deltanet(allow_neg_eigval=True) is n_h = 1): reflections compose into
@@ -239,7 +288,13 @@ PRESETS: dict[str, Preset] = {
     "cpu-jrt": Preset(  # set disjointness where the long set overflows a small recurrent state
         mixers=("attention", "gated_deltanet", "retnet", "mamba2(d_state=8)"), d_models=(32,), lrs=(3e-3,), seeds=(0,),
         n_layers=2, steps=500, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
-        settings=tuple(setdisj_settings(4, 32, 128) + setdisj_settings(4, 16, 64, "-16"))),
+        settings=tuple(setdisj_settings(4, 32, 128) + setdisj_settings(4, 16, 64, "-16")
+                       + only(setdisj_settings(2, 16, 32, "-2x16"), JRT_SMALL_STATE, steps=1500))),
+    "cpu-passkey": Preset(  # state collapse: cpu-small's passkey cell with more mitigations, and trained longer
+        mixers=("mamba2",), d_models=(64,), lrs=(3e-3,), seeds=(0,), n_layers=2, steps=400, batch_size=64, warmup=30,
+        eval_every=100, val_examples=256, test_examples=512,
+        settings=tuple(passkey_settings(64, mitigations=MITIGATIONS + PASSKEY_BLOCK0)
+                       + passkey_settings(128, (1, 2, 4, 8, 16), base=64, mitigations=()))),
     "cpu-tracking": Preset(
         mixers=("gated_deltanet(allow_neg_eigval=True)", "gated_deltaproduct"), d_models=(32,), lrs=(3e-3,),
         seeds=(0, 1), n_layers=1, steps=600, batch_size=64, warmup=30, eval_every=100, val_examples=256,
@@ -274,11 +329,13 @@ class Cell:
     target: float | None  # stop once the validation accuracy reaches this (None: train the whole budget)
 
     def key(self, p: Preset) -> str:
-        """Everything that decides the cell's result, as one string (the resume key)."""
+        """Everything that decides the cell's result, as one string (the resume key; a passkey setting's
+        mitigations only when they are not the default ones, so that earlier results keep their keys)."""
+        extra = {} if self.setting.mitigations == MITIGATIONS else dict(mitigations=repr(self.setting.mitigations))
         return json.dumps(dict(setting=self.setting.name, task=repr(self.setting.train), mixer=self.mixer,
                                d_model=self.d_model, lr=self.lr, seed=self.seed, steps=self.steps,
                                n_layers=p.n_layers, batch_size=p.batch_size, warmup=p.warmup, eval_every=p.eval_every,
-                               val_examples=p.val_examples, target=self.target, tiny_options=p.tiny_options),
+                               val_examples=p.val_examples, target=self.target, tiny_options=p.tiny_options, **extra),
                           sort_keys=True)
 
     def dirname(self) -> str:
@@ -350,7 +407,6 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
 
 
 # -- passkey: the state's norm and the mitigations of state collapse ------------------------------------
-FORGET_SCALE = 2.0  # the "forget" mitigation's decay_scale: every log decay doubled
 NORM_EXAMPLES = 16  # examples whose state norms are recorded (the mean over them is kept)
 
 
@@ -361,13 +417,11 @@ def passkey_extras(model, s: Setting, p: Preset, val_x: torch.Tensor) -> dict:
     first test set's examples (the training length) preceded by filler up to the longest test
     length, where only a collapsed state (not forgetting) fails; and ``mitigations`` {name: tests} for a model
     whose mixers take the inference-time mitigations of state collapse (Mamba-2,
-    :mod:`rnnlab.inference.mitigation`), scored on the same test sets as the plain model:
-
-    * ``state-norm``: each layer's state bounded (``state_norm_max``) at the largest norm it reached
-      on the validation examples, which have the training length;
-    * ``forget``: every log decay multiplied by ``FORGET_SCALE`` (``decay_scale``).
-
-    The plain model's variant is ``""``."""
+    :mod:`rnnlab.inference.mitigation`): one per :class:`Mitigation` of the setting (by default
+    ``state-norm``, each block's state bounded by ``state_norm_max`` at the largest norm it reached on
+    the validation examples, and ``forget``, every log decay multiplied by ``FORGET_SCALE``), scored
+    on the same test sets as the plain model. A mitigation naming a block whose mixer lacks its
+    option raises ValueError. The plain model's variant is ``""``."""
     every = max(1, s.train.seq_len // 4)
     label, _, longest = s.tests[-1]
     probe = generate(longest, min(NORM_EXAMPLES, p.test_examples), derive_seed("test", s.name, label))[0]
@@ -375,9 +429,13 @@ def passkey_extras(model, s: Setting, p: Preset, val_x: torch.Tensor) -> dict:
     takes = [i for i, b in enumerate(model.blocks) if b.mixer is not None and hasattr(b.mixer.config, "state_norm_max")]
     if takes:
         _, val_norms = state_norms(model, val_x[:NORM_EXAMPLES], every)
-        variants["state-norm"] = with_mixer_options(model, {i: {"state_norm_max": float(val_norms[i].max())}
-                                                            for i in takes})
-        variants["forget"] = with_mixer_options(model, {i: {"decay_scale": FORGET_SCALE} for i in takes})
+        for m in s.mitigations:
+            bad = sorted(set(m.blocks) - set(takes))
+            if bad:
+                raise ValueError(f"mitigation {m.name!r}: blocks {bad} have no mixer with option {m.option} "
+                                 f"(blocks that have: {takes})")
+            unit = {i: float(val_norms[i].max()) if m.option == "state_norm_max" else 1.0 for i in m.blocks or takes}
+            variants[m.name] = with_mixer_options(model, {i: {m.option: m.value * u} for i, u in unit.items()})
     first_label, _, first = s.tests[0]
     padded = after_filler(first, *generate(first, p.test_examples, derive_seed("test", s.name, first_label)),
                           longest.seq_len, derive_seed("filler", s.name))
