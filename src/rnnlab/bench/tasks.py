@@ -795,9 +795,6 @@ def _preset_json(p: Preset) -> dict:
     return d
 
 
-if __name__ == "__main__":
-    main()
-
 
 def _save_figure(fig, path: Path, title: str) -> None:
     """Title ``fig``, write it to ``path`` as a PNG (atomically) and close it."""
@@ -806,3 +803,7 @@ def _save_figure(fig, path: Path, title: str) -> None:
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
     plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
