@@ -7,7 +7,9 @@ a constant learning rate, so that stopping early is the same run cut short) for 
 ``--steps`` steps, checks the accuracy on a validation set every ``eval_every`` steps and stops as
 soon as it reaches ``--target`` (default: the setting's target, else the preset's), then scores the
 model on the setting's test sets (:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored
-positions, exact match per example).
+positions, exact match per example). A cell with no early stop (its setting's target is None)
+trains its whole budget as one schedule instead: warmup, then a cosine decay to ``lr_floor`` times
+its learning rate (the preset's ``lr_floor``, or ``--lr-floor``; 1 keeps it constant).
 The test sets are the same for every cell of a setting.
 
 The settings (``--tasks`` picks families or setting names; the preset gives the sizes):
@@ -149,6 +151,11 @@ class Preset:
     test_examples: int = 512  # examples per test set
     target: float = 0.99  # stop a cell once its validation accuracy reaches this (unless its setting has its own)
     tiny_options: bool = False  # bare mixer names get the registry's tiny options (for d_model 32)
+    lr_floor: float = 1.0  # a cell with no early stop decays (cosine) to lr_floor * lr over its budget; 1: constant
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.lr_floor <= 1:
+            raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor!r}")
 
 
 # -- settings -----------------------------------------------------------------------------------------
@@ -278,8 +285,14 @@ class Cell:
         return json.dumps(dict(setting=self.setting.name, task=repr(self.setting.train), mixer=self.mixer,
                                d_model=self.d_model, lr=self.lr, seed=self.seed, steps=self.steps,
                                n_layers=p.n_layers, batch_size=p.batch_size, warmup=p.warmup, eval_every=p.eval_every,
-                               val_examples=p.val_examples, target=self.target, tiny_options=p.tiny_options),
+                               val_examples=p.val_examples, target=self.target, tiny_options=p.tiny_options,
+                               min_lr=self.min_lr(p)),
                           sort_keys=True)
+
+    def min_lr(self, p: Preset) -> float:
+        """The learning rate the cell ends at: ``lr`` (constant, so that an early stop is the same run
+        cut short) unless it has no early stop, then ``p.lr_floor * lr`` (cosine decay over its budget)."""
+        return self.lr if self.target is not None else p.lr_floor * self.lr
 
     def dirname(self) -> str:
         """A file-system friendly name of the cell."""
@@ -318,10 +331,11 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     budget = cell.steps
     progress(step)
     t0 = time.time()
-    while True:
-        goal = min(budget, step + p.eval_every) if step < budget else step
-        config = TrainConfig(steps=goal, batch_size=p.batch_size, seq_len=s.train.seq_len, lr=cell.lr, min_lr=cell.lr,
-                             warmup=min(p.warmup, budget), eval_every=0, save_every=0, keep_last=1,
+    while True:  # with an early stop: rounds of eval_every steps; without: the whole budget in one schedule
+        goal = budget if cell.target is None else min(budget, step + p.eval_every) if step < budget else step
+        config = TrainConfig(steps=goal, batch_size=p.batch_size, seq_len=s.train.seq_len, lr=cell.lr,
+                             min_lr=cell.min_lr(p), warmup=min(p.warmup, budget), eval_every=0,
+                             save_every=p.eval_every if cell.target is None else 0, keep_last=1,
                              out_dir=str(run_dir), resume=checkpoint is not None or step > 0)
         result = train(model, batches, config, progress=False)
         if result["interrupted"]:
@@ -610,6 +624,8 @@ def build_parser() -> Parser:
                                              "the preset)")
     p.add_argument("--target", type=float_in(0, 1, lo_open=True), help="stop a cell at this validation accuracy "
                                                                      "(default: each setting's target in the preset)")
+    p.add_argument("--lr-floor", type=float_in(0, 1), help="a cell with no early stop decays (cosine) to this "
+                                                           "fraction of its learning rate (default: the preset's)")
     p.add_argument("--out", help="results directory (default runs/bench/tasks_<preset>)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models are many tiny "
@@ -636,7 +652,7 @@ def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, 
     if a.target is not None and not 0 < a.target <= 1:
         p.error(f"--target must be in (0, 1], got {a.target}")
     preset = replace(preset, lrs=tuple(a.lr or preset.lrs), seeds=tuple(preset.seeds if a.seeds is None else a.seeds),
-                     target=a.target or preset.target)
+                     target=a.target or preset.target, lr_floor=preset.lr_floor if a.lr_floor is None else a.lr_floor)
     settings = list(preset.settings)
     if a.tasks:
         names = {s.name for s in settings}
