@@ -157,6 +157,20 @@ def test_only_a_cell_without_target_decays_its_learning_rate(target, tmp_path, m
     assert json.loads(cell.key(preset))["min_lr"] == pytest.approx(0.1 * cell.lr if target is None else cell.lr)
 
 
+def test_cpu_parity_preset_trains_every_seed_to_the_end_of_a_decaying_schedule():
+    """cpu-parity: DeltaNet and Mamba with and without negative eigenvalues on parity, three seeds,
+    each cell its whole budget (no early stop) with the learning rate decaying to a tenth."""
+    preset, cells = _cells("--preset", "cpu-parity")
+    assert [(c.setting.name, c.mixer, c.seed) for c in cells] == [
+        ("state-parity", m, s) for m in ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
+                                         "mamba(allow_neg_eigval=True)") for s in (0, 1, 2)]
+    assert [label for label, _, _ in cells[0].setting.tests] == ["3-40", "41-64", "65-128", "129-256"]
+    assert {(c.target, c.steps, c.d_model, c.lr) for c in cells} == {(None, 500, 32, 1e-2)}
+    assert [c.min_lr(preset) for c in cells] == pytest.approx([1e-3] * len(cells))
+    _, cells = _cells("--preset", "cpu-parity", "--target", "0.99")  # an early stop brings the constant rate back
+    assert {c.min_lr(preset) for c in cells} == {1e-2}
+
+
 def test_lr_floor_outside_0_1_is_refused():
     with pytest.raises(ValueError, match="lr_floor"):
         bench.replace(bench.PRESETS["tiny"], lr_floor=-0.1)
