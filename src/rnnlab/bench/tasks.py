@@ -56,7 +56,8 @@ Presets:
 * ``cpu-parity``: the negative-eigenvalue finding on parity over seeds 0, 1 and 2: DeltaNet and
   Mamba with and without negative eigenvalues (d_model 32, two layers), trained on lengths 3-40 for
   500 steps with no early stop, the learning rate 1e-2 decaying (cosine) to 1e-3, tested on 3-40,
-  41-64, 65-128 and 129-256: 12 cells, about 25 minutes on one thread (2 minutes per cell);
+  41-64, 65-128 and 129-256: 12 cells, about 2 minutes each alone on one thread (estimated; 6.5-7.5
+  measured on a core shared with five other processes);
 * ``cpu-tracking``: permutation composition in S3 on a CPU: one layer (d_model 32) of Gated DeltaNet
   with negative eigenvalues (one Householder step per token, n_h = 1) against Gated DeltaProduct
   (n_h = 2, negative eigenvalues), trained on lengths 3-24 until the validation set is perfect or
