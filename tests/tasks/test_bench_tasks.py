@@ -92,6 +92,7 @@ def test_best_rows_pick_the_learning_rate_per_width_by_the_seed_mean():
     (["--lr", "0"], "--lr"),
     (["--steps", "0"], "--steps"),
     (["--target", "1.5"], "--target"),
+    (["--lr-floor", "1.5"], "--lr-floor"),
 ])
 def test_bad_flags_are_named(argv, message, capsys):
     with pytest.raises(SystemExit):
@@ -134,6 +135,45 @@ def test_a_cell_without_target_runs_its_whole_budget(target, steps, tmp_path, mo
     row = bench.run_cell(bench.replace(cells[0], target=target), preset, tmp_path / "run", bench.torch.device("cpu"),
                          keep_checkpoints=False)
     assert (row["steps"], row["early_stop"]) == (steps, target is not None)  # eval_every 4 of a budget of 8
+
+
+@pytest.mark.parametrize("target", [None, 0.5])
+def test_only_a_cell_without_target_decays_its_learning_rate(target, tmp_path, monkeypatch):
+    """With no early stop the learning rate decays (cosine) over the whole budget to lr_floor * lr;
+    with one it stays constant after warmup, so that stopping early is the same run cut short."""
+    preset, cells = _cells("--preset", "tiny", "--tasks", "copy", "--mixers", "attention", "--lr-floor", "0.1")
+    assert preset.lr_floor == 0.1
+    cell = bench.replace(cells[0], target=target)
+    monkeypatch.setattr(bench, "evaluate_task", lambda *a: dict(accuracy=0.0, exact_match=0.0))
+    bench.run_cell(cell, preset, tmp_path / "run", bench.torch.device("cpu"), keep_checkpoints=False)
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    after_warmup = lrs[preset.warmup:]  # from the first step of the cosine (or constant) phase
+    assert len(lrs) == cell.steps and after_warmup[0] == pytest.approx(cell.lr)
+    if target is None:
+        assert all(a > b for a, b in zip(after_warmup, after_warmup[1:]))
+        assert lrs[-1] < 0.2 * cell.lr and lrs[-1] >= 0.1 * cell.lr
+    else:
+        assert after_warmup == pytest.approx([cell.lr] * len(after_warmup))
+    assert json.loads(cell.key(preset))["min_lr"] == pytest.approx(0.1 * cell.lr if target is None else cell.lr)
+
+
+def test_cpu_parity_preset_trains_every_seed_to_the_end_of_a_decaying_schedule():
+    """cpu-parity: DeltaNet and Mamba with and without negative eigenvalues on parity, three seeds,
+    each cell its whole budget (no early stop) with the learning rate decaying to a tenth."""
+    preset, cells = _cells("--preset", "cpu-parity")
+    assert [(c.setting.name, c.mixer, c.seed) for c in cells] == [
+        ("state-parity", m, s) for m in ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
+                                         "mamba(allow_neg_eigval=True)") for s in (0, 1, 2)]
+    assert [label for label, _, _ in cells[0].setting.tests] == ["3-40", "41-64", "65-128", "129-256"]
+    assert {(c.target, c.steps, c.d_model, c.lr) for c in cells} == {(None, 500, 32, 1e-2)}
+    assert [c.min_lr(preset) for c in cells] == pytest.approx([1e-3] * len(cells))
+    _, cells = _cells("--preset", "cpu-parity", "--target", "0.99")  # an early stop brings the constant rate back
+    assert {c.min_lr(preset) for c in cells} == {1e-2}
+
+
+def test_lr_floor_outside_0_1_is_refused():
+    with pytest.raises(ValueError, match="lr_floor"):
+        bench.replace(bench.PRESETS["tiny"], lr_floor=-0.1)
 
 
 def test_cpu_tracking_preset_compares_householder_steps_on_s3(tmp_path):

@@ -7,7 +7,9 @@ a constant learning rate, so that stopping early is the same run cut short) for 
 ``--steps`` steps, checks the accuracy on a validation set every ``eval_every`` steps and stops as
 soon as it reaches ``--target`` (default: the setting's target, else the preset's), then scores the
 model on the setting's test sets (:func:`rnnlab.tasks.evaluate_task`: accuracy over the scored
-positions, exact match per example).
+positions, exact match per example). A cell with no early stop (its setting's target is None)
+trains its whole budget as one schedule instead: warmup, then a cosine decay to ``lr_floor`` times
+its learning rate (the preset's ``lr_floor``, or ``--lr-floor``; 1 keeps it constant).
 The test sets are the same for every cell of a setting.
 
 The settings (``--tasks`` picks families or setting names; the preset gives the sizes):
@@ -48,9 +50,15 @@ Presets:
   vocabulary 64, up to 800 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
   (widen it with ``--tasks mqar --d-models 32 64 128``), parity with and without negative
   eigenvalues (DeltaNet, Mamba; d_model 32; each cell trains its whole 500 steps, with no early
-  stop: stopping once the training lengths are solved costs extrapolation), passkey 64 -> 1024
+  stop: stopping once the training lengths are solved costs extrapolation; ``cpu-parity`` is the
+  three-seed run), passkey 64 -> 1024
   tokens, set disjointness (sets of 2 and 8 out of 32 elements) short or long set first, read
   once or twice (Gated DeltaNet, d_model 32);
+* ``cpu-parity``: the negative-eigenvalue finding on parity over seeds 0, 1 and 2: DeltaNet and
+  Mamba with and without negative eigenvalues (d_model 32, two layers), trained on lengths 3-40 for
+  500 steps with no early stop, the learning rate 1e-2 decaying (cosine) to 1e-3, tested on 3-40,
+  41-64, 65-128 and 129-256: 12 cells, about 2 minutes each alone on one thread (estimated; 6.5-7.5
+  measured on a core shared with five other processes);
 * ``cpu-tracking``: permutation composition in S3 on a CPU: one layer (d_model 32) of Gated DeltaNet
   with negative eigenvalues (one Householder step per token, n_h = 1) against Gated DeltaProduct
   (n_h = 2, negative eigenvalues), trained on lengths 3-24 until the validation set is perfect or
@@ -184,6 +192,11 @@ class Preset:
     test_examples: int = 512  # examples per test set
     target: float = 0.99  # stop a cell once its validation accuracy reaches this (unless its setting has its own)
     tiny_options: bool = False  # bare mixer names get the registry's tiny options (for d_model 32)
+    lr_floor: float = 1.0  # a cell with no early stop decays (cosine) to lr_floor * lr over its budget; 1: constant
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.lr_floor <= 1:
+            raise ValueError(f"lr_floor must be in [0, 1], got {self.lr_floor!r}")
 
 
 # -- settings -----------------------------------------------------------------------------------------
@@ -285,6 +298,11 @@ PRESETS: dict[str, Preset] = {
                                                 "mamba(allow_neg_eigval=True)"), (32,), 500, None)
             + passkey_settings(64)
             + only(setdisj_settings(2, 8, 32), ("gated_deltanet",), (32,), 600))),
+    "cpu-parity": Preset(  # the negative-eigenvalue parity finding over three seeds, trained to convergence
+        mixers=("deltanet", "deltanet(allow_neg_eigval=True)", "mamba", "mamba(allow_neg_eigval=True)"),
+        d_models=(32,), lrs=(1e-2,), seeds=(0, 1, 2), n_layers=2, steps=500, batch_size=64, warmup=30,
+        eval_every=100, val_examples=256, test_examples=256, lr_floor=0.1,
+        settings=tuple(only(state_settings(["parity"]), target=None))),
     "cpu-jrt": Preset(  # set disjointness where the long set overflows a small recurrent state
         mixers=("attention", "gated_deltanet", "retnet", "mamba2(d_state=8)"), d_models=(32,), lrs=(3e-3,), seeds=(0,),
         n_layers=2, steps=500, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
@@ -335,8 +353,14 @@ class Cell:
         return json.dumps(dict(setting=self.setting.name, task=repr(self.setting.train), mixer=self.mixer,
                                d_model=self.d_model, lr=self.lr, seed=self.seed, steps=self.steps,
                                n_layers=p.n_layers, batch_size=p.batch_size, warmup=p.warmup, eval_every=p.eval_every,
-                               val_examples=p.val_examples, target=self.target, tiny_options=p.tiny_options, **extra),
+                               val_examples=p.val_examples, target=self.target, tiny_options=p.tiny_options,
+                               min_lr=self.min_lr(p), **extra),
                           sort_keys=True)
+
+    def min_lr(self, p: Preset) -> float:
+        """The learning rate the cell ends at: ``lr`` (constant, so that an early stop is the same run
+        cut short) unless it has no early stop, then ``p.lr_floor * lr`` (cosine decay over its budget)."""
+        return self.lr if self.target is not None else p.lr_floor * self.lr
 
     def dirname(self) -> str:
         """A file-system friendly name of the cell."""
@@ -375,10 +399,11 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     budget = cell.steps
     progress(step)
     t0 = time.time()
-    while True:
-        goal = min(budget, step + p.eval_every) if step < budget else step
-        config = TrainConfig(steps=goal, batch_size=p.batch_size, seq_len=s.train.seq_len, lr=cell.lr, min_lr=cell.lr,
-                             warmup=min(p.warmup, budget), eval_every=0, save_every=0, keep_last=1,
+    while True:  # with an early stop: rounds of eval_every steps; without: the whole budget in one schedule
+        goal = budget if cell.target is None else min(budget, step + p.eval_every) if step < budget else step
+        config = TrainConfig(steps=goal, batch_size=p.batch_size, seq_len=s.train.seq_len, lr=cell.lr,
+                             min_lr=cell.min_lr(p), warmup=min(p.warmup, budget), eval_every=0,
+                             save_every=p.eval_every if cell.target is None else 0, keep_last=1,
                              out_dir=str(run_dir), resume=checkpoint is not None or step > 0)
         result = train(model, batches, config, progress=False)
         if result["interrupted"]:
@@ -668,6 +693,8 @@ def build_parser() -> Parser:
                                              "the preset)")
     p.add_argument("--target", type=float_in(0, 1, lo_open=True), help="stop a cell at this validation accuracy "
                                                                      "(default: each setting's target in the preset)")
+    p.add_argument("--lr-floor", type=float_in(0, 1), help="a cell with no early stop decays (cosine) to this "
+                                                           "fraction of its learning rate (default: the preset's)")
     p.add_argument("--out", help="results directory (default runs/bench/tasks_<preset>)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available, else cpu)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: small models are many tiny "
@@ -694,7 +721,7 @@ def resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> tuple[Preset, 
     if a.target is not None and not 0 < a.target <= 1:
         p.error(f"--target must be in (0, 1], got {a.target}")
     preset = replace(preset, lrs=tuple(a.lr or preset.lrs), seeds=tuple(preset.seeds if a.seeds is None else a.seeds),
-                     target=a.target or preset.target)
+                     target=a.target or preset.target, lr_floor=preset.lr_floor if a.lr_floor is None else a.lr_floor)
     settings = list(preset.settings)
     if a.tasks:
         names = {s.name for s in settings}
