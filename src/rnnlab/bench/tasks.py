@@ -47,7 +47,7 @@ Presets:
   seconds; the tests run it;
 * ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 35
   minutes (extrapolated from single cells measured on this host): MQAR (T 64, 8 pairs,
-  vocabulary 64, up to 800 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
+  vocabulary 64, up to 1200 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
   (widen it with ``--tasks mqar --d-models 32 64 128``), parity with and without negative
   eigenvalues (DeltaNet, Mamba; d_model 32; each cell trains its whole 500 steps, with no early
   stop: stopping once the training lengths are solved costs extrapolation; ``cpu-parity`` is the
@@ -293,7 +293,7 @@ PRESETS: dict[str, Preset] = {
         mixers=("attention", "gated_deltanet", "mamba2"), d_models=(64,), lrs=(3e-3,), seeds=(0,), n_layers=2,
         steps=400, batch_size=64, warmup=30, eval_every=100, val_examples=256, test_examples=256,
         settings=tuple(
-            only(mqar_settings([(64, 8)], 64), steps=800)
+            only(mqar_settings([(64, 8)], 64), steps=1200)
             + only(state_settings(["parity"]), ("deltanet", "deltanet(allow_neg_eigval=True)", "mamba",
                                                 "mamba(allow_neg_eigval=True)"), (32,), 500, None)
             + passkey_settings(64)
