@@ -60,10 +60,11 @@ Presets:
   or long set first, read once or twice, for attention, Gated DeltaNet, RetNet and Mamba-2 with
   d_state 8 (d_model 32, up to 500 steps; 32 cells of 10-40 minutes each on a shared CPU core: run
   slices with ``--tasks`` / ``--mixers``);
-* ``cpu-mqar``: MQAR against recurrent state size at CPU scale, 9 cells, about 45 minutes on a
-  quiet CPU thread (the sum of each mixer's measured step time over its budget; several times that
-  on a shared core): T 64, 8 pairs, vocabulary 256, batch 32, learning rate 1e-3, up to 2000 steps
-  (stopping at validation accuracy 0.99), d_model 64, each mixer the second block after a
+* ``cpu-mqar``: MQAR against recurrent state size at CPU scale, 9 cells, about 30 minutes on one CPU
+  thread (each mixer's step time, measured with the core shared by one other process, times its
+  budget; the README's run, with five or six processes on the core, took 10-24 minutes a cell):
+  T 64, 8 pairs, vocabulary 256, batch 32, learning rate 1e-3, up to 2000 steps (stopping at
+  validation accuracy 0.99), d_model 64, each mixer the second block after a
   ``swa(window=2)`` block: attention, and at 512 and at 2048 floats of recurrent state per layer
   (``CPU_MQAR_STATES``, set by the mixers' options) the delta rule (Gated DeltaNet) against three
   mixers that only decay: GLA (vector decay), Mamba-2 (scalar decay) and RetNet (fixed decay).
