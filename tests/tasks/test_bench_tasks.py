@@ -202,3 +202,22 @@ def test_a_hybrid_layout_is_one_mixer_item(capsys):
     with pytest.raises(SystemExit):  # three blocks do not fit the tiny preset's two
         bench.main(["--preset", "tiny", "--tasks", "mqar", "--mixers", "swa(window=2),attention*2", "--list"])
     assert "more blocks than n_layers" in capsys.readouterr().err
+
+
+def test_cpu_mqar_preset_compares_mixers_at_equal_recurrent_state(capsys):
+    """cpu-mqar: attention and, at each state size, one delta-rule mixer and three decay mixers,
+    each the second block after swa(window=2), at d_model 64; the mixers of a size hold that many
+    floats of recurrent state per layer (the matrix S; short-convolution taps aside)."""
+    preset, cells = _cells("--preset", "cpu-mqar")
+    assert {c.d_model for c in cells} == {64} and [s.name for s in preset.settings] == ["mqar-T64-kv8"]
+    assert preset.settings[0].train.vocab_size == 256 and {(c.steps, c.target) for c in cells} == {(2000, 0.99)}
+    assert all(c.mixer.startswith("swa(window=2),") for c in cells)
+    mixers = [c.mixer.removeprefix("swa(window=2),") for c in cells]
+    assert mixers == ["attention", *bench.CPU_MQAR_STATES[512], *bench.CPU_MQAR_STATES[2048]]
+    for floats, items in bench.CPU_MQAR_STATES.items():
+        assert sum(m.startswith("gated_deltanet") for m in items) == 1 and len(items) == 4
+        for item in items:
+            model = bench.build_model(layout=f"swa(window=2),{item}", n_layers=2, d_model=64, vocab_size=256)
+            with bench.torch.no_grad():
+                _, state = model(bench.torch.zeros(1, 4, dtype=bench.torch.long))
+            assert state.layers[1].S[0].numel() == floats, item

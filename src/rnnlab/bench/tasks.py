@@ -76,13 +76,18 @@ Presets:
   slices with ``--tasks`` / ``--mixers``); and sets of 2 and 16 out of 32 (``setdisj-2x16-*``, up to
   1500 steps) for a Gated DeltaNet with one head of 4 key dimensions (a 4 x 8 state per layer)
   against attention;
-* ``cpu-mqar``: MQAR alone at CPU scale, 24 cells: T 64, 8 pairs, vocabulary 256, batch 32, up to
-  1000 steps, learning rates 1e-3 and 3e-3 (the wider models need the lower one), attention, GLA,
-  Gated DeltaNet and Mamba-2 at d_model 32, 64 and 128, each mixer the second block after a
-  ``swa(window=2)`` block. That block (attention to itself and the previous token) stands in for
-  the short convolution Zoology puts before every mixer: without it a 2-layer attention model must
-  first learn a previous-token head from RoPE, and at this scale it stays at about 1/8 (a value of
-  the context at random) for 2000 steps. The vocabulary of 256 keeps a query's key from recurring
+* ``cpu-mqar``: MQAR against recurrent state size at CPU scale, 9 cells, about 30 minutes on one CPU
+  thread (each mixer's step time, measured with the core shared by one other process, times its
+  budget; the README's run, with five or six processes on the core, took 10-24 minutes a cell):
+  T 64, 8 pairs, vocabulary 256, batch 32, learning rate 1e-3, up to 2000 steps (stopping at
+  validation accuracy 0.99), d_model 64, each mixer the second block after a
+  ``swa(window=2)`` block: attention, and at 512 and at 2048 floats of recurrent state per layer
+  (``CPU_MQAR_STATES``, set by the mixers' options) the delta rule (Gated DeltaNet) against three
+  mixers that only decay: GLA (vector decay), Mamba-2 (scalar decay) and RetNet (fixed decay).
+  The window block (attention to itself and the previous token) stands in for the short
+  convolution Zoology puts before every mixer: without it a 2-layer attention model must first
+  learn a previous-token head from RoPE, and at this scale it stays at about 1/8 (a value of the
+  context at random) for 2000 steps. The vocabulary of 256 keeps a query's key from recurring
   among the filler before it (2.8% of the queries; 15% at vocabulary 64, where looking the key up
   cannot reach 0.99);
 * ``gpu``: Zoology's scale: MQAR at vocab 8192 over (64, 4) .. (512, 64), d_model 64-512, every
@@ -280,6 +285,14 @@ JRT_SMALL_STATE = ("gated_deltanet(num_heads=1,head_dim=4)", "attention")
 _GPU_MIXERS = tuple(mixers()) + ("deltanet(allow_neg_eigval=True)", "gated_deltanet(allow_neg_eigval=True)",
                                  "mamba(allow_neg_eigval=True)")
 
+# cpu-mqar's recurrent mixers at d_model 64, by the floats of recurrent state per layer (their short
+# convolutions' few taps aside): gated_deltanet and retnet hold H·K·2K (H 4 heads of K = head_dim), GLA
+# H·(expand_k·64/H)·(expand_v·64/H), Mamba-2 (2·64/head_dim)·d_state·head_dim = 128·d_state.
+CPU_MQAR_STATES: dict[int, tuple[str, ...]] = {
+    512: ("gated_deltanet(head_dim=8)", "gla", "mamba2(d_state=4)", "retnet(head_dim=8)"),
+    2048: ("gated_deltanet", "gla(expand_k=1.0,expand_v=2.0)", "mamba2(d_state=16)", "retnet"),
+}
+
 PRESETS: dict[str, Preset] = {
     "tiny": Preset(
         mixers=("attention", "gated_deltanet"), d_models=(32,), lrs=(3e-3,), seeds=(0,), n_layers=2, steps=8,
@@ -317,9 +330,9 @@ PRESETS: dict[str, Preset] = {
         mixers=("gated_deltanet(allow_neg_eigval=True)", "gated_deltaproduct"), d_models=(32,), lrs=(3e-3,),
         seeds=(0, 1), n_layers=1, steps=600, batch_size=64, warmup=30, eval_every=100, val_examples=256,
         test_examples=256, target=1.0, settings=tuple(state_settings(["s3"], (3, 24), ((25, 64), (65, 128))))),
-    "cpu-mqar": Preset(
-        mixers=tuple(f"swa(window=2),{m}" for m in ("attention", "gla", "gated_deltanet", "mamba2")),
-        d_models=(32, 64, 128), lrs=(1e-3, 3e-3), seeds=(0,), n_layers=2, steps=1000, batch_size=32, warmup=30,
+    "cpu-mqar": Preset(  # MQAR against recurrent state size at d_model 64: the state is set by mixer options
+        mixers=tuple(f"swa(window=2),{m}" for m in ("attention",) + CPU_MQAR_STATES[512] + CPU_MQAR_STATES[2048]),
+        d_models=(64,), lrs=(1e-3,), seeds=(0,), n_layers=2, steps=2000, batch_size=32, warmup=30,
         eval_every=100, val_examples=256, test_examples=256, settings=tuple(mqar_settings([(64, 8)], 256))),
     "gpu": Preset(
         mixers=_GPU_MIXERS,
