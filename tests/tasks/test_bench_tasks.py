@@ -135,6 +135,18 @@ def test_a_cell_without_target_runs_its_whole_budget(target, steps, tmp_path, mo
     row = bench.run_cell(bench.replace(cells[0], target=target), preset, tmp_path / "run", bench.torch.device("cpu"),
                          keep_checkpoints=False)
     assert (row["steps"], row["early_stop"]) == (steps, target is not None)  # eval_every 4 of a budget of 8
+    assert row["val_curve"] == [[steps, 1.0]]  # one round each: the validation accuracy after it
+
+
+def test_the_validation_accuracy_of_every_round_is_kept(tmp_path, monkeypatch):
+    """A cell with an early stop records its validation accuracy after each round of eval_every
+    steps, so a reader can tell a plateau from a cell still learning."""
+    preset, cells = _cells("--preset", "tiny", "--tasks", "copy", "--mixers", "attention")
+    accuracies = iter([0.1, 0.3])
+    monkeypatch.setattr(bench, "evaluate_task", lambda *a: dict(accuracy=next(accuracies, 1.0), exact_match=0.0))
+    row = bench.run_cell(bench.replace(cells[0], target=0.99), preset, tmp_path / "run", bench.torch.device("cpu"),
+                         keep_checkpoints=False)
+    assert row["val_curve"] == [[4, 0.1], [8, 0.3]] and row["val_accuracy"] == 0.3
 
 
 @pytest.mark.parametrize("target", [None, 0.5])

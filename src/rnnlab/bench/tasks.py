@@ -412,6 +412,7 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     budget = cell.steps
     progress(step)
     t0 = time.time()
+    curve = []  # (step, validation accuracy) after each round of this run
     while True:  # with an early stop: rounds of eval_every steps; without: the whole budget in one schedule
         goal = budget if cell.target is None else min(budget, step + p.eval_every) if step < budget else step
         config = TrainConfig(steps=goal, batch_size=p.batch_size, seq_len=s.train.seq_len, lr=cell.lr,
@@ -424,6 +425,7 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
         progress(result["step"] - step)
         step = result["step"]
         val_accuracy = evaluate_task(model, val_x, val_y, _eval_batch(s.train.seq_len))["accuracy"]
+        curve.append([step, val_accuracy])
         stopped = cell.target is not None and val_accuracy >= cell.target
         if stopped or step >= budget:
             break
@@ -439,7 +441,7 @@ def run_cell(cell: Cell, p: Preset, run_dir: Path, device: torch.device, keep_ch
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
     return dict(setting=s.name, family=s.family, mixer=cell.mixer, d_model=cell.d_model, lr=cell.lr, seed=cell.seed,
-                steps=step, early_stop=stopped, val_accuracy=val_accuracy,
+                steps=step, early_stop=stopped, val_accuracy=val_accuracy, val_curve=curve,
                 loss=result.get("loss"), params=model.num_params(), state_bytes=state.nbytes,
                 train_seconds=seconds, tests=tests, **extras)
 
