@@ -45,8 +45,8 @@ Presets:
 
 * ``tiny``: a smoke run of every family (d_model 32, 8 steps; Gated DeltaProduct on parity too):
   seconds; the tests run it;
-* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, about 35
-  minutes (extrapolated from single cells measured on this host): MQAR (T 64, 8 pairs,
+* ``cpu-small``: the findings at small scale on a 2-core CPU (one thread), 14 cells, 15 minutes
+  (measured on this host with the other core idle): MQAR (T 64, 8 pairs,
   vocabulary 64, up to 1200 steps) for attention, Gated DeltaNet and Mamba-2 at d_model 64
   (widen it with ``--tasks mqar --d-models 32 64 128``), parity with and without negative
   eigenvalues (DeltaNet, Mamba; d_model 32; each cell trains its whole 500 steps, with no early
