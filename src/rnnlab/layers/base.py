@@ -133,8 +133,7 @@ class Mixer(nn.Module):
     reads_prefix: ClassVar[bool] = False
     # True: the one-token step (T = 1, no cu_seqlens) traces into one torch.compile graph, so
     # LM.compile_step compiles it. False where the step reads positions on the host (KV-cache
-    # writes, chunk bookkeeping, range checks): such blocks stay eager between compiled ones. A
-    # layer whose answer depends on its config makes it a property (Attention: True with a window).
+    # writes, chunk bookkeeping, range checks): such blocks stay eager between compiled ones.
     step_compiles: ClassVar[bool] = True
 
     def __init__(self, config: MixerConfig):
