@@ -33,19 +33,16 @@ def test_step_compiles_says_whether_the_step_traces_as_one_graph(name):
         torch.testing.assert_close(new2.tensors()[k], t, rtol=0, atol=1e-12, msg=f"{name} state.{k}")
 
 
-@pytest.mark.parametrize("prompt_len", [1, 11])
-def test_compiled_decode_matches_eager(prompt_len):
-    """A hybrid (recurrent blocks around a sliding-window block with sinks; one graph), float64:
-    greedy decoding gives the same tokens, logits and states as eager, from a one-token prompt
-    (the sinks are written by compiled steps) or a longer one; longer calls are not affected."""
+def test_compiled_decode_matches_eager():
+    """A hybrid (two compiled recurrent blocks around an eager attention block), float64: greedy
+    decoding gives the same tokens, logits and states as eager; longer calls are not affected."""
     torch.manual_seed(0)
     layout = "gated_deltanet(num_heads=2),swa(num_heads=2,window=8,sinks=2),mamba2(head_dim=16)"
     eager = rnnlab.build_model(layout=layout, n_layers=3, d_model=D).double().eval()
     compiled = rnnlab.build_model(layout=layout, n_layers=3, d_model=D).double().eval()
     compiled.load_state_dict(eager.state_dict())
     assert compiled.compile_step() is compiled
-    assert len(compiled.__dict__["_compiled_step"]) == 1  # the window block compiles with the others
-    prompt = torch.randint(0, 260, (2, prompt_len))
+    prompt = torch.randint(0, 260, (2, 11))
     torch._dynamo.reset()
     with torch.no_grad():
         runs = []

@@ -136,13 +136,10 @@ def seen_range(state: AttentionState) -> tuple[int, int]:
     return lo, hi
 
 
-def _new_state(k, v, sink_k, sink_v, seen, lo: int | None, hi: int | None) -> AttentionState:
+def _new_state(k, v, sink_k, sink_v, seen, lo: int, hi: int) -> AttentionState:
     """The state after a call, with its range of positions and the versions of its buffers (see
-    :func:`seen_range` and :func:`_write`); ``lo`` None (a compiled window step, which keeps
-    positions on the device): neither, so the next eager call reads the range once."""
+    :func:`seen_range` and :func:`_write`)."""
     new = AttentionState(k=k, v=v, sink_k=sink_k, sink_v=sink_v, seen=seen)
-    if lo is None:
-        return new
     object.__setattr__(new, "_versions", {n: t._version for n, t in new.tensors().items()})
     object.__setattr__(new, "_range", (seen, seen._version, lo, hi))
     return new
@@ -185,13 +182,8 @@ class Attention(Mixer):
 
     config_cls = AttentionConfig
     state_cls = AttentionState
+    step_compiles = False  # KV-cache writes read positions on the host
     recurrent = False
-
-    @property
-    def step_compiles(self) -> bool:  # type: ignore[override]
-        """A sliding window's step compiles (a fixed-size cache, sinks written by selection); full
-        attention's does not (its KV cache grows, and where to write is read on the host)."""
-        return self.config.window is not None
 
     def __init__(self, config: AttentionConfig):
         super().__init__(config)
@@ -230,15 +222,13 @@ class Attention(Mixer):
         if state is None:
             state = self.init_state(rows, x.device, x.dtype)
         s, w, rep = c.sinks, c.window, c.num_heads // c.num_kv_heads
-        # the range of positions, read on the host; a compiled window step needs none of it
-        on_device = w is not None and cu_seqlens is None and torch.compiler.is_compiling()
-        lo, hi = (None, None) if on_device else seen_range(state)
+        lo, hi = seen_range(state)
         ar = torch.arange(T, device=x.device)
         if cu_seqlens is None:
             pos = state.seen[:, None] + ar  # (B, T) positions of the new tokens
             count = torch.full_like(state.seen, T)  # (B,) new tokens per row
             first = torch.zeros_like(state.seen)  # (B,) index of each row's first new token
-            lo2, hi2, seqs = (None, None, None) if on_device else (lo + T, hi + T, None)
+            lo2, hi2, seqs = lo + T, hi + T, None
         else:  # sequence n: tokens a..b-1 of the row; its cache row n alone, no padding
             cu, at = cu_seqlens.tolist(), state.seen.tolist()
             seqs = [(n, a, b, at[n]) for n, (a, b) in enumerate(zip(cu, cu[1:])) if b > a]
@@ -269,7 +259,7 @@ class Attention(Mixer):
                 o = torch.cat([causal_attention(qr[:, :, a:b], new_k[n:n + 1, :, :s_n + b - a],
                                                 new_v[n:n + 1, :, :s_n + b - a]) for n, a, b, s_n in seqs], dim=2)
         else:  # the cached window, then the new tokens: their positions per row
-            if s and (on_device or lo < s):  # some new tokens may be sinks: sink i rotated by i = its position
+            if s and lo < s:  # some new tokens are sinks: sink i rotated by i = its position
                 sink_k = _write_sinks(state.sink_k, k, first, state.seen, count)
                 sink_v = _write_sinks(state.sink_v, v, first, state.seen, count)
             qs = self._rope(q, pos.clamp(max=s + w - 1)) if s else None
