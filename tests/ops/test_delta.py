@@ -226,3 +226,25 @@ def test_chunks_are_no_longer_than_the_key_size():
     sizes = {K: _chunk_size(torch.zeros(1, 1, 1, K), vector=False) for K in (4, 8, 16, 32, 64, 128)}
     assert sizes == {4: 16, 8: 16, 16: 16, 32: 32, 64: 64, 128: 64}
     assert _chunk_size(torch.zeros(1, 1, 1, 8), vector=True) == tuning.get("gla.chunk_size", "cpu")
+
+
+@pytest.mark.parametrize("per_token", [0.05, 1.0, 3.0])  # 3.0: decays spanning ~48 either side of the middle
+@pytest.mark.parametrize("beta", [None, 1.0])
+def test_factored_vector_scores_in_float32_stay_close(per_token, beta, monkeypatch):
+    """In float32 the factored scores multiply factors up to e^60 (the products above the diagonal
+    overflow and are masked at once, or beta's gradient turns NaN); outputs, final state and
+    gradients stay as close to the float64 loop as float32 allows, up to the strongest decays
+    that still factor."""
+    from rnnlab.ops import delta
+    monkeypatch.setattr(delta, "_vector_scores", lambda *a: pytest.fail("the scores did not factor"))
+    q, k, v, log_g, b, S0 = make(T=100, gate="vector", beta=beta, seed=7)
+    log_g = -per_token * (0.5 + torch.rand(log_g.shape, generator=torch.Generator().manual_seed(2), dtype=log_g.dtype))
+    cot = torch.randn(2, 100, 3, 4, dtype=torch.float64)
+    ref = _grads(lambda *a: gated_delta_rule_recurrent(*a[:5], None, a[5]), [q, k, v, log_g, b, S0], cot, S0 * 0)
+    got = _grads(lambda *a: gated_delta_rule_chunked(*a[:5], None, a[5], chunk_size=32),
+                 [x if x is None else x.float() for x in (q, k, v, log_g, b, S0)], cot.float(), S0.float() * 0)
+    rel = lambda a, r: ((a.double() - r).norm() / r.norm().clamp_min(1e-30)).item()  # noqa: E731
+    assert rel(got[0], ref[0]) < 1e-5 and rel(got[1], ref[1]) < 1e-5
+    for name, g_ref, g in zip(["q", "k", "v", "log_g", "beta", "initial_state"], ref[2], got[2]):
+        if g_ref is not None:
+            assert rel(g, g_ref) < 1e-4, f"gradient of {name}: {rel(g, g_ref):.1e}"

@@ -247,8 +247,10 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: 
     rel = cum - cum[..., C // 2:C // 2 + 1, :] if vector and finite else None  # from the chunk's middle
     if rel is not None and decay_factors_fit(rel):  # (x_t e^rel_t) . (k_s e^-rel_s): two matmuls
         k_inv = (kc * torch.exp(-rel)).transpose(-1, -2)  # (B, H, N, K, C)
-        A_qk = (qc * rel.exp()) @ k_inv  # (B, H, N, C, C); above the diagonal finite, masked below
-        A_kk = (kc * rel.exp()) @ k_inv if beta is not None else None
+        # masked at once: above the diagonal the products may overflow, and an inf kept for a later
+        # product (b * A_kk) would turn its zero gradient there into NaN
+        A_qk = torch.where(tri_incl, (qc * rel.exp()) @ k_inv, 0.0)  # (B, H, N, C, C)
+        A_kk = torch.where(tri_strict, (kc * rel.exp()) @ k_inv, 0.0) if beta is not None else None
     elif vector:
         A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)
     else:
