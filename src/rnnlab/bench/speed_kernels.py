@@ -54,12 +54,12 @@ def _inputs(case: str, B: int, T: int, H: int, K: int, dtype: torch.dtype, devic
 def _factored(x: dict, chunk: int) -> bool:
     """Whether a vector-decay case's scores run factored on these inputs: finite CPU inputs whose
     cumulative log-decays, counted from each chunk's middle, pass ``decay_factors_fit``."""
-    from ..ops.bounds import decay_factors_fit, known_finite
+    from ..ops.bounds import chunk_middle, decay_factors_fit, known_finite
     log_g = x["log_g"]
     if not known_finite(*(t for t in x.values() if isinstance(t, torch.Tensor))):
         return False
     cum = F.pad(log_g.float(), (0, 0, 0, 0, 0, -log_g.shape[1] % chunk)).unflatten(1, (-1, chunk)).cumsum(2)
-    return decay_factors_fit(cum - cum[:, :, chunk // 2:chunk // 2 + 1])  # (B, N, C, H, K)
+    return decay_factors_fit(cum - chunk_middle(cum, dim=2))  # (B, N, C, H, K)
 
 
 def _kernel(case: str):

@@ -45,7 +45,7 @@ from typing import Any, Callable
 import torch
 
 __all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "PrefixLayout", "causal_product",
-           "known_finite", "decay_factors_fit", "rows", "cat_rows"]
+           "known_finite", "chunk_middle", "decay_factors_fit", "rows", "cat_rows"]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
@@ -254,6 +254,13 @@ def known_finite(*xs: torch.Tensor | None) -> bool:
 # dtype's range (float32 overflows at e^88.7, float64 at e^709).
 _FACTOR_LIMIT = {torch.float64: 600.0}
 _FACTOR_LIMIT_DEFAULT = 60.0
+
+
+def chunk_middle(cum: torch.Tensor, dim: int = -2) -> torch.Tensor:
+    """The cumulative log-decay at each chunk's middle position along ``dim`` (the position axis of
+    a chunk), kept as a size-1 axis: the point factored decays are counted from, so that
+    ``cum - chunk_middle(cum)`` spans at most half a chunk's decay either way."""
+    return cum.narrow(dim, cum.shape[dim] // 2, 1)
 
 
 def decay_factors_fit(cum: torch.Tensor) -> bool:

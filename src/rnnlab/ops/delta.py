@@ -31,8 +31,8 @@ from einops import rearrange
 
 from . import tuning
 from .backends import compiled
-from .bounds import (ChunkLayout, causal_product, check_cu_seqlens, decay_factors_fit, known_finite, state_rows,
-                     token_carry)
+from .bounds import (ChunkLayout, causal_product, check_cu_seqlens, chunk_middle, decay_factors_fit, known_finite,
+                     state_rows, token_carry)
 from .registry import implementation, select
 
 __all__ = ["gated_delta_rule", "gated_delta_rule_recurrent", "gated_delta_rule_chunked",
@@ -244,22 +244,22 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: 
     tri_incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
     tri_strict = tri_incl.tril(-1)  # s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
-    rel = cum - cum[..., C // 2:C // 2 + 1, :] if vector and finite else None  # from the chunk's middle
+    # (every form masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN)
+    rel = cum - chunk_middle(cum) if vector and finite else None  # counted from the chunk's middle
     if rel is not None and decay_factors_fit(rel):  # (x_t e^rel_t) . (k_s e^-rel_s): two matmuls
+        e_rel = rel.exp()
         k_inv = (kc * torch.exp(-rel)).transpose(-1, -2)  # (B, H, N, K, C)
         # masked at once: above the diagonal the products may overflow, and an inf kept for a later
         # product (b * A_kk) would turn its zero gradient there into NaN
-        A_qk = torch.where(tri_incl, (qc * rel.exp()) @ k_inv, 0.0)  # (B, H, N, C, C)
-        A_kk = torch.where(tri_strict, (kc * rel.exp()) @ k_inv, 0.0) if beta is not None else None
+        A_qk = torch.where(tri_incl, (qc * e_rel) @ k_inv, 0.0)  # (B, H, N, C, C)
+        A_kk = torch.where(tri_strict, (kc * e_rel) @ k_inv, 0.0) if beta is not None else None
     elif vector:
-        A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)
+        A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)  # masked within
     else:
         diff = cum[..., :, None, 0] - cum[..., None, :, 0]  # (B, H, N, C, C)
         decay = torch.exp(diff.masked_fill(~tri_incl, float("-inf")))
-        A_qk = (qc @ kc.transpose(-1, -2)) * decay
+        A_qk = torch.where(tri_incl, (qc @ kc.transpose(-1, -2)) * decay, 0.0)
         A_kk = (kc @ kc.transpose(-1, -2)) * decay if beta is not None else None  # only the delta term needs it
-    # masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN
-    A_qk = torch.where(tri_incl, A_qk, 0.0)
     q_plus = qc * cum.exp()  # (B, H, N, C, K): q_t decayed from the chunk start
     k_plus = kc * cum.exp()
     k_end = (kc * (cum[..., -1:, :] - cum).exp()).transpose(-1, -2)  # (B, H, N, K, C): k_s decayed to the end

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import tuning
-from .bounds import ChunkLayout, causal_product, decay_factors_fit, known_finite, token_carry
+from .bounds import ChunkLayout, causal_product, chunk_middle, decay_factors_fit, known_finite, token_carry
 from .delta import check_values_and_state
 from .registry import implementation, select
 
@@ -132,7 +132,7 @@ def _intra_chunk(q, k, v, log_g, a, b, C: int, sub: int, finite: bool = False):
     qc, kc, vc, ac, bc = (chunks(x) for x in (q, k, v, a, b))
     cum = chunks(log_g).cumsum(dim=3)  # (B, H, N, C, K): c_t
     cum_before = F.pad(cum[..., :-1, :], (0, 0, 1, 0))  # c_{t-1} (0 at the chunk start)
-    ref = cum[..., C // 2:C // 2 + 1, :]  # (B, H, N, 1, K): decays counted from the chunk's middle
+    ref = chunk_middle(cum)  # (B, H, N, 1, K): decays counted from the chunk's middle
     if finite and decay_factors_fit(torch.cat([cum, cum_before], dim=-2) - ref):  # e^c and e^-c: matmuls
         A_qk, A_qb = _factored_scores(qc, cum - ref, [kc, bc], cum - ref, False)
         A_ak, A_ab = _factored_scores(ac, cum_before - ref, [kc, bc], cum - ref, True)

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from . import tuning
-from .bounds import ChunkLayout, causal_product, check_cu_seqlens, decay_factors_fit, known_finite, state_rows, token_carry
+from .bounds import (ChunkLayout, causal_product, check_cu_seqlens, chunk_middle, decay_factors_fit, known_finite,
+                     state_rows, token_carry)
 from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
@@ -100,7 +101,7 @@ def _block(q, k, v, s, log_g, state, chunk_size, cu_local=None, finite=False):
     # so both passes below are matmuls, or is the masked (C, C, M) tensor
     G = log_g.cumsum(dim=3)  # (B, H, n, C, M)
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
-    rel = G - G[..., C // 2:C // 2 + 1, :] if finite else None
+    rel = G - chunk_middle(G) if finite else None
     if rel is None or not decay_factors_fit(rel):
         rel = None
         diff = (G[..., :, None, :] - G[..., None, :, :]).masked_fill(~causal[:, :, None], float("-inf"))

@@ -29,16 +29,16 @@ _DEFAULT: dict[str, int | None] = {
     # 64 tokens (DESIGN.md §3 "chunk 64 by default", the size fla's kernels use as well).
     "delta.chunk_size": 64,
     # ... but chunks no longer than the key size K, and at least this long: with small heads the
-    # (C, C) work per token outweighs the (K, V) work. Measured (2-layer d_model 32/64/128 models,
-    # B=64, T=64, one thread, training step): K=8 chunks of 16 84.5 ms against 155.7 with 64;
-    # K=16 32: 183 against 248 (16: 182); K=32 32: 396 against 419.
+    # (C, C) work per token outweighs the (K, V) work. Measured on a quiet machine (2-layer models,
+    # B=64, T=64, one thread, training step, chunk forced to C): K=8 C=16 69 ms against 127 with
+    # C=64; K=16 C=16 151, 32 157, 64 212; K=32 C=32 322 against 353 with 64.
     "delta.chunk_min": 16,
     # Vector decays (GLA, HGRN2, KDA, RWKV-6): chunks of 32. On finite CPU inputs whose cumulative
     # log-decays fit (rnnlab.ops.bounds.decay_factors_fit) the scores are two matmuls; otherwise
     # chunks are cut into sub-chunks of 8, between which the decay factors through the earlier
     # sub-chunk's end. Measured: sub-chunks fwd+bwd 2x faster than chunks of 16 without them
     # (T=4096: 1986 -> 996 ms; commit 69a5566); the factored scores halve GLA's layer again
-    # (d_model 512, T=4096, one thread: 1379-1574 -> 719 ms), and chunks of 64 time the same as 32.
+    # (d_model 512, T=4096, one thread, quiet machine: 535 -> 281 ms); chunks of 64 timed the same as 32.
     "gla.chunk_size": 32,
     "gla.sub_chunk": 8,
     # The chunked delta rule on long sequences: blocks of this many tokens run one after another
@@ -75,8 +75,9 @@ _DEFAULT: dict[str, int | None] = {
     "gsa.chunk_size": 8,
     # ... and chunks of this many tokens where the decays factor as matmuls (finite CPU inputs whose
     # per-token decays keep every chunk within rnnlab.ops.bounds.decay_factors_fit), with no
-    # (C, C, M) tensor. Measured: one gsa layer (d_model 512) fwd+bwd at T=2048, one thread,
-    # 1672 ms with chunks of 8 before the factored form; with it 1320 (8), 963 (16), 800 (32), 732 (64).
+    # (C, C, M) tensor. Measured on a quiet machine: one gsa layer (d_model 512) fwd+bwd at T=2048,
+    # one thread, 614 ms with chunks of 8 before the factored form; with it 485 (8), 344 (16),
+    # 319 (32), 303 (64).
     "gsa.factored_chunk_size": 64,
     "gsa.block_size": 256,
     # LTI convolution form: time-chunks of 1024 with the state passed, the chunk kernels computed
