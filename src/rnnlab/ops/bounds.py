@@ -40,11 +40,12 @@ by sequence, with non-finite inputs selected out of the transform.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["check_cu_seqlens", "state_rows", "Carry", "token_carry", "ChunkLayout", "PrefixLayout", "causal_product",
+__all__ = ["check_cu_seqlens", "state_rows", "Segments", "Carry", "token_carry", "ChunkLayout", "PrefixLayout", "causal_product",
            "known_finite", "chunk_middle", "decay_factors_fit", "rows", "cat_rows"]
 
 
@@ -103,6 +104,24 @@ def _cat(states: list) -> Any:
     return type(first)(*items) if hasattr(first, "_fields") else tuple(items)
 
 
+@dataclass(frozen=True)
+class Segments:
+    """Where the sequences of a row start and end along its indices (tokens or chunks), and how
+    many rows of a state each has; no tensors, so a backward may keep it."""
+
+    starts: dict[int, int]  # first index -> sequence
+    ends: dict[int, int]  # last index -> sequence
+    rows: list[int]  # rows of each sequence's state: [B] without boundaries, else 1 each
+
+    def rows_of(self, x, n: int):
+        """Sequence n's rows of a (rows, ...) state x (a view)."""
+        return x if len(self.rows) == 1 else _map(lambda t: t[n:n + 1], x)
+
+    def empty(self) -> list[int]:
+        """The sequences without an index (zero length): their final state is their initial one."""
+        return sorted(set(range(len(self.rows))) - set(self.starts.values()))
+
+
 class Carry:
     """The state passed along indices 0 .. n_index - 1 (tokens or chunks) of a row.
 
@@ -123,28 +142,24 @@ class Carry:
     def __init__(self, initial, zeros: Callable[[int], Any], rows: int, n_index: int,
                  starts: dict[int, int] | None = None, ends: dict[int, int] | None = None):
         if starts is None:  # no boundaries: one carry of all B rows
-            starts, ends, self._rows = {0: 0}, {n_index - 1: 0}, [rows]
+            self.segments = Segments({0: 0}, {n_index - 1: 0}, [rows])
         else:
-            self._rows = [1] * rows
+            self.segments = Segments(starts, ends, [1] * rows)
         self._initial, self._zeros = initial, zeros
-        self._starts, self._ends = starts, ends
-        self._finals: list = [None] * len(self._rows)
+        self.starts, self.ends = self.segments.starts, self.segments.ends
+        self._finals: list = [None] * len(self.segments.rows)
 
     def _init(self, n: int):
-        if self._initial is None:
-            return self._zeros(self._rows[n])
-        if len(self._rows) == 1:
-            return self._initial
-        return _map(lambda x: x[n:n + 1], self._initial)
+        return self._zeros(self.segments.rows[n]) if self._initial is None else self.segments.rows_of(self._initial, n)
 
     def enter(self, i: int, state):
         """The state entering index i: sequence n's initial state if n starts at i, else ``state``."""
-        n = self._starts.get(i)
+        n = self.starts.get(i)
         return state if n is None else self._init(n)
 
     def leave(self, i: int, state) -> None:
         """Record ``state`` as the final state of the sequence ending at index i, if any."""
-        n = self._ends.get(i)
+        n = self.ends.get(i)
         if n is not None:
             self._finals[n] = state
 

@@ -191,7 +191,8 @@ def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial
     ``k_s^- u_s^T`` where the pseudo-values U solve the unit lower-triangular system
     ``(I + diag(b) A_kk) U = diag(b) (V - K^+ S_0)`` (the UT transform; ``U = V`` without the delta
     term). It is linear in ``S_0``, so ``U = U_v - W S_0`` is precomputed for all chunks in parallel
-    and only four small products per chunk remain sequential. Every decay factor is an
+    and only the state's two small products per chunk remain sequential (on finite CPU inputs the
+    outputs and the backward's other products are batched over all chunks). Every decay factor is an
     ``exp`` of a non-positive difference of cumulative log-decays, masked before ``exp``.
     ``chunk_size`` None: the tuning table's ``delta.chunk_size`` (``gla.chunk_size`` for a vector
     decay, cut into sub-chunks of ``gla.sub_chunk``).
@@ -201,7 +202,7 @@ def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial
     state at its first chunk. Masks are selections (``torch.where``), not products, so a
     non-finite input never reaches an earlier position or another sequence.
     """
-    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, _intra_chunk, cu_seqlens)
+    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, _intra, cu_seqlens)
 
 
 def gated_delta_rule_chunked_compiled(q, k, v, log_g=None, beta=None, scale=None, initial_state=None,
@@ -209,39 +210,54 @@ def gated_delta_rule_chunked_compiled(q, k, v, log_g=None, beta=None, scale=None
     """:func:`gated_delta_rule_chunked` with its loop-free intra-chunk part (decays, scores, UT
     solve: everything but the pass across chunks) compiled by ``torch.compile`` (the "compile"
     backend). Same arguments and results."""
-    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, compiled(_intra_chunk), cu_seqlens)
+    return _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, compiled(_intra_strided), cu_seqlens)
 
 
-def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: bool = False):
+def _in_chunks(x: torch.Tensor | None, C: int, contiguous: bool = True) -> torch.Tensor | None:
+    """(B, T, H, ...) -> (B, H, N, C, ...), zero-padded to whole chunks (there g = 1 and nothing is
+    written); ``contiguous`` copies the strided view once, as every later product would copy it
+    again (and so would its gradient)."""
+    if x is None:
+        return None
+    pad = -x.shape[1] % C
+    if pad:
+        x = F.pad(x, [0, 0] * (x.dim() - 3) + [0, 0, 0, pad])
+    x = rearrange(x, "b (n c) h ... -> b h n c ...", c=C)
+    return x.contiguous() if contiguous else x
+
+
+def _intra(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: bool):
+    """:func:`_intra_chunk` on the (B, T, H, ...) inputs, cut into contiguous chunks."""
+    return _intra_chunk(*(_in_chunks(x, chunk_size) for x in (q, k, v, log_g, beta)), sub_chunk, finite)
+
+
+def _intra_strided(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: bool):
+    """:func:`_intra` on strided chunks, for ``torch.compile``: given contiguous ones, the code
+    inductor (torch 2.13, CPU) made from ``q * e^c`` and ``k * e^(c_end - c)`` returned a wrong
+    gradient for the cumulative decays c (the registry's op test catches it)."""
+    return _intra_chunk(*(_in_chunks(x, chunk_size, False) for x in (q, k, v, log_g, beta)), sub_chunk, finite)
+
+
+def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
     """Everything the chunks can do in parallel (no loop over chunks, so it compiles well).
 
-    q, k (B, T, H, K), v (B, T, H, V), log_g None | (B, T, H) | (B, T, H, K), beta None | (B, T, H),
-    in the accumulation dtype. Returns, per chunk n of C tokens (B, H, N, ...): U_v (C, V) and W
-    (C, K) or None with U = U_v - W S_0; q_plus (C, K) the queries decayed from the chunk start;
-    A_qk (C, C) the masked decayed scores; g_end (K|1) the decay over the whole chunk; k_end
-    (K, C) the keys decayed to the chunk end. ``finite``: the inputs are known to be finite
+    qc, kc (B, H, N, C, K), vc (B, H, N, C, V), log_g None | (B, H, N, C) | (B, H, N, C, K), beta
+    None | (B, H, N, C): the inputs in chunks (:func:`_in_chunks`), in the accumulation dtype.
+    Returns, per chunk n of C tokens (B, H, N, ...): U_v (C, V) and W (C, K) or None with
+    U = U_v - W S_0; q_plus (C, K) the queries decayed from the chunk start; A_qk (C, C) the masked
+    decayed scores; g_end (K|1) the decay over the whole chunk; k_end (K, C) the keys decayed to
+    the chunk end. ``finite``: the inputs are known to be finite
     (:func:`rnnlab.ops.bounds.known_finite`), so the UT transform may use the inverse of its
     triangular matrix, whose products would let a later non-finite token reach earlier rows.
     """
-    T = q.shape[1]
-    V = v.shape[-1]
-    vector = log_g is not None and log_g.dim() == 4
-    C = chunk_size
-    N = -(-T // C)
-    pad = N * C - T
-
-    def chunks(x):  # (B, T, H, ...) -> (B, H, N, C, ...), zero-padded (g = 1 and no write there)
-        if pad:
-            x = F.pad(x, [0, 0] * (x.dim() - 3) + [0, 0, 0, pad])
-        return rearrange(x, "b (n c) h ... -> b h n c ...", c=C)
-
-    qc, kc, vc = chunks(q), chunks(k), chunks(v)  # (B, H, N, C, K|V)
+    C = qc.shape[3]
+    vector = log_g is not None and log_g.dim() == 5
     # 1. cumulative log-decays within each chunk
     if log_g is None:
         cum = qc.new_zeros(*qc.shape[:4], 1)
     else:
-        cum = chunks(log_g if vector else log_g[..., None]).cumsum(dim=3)  # (B, H, N, C, K|1)
-    tri_incl = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()  # s <= t
+        cum = (log_g if vector else log_g[..., None]).cumsum(dim=3)  # (B, H, N, C, K|1)
+    tri_incl = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()  # s <= t
     tri_strict = tri_incl.tril(-1)  # s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
     # (every form masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN)
@@ -267,14 +283,15 @@ def _intra_chunk(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite: 
     # 3. UT transform: U = U_v - W S_0
     if beta is None:
         return vc, None, q_plus, A_qk, g_end, k_end
-    b = chunks(beta)[..., None]  # (B, H, N, C, 1)
-    eye = torch.eye(C, dtype=q.dtype, device=q.device)
+    b = beta[..., None]  # (B, H, N, C, 1)
+    eye = torch.eye(C, dtype=qc.dtype, device=qc.device)
     L = eye + torch.where(tri_strict, b * A_kk, 0.0)  # (B, H, N, C, C)
     if finite:  # U_v, W = L^-1 diag(b) (V, K^+) as two matmuls with the inverse
         Tb = torch.linalg.solve_triangular(L, eye, upper=False, unitriangular=True) * b.transpose(-1, -2)
         return Tb @ vc, Tb @ k_plus, q_plus, A_qk, g_end, k_end  # (B, H, N, C, V), (B, H, N, C, K)
     UW = torch.linalg.solve_triangular(L, b * torch.cat([vc, k_plus], dim=-1), upper=False,
                                        unitriangular=True)  # (B, H, N, C, V+K): one solve for both
+    V = vc.shape[-1]
     return UW[..., :V], UW[..., V:], q_plus, A_qk, g_end, k_end
 
 
@@ -303,27 +320,99 @@ def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_s
     finite = known_finite(q, k, v, log_g, beta, initial_state)  # then no guards against 0 * NaN
     U_v, W, q_plus, A_qk, g_end, k_end = intra(cast(q), cast(k), cast(v), cast(log_g), cast(beta), chunk_size,
                                                tuning.get("gla.sub_chunk", q.device), finite)
-    product = torch.matmul if finite else causal_product
     # 4. pass the state across chunks
     N = U_v.shape[2]
     zeros = lambda rows: q.new_zeros(rows, H, K, V, dtype=acc)  # noqa: E731
     init = None if initial_state is None else initial_state.to(acc)
     carry = layout.carry(init, zeros) if layout is not None else token_carry(None, init, zeros, B, N)
+    if N == 0:
+        return q.new_zeros(B, 0, H, V), carry.final()
+    if finite:
+        o, S = _ChunkStates.apply(U_v, W, q_plus, A_qk, g_end, k_end, init, carry)  # (B, H, N, C, V)
+    else:
+        o, S = _chunk_loop(U_v, W, q_plus, A_qk, g_end, k_end, carry)
+    o = scale * rearrange(o, "b h n c v -> b (n c) h v")  # (B, N*C, H, V)
+    o = o[:, :T] if layout is None else layout.unpad(o)
+    return o.to(q.dtype), S
+
+
+def _chunk_loop(U_v, W, q_plus, A_qk, g_end, k_end, carry):
+    """Step 4 by autograd, guarded: per chunk n (all (B, H, N, ...) as :func:`_intra_chunk` gives
+    them), ``U = U_v - W S``, ``o = q_plus S + A_qk U`` and ``S <- g_end S + k_end U``, with the
+    product ``A_qk U`` keeping a non-finite U out of earlier rows. Returns (o (B, H, N, C, V), final
+    state)."""
     S, outs = None, []
+    N = U_v.shape[2]
     per_chunk = zip(U_v.unbind(2), (W.unbind(2) if W is not None else [None] * N), q_plus.unbind(2),
                     A_qk.unbind(2), g_end.unbind(2), k_end.unbind(2))  # unbind: cheap backward
     for i, (U, W_n, qp, A, g, ke) in enumerate(per_chunk):
         S = carry.enter(i, S)  # a sequence's first chunk: its initial state
         if W_n is not None:
             U = U - W_n @ S  # (B, H, C, V)
-        outs.append(qp @ S + product(A, U))  # (B, H, C, V)
+        outs.append(qp @ S + causal_product(A, U))  # (B, H, C, V)
         S = g[..., None] * S + ke @ U  # (B, H, K, V)
         carry.leave(i, S)
-    if not outs:  # T = 0
-        return q.new_zeros(B, 0, H, V), carry.final()
-    o = scale * rearrange(torch.stack(outs, dim=2), "b h n c v -> b (n c) h v")  # (B, N*C, H, V)
-    o = o[:, :T] if layout is None else layout.unpad(o)
-    return o.to(q.dtype), carry.final()
+    return torch.stack(outs, dim=2), carry.final()
+
+
+class _ChunkStates(torch.autograd.Function):
+    """Step 4 on finite inputs, its backward written out: the loop over chunks only carries the
+    state (two products per chunk, written into preallocated tensors), and every product that does
+    not depend on the chunk before is one batched matmul over all chunks, forward and backward.
+    The same recurrence as :func:`_chunk_loop` (``carry`` gives the sequences' starts and ends);
+    ``init`` is the initial state the carry was built with (None: zeros), passed again so that it
+    gets a gradient."""
+
+    @staticmethod
+    def forward(ctx, U_v, W, q_plus, A_qk, g_end, k_end, init, carry):
+        B, H, N, _, V = U_v.shape
+        S_in = U_v.new_empty(B, H, N, k_end.shape[-2], V)  # the state entering each chunk
+        U = U_v if W is None else torch.empty_like(U_v)  # (B, H, N, C, V)
+        S = None
+        for i in range(N):
+            if i in carry.starts:
+                S = S_in[:, :, i].copy_(carry.enter(i, S))
+            if W is not None:
+                torch.sub(U_v[:, :, i], W[:, :, i] @ S, out=U[:, :, i])  # (B, H, C, V)
+            into = S_in[:, :, i + 1] if i + 1 < N and i + 1 not in carry.starts else None
+            S = torch.addcmul(k_end[:, :, i] @ U[:, :, i], g_end[:, :, i, :, None], S, out=into)  # (B, H, K, V)
+            carry.leave(i, S)
+        ctx.save_for_backward(W, q_plus, A_qk, g_end, k_end, S_in, U)
+        ctx.segments, ctx.init_shape = carry.segments, None if init is None else init.shape
+        o = q_plus @ S_in  # (B, H, N, C, V)
+        return o.add_(A_qk @ U), carry.final()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_o, d_final):
+        W, q_plus, A_qk, g_end, k_end, S_in, U = ctx.saved_tensors
+        seg, N = ctx.segments, U.shape[2]
+        d_o = d_o.contiguous()  # the strided gradient of the output's rearrange; four products read it
+        # each chunk's own output's share of the gradients, batched; the loop adds the carried state's
+        d_U = A_qk.transpose(-1, -2) @ d_o  # (B, H, N, C, V)
+        d_S_out = q_plus.transpose(-1, -2) @ d_o  # (B, H, N, K, V)
+        d_leave = torch.zeros_like(S_in)  # gradient of the state leaving each chunk
+        d_init = None if ctx.init_shape is None else d_o.new_zeros(ctx.init_shape)
+        for i in reversed(range(N)):
+            n = seg.ends.get(i)
+            if n is not None and d_final is not None:  # a sequence's last chunk leaves its final state
+                d_leave[:, :, i].copy_(seg.rows_of(d_final, n))
+            d_Ui = d_U[:, :, i].add_(k_end[:, :, i].transpose(-1, -2) @ d_leave[:, :, i])  # (B, H, C, V)
+            n = seg.starts.get(i)  # a sequence's first chunk enters its initial state
+            into = d_leave[:, :, i - 1] if n is None else None
+            d_enter = torch.addcmul(d_S_out[:, :, i], g_end[:, :, i, :, None], d_leave[:, :, i], out=into)
+            if W is not None:
+                d_enter.sub_(W[:, :, i].transpose(-1, -2) @ d_Ui)
+            if n is not None and d_init is not None:
+                seg.rows_of(d_init, n).add_(d_enter)
+        if d_init is not None and d_final is not None:  # empty sequences keep their initial state
+            for n in seg.empty():
+                seg.rows_of(d_init, n).add_(seg.rows_of(d_final, n))
+        d_g = (d_leave * S_in).sum(-1)  # (B, H, N, K)
+        d_g = d_g if g_end.shape[-1] > 1 else d_g.sum(-1, keepdim=True)  # (B, H, N, K|1)
+        d_W = None if W is None else -(d_U @ S_in.transpose(-1, -2))  # (B, H, N, C, K)
+        return (d_U, d_W, d_o @ S_in.transpose(-1, -2), d_o @ U.transpose(-1, -2), d_g,
+                (U @ d_leave.transpose(-1, -2)).transpose(-1, -2), d_init, None)
 
 
 def _in_blocks(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, block):
