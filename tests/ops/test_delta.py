@@ -193,17 +193,21 @@ def test_known_finite_sees_every_non_finite_value():
     assert not known_finite(x, torch.empty(3, device="meta"))  # off the CPU: no look at the values at all
 
 
+SCORES = {"scalar": "_scalar_scores", "vector": "_vector_scores"}  # each gate's path without factored decays
+
+
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
 @pytest.mark.parametrize("per_token, factored", [(0.5, True), (60.0, False)])
 @pytest.mark.parametrize("beta", [None, 1.0])
-def test_vector_decay_scores_are_factored_only_within_range(per_token, factored, beta, monkeypatch):
+def test_decay_scores_are_factored_only_within_range(gate, per_token, factored, beta, monkeypatch):
     """Finite inputs whose cumulative log-decays within a chunk stay inside the dtype's range
     (float64: |c| <= 600) get their scores as (x_t e^c_t) . (k_s e^-c_s), two matmuls; past it
-    (60 per token over chunks of 32) the masked decay tensor. Both equal the loop, gradients too."""
+    (60 per token over chunks of 32) the masked decay matrix. Both equal the loop, gradients too."""
     from rnnlab.ops import delta
     calls = []
-    original = delta._vector_scores
-    monkeypatch.setattr(delta, "_vector_scores", lambda *a: calls.append(1) or original(*a))
-    q, k, v, log_g, b, S0 = make(T=70, gate="vector", beta=beta, seed=5)
+    original = getattr(delta, SCORES[gate])
+    monkeypatch.setattr(delta, SCORES[gate], lambda *a: calls.append(1) or original(*a))
+    q, k, v, log_g, b, S0 = make(T=70, gate=gate, beta=beta, seed=5)
     log_g = -per_token * (0.5 + torch.rand(log_g.shape, generator=torch.Generator().manual_seed(1), dtype=log_g.dtype))
     cot_o, cot_s = torch.randn(2, 70, 3, 4, dtype=torch.float64), torch.randn(2, 3, 5, 4, dtype=torch.float64)
     ref = lambda q, k, v, g, b, s: gated_delta_rule_recurrent(q, k, v, g, b, None, s)  # noqa: E731
@@ -228,16 +232,17 @@ def test_chunks_are_no_longer_than_the_key_size():
     assert _chunk_size(torch.zeros(1, 1, 1, 8), vector=True) == tuning.get("gla.chunk_size", "cpu")
 
 
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
 @pytest.mark.parametrize("per_token", [0.05, 1.0, 3.0])  # 3.0: decays spanning ~48 either side of the middle
 @pytest.mark.parametrize("beta", [None, 1.0])
-def test_factored_vector_scores_in_float32_stay_close(per_token, beta, monkeypatch):
+def test_factored_scores_in_float32_stay_close(gate, per_token, beta, monkeypatch):
     """In float32 the factored scores multiply factors up to e^60 (the products above the diagonal
     overflow and are masked at once, or beta's gradient turns NaN); outputs, final state and
     gradients stay as close to the float64 loop as float32 allows, up to the strongest decays
     that still factor."""
     from rnnlab.ops import delta
-    monkeypatch.setattr(delta, "_vector_scores", lambda *a: pytest.fail("the scores did not factor"))
-    q, k, v, log_g, b, S0 = make(T=100, gate="vector", beta=beta, seed=7)
+    monkeypatch.setattr(delta, SCORES[gate], lambda *a: pytest.fail("the scores did not factor"))
+    q, k, v, log_g, b, S0 = make(T=100, gate=gate, beta=beta, seed=7)
     log_g = -per_token * (0.5 + torch.rand(log_g.shape, generator=torch.Generator().manual_seed(2), dtype=log_g.dtype))
     cot = torch.randn(2, 100, 3, 4, dtype=torch.float64)
     ref = _grads(lambda *a: gated_delta_rule_recurrent(*a[:5], None, a[5]), [q, k, v, log_g, b, S0], cot, S0 * 0)

@@ -280,9 +280,9 @@ def chunk_middle(cum: torch.Tensor, dim: int = -2) -> torch.Tensor:
 
 def decay_factors_fit(cum: torch.Tensor) -> bool:
     """Whether every cumulative log-decay in ``cum`` (any shape, e.g. (B, H, N, C, K) counted from
-    a point inside each chunk) lies within the range where a vector decay's scores may be formed
-    as ``(x_t e^c_t) . (y_s e^-c_s)`` (two matmuls) instead of from the masked (C, C, K) decay
-    tensor: |c| <= 60 in float32 (and lower precisions), 600 in float64. One reduction and a host
+    a point inside each chunk) lies within the range where a decay's scores may be formed as
+    ``(x_t e^c_t) . (y_s e^-c_s)`` (two matmuls) instead of from the masked (C, C) decay matrix
+    ((C, C, K) tensor for a vector decay): |c| <= 60 in float32 (and lower precisions), 600 in float64. One reduction and a host
     read: for CPU inputs already :func:`known_finite` (a non-finite value would leak through the
     matmuls into earlier positions)."""
     lo, hi = torch.aminmax(cum)

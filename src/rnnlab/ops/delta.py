@@ -238,6 +238,15 @@ def _intra_strided(q, k, v, log_g, beta, chunk_size: int, sub_chunk: int, finite
     return _intra_chunk(*(_in_chunks(x, chunk_size, False) for x in (q, k, v, log_g, beta)), sub_chunk, finite)
 
 
+def _scalar_scores(qc, kc, cum, tri_incl, with_kk: bool):
+    """A scalar decay's scores from the masked (C, C) decay matrix: A_qk (B, H, N, C, C) on and below
+    the diagonal, and A_kk (zero above it; None without ``with_kk``: only the delta term needs it)."""
+    diff = cum[..., :, None, 0] - cum[..., None, :, 0]  # (B, H, N, C, C)
+    decay = torch.exp(diff.masked_fill(~tri_incl, float("-inf")))
+    A_qk = torch.where(tri_incl, (qc @ kc.transpose(-1, -2)) * decay, 0.0)
+    return A_qk, (kc @ kc.transpose(-1, -2)) * decay if with_kk else None
+
+
 def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
     """Everything the chunks can do in parallel (no loop over chunks, so it compiles well).
 
@@ -261,8 +270,8 @@ def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
     tri_strict = tri_incl.tril(-1)  # s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
     # (every form masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN)
-    rel = cum - chunk_middle(cum) if vector and finite else None  # counted from the chunk's middle
-    if rel is not None and decay_factors_fit(rel):  # (x_t e^rel_t) . (k_s e^-rel_s): two matmuls
+    rel = cum - chunk_middle(cum) if finite else None  # counted from the chunk's middle
+    if rel is not None and decay_factors_fit(rel):  # (x_t e^rel_t) . (k_s e^-rel_s): two matmuls, no (C, C) decays
         e_rel = rel.exp()
         k_inv = (kc * torch.exp(-rel)).transpose(-1, -2)  # (B, H, N, K, C)
         # masked at once: above the diagonal the products may overflow, and an inf kept for a later
@@ -272,10 +281,7 @@ def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
     elif vector:
         A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)  # masked within
     else:
-        diff = cum[..., :, None, 0] - cum[..., None, :, 0]  # (B, H, N, C, C)
-        decay = torch.exp(diff.masked_fill(~tri_incl, float("-inf")))
-        A_qk = torch.where(tri_incl, (qc @ kc.transpose(-1, -2)) * decay, 0.0)
-        A_kk = (kc @ kc.transpose(-1, -2)) * decay if beta is not None else None  # only the delta term needs it
+        A_qk, A_kk = _scalar_scores(qc, kc, cum, tri_incl, beta is not None)
     q_plus = qc * cum.exp()  # (B, H, N, C, K): q_t decayed from the chunk start
     k_plus = kc * cum.exp()
     k_end = (kc * (cum[..., -1:, :] - cum).exp()).transpose(-1, -2)  # (B, H, N, K, C): k_s decayed to the end
@@ -331,7 +337,8 @@ def _chunked(q, k, v, log_g, beta, scale, initial_state, chunk_size, intra, cu_s
         o, S = _ChunkStates.apply(U_v, W, q_plus, A_qk, g_end, k_end, init, carry)  # (B, H, N, C, V)
     else:
         o, S = _chunk_loop(U_v, W, q_plus, A_qk, g_end, k_end, carry)
-    o = scale * rearrange(o, "b h n c v -> b (n c) h v")  # (B, N*C, H, V)
+    o = rearrange(o, "b h n c v -> b (n c) h v")  # (B, N*C, H, V)
+    o = o if scale == 1 else scale * o  # (Mamba-2 reads with scale 1: no pass over o for it)
     o = o[:, :T] if layout is None else layout.unpad(o)
     return o.to(q.dtype), S
 
