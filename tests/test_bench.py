@@ -1,7 +1,9 @@
 """The benchmark commands run and end with one JSON line (timings are not asserted)."""
 import json
+import time
 
 import pytest
+import torch
 
 from rnnlab.bench import ops
 from rnnlab.ops import registry
@@ -222,3 +224,15 @@ def test_stream_100k_tokens_in_bounded_memory(tmp_path, capsys):
     assert att["status"].startswith("over budget") and att["tokens"] < 100_000  # the KV cache grows until stopped
     assert (tmp_path / "s.png").stat().st_size > 1000
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "stream"
+
+
+def test_timeit_runs_the_warmup_calls_untimed_and_stops_at_a_slow_one():
+    from rnnlab.bench.measure import timeit
+    calls = []
+    t = timeit(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)
+    assert len(calls) == 5 and t.repeats == 3 and not t.over
+    calls.clear()
+    t = timeit(lambda: calls.append(time.sleep(0.01)), torch.device("cpu"), repeats=3, budget_s=0.001, warmup=2)
+    assert len(calls) == 1 and t.over  # the first warm-up call passed the budget: nothing more runs
+    with pytest.raises(ValueError, match="warmup"):
+        timeit(lambda: None, torch.device("cpu"), repeats=1, warmup=0)

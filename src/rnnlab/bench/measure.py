@@ -25,28 +25,30 @@ __all__ = ["Timing", "Budget", "sync", "timeit", "peak_memory", "matmul_peak", "
 
 @dataclass
 class Timing:
-    """Median wall time of ``repeats`` calls after one warm-up call, in seconds. ``over`` is set
-    (and the repeats skipped, ``seconds`` then being the warm-up's time) when the warm-up call
-    alone took more than the time budget."""
+    """Median wall time of ``repeats`` calls after the warm-up calls, in seconds. ``over`` is set
+    (and the rest skipped, ``seconds`` then being that call's time) when a warm-up call alone took
+    more than the time budget."""
 
     seconds: float
     repeats: int
     over: bool = False
 
 
-def timeit(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float | None = None) -> Timing:
-    """Time ``fn()``: one warm-up call, then the median of ``repeats`` calls (``time.perf_counter``,
-    the device synchronised before and after each call). A warm-up slower than ``budget_s`` stops
-    there (see :class:`Timing`)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    warm = time.perf_counter() - t0
-    if budget_s is not None and warm > budget_s:
-        return Timing(warm, 0, over=True)
+def timeit(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float | None = None,
+           warmup: int = 1) -> Timing:
+    """Time ``fn()``: ``warmup`` untimed calls, then the median of ``repeats`` calls
+    (``time.perf_counter``, the device synchronised before and after each call). A warm-up call
+    slower than ``budget_s`` stops there (see :class:`Timing`)."""
+    if repeats < 1 or warmup < 1:
+        raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
+    for _ in range(warmup):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        warm = time.perf_counter() - t0
+        if budget_s is not None and warm > budget_s:
+            return Timing(warm, 0, over=True)
     times = []
     for _ in range(repeats):
         sync(device)

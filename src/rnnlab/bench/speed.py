@@ -26,8 +26,8 @@ JSON line):
   (:mod:`rnnlab.bench.speed_ragged`).
 
 Width: mixers get ``num_heads = d_model / head_dim`` and ``head_dim`` wherever their config has
-those options (Mamba-2: ``head_dim``); other options keep their defaults. Timing: one warm-up
-call, then the median of ``--repeats`` calls (``time.perf_counter``, the device synchronised).
+those options (Mamba-2: ``head_dim``); other options keep their defaults. Timing: ``--warmup`` untimed
+calls (default 1), then the median of ``--repeats`` calls (``time.perf_counter``, the device synchronised).
 A mixer whose call passes ``--budget-s`` (or whose measured peak passes ``--budget-gb``) at some T
 is not run at larger T: those rows say "over budget". Calls run one after another with every
 mixer at one T before the next T, so compare rows of one run only; with another process on the
@@ -144,7 +144,7 @@ def _measure(ctx: Ctx, key, T: int, fn, row: dict, field_: str) -> bool:
     if ctx.budget.stopped(key):
         row["status"] = ctx.budget.stopped(key)
         return False
-    t = timeit(fn, ctx.device, ctx.a.repeats, ctx.budget.seconds)
+    t = timeit(fn, ctx.device, ctx.a.repeats, ctx.budget.seconds, ctx.a.warmup)
     row[field_] = t.seconds
     why = ctx.budget.passed(key, T, seconds=t.seconds)
     if why:
@@ -317,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int_at_least(1), default=None, help="decode: prefill chunk length (default 2048)")
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed calls after the warm-up; median (default 3)")
+    p.add_argument("--warmup", type=int_at_least(1), default=1,
+                   help="models, layers, efficiency, peers: untimed calls before the timed ones (default 1; at long "
+                        "T a large model's first 2-3 calls still fault in fresh memory pages)")
     p.add_argument("--budget-s", type=float, default=20.0, help="stop a mixer at the T where one call passes "
                                                                 "this many seconds (default 20)")
     p.add_argument("--budget-gb", type=float, default=None, help="... or its measured peak memory (layers) or "

@@ -111,7 +111,7 @@ def run_efficiency(ctx):
                     with torch.no_grad():
                         fn(**x)
 
-                t = timeit(run, ctx.device, a.repeats, ctx.budget.seconds)
+                t = timeit(run, ctx.device, a.repeats, ctx.budget.seconds, a.warmup)
                 row.update(fwd_s=t.seconds, flop_s=row["flops"] / t.seconds,
                            fraction_of_peak=row["flops"] / t.seconds / peak)
                 row["status"] = ctx.budget.passed(case, T, seconds=t.seconds) or (

@@ -227,7 +227,7 @@ def _time_pair(ctx, name: str, T: int, calls, row: dict) -> None:
             row["status"] = ctx.budget.stopped(key)
             continue
         for step, fn in (("fwd", fwd), ("fwdbwd", fb)):
-            t = timeit(fn, ctx.device, ctx.a.repeats, ctx.budget.seconds)
+            t = timeit(fn, ctx.device, ctx.a.repeats, ctx.budget.seconds, ctx.a.warmup)
             row[f"{side}_{step}_s"] = t.seconds
             why = ctx.budget.passed(key, T, seconds=t.seconds)
             if why:
