@@ -266,19 +266,14 @@ def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
         cum = qc.new_zeros(*qc.shape[:4], 1)
     else:
         cum = (log_g if vector else log_g[..., None]).cumsum(dim=3)  # (B, H, N, C, K|1)
-    tri_incl = torch.ones(C, C, dtype=torch.bool, device=qc.device).tril()  # s <= t
-    tri_strict = tri_incl.tril(-1)  # s < t
+    tri_incl, tri_strict = _masks(C, qc.device)  # s <= t, s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
     # (every form masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN)
     rel = cum - chunk_middle(cum) if finite else None  # counted from the chunk's middle
     if rel is not None and decay_factors_fit(rel):  # (x_t e^rel_t) . (k_s e^-rel_s): two matmuls, no (C, C) decays
-        e_rel = rel.exp()
-        k_inv = (kc * torch.exp(-rel)).transpose(-1, -2)  # (B, H, N, K, C)
-        # masked at once: above the diagonal the products may overflow, and an inf kept for a later
-        # product (b * A_kk) would turn its zero gradient there into NaN
-        A_qk = torch.where(tri_incl, (qc * e_rel) @ k_inv, 0.0)  # (B, H, N, C, C)
-        A_kk = torch.where(tri_strict, (kc * e_rel) @ k_inv, 0.0) if beta is not None else None
-    elif vector:
+        U_v, W, q_plus, A_qk, g_end, k_end = _FactoredIntra.apply(qc, kc, vc, cum, beta)
+        return vc if beta is None else U_v, W, q_plus, A_qk, g_end, k_end
+    if vector:
         A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)  # masked within
     else:
         A_qk, A_kk = _scalar_scores(qc, kc, cum, tri_incl, beta is not None)
@@ -299,6 +294,96 @@ def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
                                        unitriangular=True)  # (B, H, N, C, V+K): one solve for both
     V = vc.shape[-1]
     return UW[..., :V], UW[..., V:], q_plus, A_qk, g_end, k_end
+
+
+def _masks(C: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, C) masks of s <= t and s < t."""
+    tri_incl = torch.ones(C, C, dtype=torch.bool, device=device).tril()
+    return tri_incl, tri_incl.tril(-1)
+
+
+class _FactoredIntra(torch.autograd.Function):
+    """Steps 2-3 of :func:`_intra_chunk` on finite inputs whose decays factor, with the backward
+    written out: it keeps q, k, v, the cumulative decays, b, the UT inverse T and A_kk, and forms
+    again the cheap (C, K) products, where autograd would keep every intermediate and run the
+    backward of each elementwise step on its own. ``cum`` (B, H, N, C, K|1) from step 1. Returns
+    :func:`_intra_chunk`'s results, but None for U_v without a delta term (it is V).
+
+    With r the cumulative decay at the chunk's middle and ``E^+ = e^(c - r)``, ``E^- = e^(r - c)``:
+    ``A_qk = M<= (q E^+)(k E^-)^T``, ``A_kk = M< (k E^+)(k E^-)^T``, ``L = I + diag(b) A_kk``,
+    ``T = L^-1``, ``U_v = T diag(b) V``, ``W = T diag(b) (k e^c)``, ``q_plus = q e^c``,
+    ``k_end = (k e^(c_end - c))^T``, ``g_end = e^c_end``."""
+
+    @staticmethod
+    def forward(ctx, qc, kc, vc, cum, beta):
+        tri_incl, tri_strict = _masks(qc.shape[-2], qc.device)
+        rel = cum - chunk_middle(cum)
+        e_pos, k_neg = rel.exp(), (kc * torch.exp(-rel)).transpose(-1, -2)  # (.., C, K|1), (.., K, C)
+        # masked at once: above the diagonal the products may overflow
+        A_qk = torch.where(tri_incl, (qc * e_pos) @ k_neg, 0.0)  # (B, H, N, C, C)
+        e_cum = cum.exp()
+        q_plus = qc * e_cum  # (B, H, N, C, K)
+        k_end = (kc * (cum[..., -1:, :] - cum).exp()).transpose(-1, -2)  # (B, H, N, K, C)
+        g_end = e_cum[..., -1, :]  # (B, H, N, K|1)
+        ctx.has_beta = beta is not None
+        if beta is None:
+            ctx.save_for_backward(qc, kc, cum)
+            return None, None, q_plus, A_qk, g_end, k_end  # U_v = V itself
+        A_kk = torch.where(tri_strict, (kc * e_pos) @ k_neg, 0.0)  # (B, H, N, C, C)
+        b = beta[..., None]  # (B, H, N, C, 1)
+        eye = torch.eye(qc.shape[-2], dtype=qc.dtype, device=qc.device)
+        T = torch.linalg.solve_triangular(eye + b * A_kk, eye, upper=False, unitriangular=True)
+        Tb = T * b.transpose(-1, -2)  # T diag(b)
+        ctx.save_for_backward(qc, kc, vc, cum, beta, T, A_kk)
+        return Tb @ vc, Tb @ (kc * e_cum), q_plus, A_qk, g_end, k_end
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_Uv, d_W, d_q_plus, d_A_qk, d_g_end, d_k_end):
+        if ctx.has_beta:
+            qc, kc, vc, cum, beta, T, A_kk = ctx.saved_tensors
+        else:
+            qc, kc, cum = ctx.saved_tensors
+        tri_incl, tri_strict = _masks(qc.shape[-2], qc.device)
+        red = (lambda x: x) if cum.shape[-1] > 1 else (lambda x: x.sum(-1, keepdim=True))  # onto cum's shape
+        rel = cum - chunk_middle(cum)
+        e_pos, e_neg, e_cum = rel.exp(), torch.exp(-rel), cum.exp()
+        e_end = (cum[..., -1:, :] - cum).exp()
+        k_neg = kc * e_neg  # (B, H, N, C, K)
+        # A_qk = M<= (q E+)(k E-)^T
+        d_P = d_A_qk.masked_fill(~tri_incl, 0.0)
+        d_qa = d_P @ k_neg  # gradient of q E+
+        d_kneg = d_P.transpose(-1, -2) @ (qc * e_pos)  # gradient of k E-
+        d_kend = d_k_end.transpose(-1, -2)  # gradient of k e^(c_end - c), (.., C, K)
+        d_q = d_qa * e_pos + d_q_plus * e_cum
+        d_k = d_kend * e_end
+        d_epos, d_ecum, d_eend = red(d_qa * qc), red(d_q_plus * qc), red(d_kend * kc)
+        d_v = d_beta = None
+        if ctx.has_beta:
+            b = beta[..., None]  # (B, H, N, C, 1)
+            Tb = T * b.transpose(-1, -2)
+            k_plus = kc * e_cum
+            d_Tb = d_Uv @ vc.transpose(-1, -2) + d_W @ k_plus.transpose(-1, -2)  # (B, H, N, C, C)
+            d_v = Tb.transpose(-1, -2) @ d_Uv
+            d_kplus = Tb.transpose(-1, -2) @ d_W
+            d_beta = (d_Tb * T).sum(-2)  # from T diag(b): (B, H, N, C)
+            d_T = d_Tb * b.transpose(-1, -2)
+            d_L = -(T.transpose(-1, -2) @ d_T @ T.transpose(-1, -2))  # T = L^-1
+            d_beta = d_beta + (d_L * A_kk).sum(-1)  # L = I + diag(b) A_kk
+            d_P = (d_L * b).masked_fill(~tri_strict, 0.0)  # A_kk = M< (k E+)(k E-)^T
+            d_ka = d_P @ k_neg
+            d_kneg = d_kneg + d_P.transpose(-1, -2) @ (kc * e_pos)
+            d_k = d_k + d_ka * e_pos + d_kplus * e_cum
+            d_epos = d_epos + red(d_ka * kc)
+            d_ecum = d_ecum + red(d_kplus * kc)
+        d_k = d_k + d_kneg * e_neg
+        d_rel = d_epos * e_pos - red(d_kneg * kc) * e_neg  # e^rel, e^-rel
+        d_eend = d_eend * e_end
+        d_cum = d_rel + d_ecum * e_cum - d_eend
+        mid = cum.shape[-2] // 2
+        d_cum[..., mid, :] -= d_rel.sum(-2)  # r = c at the middle
+        d_cum[..., -1, :] += d_eend.sum(-2) + d_g_end * e_cum[..., -1, :]  # c_end: in e^(c_end - c) and g_end
+        return d_q, d_k, d_v, d_cum, d_beta
 
 
 def _chunk_size(q, vector: bool) -> int:
