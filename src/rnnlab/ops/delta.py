@@ -193,7 +193,9 @@ def gated_delta_rule_chunked(q, k, v, log_g=None, beta=None, scale=None, initial
     term). It is linear in ``S_0``, so ``U = U_v - W S_0`` is precomputed for all chunks in parallel
     and only the state's two small products per chunk remain sequential (on finite CPU inputs the
     outputs and the backward's other products are batched over all chunks). Every decay factor is an
-    ``exp`` of a non-positive difference of cumulative log-decays, masked before ``exp``.
+    ``exp`` of a non-positive difference of cumulative log-decays, masked before ``exp``, except on
+    finite CPU inputs whose decays fit (:func:`rnnlab.ops.bounds.decay_factors_fit`): there the
+    scores are two matmuls of inputs scaled by ``e^(±(c - r))``, r the chunk middle's decay.
     ``chunk_size`` None: the tuning table's ``delta.chunk_size`` (``gla.chunk_size`` for a vector
     decay, cut into sub-chunks of ``gla.sub_chunk``).
 
@@ -248,7 +250,8 @@ def _scalar_scores(qc, kc, cum, tri_incl, with_kk: bool):
 
 
 def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
-    """Everything the chunks can do in parallel (no loop over chunks, so it compiles well).
+    """Everything the chunks can do in parallel (no loop over chunks, so it compiles well). On
+    finite inputs whose decays factor, steps 2-3 are :class:`_FactoredIntra`.
 
     qc, kc (B, H, N, C, K), vc (B, H, N, C, V), log_g None | (B, H, N, C) | (B, H, N, C, K), beta
     None | (B, H, N, C): the inputs in chunks (:func:`_in_chunks`), in the accumulation dtype.
