@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, repeat
 from torch import nn
 
 from ..ops.delta import gated_delta_rule, gated_delta_rule_normalised
@@ -121,9 +121,11 @@ class Mamba2(Mixer):
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm(y · silu(z)) within each of the G groups of channels: (B, T, E)."""
         y = y * F.silu(z)
-        yg = rearrange(y, "b t (g e) -> b t g e", g=self.config.n_groups)
-        yg = yg * torch.rsqrt(yg.pow(2).mean(-1, keepdim=True) + self.config.norm_eps)
-        return rearrange(yg, "b t g e -> b t (g e)") * self.norm.weight.to(y.dtype)
+        G, eps, w = self.config.n_groups, self.config.norm_eps, self.norm.weight.to(y.dtype)
+        if G == 1:
+            return F.rms_norm(y, (y.shape[-1],), w, eps)
+        yg = F.rms_norm(rearrange(y, "b t (g e) -> b t g e", g=G), (y.shape[-1] // G,), eps=eps)
+        return rearrange(yg, "b t g e -> b t (g e)") * w
 
     def mix(self, x, state, cu_seqlens=None):
         c = self.config
@@ -135,8 +137,9 @@ class Mamba2(Mixer):
         xBC, conv = self.conv1d(xBC, st.conv, cu_seqlens)
         xs, Bm, Cm = xBC.to(acc).split([E, GN, GN], dim=-1)
         xs = rearrange(xs, "b t (h p) -> b t h p", h=H)  # (B, T, H, P)
-        Bm = rearrange(Bm, "b t (g n) -> b t g n", g=c.n_groups).repeat_interleave(H // c.n_groups, dim=2)
-        Cm = rearrange(Cm, "b t (g n) -> b t g n", g=c.n_groups).repeat_interleave(H // c.n_groups, dim=2)
+        # each group's B and C for its heads: a view for one group (the op copies it into chunks anyway)
+        Bm = repeat(Bm, "b t (g n) -> b t (g r) n", g=c.n_groups, r=H // c.n_groups)  # (B, T, H, N)
+        Cm = repeat(Cm, "b t (g n) -> b t (g r) n", g=c.n_groups, r=H // c.n_groups)
         # 2. dt and the per-head decay
         dt = F.softplus(dt.to(acc) + self.dt_bias.to(acc))  # (B, T, H)
         log_g = dt * -torch.exp(self.A_log.to(acc)) * c.decay_scale  # (B, T, H)
@@ -148,7 +151,7 @@ class Mamba2(Mixer):
         else:
             y, S = gated_delta_rule(Cm, Bm, xs * dt[..., None], log_g=log_g, scale=1.0, initial_state=st.S,
                                     cu_seqlens=cu_seqlens)  # (B, T, H, P)
-        y = y + self.D.to(acc)[:, None] * xs  # (B, T, H, P)
+        y = torch.addcmul(y, self.D.to(acc)[:, None], xs)  # (B, T, H, P): y + D x
         # 4. gated RMSNorm and the output projection
         y = self._gated_norm(rearrange(y, "b t h p -> b t (h p)"), z.to(acc))
         return self.out_proj(y.to(x.dtype)), Mamba2State(S=S, conv=conv)
