@@ -85,11 +85,12 @@ def _scan_loop_reversed(a: torch.Tensor, g: torch.Tensor, starts: frozenset = fr
     """out_t = g_t + conj(a_{t+1}) out_{t+1}, from t = T-1 down (the adjoint scan, without flips);
     out_t = g_t where t + 1 starts a sequence."""
     out = torch.empty_like(g)
-    acc = g[:, -1]
-    out[:, -1] = acc
-    for t in range(g.shape[1] - 2, -1, -1):
-        acc = g[:, t] if t + 1 in starts else a[:, t + 1].conj() * acc + g[:, t]
-        out[:, t] = acc
+    acc = out[:, -1].copy_(g[:, -1])
+    for t in range(g.shape[1] - 2, -1, -1):  # one op per step, written in place
+        if t + 1 in starts:
+            acc = out[:, t].copy_(g[:, t])
+        else:
+            acc = torch.addcmul(g[:, t], a[:, t + 1].conj(), acc, out=out[:, t])
     return out
 
 
@@ -97,9 +98,11 @@ def _scan_loop(a: torch.Tensor, b: torch.Tensor, h0: torch.Tensor, starts: froze
     """h_t = a_t h_{t-1} + b_t from h0, and h_t = b_t at the tokens in ``starts``."""
     out = torch.empty(b.shape, dtype=h0.dtype, device=b.device)
     h = h0
-    for t in range(a.shape[1]):
-        h = b[:, t] if t in starts else a[:, t] * h + b[:, t]
-        out[:, t] = h
+    for t in range(a.shape[1]):  # one op per step, written in place
+        if t in starts:
+            h = out[:, t].copy_(b[:, t])
+        else:
+            h = torch.addcmul(b[:, t], a[:, t], h, out=out[:, t])
     return out
 
 

@@ -60,7 +60,7 @@ def _per_channel(X: torch.Tensor, Dm: int) -> torch.Tensor:
 
 
 def _decay(dt, A, allow_neg_eigval):
-    a = torch.exp(dt.unsqueeze(-1) * A)  # (B, T, D, N)
+    a = (dt.unsqueeze(-1) * A).exp_()  # (B, T, D, N)
     return 2 * a - 1 if allow_neg_eigval else a
 
 
@@ -123,6 +123,8 @@ def _chunk(u, dt, B, C, h, A, allow_neg_eigval, cu_seqlens=None):
     a = _decay(dt, A, allow_neg_eigval)  # (B, Tc, D, N)
     b = (dt * u).unsqueeze(-1) * _per_channel(B, u.shape[2])  # (B, Tc, D, N)
     hs, h_last = linear_scan(a, b, h, cu_seqlens=cu_seqlens)
+    if C.dim() == 3:  # C shared by all channels: a matrix-vector product per token, one pass over hs
+        return (hs @ C.unsqueeze(-1)).squeeze(-1), h_last  # (B, Tc, D)
     return (hs * _per_channel(C, u.shape[2])).sum(-1), h_last  # (B, Tc, D)
 
 
