@@ -74,7 +74,7 @@ def longhorn_recurrent(q, k, v, beta, initial_state=None, cu_seqlens=None):
 def _chunk(q, k, v, beta, S, cu_seqlens=None):
     a, b = _coefficients(k, v, beta)
     Ss, S_last = linear_scan(a, b, S, cu_seqlens=cu_seqlens)  # (B, Tc, D, N)
-    return (Ss * q.unsqueeze(-2)).sum(-1), S_last  # (B, Tc, D)
+    return (Ss @ q.unsqueeze(-1)).squeeze(-1), S_last  # (B, Tc, D): q is shared by all channels
 
 
 def longhorn_chunked(q, k, v, beta, initial_state=None, chunk_size=None, cu_seqlens=None):
