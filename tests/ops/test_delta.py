@@ -25,6 +25,15 @@ def _grads(fn, args, cot_o, cot_s):
     return o, S, [None if a is None else a.grad for a in args]
 
 
+def _assert_same(o1, S1, g1, o2, S2, g2):
+    """The second run's outputs, final state and gradients equal the first's (float64 tolerances)."""
+    torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(S2, S1, atol=1e-10, rtol=1e-10)
+    for name, a, b_ in zip(["q", "k", "v", "log_g", "beta", "initial_state"], g1, g2):
+        if a is not None:
+            torch.testing.assert_close(b_, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
+
+
 GATES = [None, "scalar", "vector"]
 BETAS = [None, 1.0, 2.0]
 
@@ -44,11 +53,7 @@ def test_chunked_equals_reference_with_gradients(gate, beta, T, chunk, guarded, 
     fast = lambda q, k, v, g, b, s: gated_delta_rule_chunked(q, k, v, g, b, None, s, chunk_size=chunk)  # noqa: E731
     o1, S1, g1 = _grads(ref, args + [S0], cot_o, cot_s)
     o2, S2, g2 = _grads(fast, args + [S0], cot_o, cot_s)
-    torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(S2, S1, atol=1e-10, rtol=1e-10)
-    for name, a, b_ in zip(["q", "k", "v", "log_g", "beta", "initial_state"], g1, g2):
-        if a is not None:
-            torch.testing.assert_close(b_, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
+    _assert_same(o1, S1, g1, o2, S2, g2)
 
 
 @pytest.mark.parametrize("gate", GATES)
@@ -215,11 +220,7 @@ def test_decay_scores_are_factored_only_within_range(gate, per_token, factored, 
     o1, S1, g1 = _grads(ref, [q, k, v, log_g, b, S0], cot_o, cot_s)
     o2, S2, g2 = _grads(fast, [q, k, v, log_g, b, S0], cot_o, cot_s)
     assert bool(calls) != factored
-    torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(S2, S1, atol=1e-10, rtol=1e-10)
-    for name, a, b_ in zip(["q", "k", "v", "log_g", "beta", "initial_state"], g1, g2):
-        if a is not None:
-            torch.testing.assert_close(b_, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
+    _assert_same(o1, S1, g1, o2, S2, g2)
 
 
 def test_chunks_are_no_longer_than_the_key_size():
@@ -273,11 +274,7 @@ def test_packed_chunked_equals_reference_with_gradients(gate, beta, guarded, mon
                                                              cu_seqlens=cu)
     o1, S1, g1 = _grads(ref, [q, k, v, log_g, b, S0], cot_o, cot_s)
     o2, S2, g2 = _grads(fast, [q, k, v, log_g, b, S0], cot_o, cot_s)
-    torch.testing.assert_close(o2, o1, atol=1e-10, rtol=1e-10)
-    torch.testing.assert_close(S2, S1, atol=1e-10, rtol=1e-10)
-    for name, a, b_ in zip(["q", "k", "v", "log_g", "beta", "initial_state"], g1, g2):
-        if a is not None:
-            torch.testing.assert_close(b_, a, atol=1e-9, rtol=1e-9, msg=f"gradient of {name}")
+    _assert_same(o1, S1, g1, o2, S2, g2)
 
 
 def test_a_dropped_result_frees_its_graph_without_the_garbage_collector():
