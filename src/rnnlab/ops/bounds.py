@@ -45,8 +45,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["check_cu_seqlens", "state_rows", "Segments", "Carry", "token_carry", "ChunkLayout", "PrefixLayout", "causal_product",
-           "known_finite", "chunk_middle", "decay_factors_fit", "rows", "cat_rows"]
+__all__ = ["check_cu_seqlens", "state_rows", "Segments", "Carry", "token_carry", "ChunkLayout", "PrefixLayout",
+           "causal_product", "known_finite", "chunk_middle", "decay_factors_fit", "rows", "cat_rows"]
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor | None, B: int, T: int) -> list[int] | None:
@@ -146,7 +146,6 @@ class Carry:
         else:
             self.segments = Segments(starts, ends, [1] * rows)
         self._initial, self._zeros = initial, zeros
-        self.starts, self.ends = self.segments.starts, self.segments.ends
         self._finals: list = [None] * len(self.segments.rows)
 
     def _init(self, n: int):
@@ -154,12 +153,12 @@ class Carry:
 
     def enter(self, i: int, state):
         """The state entering index i: sequence n's initial state if n starts at i, else ``state``."""
-        n = self.starts.get(i)
+        n = self.segments.starts.get(i)
         return state if n is None else self._init(n)
 
     def leave(self, i: int, state) -> None:
         """Record ``state`` as the final state of the sequence ending at index i, if any."""
-        n = self.ends.get(i)
+        n = self.segments.ends.get(i)
         if n is not None:
             self._finals[n] = state
 
@@ -282,9 +281,9 @@ def decay_factors_fit(cum: torch.Tensor) -> bool:
     """Whether every cumulative log-decay in ``cum`` (any shape, e.g. (B, H, N, C, K) counted from
     a point inside each chunk) lies within the range where a decay's scores may be formed as
     ``(x_t e^c_t) . (y_s e^-c_s)`` (two matmuls) instead of from the masked (C, C) decay matrix
-    ((C, C, K) tensor for a vector decay): |c| <= 60 in float32 (and lower precisions), 600 in float64. One reduction and a host
-    read: for CPU inputs already :func:`known_finite` (a non-finite value would leak through the
-    matmuls into earlier positions)."""
+    ((C, C, K) tensor for a vector decay): |c| <= 60 in float32 (and lower precisions), 600 in
+    float64. One reduction and a host read: for CPU inputs already :func:`known_finite` (a
+    non-finite value would leak through the matmuls into earlier positions)."""
     lo, hi = torch.aminmax(cum)
     limit = _FACTOR_LIMIT.get(cum.dtype, _FACTOR_LIMIT_DEFAULT)
     return bool(-limit <= lo) and bool(hi <= limit)

@@ -269,13 +269,13 @@ def _intra_chunk(qc, kc, vc, log_g, beta, sub_chunk: int, finite: bool = False):
         cum = qc.new_zeros(*qc.shape[:4], 1)
     else:
         cum = (log_g if vector else log_g[..., None]).cumsum(dim=3)  # (B, H, N, C, K|1)
-    tri_incl, tri_strict = _masks(C, qc.device)  # s <= t, s < t
     # 2. decayed inner products A[t, s] = sum_i x_t,i k_s,i exp(c_t,i - c_s,i)
     # (every form masks by selection, not by multiplication: a non-finite later token must not give 0 * NaN)
     rel = cum - chunk_middle(cum) if finite else None  # counted from the chunk's middle
     if rel is not None and decay_factors_fit(rel):  # (x_t e^rel_t) . (k_s e^-rel_s): two matmuls, no (C, C) decays
         U_v, W, q_plus, A_qk, g_end, k_end = _FactoredIntra.apply(qc, kc, vc, cum, beta)
         return vc if beta is None else U_v, W, q_plus, A_qk, g_end, k_end
+    tri_incl, tri_strict = _masks(C, qc.device)  # s <= t, s < t
     if vector:
         A_qk, A_kk = _vector_scores(qc, kc, cum, sub_chunk)  # masked within
     else:
@@ -465,11 +465,11 @@ class _ChunkStates(torch.autograd.Function):
         U = U_v if W is None else torch.empty_like(U_v)  # (B, H, N, C, V)
         S = None
         for i in range(N):
-            if i in carry.starts:
+            if i in carry.segments.starts:
                 S = S_in[:, :, i].copy_(carry.enter(i, S))
             if W is not None:
                 torch.sub(U_v[:, :, i], W[:, :, i] @ S, out=U[:, :, i])  # (B, H, C, V)
-            into = S_in[:, :, i + 1] if i + 1 < N and i + 1 not in carry.starts else None
+            into = S_in[:, :, i + 1] if i + 1 < N and i + 1 not in carry.segments.starts else None
             S = torch.addcmul(k_end[:, :, i] @ U[:, :, i], g_end[:, :, i, :, None], S, out=into)  # (B, H, K, V)
             carry.leave(i, S)
         ctx.save_for_backward(W, q_plus, A_qk, g_end, k_end, S_in, U)
