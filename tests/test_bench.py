@@ -85,8 +85,21 @@ def test_speed_models(tmp_path, capsys):
     att, mine = last["results"]
     assert (att["mixer"], mine["mixer"]) == ("attention", "mingru") and att["train_vs_attention"] == 1.0
     for r in (att, mine):
-        assert r["train_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["params"] > 0
+        assert r["train_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["params"] > 0 and r["train_peak_bytes"] > 0
+        assert r["recompute"] is False
     assert mine["train_vs_attention"] == pytest.approx(mine["train_tok_s"] / att["train_tok_s"])
+
+
+def test_speed_models_recompute_keeps_less(tmp_path, capsys):
+    """--recompute: every model keeps only its blocks' inputs, so a training step's peak memory is
+    lower than without, and the rows say so."""
+    peaks = {}
+    for flag in ([], ["--recompute"]):
+        last, _ = _speed(["models", "--quick", "--mixers", "gated_deltanet", "--T", "256", *flag], tmp_path, capsys)
+        assert [r["recompute"] for r in last["results"]] == [bool(flag)] * 2
+        peaks[bool(flag)] = {r["mixer"]: r["train_peak_bytes"] for r in last["results"]}
+    for name in ("attention", "gated_deltanet"):
+        assert peaks[True][name] < 0.8 * peaks[False][name], (name, peaks)
 
 
 def test_speed_models_and_layers_under_autocast(tmp_path, capsys):
@@ -201,7 +214,8 @@ def test_speed_bad_arguments(capsys):
     for argv, flag in ((["layers", "--T", "0"], "--T"), (["models", "--mixers", "nope"], "--mixers"),
                        (["efficiency", "--families", "nope"], "--families"), (["peers", "--peers", "x"], "--peers"),
                        (["layers", "--d-model", "48", "--head-dim", "32"], "--d-model"),
-                       (["decode", "--autocast", "bf16"], "--autocast")):
+                       (["decode", "--autocast", "bf16"], "--autocast"), (["layers", "--recompute"], "--recompute"),
+                       (["decode", "--same-params"], "--same-params")):
         with pytest.raises(SystemExit):
             speed.main(argv)
         assert flag in capsys.readouterr().err

@@ -195,6 +195,55 @@ def test_packed_model_equals_each_sequence_alone(layout, lengths):
             torch.testing.assert_close(got_layer.tensors()[k], t, rtol=1e-10, atol=1e-10)
 
 
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd keeps for the backward while ``fn()`` runs (outside any
+    recomputed block: ``torch.utils.checkpoint`` keeps its blocks' own out of this count)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        return fn(), total
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_recompute_gives_the_same_results_and_keeps_only_block_inputs(packed):
+    """model.recompute = True: the same logits, final states and gradients (of the weights and of
+    the initial state, float64), with packed sequences too; autograd keeps a small part of what it
+    keeps without; calls without autograd are unchanged."""
+    torch.manual_seed(0)
+    model = rnnlab.build_model(layout="gated_deltanet,mamba2(d_state=8,head_dim=16),swa(window=8)", n_layers=3,
+                               d_model=32).double()
+    lengths = [9, 20, 35] if packed else [64]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist()) if packed else None
+    tokens = torch.randint(0, 260, (1, sum(lengths)))
+    with torch.no_grad():
+        s0 = rnnlab.ModelState.cat([model(torch.randint(0, 260, (1, 5)))[1]] * len(lengths))
+    s0 = rnnlab.ModelState(tuple(type(s).from_parts({k: t.detach().requires_grad_() if t.is_floating_point() else t
+                                                     for k, t in s.tensors().items()}, s.scalars())
+                                 for s in s0.layers), s0.seen)
+    leaves = list(model.parameters()) + [t for s in s0.layers for t in s.tensors().values() if t.requires_grad]
+    results = []
+    for recompute in (False, True):
+        model.recompute = recompute
+        (logits, s), saved = _saved_bytes(lambda: model(tokens, s0, cu_seqlens=cu))
+        finals = [t for layer in s.layers for t in layer.tensors().values()]
+        loss = logits.square().mean() + sum(t.square().mean() for t in finals if t.is_floating_point())
+        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+        results.append((logits.detach(), [t.detach() for t in finals], grads, saved))
+    (logits, finals, grads, saved), (logits_r, finals_r, grads_r, saved_r) = results
+    torch.testing.assert_close(logits_r, logits, rtol=0, atol=0)
+    for a, b in zip(finals_r + list(grads_r), finals + list(grads)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert saved_r < saved / 4, (saved_r, saved)
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens, s0, cu_seqlens=cu)[0], logits, rtol=0, atol=0)
+
+
 def test_packed_model_checks_cu_seqlens_and_state_rows():
     model = rnnlab.build_model(layout="gated_deltanet", n_layers=1, d_model=32)
     tokens = torch.randint(0, 260, (1, 7))

@@ -1,5 +1,5 @@
-"""The trainer: exact resume, explicit resume, masked targets, gradient accumulation, non-finite
-losses, one host sync per step, checkpoint validation."""
+"""The trainer: exact resume, explicit resume, masked targets, gradient accumulation, recomputed
+blocks, non-finite losses, one host sync per step, checkpoint validation."""
 import json
 import math
 import shutil
@@ -123,6 +123,17 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-9, atol=1e-10, msg=k)
 
 
+def test_recompute_trains_the_same_weights_and_is_switched_off_after():
+    """``recompute=True`` runs each block again in the backward: the same arithmetic, so the same
+    weights after training (float64 to keep Adam's steps on near-zero gradients out of it)."""
+    a, b = model().double(), model().double()
+    train(a, Source(T=32), cfg("", steps=3, seq_len=32), progress=False)
+    train(b, Source(T=32), cfg("", steps=3, seq_len=32, recompute=True), progress=False)
+    assert b.recompute is False  # the model is left as it was given
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-12, atol=1e-14, msg=k)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     m = model()
     calls = {"n": 0}
@@ -191,6 +202,8 @@ def test_config_errors_name_the_field():
         TrainConfig(autocast="fp16")
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="recompute"):
+        TrainConfig(recompute="yes")
 
 
 def test_bf16_autocast_trains():

@@ -4,11 +4,13 @@ Modes (each prints a table, writes JSON to ``--json`` — default ``runs/bench/s
 and a log-log PNG of time against T to ``--png`` — default beside the JSON —, then ends with one
 JSON line):
 
-* ``models``: training tokens/s (forward + backward + AdamW step) and prefill tokens/s (forward
-  without autograd) of whole models (``--n-layers`` 6, ``--d-model`` 512, head dim 64, batch 1) of
-  every mixer against the same-size Transformer (``attention``, same width and depth), at each
-  ``--T``; with ``--same-params`` also against the Transformer with as many parameters (its MLP
-  widened or narrowed to match the mixer's model);
+* ``models``: training tokens/s (forward + backward + AdamW step) with the training step's peak
+  memory (measured as in ``layers``), and prefill tokens/s (forward without autograd) of whole
+  models (``--n-layers`` 6, ``--d-model`` 512, head dim 64, batch 1) of every mixer against the
+  same-size Transformer (``attention``, same width and depth), at each ``--T``; with
+  ``--same-params`` also against the Transformer with as many parameters (its MLP widened or
+  narrowed to match the mixer's model); with ``--recompute`` every model (the Transformer too)
+  runs with ``LM.recompute = True``, as ``rnnlab train --recompute`` does;
 * ``layers``: one layer of every mixer, forward and forward + backward time and peak memory over
   T, beside causal SDPA (the ``attention`` mixer), each time next to the layer's floor (FLOPs it
   must do / the matmul peak measured in the same run; :mod:`rnnlab.bench.flops`). Peak memory is
@@ -157,14 +159,15 @@ def run_models(ctx: Ctx):
     """Training and prefill tokens/s of whole models of every mixer vs the Transformer."""
     from .. import build_model
     a = ctx.a
-    print(f"{'mixer':17} {'T':>6} {'params':>11} | {'train tok/s':>12} {'vs attn':>8} | {'prefill tok/s':>13} "
-          f"{'vs attn':>8} | status")
+    print(f"{'mixer':17} {'T':>6} {'params':>11} | {'train tok/s':>12} {'vs attn':>8} {'train MB':>9} | "
+          f"{'prefill tok/s':>13} {'vs attn':>8} | status" + ("   (blocks recomputed)" if a.recompute else ""))
     rows, ref = [], {}
     tok = lambda v: f"{v:12,.0f}" if v else f"{'-':>12}"  # noqa: E731
 
     def timed(name: str, model, T: int, key: str, opts: dict) -> dict:
         """Training and prefill of ``model`` at T: a result row."""
         model = model.to(ctx.device, ctx.dtype)
+        model.recompute = a.recompute
         opt = torch.optim.AdamW(model.param_groups(0.1), lr=1e-4)
         tokens = torch.randint(0, model.config.vocab_size, (a.batch, T + 1), device=ctx.device)
         x, y = tokens[:, :-1], tokens[:, 1:]
@@ -180,9 +183,13 @@ def run_models(ctx: Ctx):
             with torch.no_grad(), ctx.autocast():
                 model(x)
 
-        row = dict(mixer=name, T=T, B=a.batch, options=opts, params=model.num_params(), train_s=None,
-                   prefill_s=None, status="ok")
+        row = dict(mixer=name, T=T, B=a.batch, options=opts, params=model.num_params(), recompute=a.recompute,
+                   train_s=None, train_peak_bytes=None, prefill_s=None, status="ok")
         if _measure(ctx, key, T, train, row, "train_s"):
+            row["train_peak_bytes"] = peak_memory(train, ctx.device)
+            why = ctx.budget.passed(key, T, nbytes=row["train_peak_bytes"])
+            if why:
+                row["status"] = why
             _measure(ctx, key, T, prefill, row, "prefill_s")
         for what in ("train", "prefill"):
             row[f"{what}_tok_s"] = a.batch * T / row[f"{what}_s"] if row[f"{what}_s"] else None
@@ -195,7 +202,8 @@ def run_models(ctx: Ctx):
 
     def show(row: dict, label: str, suffix: str = "") -> None:
         print(f"{label:17} {row['T']:6d} {row['params']:11,d} | {tok(row['train_tok_s'])} "
-              f"{_ratio(row['train_vs_attention' + suffix])} | {tok(row['prefill_tok_s']):>13} "
+              f"{_ratio(row['train_vs_attention' + suffix])} {_mb(row['train_peak_bytes'])} | "
+              f"{tok(row['prefill_tok_s']):>13} "
               f"{_ratio(row['prefill_vs_attention' + suffix])} | {row['status']}", flush=True)
 
     for T in a.T:
@@ -218,13 +226,14 @@ def run_models(ctx: Ctx):
                 torch.manual_seed(0)
                 twin = timed("attention", build_model(n_layers=a.n_layers, d_model=a.d_model, d_ff=d_ff), T,
                              f"attention(d_ff={d_ff})", {"d_ff": d_ff})
-                row["same_params_attention"] = {k: twin[k] for k in ("params", "train_s", "prefill_s", "status")}
+                row["same_params_attention"] = {k: twin[k] for k in ("params", "train_s", "train_peak_bytes",
+                                                                     "prefill_s", "status")}
                 row["same_params_attention"]["d_ff"] = d_ff
                 ratios(row, twin, "_same_params")
                 ratios(twin, twin)
                 show(twin, f"  attn d_ff={d_ff}")
                 print(f"{'  = same params':17} {T:6d} {'':11} | {'':12} {_ratio(row['train_vs_attention_same_params'])}"
-                      f" | {'':13} {_ratio(row['prefill_vs_attention_same_params'])} | {name} vs the row above",
+                      f" {'':9} | {'':13} {_ratio(row['prefill_vs_attention_same_params'])} | {name} vs the row above",
                       flush=True)
     panels = [(f"training step (fwd+bwd+AdamW), B={a.batch}", _series(rows, "train_s")),
               (f"prefill (forward, no autograd), B={a.batch}", _series(rows, "prefill_s"))]
@@ -305,6 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "gated_deltanet*3,swa(window=1024,sinks=4), attention)")
     p.add_argument("--same-params", action="store_true", help="models: also time, beside each mixer's model, the "
                                                               "Transformer with as many parameters (its MLP widened)")
+    p.add_argument("--recompute", action="store_true", help="models: every model (the Transformer too) keeps only "
+                                                            "its blocks' inputs and runs each block again in the "
+                                                            "backward (LM.recompute), as `rnnlab train --recompute`")
     p.add_argument("--families", nargs="+", help="efficiency: kernel cases (default: all)")
     p.add_argument("--peers", nargs="+", help="peers: which peers (default: all)")
     p.add_argument("--d-model", type=int_at_least(1), default=None, help="model / layer width (default 512; --quick 64)")
@@ -322,7 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "T a large model's first 2-3 calls still fault in fresh memory pages)")
     p.add_argument("--budget-s", type=float, default=20.0, help="stop a mixer at the T where one call passes "
                                                                 "this many seconds (default 20)")
-    p.add_argument("--budget-gb", type=float, default=None, help="... or its measured peak memory (layers) or "
+    p.add_argument("--budget-gb", type=float, default=None, help="... or its measured peak memory (models, layers) or "
                                                                  "state (decode) passes this many GB (default: none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="parameter and activation dtype")
     p.add_argument("--autocast", default="none", choices=["none", "bf16"],
@@ -357,6 +369,9 @@ def _resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         _positive(p, "--" + name.replace("_", "-"), getattr(a, name))
     if a.autocast != "none" and a.mode not in ("models", "layers"):
         p.error(f"--autocast applies to the models and layers modes, not {a.mode}")
+    for flag, on in (("--recompute", a.recompute), ("--same-params", a.same_params)):
+        if on and a.mode != "models":
+            p.error(f"{flag} applies to the models mode, not {a.mode}")
     if a.d_model % a.head_dim:
         p.error(f"--d-model {a.d_model} is not a multiple of --head-dim {a.head_dim}")
     if a.mixers:

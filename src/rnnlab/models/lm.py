@@ -15,6 +15,10 @@ Parameters: each mixer initialises its own (as its paper's reference does) and n
 skip weight decay; the model initialises only what it owns — embedding, MLPs, norms, head — and
 builds its blocks first, so for the same seed the first block's mixer starts from the same weights
 as ``build_mixer`` alone. :meth:`LM.param_groups` gives the two AdamW groups.
+
+Memory: with ``model.recompute = True`` a call that records autograd keeps only each block's input
+(B, T, D) and runs the block again in the backward (activation checkpointing), so training holds
+one block's intermediates at a time instead of every block's, for about one more forward's time.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..layers.base import Mixer, check_prefix_len, check_tokens_input
 from ..ops.bounds import check_cu_seqlens, state_rows
@@ -224,6 +229,7 @@ class LM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        self.recompute = False  # run each block again in the backward instead of keeping its activations
         self.reset_parameters()
 
     # -- parameters -----------------------------------------------------------------------------
@@ -342,7 +348,8 @@ class LM(nn.Module):
         if step is not None and T == 1 and cu is None and prefix is None and not torch.is_grad_enabled():
             x, new = _run_segments(step, x, layers)
         else:
-            x, new = _run_blocks(self.blocks, x, layers, cu_seqlens, prefix)
+            x, new = _run_blocks(self.blocks, x, layers, cu_seqlens, prefix,
+                                 recompute=self.recompute and torch.is_grad_enabled())
         logits = self.lm_head(self.norm(x))  # (B, T, V)
         if self.config.logit_softcap is not None:
             cap = self.config.logit_softcap
@@ -439,11 +446,16 @@ class LM(nn.Module):
 TEMP_PREFIX = ".tmp"  # names of unfinished writes: ours (``.tmp-*``) and the safetensors writer's own (``.tmpXXXXXX``)
 
 
-def _run_blocks(blocks, x: torch.Tensor, layers, cu_seqlens=None, prefix=None) -> tuple[torch.Tensor, list]:
-    """x (B, T, D) through ``blocks`` in order, block i from ``layers[i]``: (x, their new states)."""
+def _run_blocks(blocks, x: torch.Tensor, layers, cu_seqlens=None, prefix=None,
+                recompute: bool = False) -> tuple[torch.Tensor, list]:
+    """x (B, T, D) through ``blocks`` in order, block i from ``layers[i]``: (x, their new states).
+    ``recompute``: each block under ``torch.utils.checkpoint`` (it runs again in the backward)."""
     new = []
     for block, s in zip(blocks, layers):
-        x, s = block(x, s, cu_seqlens, prefix)
+        if recompute:
+            x, s = checkpoint(block, x, s, cu_seqlens, prefix, use_reentrant=False)
+        else:
+            x, s = block(x, s, cu_seqlens, prefix)
         new.append(s)
     return x, new
 

@@ -9,6 +9,7 @@ process would reach on the same global batch. One host synchronisation per step.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import signal
@@ -56,6 +57,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW second-moment decay
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     autocast: str = "none"  # "bf16": bfloat16 autocast for the forward; "none": full precision
+    recompute: bool = False  # keep only each block's input and run the block again in the backward (LM.recompute)
     eval_every: int = 200  # steps between evaluations (and one at the end); 0 = only at the end
     save_every: int = 500  # steps between checkpoints (and one at the end and on SIGINT/SIGTERM)
     keep_last: int = 3  # checkpoints kept (older ones are deleted); 0 = keep all
@@ -75,6 +77,8 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if not isinstance(self.recompute, bool):
+            raise ValueError(f"recompute must be True or False, got {self.recompute!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         for name, lo, hi in (("lr", 0, None), ("min_lr", None, None), ("weight_decay", None, None),
@@ -236,7 +240,8 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     t_start, start_step, last_ckpt = time.time(), step, None
     tokens_per_step = c.batch_size * c.seq_len
     row: dict = {"step": step}
-    with _StopSignals() as stop, bar:  # the bar is closed on any exit, so an error is printed on a line of its own
+    # the bar is closed on any exit, so an error is printed on a line of its own
+    with _StopSignals() as stop, bar, _recomputing(model, c.recompute):
         while step < c.steps:
             lr = lr_at(step, c)
             for group in opt.param_groups:
@@ -301,6 +306,17 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     result.update(loss_ema=loss_ema, interrupted=stop.received is not None,
                   checkpoint=str(last_ckpt) if last_ckpt else None, flops_per_token=flops_tok, matmul_peak=peak)
     return result
+
+
+@contextlib.contextmanager
+def _recomputing(model: nn.Module, enabled: bool):
+    """``model.recompute = enabled`` for the duration of the loop, then as it was."""
+    before = model.recompute
+    model.recompute = enabled
+    try:
+        yield
+    finally:
+        model.recompute = before
 
 
 def _sync_grads(net: nn.Module, enabled: bool) -> None:
