@@ -87,6 +87,7 @@ def test_speed_models(tmp_path, capsys):
     for r in (att, mine):
         assert r["train_tok_s"] > 0 and r["prefill_tok_s"] > 0 and r["params"] > 0 and r["train_peak_bytes"] > 0
         assert r["recompute"] is False
+    assert last["backend"] == "torch"
     assert mine["train_vs_attention"] == pytest.approx(mine["train_tok_s"] / att["train_tok_s"])
 
 
@@ -215,7 +216,7 @@ def test_speed_bad_arguments(capsys):
                        (["efficiency", "--families", "nope"], "--families"), (["peers", "--peers", "x"], "--peers"),
                        (["layers", "--d-model", "48", "--head-dim", "32"], "--d-model"),
                        (["decode", "--autocast", "bf16"], "--autocast"), (["layers", "--recompute"], "--recompute"),
-                       (["decode", "--same-params"], "--same-params")):
+                       (["decode", "--same-params"], "--same-params"), (["decode", "--backend", "compile"], "--backend")):
         with pytest.raises(SystemExit):
             speed.main(argv)
         assert flag in capsys.readouterr().err
@@ -240,13 +241,17 @@ def test_stream_100k_tokens_in_bounded_memory(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["bench"] == "stream"
 
 
-def test_timeit_runs_the_warmup_calls_untimed_and_stops_at_a_slow_one():
+def test_timeit_runs_the_warmup_calls_untimed_and_stops_when_the_last_is_slow():
     from rnnlab.bench.measure import timeit
     calls = []
     t = timeit(lambda: calls.append(1), torch.device("cpu"), repeats=3, warmup=2)
     assert len(calls) == 5 and t.repeats == 3 and not t.over
     calls.clear()
     t = timeit(lambda: calls.append(time.sleep(0.01)), torch.device("cpu"), repeats=3, budget_s=0.001, warmup=2)
-    assert len(calls) == 1 and t.over  # the first warm-up call passed the budget: nothing more runs
+    assert len(calls) == 2 and t.over  # the last warm-up call passed the budget: nothing more runs
+    calls.clear()  # a slow first call (compiling) alone does not stop the timing
+    t = timeit(lambda: calls.append(time.sleep(0.05 if not calls else 0)), torch.device("cpu"), repeats=3,
+               budget_s=0.03, warmup=2)
+    assert len(calls) == 5 and not t.over and t.seconds < 0.03
     with pytest.raises(ValueError, match="warmup"):
         timeit(lambda: None, torch.device("cpu"), repeats=1, warmup=0)

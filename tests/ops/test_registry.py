@@ -15,12 +15,13 @@ from rnnlab.ops.registry import Backend
 # Small chunks so that T = 37 spans several chunks, blocks and time-chunks in every family.
 SMALL = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "dplr.chunk_size": 16, "dplr.sub_chunk": 8, "mlstm.chunk_size": 8,
          "scan.chunk_size": 8, "matrix_scan.chunk_size": 8, "selective_scan.time_chunk": 16,
+         "selective_scan.compile_chunk": 8,
          "longhorn.time_chunk": 16, "gsa.chunk_size": 4, "gsa.block_size": 16, "lti.conv_chunk": 16,
          "lti.scan_time_chunk": 16}
-# torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles one
-# family: ssd (Mamba-2's case), against the reference and the torch form. delta and mlstm have a
-# "compile" backend too.
-COMPILE_TESTED = "ssd"
+# torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles two
+# families: ssd (Mamba-2's case) and selective_scan (Mamba-1's), against the reference and the
+# torch form. delta and mlstm have a "compile" backend too.
+COMPILE_TESTED = ("ssd", "selective_scan")
 F64 = torch.float64
 
 
@@ -36,7 +37,7 @@ def _fast_cases():
         x = fam.inputs(T=4, dtype=F64)
         for form in fam.fast:
             for backend, reason in registry.backend_status(name, form, **x).items():
-                if reason is None and (backend != "compile" or name == COMPILE_TESTED):
+                if reason is None and (backend != "compile" or name in COMPILE_TESTED):
                     yield pytest.param(name, form, backend, id=f"{name}-{form}-{backend}")
 
 
@@ -198,6 +199,10 @@ def test_missing_backends_are_reported_not_fatal(monkeypatch):
     assert "no 'compile' backend" in scan_status["compile"]
     vector = dict(x, log_g=registry.get_family("gla").inputs(T=5)["log_g"])  # the delta rule with a vector decay
     assert "10 minutes" in registry.backend_status("delta", "chunked", **vector)["compile"]
+    packed = registry.get_family("selective_scan").packed_inputs([3, 5], H=1, K=2, V=2)  # unrolled chunks: no resets
+    assert "cu_seqlens" in registry.backend_status("selective_scan", "chunked", **packed)["compile"]
+    with registry.use_backend("compile"), pytest.warns(RuntimeWarning, match="'compile' is unavailable"):
+        assert registry.select("selective_scan", **packed) == ("chunked", "torch")
     with registry.use_backend("fla"):
         with pytest.warns(RuntimeWarning, match="'fla' is unavailable for 'delta'.*CUDA"):
             assert registry.select("delta", **x) == ("chunked", "torch")
@@ -286,11 +291,13 @@ def test_families_taking_cu_seqlens():
             "newton"} <= {n for n in registry.families() if registry.get_family(n).packed}
 
 
-def _packed_backend_cases():  # the compiled backend, on the family the suite compiles (compiling is slow)
-    fam = registry.get_family(COMPILE_TESTED)
-    for form in fam.packed:
-        if form in fam.backends.get("compile", Backend("", {}, None)).forms:
-            yield pytest.param(COMPILE_TESTED, f"{form}@compile", id=f"{COMPILE_TESTED}-{form}-compile")
+def _packed_backend_cases():  # the compiled backend, on the families the suite compiles (compiling is slow)
+    for name in COMPILE_TESTED:
+        fam = registry.get_family(name)
+        x = fam.packed_inputs(LENGTHS, H=2, K=4, V=3, dtype=F64, seed=5)
+        for form in fam.packed:
+            if registry.backend_status(name, form, **x).get("compile", "none") is None:
+                yield pytest.param(name, f"{form}@compile", id=f"{name}-{form}-compile")
 
 
 @pytest.mark.parametrize("name,form", list(_packed_cases()) + list(_packed_backend_cases()))

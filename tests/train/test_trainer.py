@@ -134,6 +134,20 @@ def test_recompute_trains_the_same_weights_and_is_switched_off_after():
         torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-12, atol=1e-14, msg=k)
 
 
+def test_ops_backend_compile_trains_the_same_weights_and_is_restored_after():
+    """ops_backend="compile": Mamba's selective scan runs its compiled chunks (T = 40: one chunk of
+    32 and 8 tokens on the eager path) and training ends where the torch backend's does (float64);
+    the preferred backend is "torch" again afterwards."""
+    from rnnlab.ops import registry
+    a, b = model(layout="mamba").double(), model(layout="mamba").double()
+    train(a, Source(T=40), cfg("", steps=2, seq_len=40), progress=False)
+    train(b, Source(T=40), cfg("", steps=2, seq_len=40, ops_backend="compile"), progress=False)
+    x = registry.get_family("selective_scan").inputs(T=40)
+    assert registry.select("selective_scan", **x) == ("chunked", "torch")
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(v, b.state_dict()[k], rtol=1e-9, atol=1e-11, msg=k)
+
+
 def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path):
     m = model()
     calls = {"n": 0}
@@ -204,6 +218,8 @@ def test_config_errors_name_the_field():
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="recompute"):
         TrainConfig(recompute="yes")
+    with pytest.raises(ValueError, match="ops_backend"):
+        TrainConfig(ops_backend="triton")
 
 
 def test_bf16_autocast_trains():

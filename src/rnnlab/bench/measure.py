@@ -26,8 +26,8 @@ __all__ = ["Timing", "Budget", "sync", "timeit", "peak_memory", "matmul_peak", "
 @dataclass
 class Timing:
     """Median wall time of ``repeats`` calls after the warm-up calls, in seconds. ``over`` is set
-    (and the rest skipped, ``seconds`` then being that call's time) when a warm-up call alone took
-    more than the time budget."""
+    (and the rest skipped, ``seconds`` then being that call's time) when the last warm-up call
+    alone took more than the time budget."""
 
     seconds: float
     repeats: int
@@ -37,8 +37,9 @@ class Timing:
 def timeit(fn: Callable[[], object], device: torch.device, repeats: int, budget_s: float | None = None,
            warmup: int = 1) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then the median of ``repeats`` calls
-    (``time.perf_counter``, the device synchronised before and after each call). A warm-up call
-    slower than ``budget_s`` stops there (see :class:`Timing`)."""
+    (``time.perf_counter``, the device synchronised before and after each call). The last warm-up
+    call slower than ``budget_s`` stops there (see :class:`Timing`); earlier ones may be slower
+    (compiling, faulting in fresh memory)."""
     if repeats < 1 or warmup < 1:
         raise ValueError(f"repeats and warmup must be >= 1, got {repeats} and {warmup}")
     for _ in range(warmup):
@@ -47,8 +48,8 @@ def timeit(fn: Callable[[], object], device: torch.device, repeats: int, budget_
         fn()
         sync(device)
         warm = time.perf_counter() - t0
-        if budget_s is not None and warm > budget_s:
-            return Timing(warm, 0, over=True)
+    if budget_s is not None and warm > budget_s:
+        return Timing(warm, 0, over=True)
     times = []
     for _ in range(repeats):
         sync(device)

@@ -10,7 +10,8 @@ JSON line):
   same-size Transformer (``attention``, same width and depth), at each ``--T``; with
   ``--same-params`` also against the Transformer with as many parameters (its MLP widened or
   narrowed to match the mixer's model); with ``--recompute`` every model (the Transformer too)
-  runs with ``LM.recompute = True``, as ``rnnlab train --recompute`` does;
+  runs with ``LM.recompute = True``, as ``rnnlab train --recompute`` does; ``--backend compile``
+  (models and layers) runs the ops on that backend, as ``rnnlab train --ops-backend compile``;
 * ``layers``: one layer of every mixer, forward and forward + backward time and peak memory over
   T, beside causal SDPA (the ``attention`` mixer), each time next to the layer's floor (FLOPs it
   must do / the matmul peak measured in the same run; :mod:`rnnlab.bench.flops`). Peak memory is
@@ -55,6 +56,7 @@ from .measure import Budget, bandwidth, load_average, matmul_peak, others_runnin
 from .plot import loglog
 from ..configs import Parser, int_at_least, parse_device
 from ..models.registry import build_mixer, make_config, mixers, options_help
+from ..ops.registry import BACKENDS, use_backend
 
 MODES = ("models", "layers", "decode", "efficiency", "peers", "ragged")
 _POW2 = lambda lo, hi: [2 ** i for i in range(lo, hi + 1)]  # noqa: E731
@@ -317,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recompute", action="store_true", help="models: every model (the Transformer too) keeps only "
                                                             "its blocks' inputs and runs each block again in the "
                                                             "backward (LM.recompute), as `rnnlab train --recompute`")
+    p.add_argument("--backend", default="torch", choices=BACKENDS,
+                   help="models, layers: the ops' backend (rnnlab.ops.registry.use_backend), as `rnnlab train "
+                        "--ops-backend` runs them; the warm-up calls compile (default: torch)")
     p.add_argument("--families", nargs="+", help="efficiency: kernel cases (default: all)")
     p.add_argument("--peers", nargs="+", help="peers: which peers (default: all)")
     p.add_argument("--d-model", type=int_at_least(1), default=None, help="model / layer width (default 512; --quick 64)")
@@ -329,9 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill-chunk", type=int_at_least(1), default=None, help="decode: prefill chunk length (default 2048)")
     p.add_argument("--threads", type=int_at_least(1), help="torch threads (default: torch's)")
     p.add_argument("--repeats", type=int_at_least(1), default=None, help="timed calls after the warm-up; median (default 3)")
-    p.add_argument("--warmup", type=int_at_least(1), default=1,
-                   help="models, layers, efficiency, peers: untimed calls before the timed ones (default 1; at long "
-                        "T a large model's first 2-3 calls still fault in fresh memory pages)")
+    p.add_argument("--warmup", type=int_at_least(1), default=None,
+                   help="models, layers, efficiency, peers: untimed calls before the timed ones, the last of them "
+                        "held to --budget-s (default 1, 2 with --backend compile, whose first call compiles; at "
+                        "long T a large model's first 2-3 calls still fault in fresh memory pages)")
     p.add_argument("--budget-s", type=float, default=20.0, help="stop a mixer at the T where one call passes "
                                                                 "this many seconds (default 20)")
     p.add_argument("--budget-gb", type=float, default=None, help="... or its measured peak memory (models, layers) or "
@@ -360,6 +366,7 @@ def _resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
     a.n_layers = a.n_layers or (2 if q else 6)
     a.head_dim = a.head_dim or (32 if q else 64)
     a.repeats = a.repeats or (1 if q else 3)
+    a.warmup = a.warmup or (2 if a.backend == "compile" else 1)
     a.steps = a.steps or (4 if q else 32)
     a.prefill_chunk = a.prefill_chunk or (64 if q else 2048)
     a.T = a.T or ([128, 256] if q else _DEFAULT_T.get(a.mode, _DEFAULT_T["models"]))
@@ -369,6 +376,8 @@ def _resolve(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
         _positive(p, "--" + name.replace("_", "-"), getattr(a, name))
     if a.autocast != "none" and a.mode not in ("models", "layers"):
         p.error(f"--autocast applies to the models and layers modes, not {a.mode}")
+    if a.backend != "torch" and a.mode not in ("models", "layers"):
+        p.error(f"--backend applies to the models and layers modes, not {a.mode}")
     for flag, on in (("--recompute", a.recompute), ("--same-params", a.same_params)):
         if on and a.mode != "models":
             p.error(f"{flag} applies to the models mode, not {a.mode}")
@@ -405,10 +414,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     dtype = getattr(torch, a.dtype)
     load, others = load_average(), others_running()
     ctx = Ctx(a, device, dtype, Budget(a.budget_s, a.budget_gb),
-              extra=dict(mode=a.mode, device=str(device), dtype=a.dtype, autocast=a.autocast, load_avg=load, others_running=others,
-                         torch=torch.__version__))
+              extra=dict(mode=a.mode, device=str(device), dtype=a.dtype, autocast=a.autocast, backend=a.backend,
+                         load_avg=load, others_running=others, torch=torch.__version__))
     print(f"rnnlab bench speed {a.mode}: torch {torch.__version__}, {device}, {a.dtype}"
-          f"{', bfloat16 autocast' if a.autocast == 'bf16' else ''}, "
+          f"{', bfloat16 autocast' if a.autocast == 'bf16' else ''}"
+          f"{', ops on the ' + repr(a.backend) + ' backend' if a.backend != 'torch' else ''}, "
           f"{torch.get_num_threads()} threads, other runnable processes {others if others is None else round(others, 2)}, "
           f"1-minute load average {load if load is None else round(load, 2)}")
     busy = others > LOAD_WARN if others is not None else load is not None and load > LOAD_WARN
@@ -417,10 +427,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 else f"the 1-minute load average is {load:.2f}")
         print(f"WARNING: {what} (> {LOAD_WARN}): they share the cores, so these timings are not meaningful; "
               "run again on a quiet machine")
-    if a.mode == "models":
-        out = run_models(ctx)
-    elif a.mode == "layers":
-        out = run_layers(ctx)
+    if a.mode in ("models", "layers"):
+        with use_backend(a.backend):
+            out = (run_models if a.mode == "models" else run_layers)(ctx)
     elif a.mode == "decode":
         from .speed_decode import run_decode
         out = run_decode(ctx)

@@ -283,7 +283,10 @@ def decay_factors_fit(cum: torch.Tensor) -> bool:
     ``(x_t e^c_t) . (y_s e^-c_s)`` (two matmuls) instead of from the masked (C, C) decay matrix
     ((C, C, K) tensor for a vector decay): |c| <= 60 in float32 (and lower precisions), 600 in
     float64. One reduction and a host read: for CPU inputs already :func:`known_finite` (a
-    non-finite value would leak through the matmuls into earlier positions)."""
+    non-finite value would leak through the matmuls into earlier positions). False while
+    ``torch.compile`` traces: compiled code takes the masked form rather than read the host."""
+    if torch.compiler.is_compiling():
+        return False
     lo, hi = torch.aminmax(cum)
     limit = _FACTOR_LIMIT.get(cum.dtype, _FACTOR_LIMIT_DEFAULT)
     return bool(-limit <= lo) and bool(hi <= limit)

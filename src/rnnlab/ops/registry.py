@@ -508,6 +508,14 @@ def _compile_check_delta(inputs):
     return compile_check(inputs)
 
 
+def _compile_check_unpacked(inputs):
+    """Compiled forms whose unrolled chunks have no sequence resets: not for packed rows."""
+    from .backends import compile_check
+    if inputs.get("cu_seqlens") is not None:
+        return "its compiled chunks take no cu_seqlens (packed rows)"
+    return compile_check(inputs)
+
+
 # -- the table ------------------------------------------------------------------------------------------
 _TABLE: dict[str, "Family"] = {}
 
@@ -572,6 +580,8 @@ def _build() -> dict[str, Family]:
                selective_scan.selective_scan_recurrent, {"chunked": selective_scan.selective_scan_chunked},
                _selective_scan_inputs, ("u", "dt", "A", "B", "C", "D", "z", "initial_state"),
                _one_token_or("chunked", "u"), selective_scan.one_token, selective_scan.selective_scan,
+               {"compile": Backend("compile", {"chunked": selective_scan.selective_scan_chunked_compiled},
+                                   _compile_check_unpacked)},
                packed=("chunked",)),
         Family("longhorn", "S_t = (1 - eps_t k_t^2) S_{t-1} + eps_t v_t k_t^T (Longhorn's online update)",
                longhorn.longhorn_recurrent, {"chunked": longhorn.longhorn_chunked}, _longhorn_inputs,

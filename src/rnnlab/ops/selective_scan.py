@@ -21,11 +21,13 @@ import torch
 import torch.nn.functional as F
 
 from . import tuning
+from .backends import compiled
 from .bounds import check_cu_seqlens, state_rows, token_carry
 from .registry import implementation, select
 from .scan import linear_scan, over_time_chunks
 
-__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_recurrent", "selective_scan_step"]
+__all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_chunked_compiled", "selective_scan_recurrent",
+           "selective_scan_step"]
 
 
 def _check(u, dt, A, B, C, D, z, initial_state, cu_seqlens=None) -> list[int] | None:
@@ -126,6 +128,46 @@ def _chunk(u, dt, B, C, h, A, allow_neg_eigval, cu_seqlens=None):
     if C.dim() == 3:  # C shared by all channels: a matrix-vector product per token, one pass over hs
         return (hs @ C.unsqueeze(-1)).squeeze(-1), h_last  # (B, Tc, D)
     return (hs * _per_channel(C, u.shape[2])).sum(-1), h_last  # (B, Tc, D)
+
+
+def _unrolled(u, dt, B, C, h, A, allow_neg_eigval: bool):
+    """One time-chunk as a loop over its tokens, for ``torch.compile``: unrolled, the chunk becomes
+    fused kernels that carry h across its tokens and never write the (B, Tc, D, N) decays and
+    states out (the backward recomputes them). Eagerly it would be the slowest form. u, dt
+    (B, Tc, D), B, C (B, Tc, N) | (B, Tc, G, N), h (B, D, N) -> y without D/z (B, Tc, D), h."""
+    Bc, Cc = _per_channel(B, u.shape[2]), _per_channel(C, u.shape[2])  # (B, Tc, 1|D, N)
+    ys = []
+    for t in range(u.shape[1]):
+        h = _decay(dt[:, t], A, allow_neg_eigval) * h + (dt[:, t] * u[:, t]).unsqueeze(-1) * Bc[:, t]  # (B, D, N)
+        ys.append((h * Cc[:, t]).sum(-1))  # (B, D)
+    return torch.stack(ys, dim=1), h  # (B, Tc, D)
+
+
+def selective_scan_chunked_compiled(u, dt, A, B, C, D=None, z=None, initial_state=None, allow_neg_eigval=False,
+                                    chunk_size=None, cu_seqlens=None):
+    """The "compile" backend's chunked form: same arguments and results as
+    :func:`selective_scan_recurrent`, without ``cu_seqlens`` (packed rows stay on the torch
+    backend). Each full time-chunk of the tuning table's ``selective_scan.compile_chunk`` tokens
+    is :func:`_unrolled`, compiled once per shape; the tokens after the last full chunk take the
+    eager chunk. ``chunk_size`` is not used: the unrolled length sets the compile time."""
+    if _check(u, dt, A, B, C, D, z, initial_state, cu_seqlens) is not None:
+        raise ValueError("the compiled selective scan takes no cu_seqlens: packed rows run on the torch backend")
+    acc = torch.promote_types(u.dtype, torch.float32)
+    Tc = tuning.get("selective_scan.compile_chunk", u.device)
+    u_, dt_, A_, B_, C_ = (t.to(acc) for t in (u, dt, A, B, C))
+    h = u_.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
+    step, ys = compiled(_unrolled), []
+    # split, not slice (see rnnlab.ops.scan.over_time_chunks); each full piece copied to fresh
+    # strides (a piece of a B=1 row counts as contiguous but keeps the row's strides), so that the
+    # compiled chunk sees the same shapes and strides at every T and is not compiled again
+    for piece in zip(*(t.split(Tc, dim=1) for t in (u_, dt_, B_, C_))):
+        if piece[0].shape[1] == Tc:
+            y, h = step(*(t.clone(memory_format=torch.contiguous_format) for t in piece), h, A_, allow_neg_eigval)
+        else:
+            y, h = _chunk(*piece, h, A_, allow_neg_eigval)
+        ys.append(y)
+    y = _finish(torch.cat(ys, dim=1), u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
+    return y.to(u.dtype), h
 
 
 def selective_scan_chunked(u, dt, A, B, C, D=None, z=None, initial_state=None, allow_neg_eigval=False, chunk_size=None,

@@ -29,6 +29,7 @@ from . import distributed as D
 from .checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, run_exists, save_checkpoint
 from .evaluate import batch_logits, evaluate, plot_losses
 from ..flops import matmul_peak, model_flops_per_token
+from ..ops.registry import BACKENDS, use_backend
 
 __all__ = ["TrainConfig", "train", "RunExistsError", "NonFiniteLossError"]
 
@@ -58,6 +59,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # clip the global gradient norm to this (0 = no clipping)
     autocast: str = "none"  # "bf16": bfloat16 autocast for the forward; "none": full precision
     recompute: bool = False  # keep only each block's input and run the block again in the backward (LM.recompute)
+    ops_backend: str = "torch"  # the ops' backend (rnnlab.ops.registry.use_backend): "torch", "compile" or "fla" (CUDA)
     eval_every: int = 200  # steps between evaluations (and one at the end); 0 = only at the end
     save_every: int = 500  # steps between checkpoints (and one at the end and on SIGINT/SIGTERM)
     keep_last: int = 3  # checkpoints kept (older ones are deleted); 0 = keep all
@@ -77,6 +79,8 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
         if self.autocast not in ("none", "bf16"):
             raise ValueError(f"autocast must be 'none' or 'bf16', got {self.autocast!r}")
+        if self.ops_backend not in BACKENDS:
+            raise ValueError(f"ops_backend must be one of {', '.join(BACKENDS)}, got {self.ops_backend!r}")
         if not isinstance(self.recompute, bool):
             raise ValueError(f"recompute must be True or False, got {self.recompute!r}")
         if self.parallel not in ("ddp", "fsdp"):
@@ -241,7 +245,7 @@ def train(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]
     tokens_per_step = c.batch_size * c.seq_len
     row: dict = {"step": step}
     # the bar is closed on any exit, so an error is printed on a line of its own
-    with _StopSignals() as stop, bar, _recomputing(model, c.recompute):
+    with _StopSignals() as stop, bar, _recomputing(model, c.recompute), use_backend(c.ops_backend):
         while step < c.steps:
             lr = lr_at(step, c)
             for group in opt.param_groups:
