@@ -15,13 +15,13 @@ from rnnlab.ops.registry import Backend
 # Small chunks so that T = 37 spans several chunks, blocks and time-chunks in every family.
 SMALL = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "dplr.chunk_size": 16, "dplr.sub_chunk": 8, "mlstm.chunk_size": 8,
          "scan.chunk_size": 8, "matrix_scan.chunk_size": 8, "selective_scan.time_chunk": 16,
-         "selective_scan.compile_chunk": 8,
+         "selective_scan.compile_chunk": 8, "longhorn.compile_chunk": 8,
          "longhorn.time_chunk": 16, "gsa.chunk_size": 4, "gsa.block_size": 16, "lti.conv_chunk": 16,
          "lti.scan_time_chunk": 16}
-# torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles two
-# families: ssd (Mamba-2's case) and selective_scan (Mamba-1's), against the reference and the
-# torch form. delta and mlstm have a "compile" backend too.
-COMPILE_TESTED = ("ssd", "selective_scan")
+# torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles three
+# families: ssd (Mamba-2's case), selective_scan (Mamba-1's) and longhorn (its unrolled chunks like
+# Mamba-1's), against the reference and the torch form. delta and mlstm have a "compile" backend too.
+COMPILE_TESTED = ("ssd", "selective_scan", "longhorn")
 F64 = torch.float64
 
 

@@ -22,9 +22,9 @@ import torch
 from . import tuning
 from .bounds import check_cu_seqlens, state_rows, token_carry
 from .registry import implementation, select
-from .scan import linear_scan, over_time_chunks
+from .scan import linear_scan, over_compiled_chunks, over_time_chunks
 
-__all__ = ["longhorn", "longhorn_chunked", "longhorn_recurrent"]
+__all__ = ["longhorn", "longhorn_chunked", "longhorn_chunked_compiled", "longhorn_recurrent"]
 
 
 def _check(q, k, v, beta, initial_state, cu_seqlens=None) -> list[int] | None:
@@ -75,6 +75,33 @@ def _chunk(q, k, v, beta, S, cu_seqlens=None):
     a, b = _coefficients(k, v, beta)
     Ss, S_last = linear_scan(a, b, S, cu_seqlens=cu_seqlens)  # (B, Tc, D, N)
     return (Ss @ q.unsqueeze(-1)).squeeze(-1), S_last  # (B, Tc, D): q is shared by all channels
+
+
+def _unrolled(q, k, v, beta, S):
+    """One time-chunk as a loop over its tokens, for ``torch.compile`` (see
+    :func:`rnnlab.ops.scan.over_compiled_chunks`): the loop of :func:`longhorn_recurrent`, without
+    sequence resets. q, k (B, Tc, N), v, beta (B, Tc, D), S (B, D, N) -> o (B, Tc, D), S."""
+    os = []
+    for t in range(v.shape[1]):
+        eps = beta[:, t] / (1 + beta[:, t] * k[:, t].square().sum(-1, keepdim=True))  # (B, D)
+        S = (1 - eps[:, :, None] * k[:, t, None].square()) * S + (eps * v[:, t])[:, :, None] * k[:, t, None]
+        os.append((S * q[:, t, None]).sum(-1))  # (B, D)
+    return torch.stack(os, dim=1), S  # (B, Tc, D)
+
+
+def longhorn_chunked_compiled(q, k, v, beta, initial_state=None, chunk_size=None, cu_seqlens=None):
+    """The "compile" backend's chunked form: same arguments and results as
+    :func:`longhorn_recurrent`, without ``cu_seqlens`` (packed rows stay on the torch backend).
+    Full time-chunks of the tuning table's ``longhorn.compile_chunk`` tokens run :func:`_unrolled`
+    compiled, the rest the eager chunk. ``chunk_size`` is not used: the unrolled length sets the
+    compile time."""
+    if _check(q, k, v, beta, initial_state, cu_seqlens) is not None:
+        raise ValueError("the compiled Longhorn update takes no cu_seqlens: packed rows run on the torch backend")
+    acc, dtype = torch.promote_types(v.dtype, torch.float32), v.dtype
+    q, k, v, beta = (t.to(acc) for t in (q, k, v, beta))
+    S = v.new_zeros(v.shape[0], v.shape[2], k.shape[2]) if initial_state is None else initial_state.to(acc)
+    o, S = over_compiled_chunks(_unrolled, _chunk, (q, k, v, beta), S, tuning.get("longhorn.compile_chunk", v.device))
+    return o.to(dtype), S
 
 
 def longhorn_chunked(q, k, v, beta, initial_state=None, chunk_size=None, cu_seqlens=None):

@@ -308,3 +308,25 @@ def running_max(x, initial_state, cu_seqlens=None):
         entering.append(torch.cat([m0[:, None], m], dim=1)[:, :-1])
         finals.append(torch.cat([m0[:, None], m], dim=1)[:, -1])  # an empty sequence keeps m0
     return torch.cat(ms, dim=1), torch.cat(entering, dim=1), torch.cat(finals, dim=0)
+
+
+def over_compiled_chunks(unrolled, eager, seqs, state, chunk_size: int, *consts):
+    """Run ``y, state = fn(*seq_chunks, state, *consts)`` over consecutive time-chunks of ``seqs``
+    ((B, T, ...) tensors; no packed rows): every full chunk of ``chunk_size`` tokens through
+    ``torch.compile`` of ``unrolled`` (a loop over the chunk's tokens, which the compiler unrolls
+    into kernels that carry the state across the chunk without writing per-token states out), the
+    tokens after the last full chunk through ``eager``. Returns (the outputs concatenated along
+    dim 1, the final state). The "compile" backend's form of the time-chunked ops (Mamba-1's
+    selective scan, Longhorn)."""
+    from .backends import compiled
+    step, ys = compiled(unrolled), []
+    # split, not slice (see over_time_chunks); each full piece copied to fresh strides (a piece of a
+    # B=1 row counts as contiguous but keeps the row's strides), so that the compiled chunk sees
+    # the same shapes and strides at every T and is not compiled again
+    for piece in zip(*(t.split(chunk_size, dim=1) for t in seqs)):
+        if piece[0].shape[1] == chunk_size:
+            y, state = step(*(t.clone(memory_format=torch.contiguous_format) for t in piece), state, *consts)
+        else:
+            y, state = eager(*piece, state, *consts)
+        ys.append(y)
+    return torch.cat(ys, dim=1), state

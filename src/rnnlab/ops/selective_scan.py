@@ -21,10 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from . import tuning
-from .backends import compiled
 from .bounds import check_cu_seqlens, state_rows, token_carry
 from .registry import implementation, select
-from .scan import linear_scan, over_time_chunks
+from .scan import linear_scan, over_compiled_chunks, over_time_chunks
 
 __all__ = ["selective_scan", "selective_scan_chunked", "selective_scan_chunked_compiled", "selective_scan_recurrent",
            "selective_scan_step"]
@@ -156,17 +155,8 @@ def selective_scan_chunked_compiled(u, dt, A, B, C, D=None, z=None, initial_stat
     Tc = tuning.get("selective_scan.compile_chunk", u.device)
     u_, dt_, A_, B_, C_ = (t.to(acc) for t in (u, dt, A, B, C))
     h = u_.new_zeros(u.shape[0], *A.shape) if initial_state is None else initial_state.to(acc)
-    step, ys = compiled(_unrolled), []
-    # split, not slice (see rnnlab.ops.scan.over_time_chunks); each full piece copied to fresh
-    # strides (a piece of a B=1 row counts as contiguous but keeps the row's strides), so that the
-    # compiled chunk sees the same shapes and strides at every T and is not compiled again
-    for piece in zip(*(t.split(Tc, dim=1) for t in (u_, dt_, B_, C_))):
-        if piece[0].shape[1] == Tc:
-            y, h = step(*(t.clone(memory_format=torch.contiguous_format) for t in piece), h, A_, allow_neg_eigval)
-        else:
-            y, h = _chunk(*piece, h, A_, allow_neg_eigval)
-        ys.append(y)
-    y = _finish(torch.cat(ys, dim=1), u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
+    y, h = over_compiled_chunks(_unrolled, _chunk, (u_, dt_, B_, C_), h, Tc, A_, allow_neg_eigval)
+    y = _finish(y, u_, None if D is None else D.to(acc), None if z is None else z.to(acc))
     return y.to(u.dtype), h
 
 

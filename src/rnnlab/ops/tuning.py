@@ -74,6 +74,8 @@ _DEFAULT: dict[str, int | None] = {
     # Longhorn: time-chunks of 64, as for the selective scan. Measured: 2-layer d=128 training
     # step (B=8, T=256) 708 -> 285 ms against chunks of 256 (commit d7251b7).
     "longhorn.time_chunk": 64,
+    # ... and on the "compile" backend, unrolled time-chunks of 32, as for the selective scan.
+    "longhorn.compile_chunk": 32,
     # Gated slot attention: chunks of 8 (measured fastest: the (C, C, M) decay tensor halves
     # against 16; 2-layer d=128 training step 714 -> 358 ms, prefill 8.6k -> 19.7k tok/s; commit
     # ef27129), computed in parallel within blocks of 256 tokens that are recomputed in backward.
