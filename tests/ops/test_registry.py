@@ -377,3 +377,35 @@ def test_bad_cu_seqlens_name_the_argument(name, form):
     one_state = {**x, "initial_state": registry._map(lambda t: t[:1], x["initial_state"])}
     with pytest.raises(ValueError, match="initial_state"):  # N = 2 sequences need 2 initial states
         fn(**one_state)
+
+
+def test_fused_layer_steps_equal_eager_on_the_compile_backend():
+    """registry.fused: the layers' norms and normalisations run compiled on the compile backend,
+    with the eager results and gradients (float64); on the torch backend they are the plain
+    functions."""
+    from rnnlab.layers.common import GatedRMSNorm, RMSNorm, l2_normalize
+    from rnnlab.layers.mamba2 import _group_gated_norm
+    g = torch.Generator().manual_seed(0)
+    x, z = (torch.randn(2, 5, 3, 8, generator=g, dtype=F64) for _ in range(2))
+    w = torch.randn(8, generator=g, dtype=F64)
+    norm, gated = RMSNorm(8, plus_one=True).double(), GatedRMSNorm(8).double()
+    with torch.no_grad():
+        norm.weight.copy_(w), gated.weight.copy_(w)
+    cases = [lambda x, z: norm(x), lambda x, z: gated(x, z), lambda x, z: l2_normalize(x),
+             lambda x, z: _group_gated_norm(x.flatten(2), z.flatten(2), w.repeat(3), 1e-5, 3)]
+    for i, fn in enumerate(cases):
+        results = []
+        for backend in ("torch", "compile"):
+            a, b = x.clone().requires_grad_(), z.clone().requires_grad_()
+            with registry.use_backend(backend):
+                out = fn(a, b)
+            grads = torch.autograd.grad((out * out.detach().cos()).sum(), (a, b), allow_unused=True)
+            results.append((out.detach(), [torch.zeros_like(x) if gr is None else gr for gr in grads]))
+        (o1, g1), (o2, g2) = results
+        torch.testing.assert_close(o2, o1, rtol=1e-12, atol=1e-12, msg=f"case {i}")
+        for a, b in zip(g2, g1):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, msg=f"case {i}")
+    from rnnlab.layers.common import _rms_norm
+    assert registry.fused(_rms_norm) is _rms_norm  # the torch backend: the function itself
+    with registry.use_backend("compile"):
+        assert registry.fused(_rms_norm) is not _rms_norm

@@ -9,8 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops.bounds import PrefixLayout
+from ..ops.registry import fused
 
-__all__ = ["RMSNorm", "GatedRMSNorm", "ShortConv", "apply_rope", "NORM_TYPES", "xavier_linears_",
+__all__ = ["RMSNorm", "GatedRMSNorm", "l2_normalize", "ShortConv", "apply_rope", "NORM_TYPES", "xavier_linears_",
            "normal_linears_", "default_init_", "reset_norms_", "log_uniform_dt", "inverse_softplus", "split_heads", "with_normaliser", "normalised"]
 
 
@@ -28,18 +29,35 @@ class RMSNorm(nn.Module):
         (nn.init.zeros_ if self.plus_one else nn.init.ones_)(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(acc)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        w = self.weight.to(acc)
-        return (y * (1 + w if self.plus_one else w)).to(x.dtype)
+        return fused(_rms_norm)(x, self.weight, self.eps, self.plus_one)
 
 
 class GatedRMSNorm(RMSNorm):
     """``RMSNorm(x) * silu(z)`` (Mamba-2 / Gated DeltaNet output norm), over the last dimension."""
 
     def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x) * F.silu(z.to(torch.promote_types(z.dtype, torch.float32))).to(x.dtype)
+        return fused(_gated_rms_norm)(x, z, self.weight, self.eps, self.plus_one)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, plus_one: bool) -> torch.Tensor:
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf = x.to(acc)
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    w = weight.to(acc)
+    return (y * (1 + w if plus_one else w)).to(x.dtype)
+
+
+def _gated_rms_norm(x, z, weight, eps: float, plus_one: bool) -> torch.Tensor:
+    return _rms_norm(x, weight, eps, plus_one) * F.silu(z.to(torch.promote_types(z.dtype, torch.float32))).to(x.dtype)
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``x / max(||x||, 1e-12)`` over the last dimension (``F.normalize``), fused on the compile backend."""
+    return fused(_l2_normalize)(x)
+
+
+def _l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
 
 
 def _depthwise_cl(xp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -37,8 +37,8 @@ from torch import nn
 
 from ..ops.delta import gated_delta_rule
 from .base import Mixer, MixerConfig, check_init_range, positive, state_batch
-from .common import (GatedRMSNorm, RMSNorm, ShortConv, default_init_, inverse_softplus, log_uniform_dt, split_heads,
-                     xavier_linears_)
+from .common import (GatedRMSNorm, RMSNorm, ShortConv, default_init_, inverse_softplus, l2_normalize, log_uniform_dt,
+                     split_heads, xavier_linears_)
 from .state import State
 
 __all__ = ["DeltaNetConfig", "GatedDeltaNetConfig", "DeltaNetState", "DeltaNet", "GatedDeltaNet", "init_decay_"]
@@ -143,8 +143,8 @@ class DeltaNet(Mixer):
         k, ck = self.k_conv(self.k_proj(x), st.conv_k, cu_seqlens)
         v, cv = self.v_conv(self.v_proj(x), st.conv_v, cu_seqlens)  # (B, T, H*V)
         acc = torch.promote_types(x.dtype, torch.float32)
-        q = F.normalize(rearrange(q, "b t (h k) -> b t h k", h=c.num_heads).to(acc), dim=-1)  # (B, T, H, K)
-        k = F.normalize(rearrange(k, "b t (h k) -> b t h k", h=c.num_heads).to(acc), dim=-1)
+        q = l2_normalize(rearrange(q, "b t (h k) -> b t h k", h=c.num_heads).to(acc))  # (B, T, H, K)
+        k = l2_normalize(rearrange(k, "b t (h k) -> b t h k", h=c.num_heads).to(acc))
         v = rearrange(v, "b t (h v) -> b t h v", h=c.num_heads).to(acc)  # (B, T, H, V)
         # 2. writing strength b in (0, 1), or (0, 2) with negative eigenvalues
         beta = torch.sigmoid(self.b_proj(x).to(acc)) * (2.0 if c.allow_neg_eigval else 1.0)  # (B, T, H)

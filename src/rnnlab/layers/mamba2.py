@@ -38,6 +38,7 @@ from einops import rearrange, repeat
 from torch import nn
 
 from ..ops.delta import gated_delta_rule, gated_delta_rule_normalised
+from ..ops.registry import fused
 from .base import Mixer, MixerConfig, at_least, check_init_range, positive, state_batch
 from .common import ShortConv, default_init_, inverse_softplus, log_uniform_dt
 from .state import State
@@ -120,12 +121,7 @@ class Mamba2(Mixer):
 
     def _gated_norm(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """RMSNorm(y · silu(z)) within each of the G groups of channels: (B, T, E)."""
-        y = y * F.silu(z)
-        G, eps, w = self.config.n_groups, self.config.norm_eps, self.norm.weight.to(y.dtype)
-        if G == 1:
-            return F.rms_norm(y, (y.shape[-1],), w, eps)
-        yg = F.rms_norm(rearrange(y, "b t (g e) -> b t g e", g=G), (y.shape[-1] // G,), eps=eps)
-        return rearrange(yg, "b t g e -> b t (g e)") * w
+        return fused(_group_gated_norm)(y, z, self.norm.weight, self.config.norm_eps, self.config.n_groups)
 
     def mix(self, x, state, cu_seqlens=None):
         c = self.config
@@ -155,3 +151,13 @@ class Mamba2(Mixer):
         # 4. gated RMSNorm and the output projection
         y = self._gated_norm(rearrange(y, "b t h p -> b t (h p)"), z.to(acc))
         return self.out_proj(y.to(x.dtype)), Mamba2State(S=S, conv=conv)
+
+
+def _group_gated_norm(y: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, eps: float, G: int) -> torch.Tensor:
+    """RMSNorm(y · silu(z)) within each of G groups of channels, scaled by weight: (B, T, E)."""
+    y = y * F.silu(z)
+    w = weight.to(y.dtype)
+    if G == 1:
+        return F.rms_norm(y, (y.shape[-1],), w, eps)
+    yg = F.rms_norm(rearrange(y, "b t (g e) -> b t g e", g=G), (y.shape[-1] // G,), eps=eps)
+    return rearrange(yg, "b t g e -> b t (g e)") * w

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from . import tuning
 
 __all__ = ["Family", "Backend", "BACKENDS", "families", "get_family", "select", "implementation",
-           "use_backend", "outside_autocast", "backend_status", "cast", "tensors", "with_grad", "unpack_inputs"]
+           "use_backend", "fused", "outside_autocast", "backend_status", "cast", "tensors", "with_grad", "unpack_inputs"]
 
 BACKENDS = ("torch", "compile", "fla")
 
@@ -219,6 +219,18 @@ class use_backend:
     def __exit__(self, *exc) -> None:
         global _preferred
         _preferred = self._saved
+
+
+def fused(fn: Callable) -> Callable:
+    """``fn``, a layer's loop-free elementwise step (a norm and its gate, a normalisation), compiled
+    when the preferred backend is "compile" (outside a region ``torch.compile`` is tracing already),
+    else ``fn`` itself. Eagerly each op is a pass over memory, forward and backward; compiled they
+    fuse (Gated DeltaNet's gated output norm, fwd+bwd at T=16384, 8 heads of 128: 122 -> 52 ms;
+    the L2 normalisation of its queries: 34 -> 13 ms)."""
+    if _preferred != "compile" or torch.compiler.is_compiling():
+        return fn
+    from .backends import compiled
+    return compiled(fn)
 
 
 def _device(inputs: dict) -> torch.device:
