@@ -19,7 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from . import tuning
 from .bounds import cat_rows, check_cu_seqlens, rows, state_rows, token_carry
-from .registry import implementation, select
+from .registry import implementation, select, use_backend
 
 __all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_loop", "linear_scan_step",
            "over_time_chunks", "running_max"]
@@ -327,6 +327,7 @@ def over_compiled_chunks(unrolled, eager, seqs, state, chunk_size: int, *consts)
         if piece[0].shape[1] == chunk_size:
             y, state = step(*(t.clone(memory_format=torch.contiguous_format) for t in piece), state, *consts)
         else:
-            y, state = eager(*piece, state, *consts)
+            with use_backend("torch"):  # its own ops (the linear scan) have no compiled form
+                y, state = eager(*piece, state, *consts)
         ys.append(y)
     return torch.cat(ys, dim=1), state
