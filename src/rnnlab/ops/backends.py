@@ -1,9 +1,11 @@
 """Backends other than plain eager torch: ``torch.compile`` of loop-free cores, and fla's CUDA kernels.
 
-* "compile": :func:`compiled` wraps a loop-free function (an op's intra-chunk work) in
-  ``torch.compile``, built once per function. Compiled regions must stay loop-free: a Python loop
-  over chunks is unrolled into a very slow compile. If compiling fails (no C++ compiler, an
-  unsupported op), the function runs eagerly from then on, with one warning.
+* "compile": :func:`compiled` wraps a function in ``torch.compile``, built once per function: an
+  op's loop-free intra-chunk work, a layer's elementwise steps (:func:`rnnlab.ops.registry.fused`),
+  or a loop over the few tokens of one time-chunk (:func:`rnnlab.ops.scan.over_compiled_chunks`),
+  which the compiler unrolls. A loop over a whole sequence's chunks would unroll into a very slow
+  compile. If compiling fails (no C++ compiler, an unsupported op), the function runs eagerly from
+  then on, with one warning.
 * "fla": adapters from rnnlab's gated delta rule (layout (B, T, H, K), decays passed as log_g,
   state (B, H, K, V)) onto flash-linear-attention's ``chunk_gated_delta_rule``, ``chunk_gla`` and
   ``chunk_simple_gla`` (the same layout and log-space gates). CUDA only; usable when ``fla``

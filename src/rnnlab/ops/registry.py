@@ -14,8 +14,8 @@ and run :func:`implementation`; the op tests (tests/ops/test_registry.py) and th
 (``rnnlab bench ops``) read the same table, so a family or backend added here is tested and
 benchmarked at once.
 
-Backends: "torch" (always), "compile" (``torch.compile`` of a fast form's loop-free core; off by
-default) and "fla" (flash-linear-attention's CUDA kernels, untested here). Choose one with
+Backends: "torch" (always), "compile" (``torch.compile`` of a fast form's loop-free core, or of a
+short loop over a time-chunk's tokens, unrolled; off by default) and "fla" (flash-linear-attention's CUDA kernels, untested here). Choose one with
 :func:`use_backend` (a plain call or a context manager); a backend that cannot run a call (not on
 this device, not installed, not for this family or dtype) is reported once with the reason and
 "torch" runs instead — never an error.

@@ -22,7 +22,7 @@ from .bounds import cat_rows, check_cu_seqlens, rows, state_rows, token_carry
 from .registry import implementation, select, use_backend
 
 __all__ = ["linear_scan", "linear_scan_recurrent", "linear_scan_chunked", "linear_scan_loop", "linear_scan_step",
-           "over_time_chunks", "running_max"]
+           "over_time_chunks", "over_compiled_chunks", "running_max"]
 
 
 def _check(a, b, initial_state, cu_seqlens=None) -> list[int] | None:

@@ -66,10 +66,11 @@ _DEFAULT: dict[str, int | None] = {
     # tensors, recomputed in the backward pass. Measured: 64 (cache-resident) beats 256; 2-layer
     # d=128 Mamba training step (B=8, T=256) 717 -> 409 ms (commit d7251b7).
     "selective_scan.time_chunk": 64,
-    # ... and on the "compile" backend, time-chunks of 32 tokens, each a loop unrolled into one
-    # compiled kernel. Measured (one Mamba-1 scan, D=1024, N=16, T=2048, fwd+bwd, 2 threads, each
-    # chunk recomputed in the backward): 155 / 120 / 145 ms for 16 / 32 / 64 (eager form: 295 ms),
-    # compiling in 15 / 20 / 50 s.
+    # ... and on the "compile" backend, time-chunks of 32 tokens, each a loop unrolled by the
+    # compiler. Measured (one Mamba-1 scan, D=1024, N=16, T=2048, fwd+bwd, 2 threads): with each
+    # chunk wrapped in a checkpoint, 155 / 120 / 145 ms for 16 / 32 / 64 (eager form 270-295 ms),
+    # compiling in 15 / 20 / 50 s; 32 as run (no checkpoint: the compiled backward recomputes what
+    # it needs) 75 ms, peak 41 MB against the eager form's 169 MB.
     "selective_scan.compile_chunk": 32,
     # Longhorn: time-chunks of 64, as for the selective scan. Measured: 2-layer d=128 training
     # step (B=8, T=256) 708 -> 285 ms against chunks of 256 (commit d7251b7).
