@@ -15,13 +15,13 @@ from rnnlab.ops.registry import Backend
 # Small chunks so that T = 37 spans several chunks, blocks and time-chunks in every family.
 SMALL = {"delta.chunk_size": 8, "gla.chunk_size": 16, "gla.sub_chunk": 8, "dplr.chunk_size": 16, "dplr.sub_chunk": 8, "mlstm.chunk_size": 8,
          "scan.chunk_size": 8, "matrix_scan.chunk_size": 8, "selective_scan.time_chunk": 16,
-         "selective_scan.compile_chunk": 8, "longhorn.compile_chunk": 8,
+         "selective_scan.compile_chunk": 8, "longhorn.compile_chunk": 8, "lti.compile_chunk": 8,
          "longhorn.time_chunk": 16, "gsa.chunk_size": 4, "gsa.block_size": 16, "lti.conv_chunk": 16,
          "lti.scan_time_chunk": 16}
-# torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles three
-# families: ssd (Mamba-2's case), selective_scan (Mamba-1's) and longhorn (its unrolled chunks like
+# torch.compile takes 20-45 s per family on these machines (cold cache), so the suite compiles four
+# families: ssd (Mamba-2's case), selective_scan (Mamba-1's), longhorn and s4d (unrolled chunks like
 # Mamba-1's), against the reference and the torch form. delta and mlstm have a "compile" backend too.
-COMPILE_TESTED = ("ssd", "selective_scan", "longhorn")
+COMPILE_TESTED = ("ssd", "selective_scan", "longhorn", "s4d")
 F64 = torch.float64
 
 
@@ -90,9 +90,11 @@ def test_fast_form_equals_reference(name, form, backend, small_chunks):
     _assert_same(fam, x, got, _run(fam, fam.reference, x))
     if backend != "torch":  # the same as the torch form, and chosen by the dispatchers when preferred
         _assert_same(fam, x, got, _run(fam, fam.form(form), x), atol=1e-12, rtol=1e-12)
+        one_row = fam.inputs(B=1, T=37, H=2, K=4, V=3, dtype=F64)  # s4d takes its scan form for one row
+        sel = one_row if name == "s4d" else x
         with registry.use_backend(backend):
-            assert registry.select(name, **x) == (form, backend)
-        assert registry.select(name, **x) == (form, "torch")  # the preference is restored
+            assert registry.select(name, **sel) == (form, backend)
+        assert registry.select(name, **sel) == (form, "torch")  # the preference is restored
 
 
 @pytest.mark.parametrize("name", [n for n in registry.families() if registry.get_family(n).step is not None])
@@ -409,3 +411,19 @@ def test_fused_layer_steps_equal_eager_on_the_compile_backend():
     assert registry.fused(_rms_norm) is _rms_norm  # the torch backend: the function itself
     with registry.use_backend("compile"):
         assert registry.fused(_rms_norm) is not _rms_norm
+
+
+def test_compiled_lti_scan_takes_real_systems_too(small_chunks):
+    """The s4d family's inputs are complex; Mega's EMA runs the same scan with a real system."""
+    from rnnlab.ops.lti import lti_recurrent, lti_scan_compiled
+    g = torch.Generator().manual_seed(2)
+    u, h0 = torch.randn(1, 21, 3, generator=g, dtype=F64), torch.randn(1, 3, 4, generator=g, dtype=F64)
+    dA, dB, C = torch.rand(3, 4, generator=g, dtype=F64), *(torch.randn(3, 4, generator=g, dtype=F64) for _ in range(2))
+    results = []
+    for fn in (lti_scan_compiled, lti_recurrent):
+        a = [t.clone().requires_grad_() for t in (u, dA, dB, C, h0)]
+        y, h = fn(a[0], a[1], a[2], a[3], a[4])
+        grads = torch.autograd.grad((y * y.detach().sin()).sum() + (h * h.detach().cos()).sum(), a)
+        results.append([y, h, *grads])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -26,9 +26,10 @@ import torch
 from . import tuning
 from .registry import implementation, select
 from .bounds import check_cu_seqlens, known_finite, state_rows, token_carry
-from .scan import linear_scan, over_time_chunks
+from .scan import linear_scan, over_compiled_chunks, over_time_chunks
 
-__all__ = ["hippo_legs", "legendre_delay", "bilinear", "zoh", "lti", "lti_conv", "lti_recurrent", "lti_scan"]
+__all__ = ["hippo_legs", "legendre_delay", "bilinear", "zoh", "lti", "lti_conv", "lti_recurrent", "lti_scan",
+           "lti_scan_compiled"]
 
 
 def hippo_legs(N: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,6 +289,59 @@ def lti_scan(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None)
     else:
         y, h = over_time_chunks(lambda u, h, cu: _scan_chunk(u, h, dA, dB, C, cu), (u,), init, chunk_size, cu, zeros)
     return _out(y, dtype), h
+
+
+def _unrolled(u, h, dA, dB, C):
+    """One time-chunk of the diagonal recurrence as a loop over its tokens, for ``torch.compile``
+    (see :func:`rnnlab.ops.scan.over_compiled_chunks`), on real tensors: a complex system comes as
+    (real, imaginary) pairs of tensors, multiplied out here. u (B, Tc, D); h (B, D, N); dA, dB, C
+    (D, N) -> y (B, Tc, D), h (pairs for a complex system)."""
+    if isinstance(h, tuple):  # complex: h <- dA h + dB x, y = sum_n C h
+        (hr, hi), (ar, ai), (br, bi), (cr, ci) = h, dA, dB, C
+        yr, yi = [], []
+        for t in range(u.shape[1]):
+            x = u[:, t, :, None]  # (B, D, 1)
+            hr, hi = ar * hr - ai * hi + br * x, ar * hi + ai * hr + bi * x  # (B, D, N)
+            yr.append((cr * hr - ci * hi).sum(-1))  # (B, D)
+            yi.append((cr * hi + ci * hr).sum(-1))
+        return (torch.stack(yr, dim=1), torch.stack(yi, dim=1)), (hr, hi)
+    ys = []
+    for t in range(u.shape[1]):
+        h = dA * h + dB * u[:, t, :, None]  # (B, D, N)
+        ys.append((C * h).sum(-1))  # (B, D)
+    return torch.stack(ys, dim=1), h
+
+
+def _pairs(t: torch.Tensor):
+    """A complex tensor as its (real, imaginary) parts, each contiguous; a real one as itself."""
+    return (t.real.contiguous(), t.imag.contiguous()) if t.is_complex() else t
+
+
+def _complex(t):
+    return torch.complex(*t) if isinstance(t, tuple) else t
+
+
+def _scan_chunk_pairs(u, h, dA, dB, C):
+    """:func:`_scan_chunk` with :func:`_unrolled`'s arguments (complex values as pairs)."""
+    y, h = _scan_chunk(u, *(_complex(t) for t in (h, dA, dB, C)))
+    return _pairs(y), _pairs(h)
+
+
+def lti_scan_compiled(u, dA, dB, C, initial_state=None, chunk_size=None, cu_seqlens=None):
+    """The "compile" backend's scan form: same arguments and results as :func:`lti_scan`, for a
+    diagonal dA, with C given and no ``cu_seqlens`` (else the torch backend runs). Full time-chunks
+    of the tuning table's ``lti.compile_chunk`` tokens run :func:`_unrolled` compiled, the rest the
+    eager chunk. ``chunk_size`` is not used: the unrolled length sets the compile time."""
+    if _check(u, dA, dB, C, initial_state, cu_seqlens) is not None or dA.dim() != 2 or C is None:
+        raise ValueError("the compiled LTI scan takes a diagonal dA, a C and no cu_seqlens")
+    acc, dtype = torch.promote_types(u.dtype, torch.float32), u.dtype
+    hdt = _state_dtype(acc, dA, dB, C, initial_state)
+    u = u.to(acc)
+    dA, dB, C = (t.to(hdt) for t in (dA, dB, C))
+    h = u.new_zeros(u.shape[0], *dB.shape, dtype=hdt) if initial_state is None else initial_state.to(hdt)
+    y, h = over_compiled_chunks(_unrolled, _scan_chunk_pairs, (u,), _pairs(h), tuning.get("lti.compile_chunk", u.device),
+                                _pairs(dA), _pairs(dB), _pairs(C))
+    return _out(_complex(y), dtype), _complex(h)
 
 
 def lti(u, dA, dB, C, initial_state=None, cu_seqlens=None):

@@ -528,6 +528,14 @@ def _compile_check_unpacked(inputs):
     return compile_check(inputs)
 
 
+def _compile_check_lti(inputs):
+    """The compiled diagonal LTI scan: as :func:`_compile_check_unpacked`, and it reads out y = C h
+    (C=None, the LMU's states, stays on torch)."""
+    if inputs.get("C") is None:
+        return "its compiled chunks read out C h (C=None returns the states)"
+    return _compile_check_unpacked(inputs)
+
+
 # -- the table ------------------------------------------------------------------------------------------
 _TABLE: dict[str, "Family"] = {}
 
@@ -620,8 +628,9 @@ def _build() -> dict[str, Family]:
                not_causal_in_nonfinite=("conv",)),
         Family("s4d", "h_t = dA * h_{t-1} + dB u_t, y_t = C h_t with a complex diagonal dA (S4D)",
                lti.lti_recurrent, {"conv": lti.lti_conv, "scan": lti.lti_scan}, _s4d_inputs,
-               ("u", "dA", "dB", "C", "initial_state"), _choose_s4d, dispatch=lti.lti, packed=("conv", "scan"),
-               not_causal_in_nonfinite=("conv",)),
+               ("u", "dA", "dB", "C", "initial_state"), _choose_s4d, dispatch=lti.lti,
+               backends={"compile": Backend("compile", {"scan": lti.lti_scan_compiled}, _compile_check_lti)},
+               packed=("conv", "scan"), not_causal_in_nonfinite=("conv",)),
         Family("newton", "h_t = f(h_{t-1}, x_t) for a block-diagonal LSTM cell (DEER / ParaRNN)",
                _with_cell(newton.rnn_sequential), {"newton": _with_cell(newton.rnn_newton)}, _newton_inputs,
                ("x", "R", "initial_state"), lambda inputs, table: "newton", packed=("newton",)),

@@ -315,8 +315,9 @@ def over_compiled_chunks(unrolled, eager, seqs, state, chunk_size: int, *consts)
     ((B, T, ...) tensors; no packed rows): every full chunk of ``chunk_size`` tokens through
     ``torch.compile`` of ``unrolled`` (a loop over the chunk's tokens, which the compiler unrolls
     into kernels that carry the state across the chunk without writing per-token states out), the
-    tokens after the last full chunk through ``eager``. Returns (the outputs concatenated along
-    dim 1, the final state). The "compile" backend's form of the time-chunked ops (Mamba-1's
+    tokens after the last full chunk through ``eager``. The state and outputs may be tuples of
+    tensors (a complex value as its real and imaginary parts). Returns (the outputs concatenated
+    along dim 1, part by part, the final state). The "compile" backend's form of the time-chunked ops (Mamba-1's
     selective scan, Longhorn)."""
     from .backends import compiled
     step, ys = compiled(unrolled), []
@@ -330,4 +331,6 @@ def over_compiled_chunks(unrolled, eager, seqs, state, chunk_size: int, *consts)
             with use_backend("torch"):  # its own ops (the linear scan) have no compiled form
                 y, state = eager(*piece, state, *consts)
         ys.append(y)
+    if isinstance(ys[0], tuple):  # outputs in parts (a complex output as its real and imaginary parts)
+        return tuple(torch.cat(parts, dim=1) for parts in zip(*ys)), state
     return torch.cat(ys, dim=1), state

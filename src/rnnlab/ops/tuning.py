@@ -99,6 +99,8 @@ _DEFAULT: dict[str, int | None] = {
     "lti.scan_max_batch": 1,
     # ... and those scans run on time-chunks of 64, like the selective scan.
     "lti.scan_time_chunk": 64,
+    # ... and on the "compile" backend, unrolled time-chunks of 32, as for the selective scan.
+    "lti.compile_chunk": 32,
 }
 
 # Only what differs from the default. Keys must exist in _DEFAULT.
