@@ -90,8 +90,7 @@ def test_fast_form_equals_reference(name, form, backend, small_chunks):
     _assert_same(fam, x, got, _run(fam, fam.reference, x))
     if backend != "torch":  # the same as the torch form, and chosen by the dispatchers when preferred
         _assert_same(fam, x, got, _run(fam, fam.form(form), x), atol=1e-12, rtol=1e-12)
-        one_row = fam.inputs(B=1, T=37, H=2, K=4, V=3, dtype=F64)  # s4d takes its scan form for one row
-        sel = one_row if name == "s4d" else x
+        sel = fam.inputs(B=1, T=37, H=2, K=4, V=3, dtype=F64) if name == "s4d" else x  # s4d: scan for one row
         with registry.use_backend(backend):
             assert registry.select(name, **sel) == (form, backend)
         assert registry.select(name, **sel) == (form, "torch")  # the preference is restored

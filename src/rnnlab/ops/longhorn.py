@@ -44,6 +44,13 @@ def _check(q, k, v, beta, initial_state, cu_seqlens=None) -> list[int] | None:
     return cu
 
 
+def _update(S, k, v, beta):
+    """One token's update of S (B, D, N) from k (B, N), v, beta (B, D): the definition's, and each
+    token's in the compiled chunks."""
+    eps = beta / (1 + beta * (k ** 2).sum(-1, keepdim=True))  # (B, D)
+    return (1 - eps[:, :, None] * k[:, None] ** 2) * S + (eps * v)[:, :, None] * k[:, None]  # (B, D, N)
+
+
 def _coefficients(k, v, beta):
     """The decay a (B, T, D, N) and input b (B, T, D, N) of the update."""
     eps = beta / (1 + beta * k.square().sum(-1, keepdim=True))  # (B, T, D)
@@ -63,9 +70,7 @@ def longhorn_recurrent(q, k, v, beta, initial_state=None, cu_seqlens=None):
                         lambda rows: v.new_zeros(rows, v.shape[2], k.shape[2]), v.shape[0], v.shape[1])
     S, os = None, []
     for t in range(v.shape[1]):
-        S = carry.enter(t, S)
-        eps = beta[:, t] / (1 + beta[:, t] * (k[:, t] ** 2).sum(-1, keepdim=True))  # (B, D)
-        S = (1 - eps[:, :, None] * k[:, t, None] ** 2) * S + (eps * v[:, t])[:, :, None] * k[:, t, None]
+        S = _update(carry.enter(t, S), k[:, t], v[:, t], beta[:, t])
         carry.leave(t, S)
         os.append((S * q[:, t, None]).sum(-1))  # (B, D)
     return torch.stack(os, dim=1).to(dtype), carry.final()
@@ -83,8 +88,7 @@ def _unrolled(q, k, v, beta, S):
     sequence resets. q, k (B, Tc, N), v, beta (B, Tc, D), S (B, D, N) -> o (B, Tc, D), S."""
     os = []
     for t in range(v.shape[1]):
-        eps = beta[:, t] / (1 + beta[:, t] * k[:, t].square().sum(-1, keepdim=True))  # (B, D)
-        S = (1 - eps[:, :, None] * k[:, t, None].square()) * S + (eps * v[:, t])[:, :, None] * k[:, t, None]
+        S = _update(S, k[:, t], v[:, t], beta[:, t])
         os.append((S * q[:, t, None]).sum(-1))  # (B, D)
     return torch.stack(os, dim=1), S  # (B, Tc, D)
 

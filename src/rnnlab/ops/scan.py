@@ -317,8 +317,8 @@ def over_compiled_chunks(unrolled, eager, seqs, state, chunk_size: int, *consts)
     into kernels that carry the state across the chunk without writing per-token states out), the
     tokens after the last full chunk through ``eager``. The state and outputs may be tuples of
     tensors (a complex value as its real and imaginary parts). Returns (the outputs concatenated
-    along dim 1, part by part, the final state). The "compile" backend's form of the time-chunked ops (Mamba-1's
-    selective scan, Longhorn)."""
+    along dim 1, part by part, the final state). The "compile" backend's form of the time-chunked
+    diagonal scans (Mamba-1's selective scan, Longhorn, S4D's LTI scan)."""
     from .backends import compiled
     step, ys = compiled(unrolled), []
     # split, not slice (see over_time_chunks); each full piece copied to fresh strides (a piece of a

@@ -65,6 +65,12 @@ def _decay(dt, A, allow_neg_eigval):
     return 2 * a - 1 if allow_neg_eigval else a
 
 
+def _update(h, u, dt, A, Bc, allow_neg_eigval):
+    """One token's update of the state h (B, D, N) from u, dt (B, D) and Bc (B, 1|D, N): the step
+    form's, and each token's in the compiled chunks."""
+    return torch.addcmul(_decay(dt, A, allow_neg_eigval) * h, (dt * u).unsqueeze(-1), Bc)
+
+
 def _finish(y, u, D, z):
     if D is not None:
         y = y + D * u
@@ -104,7 +110,7 @@ def selective_scan_step(u, dt, A, B, C, D=None, z=None, state=None, allow_neg_ei
     Bc = B.to(acc)[:, None] if B.dim() == 2 else B.to(acc).repeat_interleave(u.shape[1] // B.shape[1], dim=1)
     Cc = C.to(acc)[:, None] if C.dim() == 2 else C.to(acc).repeat_interleave(u.shape[1] // C.shape[1], dim=1)
     h = u.new_zeros(*u.shape, A.shape[-1]) if state is None else state.to(acc)  # (B, D, N)
-    h = torch.addcmul(_decay(dt, A, allow_neg_eigval) * h, (dt * u).unsqueeze(-1), Bc)  # (B, D, N)
+    h = _update(h, u, dt, A, Bc, allow_neg_eigval)  # (B, D, N)
     y = (h * Cc).sum(-1)  # (B, D)
     y = _finish(y, u, None if D is None else D.to(acc), None if z is None else z.to(acc))
     return y.to(dtype), h
@@ -137,7 +143,7 @@ def _unrolled(u, dt, B, C, h, A, allow_neg_eigval: bool):
     Bc, Cc = _per_channel(B, u.shape[2]), _per_channel(C, u.shape[2])  # (B, Tc, 1|D, N)
     ys = []
     for t in range(u.shape[1]):
-        h = _decay(dt[:, t], A, allow_neg_eigval) * h + (dt[:, t] * u[:, t]).unsqueeze(-1) * Bc[:, t]  # (B, D, N)
+        h = _update(h, u[:, t], dt[:, t], A, Bc[:, t], allow_neg_eigval)  # (B, D, N)
         ys.append((h * Cc[:, t]).sum(-1))  # (B, D)
     return torch.stack(ys, dim=1), h  # (B, Tc, D)
 
